@@ -1,0 +1,60 @@
+"""Relay framing: one Jupyter ZMQ multipart message <-> one binary websocket message.
+
+The broker never decodes these; only the user-side bridge and the host agent do.
+Layout (network byte order):
+
+    u8 channel | u32 frame_count | frame_count x u32 length | frame bytes, concatenated
+
+Channels follow the Jupyter names. Text websocket messages on the same relay carry
+small JSON control records (``hello``, ``signal``, ``kernel_ready``, ...), see
+docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Sequence
+
+SHELL, IOPUB, STDIN, CONTROL = 0, 1, 2, 3
+CHANNELS = {"shell": SHELL, "iopub": IOPUB, "stdin": STDIN, "control": CONTROL}
+CHANNEL_NAMES = {number: name for name, number in CHANNELS.items()}
+
+_HEAD = struct.Struct("!BI")
+MAX_FRAMES = 4096
+
+
+class FrameError(ValueError):
+    """A relay message that does not follow the framing."""
+
+
+def encode(channel: int, frames: Sequence[bytes | memoryview]) -> bytes:
+    """Pack one multipart message for the relay."""
+    count = len(frames)
+    lengths = struct.pack(f"!{count}I", *(len(f) for f in frames))
+    return b"".join((_HEAD.pack(channel, count), lengths, *frames))
+
+
+def decode(data: bytes) -> tuple[int, list[memoryview]]:
+    """Unpack a relay message into its channel and zero-copy frame views."""
+    view = memoryview(data)
+    if len(view) < _HEAD.size:
+        raise FrameError("relay message shorter than its header")
+    channel, count = _HEAD.unpack_from(view)
+    if channel not in CHANNEL_NAMES:
+        raise FrameError(f"unknown channel {channel}")
+    if count > MAX_FRAMES:
+        raise FrameError(f"too many frames: {count}")
+    offset = _HEAD.size + 4 * count
+    if len(view) < offset:
+        raise FrameError("relay message shorter than its frame table")
+    lengths = struct.unpack_from(f"!{count}I", view, _HEAD.size)
+    frames = []
+    for length in lengths:
+        end = offset + length
+        if end > len(view):
+            raise FrameError("frame runs past the end of the relay message")
+        frames.append(view[offset:end])
+        offset = end
+    if offset != len(view):
+        raise FrameError("trailing bytes after the last frame")
+    return channel, frames
