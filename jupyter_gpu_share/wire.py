@@ -13,7 +13,7 @@ docs/protocol.md.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 SHELL, IOPUB, STDIN, CONTROL = 0, 1, 2, 3
 CHANNELS = {"shell": SHELL, "iopub": IOPUB, "stdin": STDIN, "control": CONTROL}

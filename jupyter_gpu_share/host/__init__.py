@@ -1,1 +1,1 @@
-"""host."""
+"""Host agent: NVML inventory, kernel launcher and the outbound broker connection."""

@@ -1,0 +1,195 @@
+"""``jupyter gpu-share broker``: the broker as a jupyter_server ExtensionApp."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from jupyter_core.paths import jupyter_data_dir
+from jupyter_server.extension.application import ExtensionApp
+from traitlets import Bool, Float, Int, Unicode, default, validate
+
+from ..store import Store
+from .handlers import default_handlers
+from .service import Broker, BrokerSettings
+
+ADMIN_TOKEN_ENV = "GPU_SHARE_ADMIN_TOKEN"
+
+
+def _env(name: str, fallback: str) -> str:
+    return os.environ.get(name, fallback)
+
+
+class BrokerApp(ExtensionApp):
+    """The GPU marketplace broker: accounts, offers, sessions, the kernel relay and the ledger."""
+
+    name = "gpu_share_broker"
+    description = (
+        "Broker for shared GPU kernels: matches renters to hosts, relays kernels, bills per second."
+    )
+    extension_url = "/gpu-share/api/openapi.json"
+    default_url = "/gpu-share/api/openapi.json"
+    load_other_extensions = False
+    open_browser = False
+
+    serverapp_config = {  # noqa: RUF012 - ExtensionApp reads this class attribute
+        "identity_provider_class": "jupyter_gpu_share.broker.auth.BrokerIdentityProvider",
+        "authorizer_class": "jupyter_gpu_share.broker.auth.BrokerAuthorizer",
+        "open_browser": False,
+    }
+
+    aliases = {  # noqa: RUF012
+        "db": "BrokerApp.db_url",
+        "fee-bps": "BrokerApp.platform_fee_bps",
+        "heartbeat-interval": "BrokerApp.heartbeat_interval",
+    }
+    flags = {  # noqa: RUF012
+        "upgrade-db": (
+            {"BrokerApp": {"upgrade_db": True}},
+            "Upgrade the database schema, then serve.",
+        ),
+    }
+
+    db_url = Unicode(
+        config=True,
+        help="""SQLAlchemy URL of the store. SQLite under the Jupyter data dir by default;
+        e.g. postgresql+psycopg://broker@db/gpu_share for several broker replicas.
+        Environment: GPU_SHARE_DB_URL.""",
+    )
+
+    @default("db_url")
+    def _db_url_default(self) -> str:
+        default_path = Path(jupyter_data_dir()) / "gpu_share" / "broker.sqlite"
+        return _env("GPU_SHARE_DB_URL", f"sqlite:///{default_path}")
+
+    upgrade_db = Bool(
+        True,
+        config=True,
+        help="""Run database migrations at start. With False, refuse to start on an out-of-date
+        schema (run `jupyter gpu-share broker --upgrade-db` once, with backups).""",
+    )
+
+    platform_fee_bps = Int(
+        1000,
+        config=True,
+        help="Platform fee kept from each settlement, in basis points (1000 = 10 %).",
+    )
+
+    @validate("platform_fee_bps")
+    def _valid_fee(self, proposal: dict) -> int:
+        value = proposal["value"]
+        if not 0 <= value <= 10_000:
+            raise ValueError("platform_fee_bps must be between 0 and 10000")
+        return value
+
+    minimum_start_seconds = Int(
+        60,
+        config=True,
+        help="A session starts only if the renter's credit covers this many seconds.",
+    )
+    heartbeat_interval = Float(
+        5.0,
+        config=True,
+        help="Seconds between host heartbeats (told to each host when it connects).",
+    )
+    heartbeat_timeout = Float(
+        0.0,
+        config=True,
+        help="Seconds without a heartbeat after which a host is lost; 0 means 3 heartbeat intervals + 2 s.",
+    )
+    start_timeout = Float(
+        120.0, config=True, help="Seconds a host has to report a new kernel ready."
+    )
+    budget_check_interval = Float(
+        0.25, config=True, help="Seconds between checks that running sessions are still paid for."
+    )
+    checkpoint_interval = Float(
+        5.0,
+        config=True,
+        help="Seconds between checkpoints of running sessions' last heartbeat (evidence after a crash).",
+    )
+    max_message_size = Int(
+        256 * 1024 * 1024, config=True, help="Largest kernel message the relay carries, in bytes."
+    )
+    relay_buffer_bytes = Int(
+        64 * 1024 * 1024,
+        config=True,
+        help="Bytes the relay holds for one side of a session while the other side (re)connects.",
+    )
+    admin_token_file = Unicode(
+        config=True,
+        help=f"""Where the generated admin token is written (mode 0600) when {ADMIN_TOKEN_ENV}
+        is not set.""",
+    )
+
+    @default("admin_token_file")
+    def _admin_token_file_default(self) -> str:
+        return str(Path(jupyter_data_dir()) / "gpu_share" / "admin-token")
+
+    @classmethod
+    def get_extension_package(cls) -> str:
+        """Load as ``jupyter_gpu_share.broker``, never the whole package (that is the user side)."""
+        return "jupyter_gpu_share.broker"
+
+    def initialize_settings(self) -> None:
+        """Open the store, bootstrap the admin token and create the broker."""
+        if self.db_url.startswith("sqlite:///"):
+            Path(self.db_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        store = Store(self.db_url, upgrade=self.upgrade_db)
+        admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
+        if admin_token is None:
+            self._bootstrap_admin_token(store)
+        else:
+            self.log.info("admin token taken from %s", ADMIN_TOKEN_ENV)
+        heartbeat_timeout = self.heartbeat_timeout or self.heartbeat_interval * 3 + 2
+        settings = BrokerSettings(
+            platform_fee_bps=self.platform_fee_bps,
+            minimum_start_seconds=self.minimum_start_seconds,
+            heartbeat_interval=self.heartbeat_interval,
+            heartbeat_timeout=heartbeat_timeout,
+            start_timeout=self.start_timeout,
+            budget_check_interval=self.budget_check_interval,
+            checkpoint_interval=self.checkpoint_interval,
+            relay_buffer_bytes=self.relay_buffer_bytes,
+        )
+        self.broker = Broker(store, settings, admin_token=admin_token)
+        self.settings.update(
+            gpu_share_broker=self.broker,
+            gpu_share_max_message_size=self.max_message_size,
+        )
+
+    def _bootstrap_admin_token(self, store: Store) -> None:
+        path = Path(self.admin_token_file)
+        if path.exists():
+            existing = path.read_text().strip()
+            account = store.authenticate(existing)
+            if account is not None and account.role == "admin":
+                self.log.info("admin token in %s", path)
+                return
+        store.ensure_account("admin", "admin")
+        token = store.issue_token("admin")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(token + "\n")
+        os.chmod(path, 0o600)
+        print(f"gpu-share broker: a new admin token was written to {path}", flush=True)
+
+    def initialize_handlers(self) -> None:
+        """Register the REST, host-control and relay routes."""
+        self.handlers.extend(default_handlers())
+
+    async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+        """Start metering, budget checks and host liveness checks."""
+        self.broker.start()
+        self.log.info("gpu-share broker ready (store %s)", self.db_url.split("@")[-1])
+
+    async def stop_extension(self) -> None:
+        """Stop the background loops and checkpoint."""
+        broker = getattr(self, "broker", None)
+        if broker is not None:
+            await broker.stop()
+            broker.store.close()
+
+
+main = launch_new_instance = BrokerApp.launch_instance

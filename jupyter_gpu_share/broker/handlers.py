@@ -1,0 +1,456 @@
+"""The broker's REST and websocket handlers: thin shells around ``Broker`` and ``Store``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from tornado import web, websocket
+
+from ..ledger import price_per_hour
+from ..store import Conflict, InsufficientFunds, NotFound, StoreError
+from .auth import AUTH_RESOURCE, ROLES, BrokerUser
+from .matching import NoMatch, SessionRequest
+from .openapi import openapi_document
+from .relay import CLOSE_BUFFER_FULL, USER
+from .service import LIVE_STATES, Broker
+
+log = logging.getLogger("jupyter_gpu_share.broker")
+
+API = "/gpu-share/api"
+MAX_BODY_BYTES = 64 * 1024
+
+
+class BrokerAPIHandler(APIHandler):
+    """Authenticated JSON handler: 401 without a valid token, store errors as 4xx."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def broker(self) -> Broker:
+        return self.settings["gpu_share_broker"]
+
+    @property
+    def account(self) -> BrokerUser:
+        return self.current_user  # type: ignore[return-value]
+
+    async def prepare(self) -> None:  # type: ignore[override]
+        await super().prepare()
+        if self.current_user is None:
+            self.set_header("WWW-Authenticate", 'Bearer realm="gpu-share"')
+            raise web.HTTPError(401, "missing or invalid token: send 'Authorization: Bearer TOKEN'")
+
+    def require_role(self, *roles: str) -> None:
+        """Refuse the request unless the caller has one of ``roles``."""
+        if self.account.role not in roles:
+            raise web.HTTPError(
+                403, f"this needs a {' or '.join(roles)} token, not a {self.account.role} token"
+            )
+
+    def json_body(self) -> dict[str, Any]:
+        """Parse the request body as a JSON object, or answer 400."""
+        if len(self.request.body) > MAX_BODY_BYTES:
+            raise web.HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if not self.request.body:
+            return {}
+        try:
+            body = json.loads(self.request.body)
+        except ValueError as error:
+            raise web.HTTPError(400, f"malformed JSON body: {error}") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the JSON body must be an object")
+        return body
+
+    def write_json(self, value: Any, status: int = 200) -> None:
+        """Answer with a JSON document."""
+        self.set_status(status)
+        self.finish(json.dumps(value))
+
+    def _handle_request_exception(self, e: BaseException) -> None:
+        mapped = _as_http_error(e)
+        if mapped is not None:
+            self.send_error(mapped.status_code, exc_info=(type(mapped), mapped, None))
+            return
+        super()._handle_request_exception(e)
+
+
+def _as_http_error(error: BaseException) -> web.HTTPError | None:
+    if isinstance(error, NotFound):
+        return web.HTTPError(404, str(error))
+    if isinstance(error, Conflict):
+        return web.HTTPError(409, str(error))
+    if isinstance(error, InsufficientFunds):
+        return web.HTTPError(402, str(error))
+    if isinstance(error, NoMatch):
+        return web.HTTPError(error.status, error.message)
+    if isinstance(error, (ValueError, StoreError)):
+        return web.HTTPError(400, str(error))
+    return None
+
+
+def int_field(
+    body: dict[str, Any], name: str, *, minimum: int | None = None, required: bool = False
+) -> int | None:
+    """Read an integer field of a JSON body, answering 400 on a wrong type or range."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise web.HTTPError(400, f"'{name}' is required")
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise web.HTTPError(400, f"'{name}' must be an integer")
+    if minimum is not None and value < minimum:
+        raise web.HTTPError(400, f"'{name}' must be at least {minimum}")
+    return value
+
+
+def str_field(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    """Read a string field of a JSON body, answering 400 on a wrong type."""
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise web.HTTPError(400, f"'{name}' is required")
+        return None
+    if not isinstance(value, str) or not value:
+        raise web.HTTPError(400, f"'{name}' must be a non-empty string")
+    return value
+
+
+def iso_from_us(value: int | None) -> str | None:
+    """An ISO 8601 UTC time for people, from integer microseconds."""
+    if value is None:
+        return None
+    return datetime.fromtimestamp(value / 1_000_000, tz=timezone.utc).isoformat()
+
+
+def account_model(account: Any) -> dict[str, Any]:
+    """The JSON of an account."""
+    return {
+        "name": account.name,
+        "role": account.role,
+        "balance_micro": account.balance_micro,
+        "created_at": iso_from_us(account.created_us),
+    }
+
+
+def offer_model(
+    broker: Broker, offer: Any, busy: set[int], loads: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON of an online offer."""
+    link = broker.hosts.get(offer.host)
+    load = loads.get(offer.host)
+    free = (
+        load is not None
+        and load.live_kernels < load.max_kernels
+        and not (offer.gpu_count > 0 and offer.id in busy)
+    )
+    return {
+        "id": offer.id,
+        "host_id": offer.host,
+        "gpu_model": offer.gpu_model,
+        "gpu_count": offer.gpu_count,
+        "gpu_memory_mib": offer.gpu_memory_mib,
+        "price_per_second_micro": offer.price_per_second_micro,
+        "price_per_hour_micro": price_per_hour(offer.price_per_second_micro),
+        "state": "free" if free else "busy",
+        "telemetry": link.telemetry if link is not None else {},
+    }
+
+
+def session_model(broker: Broker, record: Any) -> dict[str, Any]:
+    """The JSON of a session, with its cost so far while it runs."""
+    live = record.state in LIVE_STATES
+    return {
+        "id": record.id,
+        "state": record.state,
+        "renter": record.renter,
+        "payer": record.payer,
+        "host_id": record.host,
+        "offer_id": record.offer_id,
+        "gpu_indices": list(record.gpu_indices),
+        "price_per_second_micro": record.price_per_second_micro,
+        "price_per_hour_micro": price_per_hour(record.price_per_second_micro),
+        "created_at": iso_from_us(record.created_us),
+        "started_at": iso_from_us(record.ready_us),
+        "ended_at": iso_from_us(record.ended_us),
+        "started_us": record.ready_us,
+        "ended_us": record.ended_us,
+        "end_reason": record.end_reason,
+        "billed_seconds": record.billed_seconds,
+        "amount_micro": record.amount_micro,
+        "cost_so_far_micro": broker.cost_so_far(record.id) if live else (record.amount_micro or 0),
+        "relay_path": f"{API}/relay/{record.id}/user" if live else None,
+    }
+
+
+class OpenAPIHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.write_json(openapi_document())
+
+
+class MeHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        account = self.broker.store.get_account(self.account.name)
+        model = account_model(account)
+        if account.role == "host":
+            link = self.broker.hosts.get(account.name)
+            model["earnings_micro"] = account.balance_micro
+            model["online"] = link is not None and link.channel is not None
+        else:
+            running = [s for s in self.broker.sessions.values() if s.payer == account.name]
+            committed = sum(self.broker.cost_so_far(s.id) for s in running)
+            model["running_sessions"] = len(running)
+            model["available_micro"] = account.balance_micro - committed
+        self.write_json(model)
+
+
+class AccountsHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def post(self) -> None:
+        self.require_role("admin")
+        body = self.json_body()
+        name = str_field(body, "name", required=True)
+        role = str_field(body, "role", required=True)
+        if role not in ROLES:
+            raise web.HTTPError(400, f"'role' must be one of {', '.join(ROLES)}")
+        existed = self.broker.store.get_account(name) is not None
+        account = self.broker.store.ensure_account(name, role)
+        self.write_json(account_model(account), 200 if existed else 201)
+
+
+class TokensHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def post(self, name: str) -> None:
+        self.require_role("admin")
+        account = self.broker.store.get_account(name)
+        if account is None:
+            raise web.HTTPError(404, f"no account named {name!r}")
+        token = self.broker.store.issue_token(name)
+        self.write_json({"name": account.name, "role": account.role, "token": token}, 201)
+
+
+class CreditHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def post(self, name: str) -> None:
+        self.require_role("admin")
+        body = self.json_body()
+        amount = int_field(body, "amount_micro", required=True)
+        if amount is None or amount <= 0:
+            raise web.HTTPError(400, "'amount_micro' must be a positive integer")
+        if self.broker.store.get_account(name) is None:
+            raise web.HTTPError(404, f"no account named {name!r}")
+        account = self.broker.store.credit(name, amount, str(body.get("memo") or "admin credit"))
+        self.broker.credited(name, account.balance_micro)
+        self.write_json(account_model(account))
+
+
+class OffersHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        loads = self.broker.host_loads()
+        busy = {oid for load in loads.values() for oid in load.busy_offer_ids}
+        offers = sorted(self.broker.online_offers(), key=lambda o: (o.price_per_second_micro, o.id))
+        self.write_json([offer_model(self.broker, o, busy, loads) for o in offers])
+
+
+class SessionsHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        if self.account.role == "admin":
+            records = self.broker.store.list_sessions()
+        elif self.account.role == "host":
+            records = self.broker.store.list_sessions(host=self.account.name)
+        else:
+            records = self.broker.store.list_sessions(renter=self.account.name)
+        self.write_json([session_model(self.broker, r) for r in records])
+
+    @web.authenticated
+    @authorized
+    def post(self) -> None:
+        self.require_role("user")
+        body = self.json_body()
+        max_price_hour = int_field(body, "max_price_per_hour_micro", minimum=0)
+        request = SessionRequest(
+            offer_id=int_field(body, "offer_id", minimum=0),
+            gpu_model=str_field(body, "gpu_model"),
+            min_gpu_memory_mib=int_field(body, "min_gpu_memory_mib", minimum=0),
+            max_price_per_second_micro=None if max_price_hour is None else max_price_hour // 3600,
+        )
+        record = self.broker.start_session(self.account.name, request)
+        self.set_header("Location", f"{self.base_url.rstrip('/')}{API}/sessions/{record.id}")
+        self.write_json(session_model(self.broker, record), 201)
+
+
+class SessionHandler(BrokerAPIHandler):
+    def _visible_session(self, session_id: str) -> Any:
+        try:
+            record = self.broker.session_record(session_id)
+        except NotFound:
+            record = None
+        role, name = self.account.role, self.account.name
+        allowed = record is not None and (
+            role == "admin"
+            or (role == "user" and record.renter == name)
+            or (role == "host" and record.host == name)
+        )
+        if not allowed:
+            # The same answer whether it does not exist or is someone else's.
+            raise web.HTTPError(404, f"no session {session_id!r}")
+        return record
+
+    @web.authenticated
+    @authorized
+    def get(self, session_id: str) -> None:
+        self.write_json(session_model(self.broker, self._visible_session(session_id)))
+
+    @web.authenticated
+    @authorized
+    def delete(self, session_id: str) -> None:
+        record = self._visible_session(session_id)
+        if self.account.role == "host":
+            raise web.HTTPError(
+                403, "a host ends sessions by stopping the kernel, not through the API"
+            )
+        record = self.broker.stop_session(record.id)
+        self.write_json(session_model(self.broker, record))
+
+
+class BrokerWebSocket(websocket.WebSocketHandler, JupyterHandler):
+    """An authenticated websocket with large messages and Nagle off."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def broker(self) -> Broker:
+        return self.settings["gpu_share_broker"]
+
+    @property
+    def max_message_size(self) -> int:
+        return int(self.settings.get("gpu_share_max_message_size", 256 * 1024 * 1024))
+
+    def check_xsrf_cookie(self) -> None:
+        """Bearer-token clients carry no cookies to forge."""
+
+    def get_compression_options(self) -> None:
+        return None
+
+    def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self.set_nodelay(True)
+
+    def authenticated_account(self) -> BrokerUser:
+        """The caller, or 401 before the upgrade."""
+        user = self.current_user
+        if user is None:
+            raise web.HTTPError(401, "missing or invalid token")
+        if not self.authorizer.is_authorized(self, user, "execute", AUTH_RESOURCE):
+            raise web.HTTPError(403)
+        return user  # type: ignore[return-value]
+
+
+class HostControlHandler(BrokerWebSocket):
+    """A host agent's outbound control channel."""
+
+    host_name: str | None = None
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        account = self.authenticated_account()
+        if account.role != "host":
+            raise web.HTTPError(403, "only a host token can connect as a host")
+        self.host_name = account.name
+        await super().get(*args, **kwargs)
+
+    def on_message(self, message: str | bytes) -> None:
+        try:
+            data = json.loads(message)
+            kind = data["type"]
+        except (ValueError, KeyError, TypeError):
+            self.close(4400, "control messages are JSON objects with a 'type'")
+            return
+        name = self.host_name
+        assert name is not None
+        try:
+            if kind == "hello":
+                self.broker.host_connected(name, self, data)
+            elif kind == "heartbeat":
+                self.broker.heartbeat(name, data.get("telemetry"))
+            elif kind == "kernel_ready":
+                self.broker.kernel_ready(name, str(data["session_id"]))
+            elif kind in ("kernel_ended", "kernel_failed"):
+                self.broker.kernel_ended(
+                    name,
+                    str(data["session_id"]),
+                    str(data.get("reason", kind)),
+                    str(data.get("message", "")),
+                )
+            else:
+                log.debug("host %s sent an unknown control message %r", name, kind)
+        except (KeyError, ValueError, TypeError) as error:
+            self.write_message(
+                json.dumps({"type": "error", "message": f"bad {kind} message: {error}"})
+            )
+
+    def on_close(self) -> None:
+        if self.host_name is not None:
+            self.broker.host_disconnected(self.host_name, self)
+
+
+class RelayHandler(BrokerWebSocket):
+    """One side of a session's kernel relay; messages are copied, never parsed."""
+
+    side: str = USER
+    session_id: str = ""
+
+    async def get(self, session_id: str, side: str) -> None:  # type: ignore[override]
+        account = self.authenticated_account()
+        live = self.broker.sessions.get(session_id)
+        if live is None:
+            raise web.HTTPError(404, f"no running session {session_id!r}")
+        owner = live.renter if side == USER else live.host
+        if account.name != owner or account.role != ("user" if side == USER else "host"):
+            raise web.HTTPError(404, f"no running session {session_id!r}")
+        self.side, self.session_id = side, session_id
+        await super().get(session_id, side)
+
+    def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        super().open()
+        self.pair = self.broker.relays.pair(self.session_id)
+        self.pair.attach(self.side, self)
+
+    def on_message(self, message: str | bytes) -> None:
+        if not self.pair.forward(self.side, message, isinstance(message, bytes)):
+            self.close(CLOSE_BUFFER_FULL, "the other side is away and the relay buffer is full")
+
+    def on_close(self) -> None:
+        pair = getattr(self, "pair", None)
+        if pair is not None:
+            pair.detach(self.side, self)
+
+
+def default_handlers() -> list[tuple[str, type]]:
+    """The broker's routes."""
+    sid = r"(?P<session_id>s-[0-9a-f]{1,64})"
+    return [
+        (rf"{API}/openapi.json", OpenAPIHandler),
+        (rf"{API}/me", MeHandler),
+        (rf"{API}/accounts", AccountsHandler),
+        (rf"{API}/accounts/(?P<name>[^/]+)/tokens", TokensHandler),
+        (rf"{API}/accounts/(?P<name>[^/]+)/credit", CreditHandler),
+        (rf"{API}/offers", OffersHandler),
+        (rf"{API}/sessions", SessionsHandler),
+        (rf"{API}/sessions/{sid}", SessionHandler),
+        (rf"{API}/hosts/connect", HostControlHandler),
+        (rf"{API}/relay/{sid}/(?P<side>user|host)", RelayHandler),
+    ]

@@ -1,0 +1,193 @@
+"""The OpenAPI 3 description of the broker's REST API, served at /gpu-share/api/openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._version import __version__
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_ERRORS = {
+    "400": _json(_ref("Error"), "malformed or invalid request"),
+    "401": _json(_ref("Error"), "missing or invalid token"),
+    "403": _json(_ref("Error"), "the token's role may not do this"),
+    "404": _json(_ref("Error"), "not found (or not yours)"),
+}
+
+_SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["message"],
+        "properties": {"message": {"type": "string"}, "reason": {"type": ["string", "null"]}},
+    },
+    "Account": {
+        "type": "object",
+        "required": ["name", "role", "balance_micro"],
+        "properties": {
+            "name": {"type": "string"},
+            "role": {"type": "string", "enum": ["user", "host", "teacher", "admin", "system"]},
+            "balance_micro": {"type": "integer"},
+            "available_micro": {"type": "integer"},
+            "earnings_micro": {"type": "integer"},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "Offer": {
+        "type": "object",
+        "required": [
+            "id",
+            "host_id",
+            "gpu_model",
+            "gpu_count",
+            "gpu_memory_mib",
+            "price_per_hour_micro",
+        ],
+        "properties": {
+            "id": {"type": "integer"},
+            "host_id": {"type": "string"},
+            "gpu_model": {"type": "string", "description": "'CPU' for a host without a GPU"},
+            "gpu_count": {"type": "integer", "minimum": 0},
+            "gpu_memory_mib": {"type": "integer", "minimum": 0},
+            "price_per_second_micro": {"type": "integer", "minimum": 0},
+            "price_per_hour_micro": {"type": "integer", "minimum": 0},
+            "state": {"type": "string", "enum": ["free", "busy"]},
+            "telemetry": {"type": "object"},
+        },
+    },
+    "SessionRequest": {
+        "type": "object",
+        "properties": {
+            "offer_id": {"type": "integer", "minimum": 0},
+            "gpu_model": {"type": "string"},
+            "min_gpu_memory_mib": {"type": "integer", "minimum": 0},
+            "max_price_per_hour_micro": {"type": "integer", "minimum": 0},
+        },
+    },
+    "Session": {
+        "type": "object",
+        "required": ["id", "state", "host_id"],
+        "properties": {
+            "id": {"type": "string"},
+            "state": {"type": "string", "enum": ["starting", "running", "ended"]},
+            "host_id": {"type": "string"},
+            "offer_id": {"type": "integer"},
+            "price_per_hour_micro": {"type": "integer"},
+            "started_at": {"type": ["string", "null"], "format": "date-time"},
+            "ended_at": {"type": ["string", "null"], "format": "date-time"},
+            "end_reason": {"type": ["string", "null"]},
+            "billed_seconds": {"type": ["integer", "null"]},
+            "amount_micro": {"type": ["integer", "null"]},
+            "cost_so_far_micro": {"type": "integer"},
+            "relay_path": {"type": ["string", "null"]},
+        },
+    },
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """Describe the broker's REST API."""
+    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    sid_param = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jupyter-gpu-share broker", "version": __version__},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": _SCHEMAS,
+        },
+        "security": [{"bearer": []}],
+        "paths": {
+            "/gpu-share/api/me": {
+                "get": {
+                    "summary": "The caller's account",
+                    "responses": {"200": _json(_ref("Account"), "account"), **_ERRORS},
+                }
+            },
+            "/gpu-share/api/accounts": {
+                "post": {
+                    "summary": "Create an account (admin)",
+                    "requestBody": _json(
+                        {"type": "object", "required": ["name", "role"]}, "name and role"
+                    ),
+                    "responses": {
+                        "201": _json(_ref("Account"), "created"),
+                        "200": _json(_ref("Account"), "exists"),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/gpu-share/api/accounts/{name}/tokens": {
+                "post": {
+                    "summary": "Issue a new token for an account (admin)",
+                    "parameters": [name_param],
+                    "responses": {
+                        "201": _json({"type": "object"}, "the token, shown once"),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/gpu-share/api/accounts/{name}/credit": {
+                "post": {
+                    "summary": "Add credit to an account (admin)",
+                    "parameters": [name_param],
+                    "requestBody": _json(
+                        {
+                            "type": "object",
+                            "required": ["amount_micro"],
+                            "properties": {"amount_micro": {"type": "integer", "minimum": 1}},
+                        },
+                        "amount in micro-credits",
+                    ),
+                    "responses": {"200": _json(_ref("Account"), "new balance"), **_ERRORS},
+                }
+            },
+            "/gpu-share/api/offers": {
+                "get": {
+                    "summary": "Offers of online hosts",
+                    "responses": {
+                        "200": _json({"type": "array", "items": _ref("Offer")}, "offers"),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/gpu-share/api/sessions": {
+                "get": {
+                    "summary": "The caller's sessions",
+                    "responses": {
+                        "200": _json({"type": "array", "items": _ref("Session")}, "sessions"),
+                        **_ERRORS,
+                    },
+                },
+                "post": {
+                    "summary": "Start a remote kernel session (user)",
+                    "requestBody": _json(_ref("SessionRequest"), "what to rent"),
+                    "responses": {
+                        "201": _json(_ref("Session"), "started; connect the relay"),
+                        "402": _json(_ref("Error"), "not enough credit for the minimum period"),
+                        "409": _json(_ref("Error"), "every matching offer is busy"),
+                        **_ERRORS,
+                    },
+                },
+            },
+            "/gpu-share/api/sessions/{session_id}": {
+                "get": {
+                    "summary": "One session",
+                    "parameters": [sid_param],
+                    "responses": {"200": _json(_ref("Session"), "session"), **_ERRORS},
+                },
+                "delete": {
+                    "summary": "Stop a session; billing ends now",
+                    "parameters": [sid_param],
+                    "responses": {"200": _json(_ref("Session"), "ended and settled"), **_ERRORS},
+                },
+            },
+        },
+    }

@@ -1,0 +1,107 @@
+"""Pairing a renter's relay websocket with its host's and copying messages between them.
+
+The broker treats kernel traffic as opaque: a message that arrives on one side is written,
+unchanged, to the other. Until both sides are present, messages wait in a bounded buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+USER, HOST = "user", "host"
+OTHER_SIDE = {USER: HOST, HOST: USER}
+
+CLOSE_STOPPED = 4000
+CLOSE_HOST_LOST = 4001
+CLOSE_CREDIT_EXHAUSTED = 4002
+CLOSE_KERNEL_ENDED = 4003
+CLOSE_START_FAILED = 4004
+CLOSE_REPLACED = 4005
+CLOSE_BUFFER_FULL = 4006
+
+
+class RelayEnd(Protocol):
+    """The part of a websocket handler the relay uses."""
+
+    def write_message(self, message: bytes | str, binary: bool = False) -> object: ...
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+class RelayPair:
+    """The two ends of one session's relay."""
+
+    def __init__(self, session_id: str, max_buffer_bytes: int):
+        self.session_id = session_id
+        self.max_buffer_bytes = max_buffer_bytes
+        self.ends: dict[str, RelayEnd | None] = {USER: None, HOST: None}
+        self._waiting: dict[str, deque[tuple[bytes | str, bool]]] = {USER: deque(), HOST: deque()}
+        self._waiting_bytes = {USER: 0, HOST: 0}
+        self.messages = 0
+
+    def attach(self, side: str, end: RelayEnd) -> None:
+        """Connect one side, replacing a stale connection, and flush what waited for it."""
+        previous = self.ends[side]
+        self.ends[side] = end
+        if previous is not None and previous is not end:
+            previous.close(CLOSE_REPLACED, "replaced by a new connection")
+        waiting = self._waiting[side]
+        while waiting:
+            message, binary = waiting.popleft()
+            end.write_message(message, binary=binary)
+        self._waiting_bytes[side] = 0
+
+    def detach(self, side: str, end: RelayEnd) -> None:
+        """Forget a side whose connection closed (it may reconnect)."""
+        if self.ends[side] is end:
+            self.ends[side] = None
+
+    def forward(self, from_side: str, message: bytes | str, binary: bool) -> bool:
+        """Copy one message to the other side; False when the buffer for an absent side is full."""
+        self.messages += 1
+        to_side = OTHER_SIDE[from_side]
+        peer = self.ends[to_side]
+        if peer is not None:
+            peer.write_message(message, binary=binary)
+            return True
+        size = len(message)
+        if self._waiting_bytes[to_side] + size > self.max_buffer_bytes:
+            return False
+        self._waiting[to_side].append((message, binary))
+        self._waiting_bytes[to_side] += size
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Close both sides with a code the bridge understands."""
+        for side, end in self.ends.items():
+            if end is not None:
+                end.close(code, reason)
+            self.ends[side] = None
+        for side in self._waiting:
+            self._waiting[side].clear()
+            self._waiting_bytes[side] = 0
+
+
+class Relays:
+    """All live relay pairs of this broker process."""
+
+    def __init__(self, max_buffer_bytes: int):
+        self.max_buffer_bytes = max_buffer_bytes
+        self.pairs: dict[str, RelayPair] = {}
+
+    def pair(self, session_id: str) -> RelayPair:
+        """Return the session's pair, creating it on first use."""
+        found = self.pairs.get(session_id)
+        if found is None:
+            found = self.pairs[session_id] = RelayPair(session_id, self.max_buffer_bytes)
+        return found
+
+    def close(self, session_id: str, code: int, reason: str) -> None:
+        """Close and forget a session's relay."""
+        found = self.pairs.pop(session_id, None)
+        if found is not None:
+            found.close(code, reason)

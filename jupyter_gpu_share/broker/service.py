@@ -1,0 +1,468 @@
+"""The broker's live state: connected hosts, running sessions, metering and budget stops.
+
+Handlers call into one ``Broker`` held in the tornado settings. Money is settled by the store
+(``Store.end_session``, idempotent per session); this module decides *when* a session ends
+and at which instant its billing stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ..clock import now_us
+from ..ledger import billed_seconds, session_amount
+from ..store import NotFound, Store
+from .matching import HostLoad, NoMatch, OfferView, SessionRequest, choose_offer
+from .relay import (
+    CLOSE_CREDIT_EXHAUSTED,
+    CLOSE_HOST_LOST,
+    CLOSE_KERNEL_ENDED,
+    CLOSE_START_FAILED,
+    CLOSE_STOPPED,
+    Relays,
+)
+
+log = logging.getLogger("jupyter_gpu_share.broker")
+
+LIVE_STATES = ("starting", "running")
+
+END_STOPPED = "stopped"
+END_HOST_LOST = "host lost"
+END_CREDIT = "credit exhausted"
+END_KERNEL = "kernel exited"
+END_START_FAILED = "start failed"
+
+CLOSE_CODES = {
+    END_STOPPED: CLOSE_STOPPED,
+    END_HOST_LOST: CLOSE_HOST_LOST,
+    END_CREDIT: CLOSE_CREDIT_EXHAUSTED,
+    END_KERNEL: CLOSE_KERNEL_ENDED,
+    END_START_FAILED: CLOSE_START_FAILED,
+}
+
+
+class ControlChannel(Protocol):
+    """The part of a host's control websocket the broker uses."""
+
+    def write_message(self, message: str | bytes, binary: bool = False) -> object: ...
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None: ...
+
+
+@dataclass
+class HostLink:
+    """A host as the broker sees it while it is (or was recently) connected."""
+
+    name: str
+    max_kernels: int
+    offers: list[OfferView]
+    channel: ControlChannel | None
+    last_heartbeat_us: int
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    gpus: list[dict[str, Any]] = field(default_factory=list)
+
+    def send(self, message: dict[str, Any]) -> None:
+        """Send a control message if the host is connected."""
+        if self.channel is not None:
+            self.channel.write_message(json.dumps(message))
+
+
+@dataclass
+class LiveSession:
+    """A session that has not ended: what metering needs, kept in memory."""
+
+    id: str
+    renter: str
+    payer: str
+    host: str
+    offer_id: int
+    price_per_second_micro: int
+    created_us: int
+    ready_us: int | None = None
+
+    def cost_at(self, at_us: int) -> int:
+        """Cost so far, billed as if the session ended at ``at_us``."""
+        if self.ready_us is None:
+            return 0
+        return session_amount(billed_seconds(self.ready_us, at_us), self.price_per_second_micro)
+
+
+@dataclass
+class BrokerSettings:
+    """Tunables, copied from the BrokerApp's traits."""
+
+    platform_fee_bps: int = 1000
+    minimum_start_seconds: int = 60
+    heartbeat_interval: float = 5.0
+    heartbeat_timeout: float = 20.0
+    start_timeout: float = 120.0
+    budget_check_interval: float = 0.25
+    checkpoint_interval: float = 5.0
+    relay_buffer_bytes: int = 64 * 1024 * 1024
+
+
+class Broker:
+    """Hosts, sessions, metering: the state behind the broker's handlers."""
+
+    def __init__(self, store: Store, settings: BrokerSettings, admin_token: str | None = None):
+        self.store = store
+        self.settings = settings
+        self.admin_token = admin_token
+        self.hosts: dict[str, HostLink] = {}
+        self.sessions: dict[str, LiveSession] = {}
+        self.relays = Relays(settings.relay_buffer_bytes)
+        self._balances: dict[str, int] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started_us = now_us()
+
+    # -- accounts -------------------------------------------------------------------------
+
+    def authenticate(self, token: str) -> Any:
+        """Return the account a token belongs to, or None."""
+        if self.admin_token is not None:
+            from .auth import same_token
+
+            if same_token(token, self.admin_token):
+                return self.store.ensure_account("admin", "admin")
+        return self.store.authenticate(token)
+
+    def credited(self, account_name: str, balance_micro: int) -> None:
+        """Note a new balance so budget checks see added credit at once."""
+        if account_name in self._balances:
+            self._balances[account_name] = balance_micro
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load unfinished sessions from the store and start the background loops."""
+        for record in self.store.list_sessions(states=LIVE_STATES):
+            self.sessions[record.id] = LiveSession(
+                id=record.id,
+                renter=record.renter,
+                payer=record.payer,
+                host=record.host,
+                offer_id=record.offer_id,
+                price_per_second_micro=record.price_per_second_micro,
+                created_us=record.created_us,
+                ready_us=record.ready_us,
+            )
+        if self.sessions:
+            log.info("resuming %d unfinished sessions; waiting for their hosts", len(self.sessions))
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(
+                self._every(self.settings.budget_check_interval, self.enforce_budgets)
+            ),
+            loop.create_task(
+                self._every(min(1.0, self.settings.heartbeat_interval), self.check_hosts)
+            ),
+            loop.create_task(self._every(self.settings.checkpoint_interval, self.checkpoint)),
+        ]
+
+    async def stop(self) -> None:
+        """Stop the background loops and write a last checkpoint."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        self.checkpoint()
+
+    async def _every(self, interval: float, job: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                job()
+            except Exception:
+                log.exception("background job %s failed", job.__name__)
+
+    # -- hosts ------------------------------------------------------------------------------
+
+    def host_connected(self, name: str, channel: ControlChannel, hello: dict[str, Any]) -> HostLink:
+        """Register a host's offers after its hello, and reconcile the sessions it still runs."""
+        from ..store import OfferSpec
+
+        specs = [
+            OfferSpec(
+                gpu_model=str(o["gpu_model"]),
+                gpu_count=int(o["gpu_count"]),
+                gpu_memory_mib=int(o["gpu_memory_mib"]),
+                gpu_indices=[int(i) for i in o.get("gpu_indices", [])],
+                price_per_second_micro=int(o["price_per_second_micro"]),
+            )
+            for o in hello.get("offers", [])
+        ]
+        for spec in specs:
+            if spec.price_per_second_micro < 0 or spec.gpu_count < 0 or spec.gpu_memory_mib < 0:
+                raise ValueError("offer fields must not be negative")
+        offers = self.store.replace_offers(name, specs)
+        previous = self.hosts.get(name)
+        if (
+            previous is not None
+            and previous.channel is not None
+            and previous.channel is not channel
+        ):
+            previous.channel.close(4005, "replaced by a new connection of the same host")
+        link = HostLink(
+            name=name,
+            max_kernels=max(1, int(hello.get("max_kernels", 1))),
+            offers=[_offer_view(o) for o in offers],
+            channel=channel,
+            last_heartbeat_us=now_us(),
+            gpus=list(hello.get("gpus", [])),
+        )
+        self.hosts[name] = link
+        still_running = set(hello.get("sessions", []))
+        link.send(
+            {
+                "type": "welcome",
+                "host_id": name,
+                "heartbeat_interval": self.settings.heartbeat_interval,
+            }
+        )
+        for session_id in still_running:
+            live = self.sessions.get(session_id)
+            if live is None or live.host != name:
+                link.send(
+                    {"type": "stop_kernel", "session_id": session_id, "reason": "session has ended"}
+                )
+        for live in list(self.sessions.values()):
+            if live.host == name and live.id not in still_running and live.ready_us is not None:
+                # The host came back without this kernel: it died while we were apart.
+                self.end_session(live.id, END_HOST_LOST, ended_us=link_last_seen(previous, live))
+        log.info("host %s connected with %d offers", name, len(offers))
+        return link
+
+    def host_disconnected(self, name: str, channel: ControlChannel) -> None:
+        """Note that a host's control channel closed; its sessions wait out the heartbeat timeout."""
+        link = self.hosts.get(name)
+        if link is not None and link.channel is channel:
+            link.channel = None
+            log.info(
+                "host %s disconnected; waiting %.0fs for it to return",
+                name,
+                self.settings.heartbeat_timeout,
+            )
+
+    def heartbeat(self, name: str, telemetry: dict[str, Any] | None) -> None:
+        """Record a host's heartbeat."""
+        link = self.hosts.get(name)
+        if link is not None:
+            link.last_heartbeat_us = now_us()
+            if telemetry is not None:
+                link.telemetry = telemetry
+
+    def check_hosts(self) -> None:
+        """End the sessions of hosts silent for longer than the heartbeat timeout."""
+        now = now_us()
+        timeout_us = int(self.settings.heartbeat_timeout * 1_000_000)
+        for name, link in list(self.hosts.items()):
+            if now - link.last_heartbeat_us <= timeout_us:
+                continue
+            log.warning(
+                "host %s lost: no heartbeat for %.1fs", name, (now - link.last_heartbeat_us) / 1e6
+            )
+            if link.channel is not None:
+                link.channel.close(4001, "heartbeat timeout")
+            del self.hosts[name]
+            self.store.deactivate_offers(name)
+            for live in list(self.sessions.values()):
+                if live.host == name:
+                    self.end_session(live.id, END_HOST_LOST, ended_us=link.last_heartbeat_us)
+        # Sessions loaded at start-up whose host never came back.
+        for live in list(self.sessions.values()):
+            if live.host not in self.hosts and now - self._started_us > timeout_us:
+                record = self.store.get_session(live.id)
+                ended = record.last_seen_us or live.ready_us or live.created_us
+                self.end_session(live.id, END_HOST_LOST, ended_us=ended)
+        # Kernels that never became ready.
+        start_timeout_us = int(self.settings.start_timeout * 1_000_000)
+        for live in list(self.sessions.values()):
+            if live.ready_us is None and now - live.created_us > start_timeout_us:
+                self.end_session(
+                    live.id, END_START_FAILED, message="the host did not start the kernel in time"
+                )
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    def host_loads(self) -> dict[str, HostLoad]:
+        """Live kernels per connected host, for matching."""
+        loads = {
+            name: HostLoad(max_kernels=link.max_kernels)
+            for name, link in self.hosts.items()
+            if link.channel is not None
+        }
+        for live in self.sessions.values():
+            load = loads.get(live.host)
+            if load is not None:
+                load.live_kernels += 1
+                load.busy_offer_ids.add(live.offer_id)
+        return loads
+
+    def online_offers(self) -> list[OfferView]:
+        """Offers of the hosts connected now."""
+        return [o for link in self.hosts.values() if link.channel is not None for o in link.offers]
+
+    def start_session(self, renter: str, request: SessionRequest) -> Any:
+        """Match an offer, check funds, record the session and ask its host to start a kernel."""
+        balance = self.store.balance(renter)
+        committed = sum(s.cost_at(now_us()) for s in self.sessions.values() if s.payer == renter)
+        offer = choose_offer(
+            self.online_offers(),
+            self.host_loads(),
+            request,
+            balance - committed,
+            self.settings.minimum_start_seconds,
+        )
+        record = self.store.create_session(renter, renter, offer.id, now_us())
+        self.sessions[record.id] = LiveSession(
+            id=record.id,
+            renter=renter,
+            payer=renter,
+            host=offer.host,
+            offer_id=offer.id,
+            price_per_second_micro=record.price_per_second_micro,
+            created_us=record.created_us,
+        )
+        self._balances[renter] = balance
+        self.hosts[offer.host].send(
+            {
+                "type": "start_kernel",
+                "session_id": record.id,
+                "gpu_indices": list(record.gpu_indices),
+                "relay_path": f"/gpu-share/api/relay/{record.id}/host",
+            }
+        )
+        log.info("session %s for %s on host %s (offer %s)", record.id, renter, offer.host, offer.id)
+        return record
+
+    def kernel_ready(self, host: str, session_id: str) -> None:
+        """Start billing: the host reports the kernel answering."""
+        live = self.sessions.get(session_id)
+        if live is None or live.host != host or live.ready_us is not None:
+            return
+        live.ready_us = now_us()
+        self.store.mark_ready(session_id, live.ready_us)
+
+    def kernel_ended(self, host: str, session_id: str, reason: str, message: str = "") -> None:
+        """End a session whose kernel stopped or failed on the host."""
+        live = self.sessions.get(session_id)
+        if live is None or live.host != host:
+            return
+        if live.ready_us is None:
+            self.end_session(session_id, END_START_FAILED, message=message or reason)
+        else:
+            self.end_session(session_id, END_KERNEL, message=message or reason)
+
+    def end_session(
+        self,
+        session_id: str,
+        end_reason: str,
+        *,
+        ended_us: int | None = None,
+        message: str = "",
+    ) -> Any:
+        """Settle a session once, tell its host to stop the kernel and close its relay."""
+        live = self.sessions.pop(session_id, None)
+        if ended_us is None:
+            ended_us = now_us()
+        if live is not None and live.ready_us is not None:
+            ended_us = max(ended_us, live.ready_us)
+        record = self.store.end_session(
+            session_id, ended_us, end_reason, self.settings.platform_fee_bps
+        )
+        if live is not None:
+            self._balances.pop(live.payer, None)
+            link = self.hosts.get(live.host)
+            if link is not None and end_reason != END_KERNEL:
+                link.send({"type": "stop_kernel", "session_id": session_id, "reason": end_reason})
+            log.info(
+                "session %s ended (%s): %s s, %s micro",
+                session_id,
+                end_reason,
+                record.billed_seconds,
+                record.amount_micro,
+            )
+        reason_text = end_reason if not message else f"{end_reason}: {message}"
+        self.relays.close(session_id, CLOSE_CODES.get(end_reason, CLOSE_STOPPED), reason_text[:120])
+        return record
+
+    def stop_session(self, session_id: str) -> Any:
+        """Stop a session at the renter's request; billing ends now."""
+        if session_id not in self.sessions:
+            return self.store.get_session(session_id)
+        return self.end_session(session_id, END_STOPPED)
+
+    def enforce_budgets(self) -> None:
+        """Stop every session of a payer whose running cost has reached the payer's credit."""
+        now = now_us()
+        by_payer: dict[str, list[LiveSession]] = {}
+        for live in self.sessions.values():
+            if live.ready_us is not None:
+                by_payer.setdefault(live.payer, []).append(live)
+        for payer, running in by_payer.items():
+            balance = self._balances.get(payer)
+            if balance is None:
+                balance = self._balances[payer] = self.store.balance(payer)
+            rate = sum(s.price_per_second_micro for s in running)
+            if rate <= 0:
+                continue
+            # The instant at which the exact (unrounded) running cost reaches the balance.
+            weighted_start = sum(s.ready_us * s.price_per_second_micro for s in running)  # type: ignore[operator]
+            exhausted_us = (balance * 1_000_000 + weighted_start) // rate
+            if exhausted_us > now:
+                continue
+            for live in running:
+                self.end_session(live.id, END_CREDIT, ended_us=min(now, exhausted_us))
+
+    def refresh_balances(self) -> None:
+        """Forget cached balances so the next budget check reads the store."""
+        self._balances.clear()
+
+    def checkpoint(self) -> None:
+        """Save each running session's last evidence of life (its host's last heartbeat)."""
+        pairs = []
+        for live in self.sessions.values():
+            link = self.hosts.get(live.host)
+            if link is not None and live.ready_us is not None:
+                pairs.append((live.id, link.last_heartbeat_us))
+        if pairs:
+            self.store.checkpoint_last_seen(pairs)
+        # Balances may change under us when several brokers share a store.
+        self.refresh_balances()
+
+    def cost_so_far(self, session_id: str) -> int:
+        """Cost of a live session up to now (0 for ended or not yet ready)."""
+        live = self.sessions.get(session_id)
+        return 0 if live is None else live.cost_at(now_us())
+
+    def session_record(self, session_id: str) -> Any:
+        """The stored session, or NotFound."""
+        return self.store.get_session(session_id)
+
+
+def _offer_view(offer: Any) -> OfferView:
+    return OfferView(
+        id=offer.id,
+        host=offer.host,
+        gpu_model=offer.gpu_model,
+        gpu_count=offer.gpu_count,
+        gpu_memory_mib=offer.gpu_memory_mib,
+        price_per_second_micro=offer.price_per_second_micro,
+    )
+
+
+def link_last_seen(link: HostLink | None, live: LiveSession) -> int:
+    """The last instant a session's host was known alive."""
+    if link is not None:
+        return link.last_heartbeat_us
+    return live.ready_us or live.created_us
+
+
+__all__ = ["Broker", "BrokerSettings", "NoMatch", "NotFound"]

@@ -1,0 +1,110 @@
+"""Small clients of the broker's REST API: a blocking one for the CLI, an async one for servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import urlsplit
+
+from tornado import httpclient
+
+BROKER_URL_ENV = "GPU_SHARE_BROKER_URL"
+TOKEN_ENV = "GPU_SHARE_TOKEN"
+API = "/gpu-share/api"
+
+
+class BrokerError(Exception):
+    """The broker refused a request, or could not be reached; ``message`` is for people."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def normalise_broker_url(url: str) -> str:
+    """Check a broker URL and drop a trailing slash."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise BrokerError(0, f"broker URL must look like http(s)://HOST:PORT, not {url!r}")
+    return url.rstrip("/")
+
+
+def websocket_url(broker_url: str, path: str) -> str:
+    """The ws(s):// URL of a broker path."""
+    base = normalise_broker_url(broker_url)
+    return ("wss" + base[5:] if base.startswith("https") else "ws" + base[4:]) + path
+
+
+def _error_from(status: int, body: bytes) -> BrokerError:
+    try:
+        message = json.loads(body).get("message") or ""
+    except (ValueError, AttributeError):
+        message = ""
+    return BrokerError(status, message or f"broker answered HTTP {status}")
+
+
+class BrokerClient:
+    """Blocking broker client (urllib), for the command line."""
+
+    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
+        url = url or os.environ.get(BROKER_URL_ENV)
+        token = token or os.environ.get(TOKEN_ENV)
+        if not url:
+            raise BrokerError(0, f"no broker URL: pass --broker URL or set {BROKER_URL_ENV}")
+        if not token:
+            raise BrokerError(0, f"no token: pass --token TOKEN or set {TOKEN_ENV}")
+        self.url = normalise_broker_url(url)
+        self.token = token
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        """Send one request to the broker's API and return its JSON answer."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.url + API + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as error:
+            raise _error_from(error.code, error.read()) from None
+        except (urllib.error.URLError, OSError) as error:
+            reason = getattr(error, "reason", error)
+            raise BrokerError(0, f"cannot reach the broker at {self.url}: {reason}") from None
+        return json.loads(payload) if payload else None
+
+
+async def broker_request(
+    url: str,
+    token: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    timeout: float = 30,
+) -> Any:
+    """Send one request to the broker's API from an event loop."""
+    request = httpclient.HTTPRequest(
+        normalise_broker_url(url) + API + path,
+        method=method,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        body=None if body is None else json.dumps(body),
+        allow_nonstandard_methods=True,
+        request_timeout=timeout,
+        connect_timeout=min(timeout, 20),
+    )
+    try:
+        response = await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
+    except OSError as error:
+        raise BrokerError(0, f"cannot reach the broker at {url}: {error}") from None
+    if response.code == 599:
+        raise BrokerError(0, f"cannot reach the broker at {url}: {response.error}")
+    if response.code >= 400:
+        raise _error_from(response.code, response.body or b"")
+    return json.loads(response.body) if response.body else None

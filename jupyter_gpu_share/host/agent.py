@@ -1,0 +1,730 @@
+"""The host agent: one outbound control websocket to the broker, one relay per kernel.
+
+See docs/protocol.md for the messages. The agent only connects out; kernel traffic is
+relayed as opaque frames (jupyter_gpu_share.wire) and never parsed or re-signed here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from tornado.httpclient import HTTPClientError, HTTPRequest
+from tornado.iostream import StreamClosedError
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+from traitlets import Any as AnyTrait
+from traitlets import Float, Int, List, TraitError, Unicode, default, validate
+from traitlets.config import LoggingConfigurable
+
+from .. import __version__, wire
+from ..ledger import format_credits, parse_credits, price_per_second_from_hour
+from .inventory import Inventory
+from .kernels import RemoteKernel, default_scratch_root
+
+CONTROL_PATH = "/gpu-share/api/hosts/connect"
+RELAY_MARK = "/gpu-share/api/relay/"
+MAX_RELAY_BUFFER = 64 * 1024 * 1024  # bytes held for a relay while it reconnects
+_FATAL_RELAY_CODES = {401, 403, 404, 410}
+
+
+class AgentAuthError(RuntimeError):
+    """The broker refused the host token (HTTP 401/403)."""
+
+
+class AgentConfigError(ValueError):
+    """The agent's settings cannot work (missing URL or token, bad price)."""
+
+
+def parse_price_per_hour(text: str) -> int:
+    """Parse a decimal credits-per-hour string into integer micro-credits per hour."""
+    try:
+        micro = parse_credits(text)
+    except ValueError as err:
+        raise AgentConfigError(f"price_per_hour: {err}") from None
+    if micro < 0:
+        raise AgentConfigError(f"price_per_hour must not be negative: {text!r}")
+    return micro
+
+
+def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
+    """Return the wait before reconnect ``attempt`` (0-based): doubling, capped, jittered."""
+    delay = min(cap, base * (2 ** min(attempt, 32)))
+    return delay * random.uniform(0.75, 1.0)
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a write future's exception so a dropped connection is not logged as unhandled."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _write(conn: WebSocketClientConnection, message: str | bytes, binary: bool = False) -> None:
+    """Queue one websocket message in order; raise WebSocketClosedError if closed."""
+    future = conn.write_message(message, binary=binary)
+    future.add_done_callback(_consume)
+
+
+def _error_message(err: HTTPClientError) -> str:
+    """Pull the broker's JSON error message out of a failed handshake."""
+    body = getattr(err.response, "body", None) if err.response is not None else None
+    if body:
+        with contextlib.suppress(ValueError, AttributeError):
+            data = json.loads(body)
+            if isinstance(data, dict) and data.get("message"):
+                return str(data["message"])
+    return err.message or str(err.code)
+
+
+class HostSession:
+    """One rented kernel: its relay websocket, its kernel process and its lifecycle."""
+
+    def __init__(
+        self, agent: HostAgent, session_id: str, gpu_indices: list[int], relay_path: str
+    ) -> None:
+        self.agent = agent
+        self.log = agent.log
+        self.session_id = session_id
+        self.gpu_indices = gpu_indices
+        self.relay_path = relay_path
+        self.state = "starting"  # -> "ready" -> "ended"
+        self.kernel: RemoteKernel | None = None
+        self.relay: WebSocketClientConnection | None = None
+        self.key: str | None = None
+        self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._inbox: list[bytes] = []  # relay -> kernel, held until the kernel is ready
+        self._outbox: deque[tuple[str | bytes, bool]] = deque()  # kernel -> relay, while down
+        self._outbox_bytes = 0
+        self._dropped = 0
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    def launch(self) -> None:
+        """Start the session in the background."""
+        self._task = asyncio.ensure_future(self.run())
+
+    # -- start --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect the relay, wait for the renter's key, start the kernel, report ready."""
+        timeout = self.agent.kernel_start_timeout
+        try:
+            await asyncio.wait_for(self._start(), timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            if isinstance(err, asyncio.TimeoutError):
+                message = f"kernel did not start within {timeout:g} s"
+            else:
+                message = str(err) or type(err).__name__
+            self.log.warning("session %s failed to start: %s", self.session_id, message)
+            self._closing = True
+            if self.kernel is not None:
+                await self.kernel.stop()
+            self._end({"type": "kernel_failed", "session_id": self.session_id, "message": message})
+
+    async def _start(self) -> None:
+        self.relay = await self._connect_relay()
+        self._reader = asyncio.ensure_future(self._read_relay())
+        hello = await self._hello
+        self.key = hello["key"]
+        self.kernel = RemoteKernel(
+            self.session_id,
+            self.agent.host_id or "",
+            hello["key"],
+            self._from_kernel,
+            self._kernel_exited,
+            signature_scheme=hello["signature_scheme"],
+            gpu_indices=self.gpu_indices,
+            scratch_root=self.agent.scratch_root,
+            ready_timeout=self.agent.kernel_start_timeout,
+            stop_grace=self.agent.kernel_stop_grace,
+            logger=self.log,
+        )
+        await self.kernel.start()
+        self.state = "ready"
+        for data in self._inbox:
+            self._to_kernel(data)
+        self._inbox.clear()
+        ready = {"type": "kernel_ready", "session_id": self.session_id}
+        self.agent.send_control(ready)
+        self._to_relay(json.dumps(ready))
+        self.log.info("session %s: kernel ready", self.session_id)
+
+    # -- relay --------------------------------------------------------------------------
+
+    async def _connect_relay(self) -> WebSocketClientConnection:
+        attempt = 0
+        while True:
+            try:
+                return await self.agent.connect_websocket(self.relay_path)
+            except HTTPClientError as err:
+                if err.code in _FATAL_RELAY_CODES:
+                    raise RuntimeError(
+                        f"broker refused the relay ({err.code}: {_error_message(err)})"
+                    ) from None
+                problem: str = f"HTTP {err.code}"
+            except (OSError, StreamClosedError) as err:
+                problem = str(err) or type(err).__name__
+            delay = backoff_delay(attempt, cap=self.agent.reconnect_max_delay)
+            attempt += 1
+            self.log.warning(
+                "session %s: relay connection failed (%s); retry %d in %.1f s",
+                self.session_id,
+                problem,
+                attempt,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    async def _read_relay(self) -> None:
+        while not self._closing:
+            conn = self.relay
+            message = await conn.read_message() if conn is not None else None
+            if message is None:
+                if self._closing:
+                    return
+                code = conn.close_code if conn is not None else None
+                self.log.warning(
+                    "session %s: relay closed (code %s); reconnecting", self.session_id, code
+                )
+                self.relay = None
+                try:
+                    self.relay = await self._connect_relay()
+                except RuntimeError as err:
+                    self.log.warning("session %s: %s; stopping it", self.session_id, err)
+                    self.agent._spawn(self.stop())
+                    return
+                self._flush_outbox()
+                continue
+            try:
+                self._from_relay(message)
+            except Exception:
+                self.log.exception("session %s: failed to handle a relay message", self.session_id)
+
+    def _from_relay(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            if self.state == "ready":
+                self._to_kernel(message)
+            elif len(self._inbox) < 1024:
+                self._inbox.append(message)
+            else:
+                self.log.warning("session %s: dropped an early message", self.session_id)
+        else:
+            self._relay_text(message)
+
+    def _relay_text(self, text: str) -> None:
+        try:
+            record = json.loads(text)
+            kind = record["type"]
+        except (ValueError, KeyError, TypeError):
+            self.log.warning("session %s: ignored a malformed relay record", self.session_id)
+            return
+        if kind == "hello":
+            key, scheme = record.get("key"), record.get("signature_scheme") or "hmac-sha256"
+            if not isinstance(key, str) or not key:
+                self.log.warning("session %s: relay hello without a key", self.session_id)
+                return
+            if not isinstance(scheme, str) or not scheme.startswith("hmac-"):
+                self.log.warning("session %s: unsupported signature scheme", self.session_id)
+                return
+            if not self._hello.done():
+                self._hello.set_result({"key": key, "signature_scheme": scheme})
+            elif self.state == "ready" and key == self.key:
+                self._to_relay(json.dumps({"type": "kernel_ready", "session_id": self.session_id}))
+            elif key != self.key:
+                self.log.warning(
+                    "session %s: ignored a relay hello with a different key", self.session_id
+                )
+        elif kind == "signal":
+            try:
+                signum = signal.Signals(int(record.get("signum", signal.SIGINT)))
+            except (ValueError, TypeError):
+                self.log.warning("session %s: ignored a bad signal", self.session_id)
+                return
+            if self.kernel is not None and self.kernel.alive:
+                self.log.info("session %s: sending %s to the kernel", self.session_id, signum.name)
+                self.kernel.signal(signum)
+        else:
+            self.log.debug("session %s: ignored relay record %r", self.session_id, kind)
+
+    def _to_kernel(self, data: bytes) -> None:
+        assert self.kernel is not None
+        try:
+            channel, frames = wire.decode(data)
+            self.kernel.send(channel, frames)
+        except (wire.FrameError, ValueError, RuntimeError) as err:
+            self.log.warning("session %s: dropped a relay message: %s", self.session_id, err)
+
+    def _from_kernel(self, channel: int, frames: list[bytes]) -> None:
+        self._to_relay(wire.encode(channel, frames), binary=True)
+
+    def _to_relay(self, message: str | bytes, binary: bool = False) -> None:
+        """Write to the relay in order; hold messages (bounded) while it reconnects."""
+        if self.relay is not None and not self._outbox:
+            try:
+                _write(self.relay, message, binary)
+                return
+            except WebSocketClosedError:
+                pass
+        self._outbox.append((message, binary))
+        self._outbox_bytes += len(message)
+        while self._outbox_bytes > MAX_RELAY_BUFFER and self._outbox:
+            old, _ = self._outbox.popleft()
+            self._outbox_bytes -= len(old)
+            self._dropped += 1
+        if self._dropped == 1:
+            self.log.warning("session %s: relay buffer full; dropping output", self.session_id)
+
+    def _flush_outbox(self) -> None:
+        while self._outbox and self.relay is not None:
+            message, binary = self._outbox[0]
+            try:
+                _write(self.relay, message, binary)
+            except WebSocketClosedError:
+                return
+            self._outbox.popleft()
+            self._outbox_bytes -= len(message)
+
+    # -- end ----------------------------------------------------------------------------
+
+    def _kernel_exited(self, exit_code: int | None) -> None:
+        if self.state == "ready" and not self._closing:
+            self._closing = True
+            self._end(
+                {
+                    "type": "kernel_ended",
+                    "session_id": self.session_id,
+                    "reason": "died",
+                    "exit_code": exit_code,
+                }
+            )
+
+    async def stop(self, reason: str = "stopped", report: bool = True) -> None:
+        """Stop the kernel (or the start in progress) and report ``kernel_ended``."""
+        if self.state == "ended":
+            return
+        self._closing = True
+        task = self._task
+        if task is not None and not task.done() and task is not asyncio.current_task():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.state == "ended":
+            return
+        exit_code = await self.kernel.stop() if self.kernel is not None else None
+        self._end(
+            {
+                "type": "kernel_ended",
+                "session_id": self.session_id,
+                "reason": reason,
+                "exit_code": exit_code,
+            },
+            report=report,
+        )
+
+    def _end(self, record: dict[str, Any], report: bool = True) -> None:
+        if self.state == "ended":
+            return
+        self.state = "ended"
+        self.log.info(
+            "session %s: %s%s",
+            self.session_id,
+            record["type"],
+            f" ({record['reason']}, exit code {record['exit_code']})" if "reason" in record else "",
+        )
+        if report:
+            self.agent.send_control(record)
+            self._to_relay(json.dumps(record))
+        if self.relay is not None:
+            self.relay.close(1000, record["type"])
+        if self._reader is not None and self._reader is not asyncio.current_task():
+            self._reader.cancel()
+        self.agent.forget(self)
+
+
+class HostAgent(LoggingConfigurable):
+    """Offer this machine's GPUs to a broker and run renters' kernels on them."""
+
+    broker_url = Unicode(
+        help="Broker base URL, http(s)://host:port[/prefix]; websockets use ws(s). "
+        "Defaults to $GPU_SHARE_BROKER_URL."
+    ).tag(config=True)
+
+    token = Unicode(
+        help="Host token issued by the broker. Defaults to $GPU_SHARE_TOKEN. Never logged."
+    ).tag(config=True)
+
+    price_per_hour = Unicode(
+        "1.00", help="Price of each offer in credits per hour, as a decimal string (e.g. 0.50)."
+    ).tag(config=True)
+
+    gpus = List(Int(), help="GPU indices to offer; empty offers every GPU NVML finds.").tag(
+        config=True
+    )
+
+    max_kernels = Int(4, help="Most kernels this host runs at once.").tag(config=True)
+
+    heartbeat_interval = Float(
+        5.0, help="Seconds between heartbeats (the broker's welcome may override it)."
+    ).tag(config=True)
+
+    scratch_root = Unicode(
+        help="Directory holding each session's private scratch directory (wiped after it)."
+    ).tag(config=True)
+
+    reconnect_max_delay = Float(
+        30.0, help="Longest wait in seconds between reconnection attempts."
+    ).tag(config=True)
+
+    kernel_start_timeout = Float(
+        60.0, help="Seconds a kernel may take from start_kernel to ready before it fails."
+    ).tag(config=True)
+
+    kernel_stop_grace = Float(
+        5.0, help="Seconds a kernel gets after SIGTERM before it is killed."
+    ).tag(config=True)
+
+    max_message_size = Int(
+        256 * 1024 * 1024, help="Largest websocket message accepted from the broker, in bytes."
+    ).tag(config=True)
+
+    ping_interval = Float(
+        20.0, help="Seconds between websocket pings that detect a dead broker connection."
+    ).tag(config=True)
+
+    nvml_module = AnyTrait(None, help="pynvml-like module to use instead of pynvml (tests).")
+
+    @default("broker_url")
+    def _default_broker_url(self) -> str:
+        return os.environ.get("GPU_SHARE_BROKER_URL", "")
+
+    @default("token")
+    def _default_token(self) -> str:
+        return os.environ.get("GPU_SHARE_TOKEN", "")
+
+    @default("scratch_root")
+    def _default_scratch_root(self) -> str:
+        return default_scratch_root()
+
+    @validate("broker_url")
+    def _validate_broker_url(self, proposal: dict[str, Any]) -> str:
+        url = str(proposal["value"]).strip().rstrip("/")
+        if url and urlsplit(url).scheme not in ("http", "https", "ws", "wss"):
+            raise TraitError(f"broker_url must start with http:// or https://, not {url!r}")
+        return url
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sessions: dict[str, HostSession] = {}
+        self.host_id: str | None = None
+        self.inventory: Inventory | None = None
+        self.price_per_second_micro = 0
+        self.on_connected: Callable[[HostAgent], None] | None = None
+        self._control: WebSocketClientConnection | None = None
+        self._pending: deque[dict[str, Any]] = deque(maxlen=1000)
+        self._stop_event: asyncio.Event | None = None
+        self._stopping = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- configuration ------------------------------------------------------------------
+
+    def check_config(self) -> None:
+        """Raise AgentConfigError when the settings cannot work."""
+        if not self.broker_url:
+            raise AgentConfigError("no broker URL: pass --broker URL or set GPU_SHARE_BROKER_URL")
+        if not self.token:
+            raise AgentConfigError("no host token: pass --token T or set GPU_SHARE_TOKEN")
+        per_hour = parse_price_per_hour(self.price_per_hour)
+        self.price_per_second_micro = price_per_second_from_hour(per_hour)
+        if self.max_kernels < 1:
+            raise AgentConfigError("max_kernels must be at least 1")
+
+    @property
+    def price_label(self) -> str:
+        """Return the price per hour for people, e.g. ``0.50/h``."""
+        return f"{format_credits(parse_price_per_hour(self.price_per_hour))}/h"
+
+    def websocket_url(self, path: str) -> str:
+        """Build the ws(s) URL of a broker path (the broker's URL prefix is kept)."""
+        parts = urlsplit(self.broker_url)
+        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+        prefix = parts.path.rstrip("/")
+        if prefix and path.startswith(prefix + "/"):
+            prefix = ""
+        return urlunsplit((scheme, parts.netloc, prefix + path, "", ""))
+
+    async def connect_websocket(self, path: str) -> WebSocketClientConnection:
+        """Open a websocket to the broker with the host token and TCP_NODELAY."""
+        request = HTTPRequest(
+            self.websocket_url(path),
+            headers={"Authorization": f"Bearer {self.token}"},
+            connect_timeout=10,
+            request_timeout=30,
+        )
+        conn = await websocket_connect(
+            request,
+            max_message_size=self.max_message_size,
+            ping_interval=self.ping_interval or None,
+        )
+        if conn.protocol is not None:
+            with contextlib.suppress(OSError, AttributeError):
+                conn.protocol.set_nodelay(True)
+        return conn
+
+    # -- running ------------------------------------------------------------------------
+
+    def hello(self) -> dict[str, Any]:
+        """Build the `hello` the agent sends after every (re)connect."""
+        assert self.inventory is not None
+        return {
+            "type": "hello",
+            "host_agent_version": __version__,
+            "gpus": [gpu.to_json() for gpu in self.inventory.gpus],
+            "offers": self.inventory.offers(self.price_per_second_micro),
+            "max_kernels": self.max_kernels,
+            "sessions": [sid for sid, s in self.sessions.items() if s.state != "ended"],
+        }
+
+    async def run(self) -> None:
+        """Serve the broker until stop(); raise AgentAuthError when the token is refused."""
+        self.check_config()
+        self._stop_event = asyncio.Event()
+        self.inventory = Inventory(self.gpus or None, self.nvml_module)
+        if self.inventory.missing:
+            self.log.warning("GPUs %s were asked for but not found", self.inventory.missing)
+        self.log.info(
+            "offering %s at %s (%d micro-credits/s)",
+            self.inventory.summary(),
+            self.price_label,
+            self.price_per_second_micro,
+        )
+        attempt = 0
+        try:
+            while not self._stop_event.is_set():
+                welcomed = False
+                try:
+                    welcomed = await self._serve_control()
+                except HTTPClientError as err:
+                    if err.code in (401, 403):
+                        raise AgentAuthError(
+                            f"the broker refused the host token (HTTP {err.code}: "
+                            f"{_error_message(err)})"
+                        ) from None
+                    self.log.warning("broker connection failed: HTTP %s", err.code)
+                except (OSError, StreamClosedError, asyncio.TimeoutError) as err:
+                    self.log.warning("broker connection failed: %s", str(err) or type(err).__name__)
+                if self._stop_event.is_set():
+                    break
+                if welcomed:
+                    attempt = 0
+                delay = backoff_delay(attempt, cap=self.reconnect_max_delay)
+                attempt += 1
+                self.log.info(
+                    "reconnecting to %s in %.1f s (attempt %d)", self.broker_url, delay, attempt
+                )
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop_event.wait(), delay)
+        finally:
+            await self._shutdown()
+
+    async def _serve_control(self) -> bool:
+        conn = await self.connect_websocket(CONTROL_PATH)
+        try:
+            if self._stop_event is not None and self._stop_event.is_set():
+                return False
+            _write(conn, json.dumps(self.hello()))
+            welcome = await asyncio.wait_for(self._read_welcome(conn), 30)
+            if welcome is None:
+                self.log.warning("broker closed the control connection before its welcome")
+                return False
+            self.host_id = str(welcome.get("host_id", ""))
+            interval = float(welcome.get("heartbeat_interval") or self.heartbeat_interval)
+            self._control = conn
+            for sid in welcome.get("stop") or []:
+                session = self.sessions.get(sid)
+                if session is not None:
+                    self.log.info("broker already ended session %s; stopping it", sid)
+                    self._spawn(session.stop(report=False))
+            while self._pending and self._control is conn:
+                self.send_control(self._pending.popleft())
+            self.log.info("connected to %s as host %s", self.broker_url, self.host_id)
+            if self.on_connected is not None:
+                self.on_connected(self)
+            beat = asyncio.ensure_future(self._heartbeats(conn, interval))
+            try:
+                while True:
+                    message = await conn.read_message()
+                    if message is None:
+                        self.log.warning("control connection closed (code %s)", conn.close_code)
+                        return True
+                    if isinstance(message, str):
+                        try:
+                            self._dispatch(message)
+                        except Exception:
+                            self.log.exception("failed to handle a control message")
+            finally:
+                beat.cancel()
+                if self._control is conn:
+                    self._control = None
+        finally:
+            conn.close()
+
+    async def _read_welcome(self, conn: WebSocketClientConnection) -> dict[str, Any] | None:
+        while True:
+            message = await conn.read_message()
+            if message is None:
+                return None
+            record = self._parse(message)
+            if record is not None and record.get("type") == "welcome":
+                return record
+            self.log.warning("expected welcome from the broker, ignored %r", message[:80])
+
+    async def _heartbeats(self, conn: WebSocketClientConnection, interval: float) -> None:
+        assert self.inventory is not None
+        while True:
+            telemetry = self.inventory.telemetry()
+            telemetry["kernels"] = sum(1 for s in self.sessions.values() if s.state == "ready")
+            try:
+                _write(conn, json.dumps({"type": "heartbeat", "telemetry": telemetry}))
+            except WebSocketClosedError:
+                return
+            await asyncio.sleep(interval)
+
+    def _parse(self, message: str | bytes) -> dict[str, Any] | None:
+        try:
+            record = json.loads(message)
+        except ValueError:
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _dispatch(self, message: str) -> None:
+        record = self._parse(message)
+        if record is None:
+            self.log.warning("ignored a malformed control message")
+            return
+        kind = record.get("type")
+        if kind == "start_kernel":
+            self._start_kernel(record)
+        elif kind == "stop_kernel":
+            sid = str(record.get("session_id"))
+            session = self.sessions.get(sid)
+            if session is None:
+                ended = {"type": "kernel_ended", "session_id": sid, "reason": "stopped"}
+                self.send_control({**ended, "exit_code": None})
+            else:
+                self.log.info("stopping session %s (%s)", sid, record.get("reason", ""))
+                self._spawn(session.stop())
+        elif kind == "interrupt_kernel":
+            session = self.sessions.get(str(record.get("session_id")))
+            if session is not None and session.kernel is not None:
+                session.kernel.interrupt()
+        elif kind == "welcome":
+            self.host_id = str(record.get("host_id", self.host_id))
+        else:
+            self.log.debug("ignored control message %r", kind)
+
+    def _start_kernel(self, record: dict[str, Any]) -> None:
+        assert self.inventory is not None
+        sid = record.get("session_id")
+        if not isinstance(sid, str) or not 0 < len(sid) <= 128:
+            self.log.warning("ignored start_kernel without a valid session_id")
+            return
+
+        def fail(message: str) -> None:
+            self.log.warning("refused session %s: %s", sid, message)
+            self.send_control({"type": "kernel_failed", "session_id": sid, "message": message})
+
+        if sid in self.sessions:
+            existing = self.sessions[sid]
+            if existing.state == "ready":
+                self.send_control({"type": "kernel_ready", "session_id": sid})
+            return
+        if self._stopping:
+            return fail("host agent is shutting down")
+        live = [s for s in self.sessions.values() if s.state != "ended"]
+        if len(live) >= self.max_kernels:
+            return fail(f"host is running its maximum of {self.max_kernels} kernels")
+        indices = record.get("gpu_indices") or []
+        if not isinstance(indices, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in indices
+        ):
+            return fail("gpu_indices must be a list of integers")
+        offered = set(self.inventory.indices)
+        if set(indices) - offered:
+            return fail(f"GPUs {sorted(set(indices) - offered)} are not offered by this host")
+        busy = set(indices) & {i for s in live for i in s.gpu_indices}
+        if busy:
+            return fail(f"GPUs {sorted(busy)} are already rented")
+        relay_path = record.get("relay_path")
+        if (
+            not isinstance(relay_path, str)
+            or not relay_path.startswith("/")
+            or relay_path.startswith("//")
+            or RELAY_MARK not in relay_path
+        ):
+            return fail("relay_path must be a broker path under /gpu-share/api/relay/")
+        session = HostSession(self, sid, list(indices), relay_path)
+        self.sessions[sid] = session
+        self.log.info("starting session %s on GPUs %s", sid, indices)
+        session.launch()
+
+    def send_control(self, record: dict[str, Any]) -> None:
+        """Send a record to the broker now, or after the next welcome if disconnected."""
+        if self._control is not None:
+            try:
+                _write(self._control, json.dumps(record))
+                return
+            except WebSocketClosedError:
+                self._control = None
+        self._pending.append(record)
+
+    def forget(self, session: HostSession) -> None:
+        """Drop an ended session."""
+        if self.sessions.get(session.session_id) is session:
+            del self.sessions[session.session_id]
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- stopping -----------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Stop every kernel, report them ended, and close the broker connection."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self._stop_sessions()
+        if self._stop_event is not None:
+            self._stop_event.set()
+        if self._control is not None:
+            self._control.close(1000, "host agent shutting down")
+
+    def request_stop(self) -> None:
+        """Ask the agent to stop (safe from a signal handler)."""
+        self._spawn(self.stop())
+
+    async def _stop_sessions(self) -> None:
+        sessions = list(self.sessions.values())
+        if sessions:
+            self.log.info("stopping %d kernel(s)", len(sessions))
+            await asyncio.gather(*(s.stop() for s in sessions), return_exceptions=True)
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        await self._stop_sessions()
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self.inventory is not None:
+            self.inventory.close()

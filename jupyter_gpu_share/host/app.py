@@ -1,0 +1,102 @@
+"""`jupyter gpu-share host`: run the host agent until signalled."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from typing import Any, ClassVar
+
+from jupyter_core.application import JupyterApp, base_aliases, base_flags
+from traitlets import Unicode
+
+from .. import __version__
+from .agent import AgentAuthError, AgentConfigError, HostAgent
+
+aliases: dict[str, Any] = dict(base_aliases)
+aliases.update(
+    {
+        "broker": "HostAgent.broker_url",
+        "token": "HostAgent.token",
+        "price-per-hour": "HostAgent.price_per_hour",
+        "gpus": "HostAgentApp.gpu_list",
+        "max-kernels": "HostAgent.max_kernels",
+        "heartbeat-interval": "HostAgent.heartbeat_interval",
+        "scratch-root": "HostAgent.scratch_root",
+    }
+)
+
+
+class HostAgentApp(JupyterApp):
+    """Offer this machine's GPUs on a jupyter-gpu-share broker."""
+
+    name = "jupyter-gpu-share-host"
+    description = (
+        "Connect this machine to a jupyter-gpu-share broker (outbound only), offer its GPUs "
+        "(or its CPU when there is none) and run renters' kernels on them."
+    )
+    version = __version__
+    examples = "jupyter gpu-share host --broker https://broker.example:8888 --token $TOKEN"
+    aliases: ClassVar[dict[str, Any]] = aliases
+    flags: ClassVar[dict[str, Any]] = dict(base_flags)
+    classes: ClassVar[list[type]] = [HostAgent]
+
+    gpu_list = Unicode(
+        "", help="GPU indices to offer as a comma list, e.g. 0,1 (default: all)."
+    ).tag(config=True)
+
+    def initialize(self, argv: list[str] | None = None) -> None:
+        """Parse the command line and config files, then build the agent."""
+        super().initialize(argv)
+        if self.gpu_list.strip():
+            try:
+                indices = [int(part) for part in self.gpu_list.split(",") if part.strip()]
+            except ValueError:
+                self._fail(f"--gpus takes a comma list of GPU indices, not {self.gpu_list!r}")
+            self.config.HostAgent.gpus = indices
+        self.agent = HostAgent(parent=self, log=self.log)
+
+    def _fail(self, message: str, code: int = 2) -> None:
+        print(f"{self.name}: error: {message}", file=sys.stderr, flush=True)
+        self.exit(code)
+
+    def _connected(self, agent: HostAgent) -> None:
+        assert agent.inventory is not None
+        print(
+            f"host agent connected to {agent.broker_url} as {agent.host_id} offering: "
+            f"{agent.inventory.summary()} at {agent.price_label}",
+            flush=True,
+        )
+
+    def start(self) -> None:
+        """Run the agent's event loop until SIGINT or SIGTERM."""
+        if self.subapp is not None:
+            return self.subapp.start()
+        agent = self.agent
+        try:
+            agent.check_config()
+        except AgentConfigError as err:
+            self._fail(str(err))
+        agent.on_connected = self._connected
+        try:
+            asyncio.run(self._run(agent))
+        except AgentAuthError as err:
+            self._fail(str(err), code=1)
+        except AgentConfigError as err:
+            self._fail(str(err))
+
+    async def _run(self, agent: HostAgent) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, agent.request_stop)
+        try:
+            await agent.run()
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+
+main = launch_new_instance = HostAgentApp.launch_instance
+
+if __name__ == "__main__":
+    main()

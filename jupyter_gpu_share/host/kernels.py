@@ -1,0 +1,343 @@
+"""One renter's ipykernel process on this host, and its ZMQ channels.
+
+Messages travel through unchanged: the agent never parses, verifies or re-signs them. The
+HMAC key is the renter's; the host only writes it into the kernel's connection file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.connect import write_connection_file
+
+from .. import wire
+
+log = logging.getLogger(__name__)
+
+MessageCallback = Callable[[int, list[bytes]], None]
+ExitCallback = Callable[[int | None], None]
+
+_SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a send future's exception (a socket closed under it) so it is not logged."""
+    if not future.cancelled():
+        future.exception()
+
+
+class KernelStartError(RuntimeError):
+    """The kernel process could not be started or never answered."""
+
+
+def safe_name(text: str, limit: int = 64) -> str:
+    """Make a session id safe to use inside a file name."""
+    return _SAFE_ID.sub("_", text)[:limit] or "session"
+
+
+def default_scratch_root() -> str:
+    """Return the default root for per-session scratch directories."""
+    return os.path.join(tempfile.gettempdir(), f"jupyter-gpu-share-{os.getuid()}")
+
+
+def kernel_environment(
+    session_id: str,
+    host_id: str,
+    gpu_indices: Sequence[int],
+    scratch_dir: str,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Build the kernel's scrubbed environment: nothing of the agent's secrets goes in."""
+    source = os.environ if base is None else base
+    env = {
+        "PATH": source.get("PATH", os.defpath),
+        "HOME": scratch_dir,
+        "TMPDIR": scratch_dir,
+        "LANG": source.get("LANG", "C.UTF-8"),
+        "GPU_SHARE_SESSION_ID": session_id,
+        "GPU_SHARE_HOST_ID": host_id,
+        "CUDA_VISIBLE_DEVICES": ",".join(str(int(i)) for i in gpu_indices),
+        # ipykernel exits when this process does, so a crashed agent leaves no orphan kernels.
+        "JPY_PARENT_PID": str(os.getpid()),
+    }
+    if source.get("PYTHONPATH"):
+        env["PYTHONPATH"] = source["PYTHONPATH"]
+    return env
+
+
+class RemoteKernel:
+    """Start, relay to, signal and stop one ipykernel process for a rented session."""
+
+    def __init__(
+        self,
+        session_id: str,
+        host_id: str,
+        key: bytes | str,
+        on_kernel_message: MessageCallback,
+        on_exit: ExitCallback | None = None,
+        *,
+        signature_scheme: str = "hmac-sha256",
+        gpu_indices: Sequence[int] = (),
+        scratch_root: str | None = None,
+        python: str = sys.executable,
+        ready_timeout: float = 60.0,
+        stop_grace: float = 5.0,
+        logger: logging.Logger | logging.LoggerAdapter | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.host_id = host_id
+        self.key = key.encode() if isinstance(key, str) else bytes(key)
+        self.signature_scheme = signature_scheme
+        self.gpu_indices = [int(i) for i in gpu_indices]
+        self.scratch_root = scratch_root or default_scratch_root()
+        self.python = python
+        self.ready_timeout = ready_timeout
+        self.stop_grace = stop_grace
+        self.on_kernel_message = on_kernel_message
+        self.on_exit = on_exit
+        self.log = logger or log
+
+        self.process: asyncio.subprocess.Process | None = None
+        self.exit_code: int | None = None
+        self.scratch_dir: str | None = None
+        self.runtime_dir: str | None = None
+        self.connection_file: str | None = None
+        self.ready = False
+        self._stopping = False
+        self._exited = asyncio.Event()
+        self._context: zmq.asyncio.Context | None = None
+        self._sockets: dict[int, zmq.asyncio.Socket] = {}
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._cleaned = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        """Return the kernel's process id."""
+        return self.process.pid if self.process else None
+
+    @property
+    def alive(self) -> bool:
+        """Tell whether the kernel process is still running."""
+        return self.process is not None and not self._exited.is_set()
+
+    async def start(self) -> None:
+        """Launch the kernel and wait until it answers its heartbeat."""
+        os.makedirs(self.scratch_root, mode=0o700, exist_ok=True)
+        name = safe_name(self.session_id)
+        self.runtime_dir = tempfile.mkdtemp(prefix=f"gpu-share-{name}-")  # 0700
+        self.scratch_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch_root)
+        os.chmod(self.scratch_dir, 0o700)
+        try:
+            self.connection_file, info = write_connection_file(
+                os.path.join(self.runtime_dir, "kernel.json"),
+                ip="127.0.0.1",
+                transport="tcp",
+                key=self.key,
+                signature_scheme=self.signature_scheme,
+            )
+            self._connect_sockets(info)
+            env = kernel_environment(
+                self.session_id, self.host_id, self.gpu_indices, self.scratch_dir
+            )
+            stderr_path = os.path.join(self.runtime_dir, "kernel.log")
+            with open(stderr_path, "wb") as stderr:
+                self.process = await asyncio.create_subprocess_exec(
+                    self.python,
+                    "-m",
+                    "ipykernel_launcher",
+                    "-f",
+                    self.connection_file,
+                    cwd=self.scratch_dir,
+                    env=env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=stderr,
+                    stderr=stderr,
+                    start_new_session=True,
+                )
+            self.log.info(
+                "kernel for session %s started (pid %s, gpus [%s])",
+                self.session_id,
+                self.process.pid,
+                ",".join(map(str, self.gpu_indices)),
+            )
+            self._tasks.append(asyncio.ensure_future(self._watch()))
+            await self._wait_ready(info)
+        except BaseException:
+            await self.stop()
+            raise
+        self.ready = True
+
+    def _connect_sockets(self, info: dict[str, Any]) -> None:
+        ctx = self._context = zmq.asyncio.Context()
+        ip = info["ip"]
+        identity = b"gpu-share-" + secrets.token_hex(8).encode()
+        plan = [
+            (wire.SHELL, zmq.DEALER, info["shell_port"], identity),
+            (wire.CONTROL, zmq.DEALER, info["control_port"], None),
+            (wire.STDIN, zmq.DEALER, info["stdin_port"], identity),
+            (wire.IOPUB, zmq.SUB, info["iopub_port"], None),
+        ]
+        for channel, kind, port, ident in plan:
+            sock = ctx.socket(kind)
+            sock.linger = 0
+            if ident is not None:
+                sock.setsockopt(zmq.IDENTITY, ident)
+            if kind == zmq.SUB:
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.connect(f"tcp://{ip}:{port}")
+            self._sockets[channel] = sock
+            self._tasks.append(asyncio.ensure_future(self._pump(channel, sock)))
+
+    async def _wait_ready(self, info: dict[str, Any]) -> None:
+        assert self._context is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
+        address = f"tcp://{info['ip']}:{info['hb_port']}"
+        while True:
+            if self._exited.is_set():
+                raise KernelStartError(
+                    f"kernel exited with code {self.exit_code} before it was ready"
+                    f"{self._log_tail()}"
+                )
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise KernelStartError(
+                    f"kernel did not answer within {self.ready_timeout:g} s{self._log_tail()}"
+                )
+            hb = self._context.socket(zmq.REQ)
+            hb.linger = 0
+            try:
+                hb.connect(address)
+                await hb.send(b"ping")
+                if await hb.poll(timeout=int(min(1.0, remaining) * 1000)):
+                    await hb.recv()
+                    return
+            finally:
+                hb.close(linger=0)
+
+    def _log_tail(self, lines: int = 5) -> str:
+        if not self.runtime_dir:
+            return ""
+        try:
+            with open(os.path.join(self.runtime_dir, "kernel.log"), "rb") as fh:
+                tail = fh.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
+        except OSError:
+            return ""
+        return (": " + " | ".join(tail[-lines:])) if tail else ""
+
+    async def _pump(self, channel: int, sock: zmq.asyncio.Socket) -> None:
+        """Forward everything the kernel emits on one socket, unchanged and in order."""
+        while True:
+            try:
+                frames = await sock.recv_multipart()
+            except (zmq.ZMQError, asyncio.CancelledError):
+                return
+            try:
+                self.on_kernel_message(channel, frames)
+            except Exception:
+                self.log.exception("kernel message handler failed")
+
+    async def _watch(self) -> None:
+        assert self.process is not None
+        code = await self.process.wait()
+        self.exit_code = code
+        self._exited.set()
+        if self._stopping or not self.ready:
+            return  # stop() or a failed start() cleans up and reports
+        self.log.warning("kernel for session %s died with exit code %s", self.session_id, code)
+        await self._cleanup()
+        if self.on_exit is not None:
+            try:
+                self.on_exit(code)
+            except Exception:
+                self.log.exception("kernel exit handler failed")
+
+    async def wait(self) -> int | None:
+        """Wait for the kernel process to end; return its exit code."""
+        await self._exited.wait()
+        return self.exit_code
+
+    # -- traffic ------------------------------------------------------------------------
+
+    def send(self, channel: int | str, frames: Sequence[bytes | memoryview]) -> None:
+        """Forward one multipart message from the relay to the kernel, unchanged."""
+        if isinstance(channel, str):
+            channel = wire.CHANNELS[channel]
+        if channel == wire.IOPUB:
+            raise ValueError("nothing is sent to a kernel on iopub")
+        sock = self._sockets.get(channel)
+        if sock is None or sock.closed:
+            raise RuntimeError("kernel channels are closed")
+        sent = sock.send_multipart(frames, copy=False)
+        sent.add_done_callback(_consume)
+
+    # -- signals and stop ---------------------------------------------------------------
+
+    def signal(self, signum: int) -> None:
+        """Send a signal to the kernel's process group."""
+        if not self.alive or self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            self.process.send_signal(signum)
+
+    def interrupt(self) -> None:
+        """Interrupt the running cell (SIGINT)."""
+        self.signal(signal.SIGINT)
+
+    async def stop(self) -> int | None:
+        """Terminate the kernel (SIGTERM, then SIGKILL after the grace period) and clean up."""
+        self._stopping = True
+        if self.process is not None and not self._exited.is_set():
+            self.signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self._exited.wait(), self.stop_grace)
+            except asyncio.TimeoutError:
+                self.log.warning(
+                    "kernel for session %s ignored SIGTERM; killing it", self.session_id
+                )
+                self.signal(signal.SIGKILL)
+                await self._exited.wait()
+        if self.process is not None and self.exit_code is None:
+            self.exit_code = self.process.returncode
+        await self._cleanup()
+        return self.exit_code
+
+    async def _cleanup(self) -> None:
+        if self._cleaned:
+            return
+        self._cleaned = True
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # leftovers the renter spawned
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+        if self._context is not None:
+            self._context.term()
+            self._context = None
+        for path in (self.scratch_dir, self.runtime_dir):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,239 @@
+"""The user-side bridge: local ZMQ ports that look like a kernel, relayed to a remote one.
+
+jupyter_server, nbclient and every Jupyter client connect to the bridge's ports as to a local
+kernel. The bridge copies each multipart message, unchanged, over the broker relay websocket
+to the host agent, and back. It runs on its own event-loop thread so it keeps relaying
+whatever the caller's loop is doing (nbclient, a sync KernelManager, jupyter_server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+from tornado import httpclient, websocket
+
+from .. import wire
+
+log = logging.getLogger("jupyter_gpu_share.bridge")
+
+T = TypeVar("T")
+
+CLOSE_REASONS = {
+    4000: "stopped",
+    4001: "host lost",
+    4002: "credit exhausted",
+    4003: "kernel exited",
+    4004: "start failed",
+}
+MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+
+
+class BridgeLoop:
+    """One daemon thread running an asyncio loop for all bridges of this process."""
+
+    _instance: BridgeLoop | None = None
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.context = zmq.asyncio.Context()
+        self.thread = threading.Thread(target=self._run, name="gpu-share-bridge", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    @classmethod
+    def get(cls) -> BridgeLoop:
+        """Return the process's bridge loop, starting it on first use."""
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def submit(self, coroutine: Awaitable[T]) -> Future[T]:
+        """Run a coroutine on the bridge loop from any thread."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)  # type: ignore[arg-type]
+
+    async def run(self, coroutine: Awaitable[T]) -> T:
+        """Await a coroutine on the bridge loop from another event loop."""
+        return await asyncio.wrap_future(self.submit(coroutine))
+
+
+class KernelBridge:
+    """Local kernel ports for one kernel, relayed to whichever remote session is attached."""
+
+    def __init__(self, loop: BridgeLoop, ip: str = "127.0.0.1"):
+        self.loop = loop
+        self.ip = ip
+        self.ports: dict[str, int] = {}
+        self.sockets: dict[int, zmq.asyncio.Socket] = {}
+        self.hb: zmq.asyncio.Socket | None = None
+        self.ws: websocket.WebSocketClientConnection | None = None
+        self.session_id: str | None = None
+        self.ready = asyncio.Event()
+        self.ended = asyncio.Event()
+        self.end_reason: str | None = None
+        self.exit_code: int | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._relay_task: asyncio.Task[Any] | None = None
+        self.on_status: Callable[[str], None] | None = None
+
+    # -- runs on the bridge loop ------------------------------------------------------------
+
+    async def bind(self) -> dict[str, int]:
+        """Bind the five kernel ports on loopback and start the local pumps."""
+        context = self.loop.context
+        kinds = {"shell": zmq.ROUTER, "iopub": zmq.PUB, "stdin": zmq.ROUTER, "control": zmq.ROUTER}
+        for name, kind in kinds.items():
+            sock = context.socket(kind)
+            sock.linger = 0
+            if kind == zmq.ROUTER:
+                sock.router_handover = 1
+            self.ports[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{self.ip}")
+            self.sockets[wire.CHANNELS[name]] = sock
+        # A ROUTER, not a REP, so a dead kernel's pings can go unanswered without wedging the socket.
+        self.hb = context.socket(zmq.ROUTER)
+        self.hb.linger = 0
+        self.ports["hb_port"] = self.hb.bind_to_random_port(f"tcp://{self.ip}")
+        for channel in (wire.SHELL, wire.CONTROL, wire.STDIN):
+            self._tasks.append(asyncio.ensure_future(self._pump_to_relay(channel)))
+        self._tasks.append(asyncio.ensure_future(self._answer_heartbeats()))
+        return dict(self.ports)
+
+    async def _pump_to_relay(self, channel: int) -> None:
+        sock = self.sockets[channel]
+        while True:
+            frames = await sock.recv_multipart(copy=True)
+            ws = self.ws
+            if ws is None or self.ended.is_set():
+                continue  # no kernel attached: the message has nowhere to go
+            try:
+                await ws.write_message(wire.encode(channel, frames), binary=True)
+            except websocket.WebSocketClosedError:
+                continue
+
+    async def _answer_heartbeats(self) -> None:
+        assert self.hb is not None
+        while True:
+            ping = await self.hb.recv_multipart()
+            # Answer only while a live remote kernel is attached, so clients see a dead kernel.
+            if self.ws is not None and not self.ended.is_set():
+                await self.hb.send_multipart(ping)
+
+    async def attach(self, url: str, token: str, session_id: str, key: bytes, scheme: str) -> None:
+        """Connect to a session's relay and hand the host the kernel's HMAC key."""
+        self.session_id = session_id
+        self.ready.clear()
+        self.ended.clear()
+        self.end_reason = None
+        self.exit_code = None
+        request = httpclient.HTTPRequest(
+            url,
+            headers={"Authorization": f"Bearer {token}"},
+            connect_timeout=20,
+            request_timeout=60,
+        )
+        self.ws = await websocket.websocket_connect(request, max_message_size=MAX_MESSAGE_SIZE)
+        self.ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
+        await self.ws.write_message(
+            json.dumps({"type": "hello", "key": key.decode(), "signature_scheme": scheme})
+        )
+        self._relay_task = asyncio.ensure_future(self._pump_from_relay(self.ws))
+
+    async def _pump_from_relay(self, ws: websocket.WebSocketClientConnection) -> None:
+        while True:
+            message = await ws.read_message()
+            if message is None:
+                break
+            if isinstance(message, bytes):
+                try:
+                    channel, frames = wire.decode(message)
+                except wire.FrameError as error:
+                    log.warning("dropping a malformed relay message: %s", error)
+                    continue
+                await self.sockets[channel].send_multipart(frames, copy=False)
+            else:
+                self._on_control(json.loads(message))
+        if ws is self.ws:
+            code = ws.close_code
+            reason = ws.close_reason or CLOSE_REASONS.get(code or 0, "relay closed")
+            self._mark_ended(reason, 0 if code in (4000, 4003) else 1)
+
+    def _on_control(self, record: dict[str, Any]) -> None:
+        kind = record.get("type")
+        if kind == "kernel_ready":
+            self.ready.set()
+        elif kind == "kernel_ended":
+            self._mark_ended(
+                str(record.get("reason", "kernel exited")), int(record.get("exit_code") or 0)
+            )
+        elif kind == "status" and self.on_status is not None:
+            self.on_status(str(record.get("message", "")))
+
+    def _mark_ended(self, reason: str, exit_code: int) -> None:
+        if not self.ended.is_set():
+            self.end_reason = reason
+            self.exit_code = exit_code
+            self.ended.set()
+
+    async def mark_stopped(self) -> None:
+        """Record that the session was stopped on purpose."""
+        self._mark_ended("stopped", 0)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until the host reports the kernel ready, or raise with the reason it ended."""
+        ready = asyncio.ensure_future(self.ready.wait())
+        ended = asyncio.ensure_future(self.ended.wait())
+        done, pending = await asyncio.wait(
+            {ready, ended}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in pending:
+            task.cancel()
+        if ready in done and not self.ended.is_set():
+            return
+        if self.ended.is_set():
+            raise RuntimeError(f"the remote kernel did not start: {self.end_reason}")
+        raise TimeoutError(f"the remote kernel was not ready within {timeout:.0f} s")
+
+    async def send_control(self, record: dict[str, Any]) -> None:
+        """Send a small JSON record (a signal) to the host over the relay."""
+        if self.ws is not None and not self.ended.is_set():
+            with contextlib.suppress(websocket.WebSocketClosedError):
+                await self.ws.write_message(json.dumps(record))
+
+    async def detach(self) -> None:
+        """Drop the remote session but keep the local ports (a restart attaches a new one)."""
+        ws, self.ws = self.ws, None
+        if ws is not None:
+            ws.close()
+        if self._relay_task is not None:
+            self._relay_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._relay_task
+            self._relay_task = None
+        self._mark_ended(self.end_reason or "detached", self.exit_code or 0)
+
+    async def close(self) -> None:
+        """Detach and close the local ports."""
+        await self.detach()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        for sock in [*self.sockets.values(), self.hb]:
+            if sock is not None:
+                sock.close(linger=0)
+        self.sockets.clear()

@@ -1,0 +1,219 @@
+"""The ``gpu-share-provisioner``: a jupyter_client kernel provisioner for remote GPU kernels.
+
+Lifecycle (jupyter_client calls these in order): ``pre_launch`` binds the local bridge ports;
+``launch_kernel`` asks the broker for a session, attaches the bridge to its relay and waits
+for the host's ready report; ``poll``/``wait`` follow the remote kernel; ``send_signal``
+forwards interrupts; ``kill``/``terminate`` stop the session (and its bill); ``cleanup``
+detaches, keeping the ports across a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Float, Int, Unicode, default
+
+from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, websocket_url
+from .bridge import BridgeLoop, KernelBridge
+
+
+class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Start the kernel on a host found by the gpu-share broker and bridge it here."""
+
+    broker_url = Unicode(
+        config=True,
+        help=f"Broker URL, e.g. https://gpus.example.org. Environment: {BROKER_URL_ENV}.",
+    )
+
+    @default("broker_url")
+    def _broker_url_default(self) -> str:
+        return os.environ.get(BROKER_URL_ENV, "")
+
+    token = Unicode(config=True, help=f"The renter's broker token. Environment: {TOKEN_ENV}.")
+
+    @default("token")
+    def _token_default(self) -> str:
+        return os.environ.get(TOKEN_ENV, "")
+
+    gpu_model = Unicode(
+        "",
+        config=True,
+        help="Only rent this GPU model (e.g. 'NVIDIA A100-SXM4-80GB'); empty for any.",
+    )
+    offer_id = Int(
+        -1,
+        config=True,
+        help="Rent exactly this offer (its id in the marketplace); -1 for the best match.",
+    )
+    max_price_per_hour_micro = Int(
+        -1,
+        config=True,
+        help="Never rent above this price per hour, in micro-credits; -1 for no cap.",
+    )
+    start_timeout = Float(
+        180.0, config=True, help="Seconds to wait for a remote kernel to become ready."
+    )
+
+    session: dict[str, Any] | None = None
+    bridge: KernelBridge | None = None
+
+    @property
+    def has_process(self) -> bool:
+        return self.session is not None
+
+    def _loop(self) -> BridgeLoop:
+        return BridgeLoop.get()
+
+    async def _broker(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        return await self._loop().run(
+            broker_request(self.broker_url, self.token, method, path, body)
+        )
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Check the configuration and bind the local ports the kernel manager will connect to."""
+        if not self.broker_url or not self.token:
+            raise RuntimeError(
+                f"the gpu-share kernel needs a broker: set {BROKER_URL_ENV} and {TOKEN_ENV} "
+                "(or c.GPUShareProvisioner.broker_url and .token)"
+            )
+        km = self.parent
+        if self.bridge is None:
+            self.bridge = KernelBridge(self._loop())
+            ports = await self._loop().run(self.bridge.bind())
+            km.transport = "tcp"
+            km.ip = self.bridge.ip
+            for name, port in ports.items():
+                setattr(km, name, port)
+        km.write_connection_file()
+        kwargs = await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
+        return kwargs
+
+    def _session_request(self) -> dict[str, Any]:
+        request: dict[str, Any] = {}
+        if self.offer_id >= 0:
+            request["offer_id"] = self.offer_id
+        if self.gpu_model:
+            request["gpu_model"] = self.gpu_model
+        if self.max_price_per_hour_micro >= 0:
+            request["max_price_per_hour_micro"] = self.max_price_per_hour_micro
+        return request
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Rent a session, attach the bridge to its relay, and wait for the kernel."""
+        assert self.bridge is not None
+        km = self.parent
+        self.log.info("gpu-share: finding a host for kernel %s", self.kernel_id)
+        try:
+            session = await self._broker("POST", "/sessions", self._session_request())
+        except BrokerError as error:
+            raise RuntimeError(
+                f"gpu-share: cannot start a remote kernel: {error.message}"
+            ) from None
+        self.session = session
+        self.log.info(
+            "gpu-share: starting kernel %s on host %s (session %s, %s micro-credits/h)",
+            self.kernel_id,
+            session["host_id"],
+            session["id"],
+            session["price_per_hour_micro"],
+        )
+        url = websocket_url(self.broker_url, session["relay_path"])
+        bridge = self.bridge
+        try:
+            await self._loop().run(
+                bridge.attach(
+                    url, self.token, session["id"], km.session.key, km.session.signature_scheme
+                )
+            )
+            await self._loop().run(bridge.wait_ready(self.start_timeout))
+        except (OSError, RuntimeError, TimeoutError) as error:
+            await self._stop_session()
+            self.session = None
+            raise RuntimeError(
+                f"gpu-share: the kernel on {session['host_id']} did not start: {error}"
+            ) from None
+        self.log.info("gpu-share: kernel %s ready on host %s", self.kernel_id, session["host_id"])
+        self.connection_info = km.get_connection_info()
+        return self.connection_info
+
+    async def poll(self) -> int | None:
+        """None while the remote kernel lives, else its exit code."""
+        if self.bridge is None or self.session is None:
+            return 0
+        if self.bridge.ended.is_set():
+            return self.bridge.exit_code if self.bridge.exit_code is not None else 1
+        return None
+
+    async def wait(self) -> int | None:
+        """Wait for the remote kernel to end."""
+        while (status := await self.poll()) is None:
+            await asyncio.sleep(0.1)
+        if self.bridge is not None and self.bridge.end_reason not in (
+            None,
+            "stopped",
+            "kernel exited",
+            "detached",
+        ):
+            self.log.error("gpu-share: kernel %s ended: %s", self.kernel_id, self.bridge.end_reason)
+        return status
+
+    async def send_signal(self, signum: int) -> None:
+        """Forward a signal (an interrupt) to the remote kernel."""
+        if signum == 0 or self.bridge is None:
+            return
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            await self._stop_session()
+            return
+        await self._loop().run(self.bridge.send_control({"type": "signal", "signum": int(signum)}))
+
+    async def kill(self, restart: bool = False) -> None:
+        """Stop the remote session now; billing ends with it."""
+        await self._stop_session()
+
+    async def terminate(self, restart: bool = False) -> None:
+        """Stop the remote session."""
+        await self._stop_session()
+
+    async def _stop_session(self) -> None:
+        if self.session is None:
+            return
+        try:
+            await self._broker("DELETE", f"/sessions/{self.session['id']}")
+        except BrokerError as error:
+            self.log.warning(
+                "gpu-share: stopping session %s: %s", self.session["id"], error.message
+            )
+        if self.bridge is not None:
+            await self._loop().run(self.bridge.mark_stopped())
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """Drop the remote session; keep the local ports across a restart."""
+        if self.bridge is None:
+            return
+        await self._stop_session()
+        if restart:
+            await self._loop().run(self.bridge.detach())
+        else:
+            await self._loop().run(self.bridge.close())
+            self.bridge = None
+        self.session = None
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        """A remote kernel needs a little longer than a local one to report its exit."""
+        return max(recommended, 5.0)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        """Persist the session id alongside the base information."""
+        info = await super().get_provisioner_info()
+        info["session"] = self.session
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        """Restore the session id."""
+        await super().load_provisioner_info(provisioner_info)
+        self.session = provisioner_info.get("session")

@@ -1,0 +1,145 @@
+"""Declarative models of the broker's database.
+
+The schema is created and changed only by the Alembic migrations in ``migrations/``;
+a test compares these models with the migrated database.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ROLES = ("user", "host", "teacher", "admin", "system")
+SESSION_STATES = ("starting", "running", "ended")
+TRANSACTION_KINDS = ("credit", "settlement")
+VERSION_TABLE = "gpu_share_alembic_version"
+"""Alembic's version table, named so the store can share a database with other apps."""
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY, so big keys are INTEGER there.
+BigIntegerKey = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def _in_list(column: str, values: tuple[str, ...]) -> str:
+    quoted = ", ".join(f"'{value}'" for value in values)
+    return f"{column} IN ({quoted})"
+
+
+class Base(DeclarativeBase):
+    """Base of every model; constraint names follow ``NAMING_CONVENTION``."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Account(Base):
+    """A person, host, class or system account; ``balance_micro`` caches its entries' sum."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (CheckConstraint(_in_list("role", ROLES), name="role"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    balance_micro: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
+class Token(Base):
+    """An API token, stored as its first characters and its SHA-256 digest."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="CASCADE"), index=True
+    )
+    prefix: Mapped[str] = mapped_column(String(8), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    last_used_us: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Offer(Base):
+    """GPUs a host offers at a price; ids stay stable across the host's reconnects."""
+
+    __tablename__ = "offers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    gpu_model: Mapped[str] = mapped_column(String(128))
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    gpu_memory_mib: Mapped[int] = mapped_column(BigInteger)
+    gpu_indices: Mapped[str] = mapped_column(Text)
+    price_per_second_micro: Mapped[int] = mapped_column(BigInteger)
+    active: Mapped[bool] = mapped_column(Boolean, index=True)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class Session(Base):
+    """A rented kernel: who pays whom at what rate, and when it ran."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (
+        CheckConstraint(_in_list("state", SESSION_STATES), name="state"),
+        Index("ix_sessions_renter_account_id_created_us", "renter_account_id", "created_us"),
+        Index("ix_sessions_host_account_id_created_us", "host_account_id", "created_us"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    renter_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    payer_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    host_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    offer_id: Mapped[int] = mapped_column(ForeignKey("offers.id"), index=True)
+    price_per_second_micro: Mapped[int] = mapped_column(BigInteger)
+    gpu_indices: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    ready_us: Mapped[int | None] = mapped_column(BigInteger)
+    last_seen_us: Mapped[int | None] = mapped_column(BigInteger)
+    ended_us: Mapped[int | None] = mapped_column(BigInteger)
+    end_reason: Mapped[str | None] = mapped_column(String(255))
+    billed_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    amount_micro: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class Transaction(Base):
+    """A balanced group of entries; at most one settlement per session."""
+
+    __tablename__ = "transactions"
+    __table_args__ = (CheckConstraint(_in_list("kind", TRANSACTION_KINDS), name="kind"),)
+
+    id: Mapped[int] = mapped_column(BigIntegerKey, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    session_id: Mapped[str | None] = mapped_column(ForeignKey("sessions.id"), unique=True)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    memo: Mapped[str] = mapped_column(Text, default="", server_default="")
+
+
+class LedgerEntry(Base):
+    """One signed amount on one account within a transaction."""
+
+    __tablename__ = "entries"
+
+    id: Mapped[int] = mapped_column(BigIntegerKey, primary_key=True)
+    transaction_id: Mapped[int] = mapped_column(
+        BigIntegerKey, ForeignKey("transactions.id"), index=True
+    )
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    amount_micro: Mapped[int] = mapped_column(BigInteger)

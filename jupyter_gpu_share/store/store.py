@@ -1,0 +1,884 @@
+"""The broker's store: accounts, tokens, offers, sessions and the double-entry ledger.
+
+Every method is one database transaction and returns frozen records, never ORM objects.
+Writers on SQLite begin ``IMMEDIATE`` (see ``engine.py``); on PostgreSQL a session being
+settled is locked ``FOR UPDATE`` and account balances are updated in account-id order, so
+several broker replicas can share one database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    func,
+    insert,
+    inspect,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.exc import IntegrityError
+
+from jupyter_gpu_share import clock
+from jupyter_gpu_share.ledger import Entry, billed_seconds, can_start, credit_entries
+from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entries
+
+from . import models
+from .engine import make_engines
+from .records import (
+    ENDED,
+    RUNNING,
+    STARTING,
+    Account,
+    Conflict,
+    InsufficientFunds,
+    NotFound,
+    Offer,
+    OfferSpec,
+    SessionRecord,
+    StoreError,
+    decode_gpu_indices,
+    encode_gpu_indices,
+)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+FEE_ACCOUNT = "platform-fee"
+MINT_ACCOUNT = "mint"
+SYSTEM_ACCOUNTS = (FEE_ACCOUNT, MINT_ACCOUNT)
+OUT_OF_DATE = "database schema is out of date; run: jupyter gpu-share broker --upgrade-db"
+
+TOKEN_PREFIX_LENGTH = 8
+MAX_TOKEN_LENGTH = 512
+LAST_USED_RESOLUTION_US = 60_000_000
+MAX_END_REASON_LENGTH = 255
+MAX_MEMO_LENGTH = 1000
+# Any fixed number: the PostgreSQL advisory lock that serialises concurrent migrations.
+MIGRATION_LOCK_KEY = 0x6770755F7368
+
+_ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+accounts = models.Account.__table__
+tokens = models.Token.__table__
+offers = models.Offer.__table__
+sessions = models.Session.__table__
+transactions = models.Transaction.__table__
+entries = models.LedgerEntry.__table__
+
+_renter = accounts.alias("renter")
+_payer = accounts.alias("payer")
+_host = accounts.alias("host")
+
+_SELECT_SESSION = (
+    select(
+        sessions,
+        _renter.c.name.label("renter_name"),
+        _payer.c.name.label("payer_name"),
+        _host.c.name.label("host_name"),
+    )
+    .join_from(sessions, _renter, sessions.c.renter_account_id == _renter.c.id)
+    .join(_payer, sessions.c.payer_account_id == _payer.c.id)
+    .join(_host, sessions.c.host_account_id == _host.c.id)
+)
+_SELECT_SESSION_BY_ID = _SELECT_SESSION.where(sessions.c.id == bindparam("session_id"))
+_SELECT_SESSION_FOR_SETTLEMENT = _SELECT_SESSION_BY_ID.with_for_update(of=sessions)
+# Sorted, so concurrent settlers lock session rows in the same order.
+_SELECT_SESSIONS_FOR_SETTLEMENT = (
+    _SELECT_SESSION.where(sessions.c.id.in_(bindparam("session_ids", expanding=True)))
+    .order_by(sessions.c.id)
+    .with_for_update(of=sessions)
+)
+
+_SELECT_OFFER = select(offers, accounts.c.name.label("host_name")).join_from(
+    offers, accounts, offers.c.host_account_id == accounts.c.id
+)
+
+_AUTHENTICATE = (
+    select(
+        tokens.c.id.label("token_id"),
+        tokens.c.sha256,
+        tokens.c.last_used_us,
+        accounts.c.id,
+        accounts.c.name,
+        accounts.c.role,
+        accounts.c.created_us,
+        accounts.c.balance_micro,
+    )
+    .join_from(tokens, accounts, tokens.c.account_id == accounts.c.id)
+    .where(tokens.c.prefix == bindparam("prefix"))
+)
+_TOUCH_TOKEN = (
+    update(tokens)
+    .where(
+        tokens.c.id == bindparam("token_id"),
+        or_(tokens.c.last_used_us.is_(None), tokens.c.last_used_us < bindparam("stale_before")),
+    )
+    .values(last_used_us=bindparam("used_us"))
+)
+
+_END_SESSION = (
+    update(sessions)
+    .where(sessions.c.id == bindparam("session_id"), sessions.c.state != ENDED)
+    .values(
+        state=ENDED,
+        ended_us=bindparam("ended_us"),
+        end_reason=bindparam("end_reason"),
+        billed_seconds=bindparam("billed"),
+        amount_micro=bindparam("amount"),
+    )
+)
+_INSERT_SETTLEMENT = insert(transactions).values(
+    kind="settlement",
+    session_id=bindparam("session_id"),
+    created_us=bindparam("created_us"),
+    memo=bindparam("memo"),
+)
+_INSERT_SETTLEMENTS = _INSERT_SETTLEMENT.returning(transactions.c.id, transactions.c.session_id)
+_INSERT_ENTRIES = insert(entries)
+_ADD_TO_BALANCE = (
+    update(accounts)
+    .where(accounts.c.id == bindparam("target_id"))
+    .values(balance_micro=accounts.c.balance_micro + bindparam("delta"))
+)
+_CHECKPOINT = (
+    update(sessions)
+    .where(
+        sessions.c.id == bindparam("session_id"),
+        sessions.c.state != ENDED,
+        or_(sessions.c.last_seen_us.is_(None), sessions.c.last_seen_us < bindparam("seen_us")),
+    )
+    .values(last_seen_us=bindparam("seen_us"))
+)
+
+
+def migrations_config(url: str) -> Config:
+    """Return an Alembic configuration for the store's migrations, without alembic.ini."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def token_digest(token: str) -> str:
+    """Return the SHA-256 hex digest stored for a token."""
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def _account(row: Any) -> Account:
+    return Account(
+        id=row.id,
+        name=row.name,
+        role=row.role,
+        created_us=row.created_us,
+        balance_micro=row.balance_micro,
+    )
+
+
+def _offer(row: Any) -> Offer:
+    return Offer(
+        id=row.id,
+        host=row.host_name,
+        gpu_model=row.gpu_model,
+        gpu_count=row.gpu_count,
+        gpu_memory_mib=row.gpu_memory_mib,
+        gpu_indices=decode_gpu_indices(row.gpu_indices),
+        price_per_second_micro=row.price_per_second_micro,
+        active=bool(row.active),
+        updated_us=row.updated_us,
+    )
+
+
+def _session(row: Any) -> SessionRecord:
+    return SessionRecord(
+        id=row.id,
+        renter=row.renter_name,
+        payer=row.payer_name,
+        host=row.host_name,
+        offer_id=row.offer_id,
+        price_per_second_micro=row.price_per_second_micro,
+        gpu_indices=decode_gpu_indices(row.gpu_indices),
+        state=row.state,
+        created_us=row.created_us,
+        ready_us=row.ready_us,
+        last_seen_us=row.last_seen_us,
+        ended_us=row.ended_us,
+        end_reason=row.end_reason,
+        billed_seconds=row.billed_seconds,
+        amount_micro=row.amount_micro,
+    )
+
+
+def _check_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+
+
+class Store:
+    """Durable state of the broker on SQLite or PostgreSQL."""
+
+    def __init__(self, url: str, *, upgrade: bool = False, echo: bool = False) -> None:
+        """Open the database at ``url``; migrate it when fresh, or when ``upgrade`` is set."""
+        self.url = url
+        self._writer, self._reader = make_engines(url, echo=echo)
+        # Accounts are never renamed or deleted, so name -> id can be cached for good.
+        self._account_ids: dict[str, int] = {}
+        try:
+            self._prepare_schema(upgrade)
+            for name in SYSTEM_ACCOUNTS:
+                self.ensure_account(name, "system")
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Store:
+        """Return the store itself."""
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        """Close the store."""
+        self.close()
+
+    def close(self) -> None:
+        """Close every pooled connection."""
+        self._writer.dispose()
+        self._reader.dispose()
+
+    @property
+    def dialect(self) -> str:
+        """Return the database's dialect name, ``sqlite`` or ``postgresql``."""
+        return self._writer.dialect.name
+
+    # -- schema -----------------------------------------------------------------------
+
+    def _prepare_schema(self, upgrade: bool) -> None:
+        config = migrations_config(self.url)
+        heads = set(ScriptDirectory.from_config(config).get_heads())
+        with self._writer.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                connection.execute(
+                    text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                )
+            context = MigrationContext.configure(
+                connection, opts={"version_table": models.VERSION_TABLE}
+            )
+            current = set(context.get_current_heads())
+            if current == heads:
+                return
+            known = {
+                revision.revision
+                for revision in ScriptDirectory.from_config(config).walk_revisions()
+            }
+            if current - known:
+                raise StoreError(
+                    f"database schema revision {', '.join(sorted(current - known))} is newer "
+                    "than this version of jupyter-gpu-share knows; upgrade jupyter-gpu-share"
+                )
+            existing_tables = set(inspect(connection).get_table_names())
+            fresh = not current and not existing_tables & set(models.Base.metadata.tables)
+            if not (upgrade or fresh):
+                raise StoreError(OUT_OF_DATE)
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+
+    # -- accounts ---------------------------------------------------------------------
+
+    def ensure_account(self, name: str, role: str) -> Account:
+        """Create an account if it is missing and return it."""
+        if not isinstance(name, str) or not _ACCOUNT_NAME.fullmatch(name):
+            raise ValueError(
+                f"account name must be 1-64 characters of letters, digits and _.@-: {name!r}"
+            )
+        if role not in models.ROLES:
+            raise ValueError(f"role must be one of {', '.join(models.ROLES)}: {role!r}")
+        try:
+            with self._writer.begin() as connection:
+                row = connection.execute(select(accounts).where(accounts.c.name == name)).first()
+                if row is None:
+                    connection.execute(
+                        insert(accounts).values(
+                            name=name, role=role, created_us=clock.now_us(), balance_micro=0
+                        )
+                    )
+                    row = connection.execute(select(accounts).where(accounts.c.name == name)).one()
+        except IntegrityError:
+            # Another process created it first.
+            with self._reader.connect() as connection:
+                row = connection.execute(select(accounts).where(accounts.c.name == name)).one()
+        if row.role != role:
+            raise Conflict(f"account {name!r} exists with role {row.role!r}, not {role!r}")
+        self._account_ids[name] = row.id
+        return _account(row)
+
+    def get_account(self, name: str) -> Account | None:
+        """Return the named account, or None."""
+        with self._reader.connect() as connection:
+            row = connection.execute(select(accounts).where(accounts.c.name == name)).first()
+        return None if row is None else _account(row)
+
+    def get_account_by_id(self, account_id: int) -> Account:
+        """Return the account with this id."""
+        with self._reader.connect() as connection:
+            row = connection.execute(select(accounts).where(accounts.c.id == account_id)).first()
+        if row is None:
+            raise NotFound(f"no account with id {account_id}")
+        return _account(row)
+
+    def balance(self, account_name: str) -> int:
+        """Return an account's balance in micro-credits."""
+        with self._reader.connect() as connection:
+            balance = connection.execute(
+                select(accounts.c.balance_micro).where(accounts.c.name == account_name)
+            ).scalar()
+        if balance is None:
+            raise NotFound(f"no account named {account_name!r}")
+        return balance
+
+    def _account_id(self, connection: Connection, name: str) -> int:
+        account_id = self._account_ids.get(name)
+        if account_id is None:
+            account_id = connection.execute(
+                select(accounts.c.id).where(accounts.c.name == name)
+            ).scalar()
+            if account_id is None:
+                raise NotFound(f"no account named {name!r}")
+            self._account_ids[name] = account_id
+        return account_id
+
+    # -- tokens -----------------------------------------------------------------------
+
+    def issue_token(self, account_name: str) -> str:
+        """Make a new token for an account and return it; only its digest is kept."""
+        token = secrets.token_urlsafe(32)
+        with self._writer.begin() as connection:
+            account_id = self._account_id(connection, account_name)
+            connection.execute(
+                insert(tokens).values(
+                    account_id=account_id,
+                    prefix=token[:TOKEN_PREFIX_LENGTH],
+                    sha256=token_digest(token),
+                    created_us=clock.now_us(),
+                )
+            )
+        return token
+
+    def authenticate(self, token: str) -> Account | None:
+        """Return the account a token belongs to, or None for an unknown token."""
+        if not isinstance(token, str) or not (TOKEN_PREFIX_LENGTH < len(token) <= MAX_TOKEN_LENGTH):
+            return None
+        digest = token_digest(token)
+        with self._reader.connect() as connection:
+            rows = connection.execute(_AUTHENTICATE, {"prefix": token[:TOKEN_PREFIX_LENGTH]}).all()
+        match = None
+        for row in rows:
+            # Compare every candidate, in constant time, so timing tells nothing.
+            if hmac.compare_digest(row.sha256, digest):
+                match = row
+        if match is None:
+            return None
+        used_us = clock.now_us()
+        stale_before = used_us - LAST_USED_RESOLUTION_US
+        if match.last_used_us is None or match.last_used_us < stale_before:
+            with self._writer.begin() as connection:
+                connection.execute(
+                    _TOUCH_TOKEN,
+                    {"token_id": match.token_id, "used_us": used_us, "stale_before": stale_before},
+                )
+        return _account(match)
+
+    # -- credit -----------------------------------------------------------------------
+
+    def credit(self, account_name: str, amount_micro: int, memo: str = "") -> Account:
+        """Add credit to an account, paid from the mint, and return the account."""
+        _check_int("amount_micro", amount_micro)
+        if amount_micro <= 0:
+            raise ValueError(f"amount to credit must be greater than zero: {amount_micro}")
+        if len(memo) > MAX_MEMO_LENGTH:
+            raise ValueError(f"memo is longer than {MAX_MEMO_LENGTH} characters")
+        with self._writer.begin() as connection:
+            account_ids = {
+                MINT_ACCOUNT: self._account_id(connection, MINT_ACCOUNT),
+                account_name: self._account_id(connection, account_name),
+            }
+            transaction_id = connection.execute(
+                insert(transactions).values(kind="credit", created_us=clock.now_us(), memo=memo)
+            ).inserted_primary_key[0]
+            self._post(
+                connection,
+                [
+                    (
+                        transaction_id,
+                        credit_entries(MINT_ACCOUNT, account_name, amount_micro),
+                        account_ids,
+                    )
+                ],
+            )
+            row = connection.execute(
+                select(accounts).where(accounts.c.id == account_ids[account_name])
+            ).one()
+        return _account(row)
+
+    def _post(
+        self,
+        connection: Connection,
+        postings: list[tuple[int, list[Entry], Mapping[str, int]]],
+    ) -> None:
+        """Insert transactions' entries and add them to the cached balances."""
+        entry_rows = []
+        deltas: dict[int, int] = {}
+        for transaction_id, lines, account_ids in postings:
+            for line in lines:
+                account_id = account_ids[line.account]
+                entry_rows.append(
+                    {
+                        "transaction_id": transaction_id,
+                        "account_id": account_id,
+                        "amount_micro": line.amount_micro,
+                    }
+                )
+                deltas[account_id] = deltas.get(account_id, 0) + line.amount_micro
+        connection.execute(_INSERT_ENTRIES, entry_rows)
+        # Account-id order, so concurrent transactions lock rows in the same order.
+        connection.execute(
+            _ADD_TO_BALANCE,
+            [
+                {"target_id": account_id, "delta": deltas[account_id]}
+                for account_id in sorted(deltas)
+            ],
+        )
+
+    # -- offers -----------------------------------------------------------------------
+
+    def replace_offers(self, host_name: str, offers_wanted: Iterable[OfferSpec]) -> list[Offer]:
+        """Make these the host's only active offers, keeping ids of offers seen before."""
+        specs = list(offers_wanted)
+        keys = []
+        for spec in specs:
+            if not isinstance(spec, OfferSpec):
+                raise ValueError(f"offers must be OfferSpec records, not {type(spec).__name__}")
+            keys.append(
+                (spec.gpu_model, encode_gpu_indices(spec.gpu_indices), spec.price_per_second_micro)
+            )
+        if len(set(keys)) != len(keys):
+            raise ValueError("the same offer (gpu_model, gpu_indices, price) is listed twice")
+        updated_us = clock.now_us()
+        with self._writer.begin() as connection:
+            host_id = connection.execute(
+                select(accounts.c.id).where(accounts.c.name == host_name).with_for_update()
+            ).scalar()
+            if host_id is None:
+                raise NotFound(f"no account named {host_name!r}")
+            known = {
+                (row.gpu_model, row.gpu_indices, row.price_per_second_micro): row.id
+                for row in connection.execute(
+                    select(
+                        offers.c.id,
+                        offers.c.gpu_model,
+                        offers.c.gpu_indices,
+                        offers.c.price_per_second_micro,
+                    )
+                    .where(offers.c.host_account_id == host_id)
+                    .order_by(offers.c.id.desc())
+                )
+            }
+            connection.execute(
+                update(offers)
+                .where(offers.c.host_account_id == host_id, offers.c.active.is_(True))
+                .values(active=False, updated_us=updated_us)
+            )
+            offer_ids = []
+            for spec, key in zip(specs, keys, strict=True):
+                values = {
+                    "gpu_count": spec.gpu_count,
+                    "gpu_memory_mib": spec.gpu_memory_mib,
+                    "active": True,
+                    "updated_us": updated_us,
+                }
+                offer_id = known.get(key)
+                if offer_id is None:
+                    offer_id = connection.execute(
+                        insert(offers).values(
+                            host_account_id=host_id,
+                            gpu_model=key[0],
+                            gpu_indices=key[1],
+                            price_per_second_micro=key[2],
+                            **values,
+                        )
+                    ).inserted_primary_key[0]
+                else:
+                    connection.execute(
+                        update(offers).where(offers.c.id == offer_id).values(**values)
+                    )
+                offer_ids.append(offer_id)
+        return [
+            Offer(
+                id=offer_id,
+                host=host_name,
+                gpu_model=spec.gpu_model,
+                gpu_count=spec.gpu_count,
+                gpu_memory_mib=spec.gpu_memory_mib,
+                gpu_indices=spec.gpu_indices,
+                price_per_second_micro=spec.price_per_second_micro,
+                active=True,
+                updated_us=updated_us,
+            )
+            for offer_id, spec in zip(offer_ids, specs, strict=True)
+        ]
+
+    def deactivate_offers(self, host_name: str) -> None:
+        """Withdraw every offer of a host (it disconnected)."""
+        with self._writer.begin() as connection:
+            host_id = self._account_id(connection, host_name)
+            connection.execute(
+                update(offers)
+                .where(offers.c.host_account_id == host_id, offers.c.active.is_(True))
+                .values(active=False, updated_us=clock.now_us())
+            )
+
+    def list_offers(self, active_only: bool = True) -> list[Offer]:
+        """Return offers by id, only the active ones unless told otherwise."""
+        query = _SELECT_OFFER.order_by(offers.c.id)
+        if active_only:
+            query = query.where(offers.c.active.is_(True))
+        with self._reader.connect() as connection:
+            return [_offer(row) for row in connection.execute(query)]
+
+    def get_offer(self, offer_id: int) -> Offer:
+        """Return one offer, active or not."""
+        with self._reader.connect() as connection:
+            row = connection.execute(_SELECT_OFFER.where(offers.c.id == offer_id)).first()
+        if row is None:
+            raise NotFound(f"no offer with id {offer_id}")
+        return _offer(row)
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def create_session(
+        self, renter: str, payer: str, offer_id: int, now_us: int, *, minimum_seconds: int = 0
+    ) -> SessionRecord:
+        """Record a new session on an active offer, at the offer's price, as "starting".
+
+        With ``minimum_seconds`` the payer must afford that long (else InsufficientFunds).
+        """
+        with self._writer.begin() as connection:
+            offer = connection.execute(_SELECT_OFFER.where(offers.c.id == offer_id)).first()
+            if offer is None:
+                raise NotFound(f"no offer with id {offer_id}")
+            if not offer.active:
+                raise Conflict(f"offer {offer_id} is no longer available")
+            renter_id = self._account_id(connection, renter)
+            payer_id = self._account_id(connection, payer)
+            if minimum_seconds > 0:
+                balance = connection.execute(
+                    select(accounts.c.balance_micro).where(accounts.c.id == payer_id)
+                ).scalar_one()
+                if not can_start(balance, offer.price_per_second_micro, minimum_seconds):
+                    raise InsufficientFunds(
+                        f"account {payer!r} cannot pay for {minimum_seconds} seconds "
+                        f"of offer {offer_id}"
+                    )
+            record = SessionRecord(
+                id="s-" + secrets.token_hex(8),
+                renter=renter,
+                payer=payer,
+                host=offer.host_name,
+                offer_id=offer.id,
+                price_per_second_micro=offer.price_per_second_micro,
+                gpu_indices=decode_gpu_indices(offer.gpu_indices),
+                state=STARTING,
+                created_us=now_us,
+                ready_us=None,
+                last_seen_us=None,
+                ended_us=None,
+                end_reason=None,
+                billed_seconds=None,
+                amount_micro=None,
+            )
+            connection.execute(
+                insert(sessions).values(
+                    id=record.id,
+                    renter_account_id=renter_id,
+                    payer_account_id=payer_id,
+                    host_account_id=offer.host_account_id,
+                    offer_id=offer.id,
+                    price_per_second_micro=offer.price_per_second_micro,
+                    gpu_indices=offer.gpu_indices,
+                    state=STARTING,
+                    created_us=now_us,
+                )
+            )
+        return record
+
+    def get_session(self, session_id: str) -> SessionRecord:
+        """Return one session."""
+        with self._reader.connect() as connection:
+            row = connection.execute(_SELECT_SESSION_BY_ID, {"session_id": session_id}).first()
+        if row is None:
+            raise NotFound(f"no session with id {session_id!r}")
+        return _session(row)
+
+    def list_sessions(
+        self,
+        renter: str | None = None,
+        host: str | None = None,
+        states: Collection[str] | None = None,
+        limit: int | None = None,
+    ) -> list[SessionRecord]:
+        """Return sessions, newest first, of a renter and/or a host, in some states."""
+        query = _SELECT_SESSION.order_by(sessions.c.created_us.desc(), sessions.c.id.desc())
+        if renter is not None:
+            query = query.where(_renter.c.name == renter)
+        if host is not None:
+            query = query.where(_host.c.name == host)
+        if states is not None:
+            query = query.where(sessions.c.state.in_(list(states)))
+        if limit is not None:
+            query = query.limit(limit)
+        with self._reader.connect() as connection:
+            return [_session(row) for row in connection.execute(query)]
+
+    def mark_ready(self, session_id: str, ready_us: int) -> SessionRecord:
+        """Start billing a "starting" session; a running one is returned unchanged."""
+        _check_int("ready_us", ready_us)
+        with self._writer.begin() as connection:
+            row = connection.execute(
+                _SELECT_SESSION_FOR_SETTLEMENT, {"session_id": session_id}
+            ).first()
+            if row is None:
+                raise NotFound(f"no session with id {session_id!r}")
+            record = _session(row)
+            if record.state == RUNNING:
+                return record
+            if record.state != STARTING:
+                raise Conflict(f"session {session_id!r} has ended and cannot become ready")
+            last_seen_us = max(ready_us, record.last_seen_us or ready_us)
+            connection.execute(
+                update(sessions)
+                .where(sessions.c.id == session_id)
+                .values(state=RUNNING, ready_us=ready_us, last_seen_us=last_seen_us)
+            )
+        return replace(record, state=RUNNING, ready_us=ready_us, last_seen_us=last_seen_us)
+
+    def checkpoint_last_seen(self, pairs: Iterable[tuple[str, int]]) -> None:
+        """Record when each session's host was last heard from (only ever moving forward)."""
+        parameters = [
+            {"session_id": session_id, "seen_us": seen_us} for session_id, seen_us in pairs
+        ]
+        if not parameters:
+            return
+        with self._writer.begin() as connection:
+            connection.execute(_CHECKPOINT, parameters)
+
+    def end_session(
+        self,
+        session_id: str,
+        ended_us: int,
+        end_reason: str,
+        fee_bps: int,
+        fee_account: str = FEE_ACCOUNT,
+    ) -> SessionRecord:
+        """End and settle a session once; an ended session is returned unchanged.
+
+        Bills ceil(ended_us - ready_us) seconds at the session's price, debits the payer,
+        credits the host less ``fee_bps`` and the fee account with the fee, all in one
+        transaction. ``end_reason`` is cut to 255 characters.
+        """
+        return self.end_sessions([(session_id, ended_us, end_reason)], fee_bps, fee_account)[0]
+
+    def end_sessions(
+        self,
+        endings: Iterable[tuple[str, int, str]],
+        fee_bps: int,
+        fee_account: str = FEE_ACCOUNT,
+    ) -> list[SessionRecord]:
+        """End and settle many ``(session_id, ended_us, end_reason)`` in one transaction.
+
+        Works as ``end_session`` on each (the first ending given for a session counts) and
+        returns the records in the order given.
+        """
+        wanted = []
+        for session_id, ended_us, end_reason in endings:
+            _check_int("ended_us", ended_us)
+            wanted.append((session_id, ended_us, str(end_reason)[:MAX_END_REASON_LENGTH]))
+        if not wanted:
+            return []
+        try:
+            with self._writer.begin() as connection:
+                return self._settle(connection, wanted, fee_bps, fee_account)
+        except IntegrityError as exc:
+            # Another broker replica settled some of them first: its settlements stand.
+            if len(wanted) > 1:
+                return [self.end_session(*ending, fee_bps, fee_account) for ending in wanted]
+            stored = self.get_session(wanted[0][0])
+            if stored.state == ENDED:
+                return [stored]
+            raise StoreError(f"could not settle session {stored.id!r}: {exc.orig}") from exc
+
+    def _settle(
+        self,
+        connection: Connection,
+        wanted: list[tuple[str, int, str]],
+        fee_bps: int,
+        fee_account: str,
+    ) -> list[SessionRecord]:
+        session_ids = list(dict.fromkeys(session_id for session_id, _, _ in wanted))
+        if len(session_ids) == 1:
+            rows = connection.execute(
+                _SELECT_SESSION_FOR_SETTLEMENT, {"session_id": session_ids[0]}
+            ).all()
+        else:
+            rows = connection.execute(
+                _SELECT_SESSIONS_FOR_SETTLEMENT, {"session_ids": session_ids}
+            ).all()
+        rows_by_id = {row.id: row for row in rows}
+        results: dict[str, SessionRecord] = {}
+        session_updates = []
+        postings = []
+        for session_id, ended_us, end_reason in wanted:
+            if session_id in results:
+                continue
+            row = rows_by_id.get(session_id)
+            if row is None:
+                raise NotFound(f"no session with id {session_id!r}")
+            record = _session(row)
+            if record.state == ENDED:
+                results[session_id] = record
+                continue
+            seconds = (
+                billed_seconds(record.ready_us, ended_us) if record.ready_us is not None else 0
+            )
+            amount = seconds * record.price_per_second_micro
+            lines = make_settlement_entries(record.payer, record.host, fee_account, amount, fee_bps)
+            session_updates.append(
+                {
+                    "session_id": session_id,
+                    "ended_us": ended_us,
+                    "end_reason": end_reason,
+                    "billed": seconds,
+                    "amount": amount,
+                }
+            )
+            if lines:
+                account_ids = {
+                    record.payer: row.payer_account_id,
+                    record.host: row.host_account_id,
+                    fee_account: self._account_id(connection, fee_account),
+                }
+                postings.append((session_id, lines, account_ids))
+            results[session_id] = replace(
+                record,
+                state=ENDED,
+                ended_us=ended_us,
+                end_reason=end_reason,
+                billed_seconds=seconds,
+                amount_micro=amount,
+            )
+        if session_updates:
+            connection.execute(_END_SESSION, session_updates)
+        if postings:
+            created_us = clock.now_us()
+            if len(postings) == 1:
+                session_id = postings[0][0]
+                transaction_ids = {
+                    session_id: connection.execute(
+                        _INSERT_SETTLEMENT,
+                        {
+                            "session_id": session_id,
+                            "created_us": created_us,
+                            "memo": f"session {session_id}",
+                        },
+                    ).inserted_primary_key[0]
+                }
+            else:
+                transaction_ids = {
+                    row.session_id: row.id
+                    for row in connection.execute(
+                        _INSERT_SETTLEMENTS,
+                        [
+                            {
+                                "session_id": session_id,
+                                "created_us": created_us,
+                                "memo": f"session {session_id}",
+                            }
+                            for session_id, _, _ in postings
+                        ],
+                    )
+                }
+            self._post(
+                connection,
+                [
+                    (transaction_ids[session_id], lines, account_ids)
+                    for session_id, lines, account_ids in postings
+                ],
+            )
+        return [results[session_id] for session_id, _, _ in wanted]
+
+    # -- checks -----------------------------------------------------------------------
+
+    def entries_sum(self, account_name: str) -> int:
+        """Return the sum of an account's ledger entries."""
+        with self._reader.connect() as connection:
+            account_id = self._account_id(connection, account_name)
+            total = connection.execute(
+                select(func.coalesce(func.sum(entries.c.amount_micro), 0)).where(
+                    entries.c.account_id == account_id
+                )
+            ).scalar_one()
+        return int(total)
+
+    def check_ledger(self) -> None:
+        """Raise StoreError unless every transaction balances and every cached balance is right."""
+        totals = (
+            select(entries.c.account_id, func.sum(entries.c.amount_micro).label("total"))
+            .group_by(entries.c.account_id)
+            .subquery()
+        )
+        with self._reader.connect() as connection:
+            unbalanced = connection.execute(
+                select(entries.c.transaction_id, func.sum(entries.c.amount_micro).label("total"))
+                .group_by(entries.c.transaction_id)
+                .having(func.sum(entries.c.amount_micro) != 0)
+                .limit(10)
+            ).all()
+            wrong_balances = connection.execute(
+                select(accounts.c.name, accounts.c.balance_micro, totals.c.total)
+                .join_from(accounts, totals, accounts.c.id == totals.c.account_id, isouter=True)
+                .where(accounts.c.balance_micro != func.coalesce(totals.c.total, 0))
+                .limit(10)
+            ).all()
+            empty = connection.execute(
+                select(transactions.c.id)
+                .where(
+                    ~select(entries.c.id)
+                    .where(entries.c.transaction_id == transactions.c.id)
+                    .exists()
+                )
+                .limit(10)
+            ).all()
+        problems = [
+            f"transaction {row.transaction_id} sums to {row.total}, not 0" for row in unbalanced
+        ]
+        problems += [
+            f"account {row.name!r} caches balance {row.balance_micro} "
+            f"but its entries sum to {row.total or 0}"
+            for row in wrong_balances
+        ]
+        problems += [f"transaction {row.id} has no entries" for row in empty]
+        if problems:
+            raise StoreError("ledger check failed: " + "; ".join(problems))
+
+
+__all__ = ["FEE_ACCOUNT", "MINT_ACCOUNT", "Store", "migrations_config"]

@@ -1,0 +1,179 @@
+"""A notebook runs on a host's kernel through the broker: nbclient, jupyter_server, interrupt, restart."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+import uuid
+from typing import Any
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from tornado import websocket
+from tornado.httpclient import HTTPRequest
+
+from jupyter_gpu_share.ledger import MICRO
+
+from .harness import eventually
+
+pytestmark = pytest.mark.e2e
+
+HOSTS = ("host-a", "host-b")
+
+
+def notebook(*sources: str) -> nbformat.NotebookNode:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "Python 3 (shared GPU)", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
+    return nb
+
+
+def stream_text(cell: nbformat.NotebookNode) -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
+
+
+def test_nbclient_runs_a_notebook_on_a_host(make_cluster, monkeypatch):
+    cluster = make_cluster()
+    for name in HOSTS:
+        cluster.start_host(name)
+    token = cluster.account("nina", "user", 50 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    nb = notebook(
+        "import os\nprint(os.environ['GPU_SHARE_HOST_ID'], os.environ['GPU_SHARE_SESSION_ID'])",
+        "print(repr(os.environ.get('CUDA_VISIBLE_DEVICES')))",
+        "x = sum(range(1000))\nx",
+        "print('GPU_SHARE_TOKEN' in os.environ)",
+    )
+    NotebookClient(nb, kernel_name="gpu-share", timeout=60, startup_timeout=90).execute()
+
+    host, session_id = stream_text(nb.cells[0]).split()
+    assert host in HOSTS
+    assert stream_text(nb.cells[1]).strip() == "''"  # a CPU host: no GPU is visible
+    assert nb.cells[2].outputs[0]["data"]["text/plain"] == "499500"
+    assert stream_text(nb.cells[3]).strip() == "False"
+
+    session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the session to end")
+    assert session["id"] == session_id
+    assert session["host_id"] == host
+    assert session["billed_seconds"] >= 1
+    assert session["amount_micro"] == session["billed_seconds"] * session["price_per_second_micro"]
+
+
+def _execute_request(code: str, session: str) -> dict[str, Any]:
+    msg_id = uuid.uuid4().hex
+    return {
+        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": session,
+                   "date": "2026-01-01T00:00:00Z", "version": "5.3"},
+        "parent_header": {},
+        "metadata": {},
+        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
+                    "allow_stdin": False, "stop_on_error": True},
+        "channel": "shell",
+        "buffers": [],
+    }
+
+
+class ServerKernel:
+    """A kernel driven through jupyter_server's REST and websocket API, as JupyterLab does."""
+
+    def __init__(self, url: str, token: str):
+        self.url, self.token = url, token
+        self.session = uuid.uuid4().hex
+
+    def rest(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(
+            self.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            payload = response.read()
+        return json.loads(payload) if payload else None
+
+    async def connect(self, kernel_id: str) -> None:
+        ws_url = self.url.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?session_id={self.session}"
+        self.ws = await websocket.websocket_connect(
+            HTTPRequest(ws_url, headers={"Authorization": f"token {self.token}"})
+        )
+
+    async def execute(self, code: str, timeout: float = 60) -> tuple[dict[str, Any], str]:
+        """Run code; return the execute_reply content and the stdout/stderr text."""
+        request = _execute_request(code, self.session)
+        await self.ws.write_message(json.dumps(request))
+        text, reply, idle = "", None, False
+        deadline = time.monotonic() + timeout
+        while reply is None or not idle:
+            assert time.monotonic() < deadline, "no reply in time"
+            raw = await self.ws.read_message()
+            assert raw is not None, "kernel websocket closed"
+            message = json.loads(raw)
+            if message.get("parent_header", {}).get("msg_id") != request["header"]["msg_id"]:
+                continue
+            kind = message["msg_type"]
+            if kind == "stream":
+                text += message["content"]["text"]
+            elif kind == "execute_reply":
+                reply = message["content"]
+            elif kind == "status" and message["content"]["execution_state"] == "idle":
+                idle = True
+        return reply, text
+
+
+def test_jupyter_server_kernel_interrupt_and_restart(make_cluster):
+    asyncio.run(_server_kernel_interrupt_and_restart(make_cluster))
+
+
+async def _server_kernel_interrupt_and_restart(make_cluster):
+    cluster = make_cluster()
+    for name in HOSTS:
+        cluster.start_host(name)
+    token = cluster.account("sam", "user", 50 * MICRO)
+    url, server_token = cluster.start_user_server(token)
+    client = ServerKernel(url, server_token)
+
+    names = client.rest("GET", "/api/kernelspecs")["kernelspecs"]
+    assert names["gpu-share"]["spec"]["display_name"] == "Python 3 (shared GPU)"
+    assert "python3" in names  # local kernels keep working beside it
+
+    kernel = client.rest("POST", "/api/kernels", {"name": "gpu-share"})
+    await client.connect(kernel["id"])
+    reply, text = await client.execute("import os; print(os.environ['GPU_SHARE_HOST_ID']); y = 41 + 1")
+    assert reply["status"] == "ok"
+    first_host = text.strip()
+    assert first_host in HOSTS
+
+    # Interrupt: a 60 s sleep comes back within 2 s of the interrupt.
+    sleeper = _execute_request("import time; time.sleep(60)", client.session)
+    await client.ws.write_message(json.dumps(sleeper))
+    time.sleep(1.0)
+    interrupted_at = time.monotonic()
+    client.rest("POST", f"/api/kernels/{kernel['id']}/interrupt")
+    while True:
+        message = json.loads(await client.ws.read_message())
+        if message["msg_type"] == "execute_reply" and message["parent_header"]["msg_id"] == sleeper["header"]["msg_id"]:
+            break
+    assert message["content"]["status"] == "error"
+    assert message["content"]["ename"] == "KeyboardInterrupt"
+    assert time.monotonic() - interrupted_at < 2.0
+
+    reply, text = await client.execute("print(y)")
+    assert text.strip() == "42"
+
+    # Restart: a fresh kernel (a new session) behind the same kernel id.
+    first_session = cluster.session_of(token, "running")["id"]
+    client.rest("POST", f"/api/kernels/{kernel['id']}/restart")
+    client.ws.close()
+    await client.connect(kernel["id"])
+    reply, text = await client.execute("print('y' in dir())")
+    assert text.strip() == "False"
+    sessions = cluster.client(token).request("GET", "/sessions")
+    assert {s["id"] for s in sessions if s["state"] == "ended"} >= {first_session}
+    assert any(s["state"] == "running" and s["id"] != first_session for s in sessions)
+
+    client.rest("DELETE", f"/api/kernels/{kernel['id']}")
+    eventually(lambda: all(s["state"] == "ended" for s in cluster.client(token).request("GET", "/sessions")),
+               20, what="every session to end after shutdown")
