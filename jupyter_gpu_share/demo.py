@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from .client import BrokerClient, BrokerError
@@ -92,6 +93,15 @@ def wait_until(check, what: str, timeout: float, processes: list[subprocess.Pope
     raise RuntimeError(f"{what}: not ready after {timeout:.0f} s")
 
 
+def lab_answers(port: int, token: str) -> bool:
+    """Whether JupyterLab's server answers its status API."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return response.status == 200
+
+
 def stop_all(processes: list[subprocess.Popen]) -> None:  # type: ignore[type-arg]
     """SIGTERM every process, then SIGKILL what is left after 10 s."""
     for process in reversed(processes):
@@ -107,8 +117,13 @@ def stop_all(processes: list[subprocess.Popen]) -> None:  # type: ignore[type-ar
             process.wait()
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo(argv: list[str]) -> int:
     """Start the demo and block until Ctrl-C."""
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     parser = argparse.ArgumentParser(prog="jupyter gpu-share demo", description=__doc__)
     parser.add_argument("--port", type=int, default=8888, help="JupyterLab's port (default 8888)")
     parser.add_argument(
@@ -140,6 +155,7 @@ def run_demo(argv: list[str]) -> int:
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("GPU_SHARE_")}
     processes: list[subprocess.Popen] = []  # type: ignore[type-arg]
     cli = [sys.executable, "-m", "jupyter_gpu_share.cli"]
+    as_root = ["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []
     try:
         say(f"starting the broker on {broker_url} (SQLite in {workdir})")
         processes.append(
@@ -152,6 +168,7 @@ def run_demo(argv: list[str]) -> int:
                     "--ServerApp.port_retries=0",
                     f"--db=sqlite:///{workdir / 'broker.sqlite'}",
                     f"--ServerApp.root_dir={workdir}",
+                    *as_root,
                 ],
                 env={**base_env, "GPU_SHARE_ADMIN_TOKEN": admin_token},
             )
@@ -175,7 +192,8 @@ def run_demo(argv: list[str]) -> int:
         )
         wait_until(lambda: admin.request("GET", "/offers"), "host agent", 60, processes)
         offer = admin.request("GET", "/offers")[0]
-        say(f"offer online: {offer['gpu_model']} x{offer['gpu_count']} on {offer['host_id']}")
+        kind = offer["gpu_model"] if offer["gpu_count"] == 0 else f"{offer['gpu_count']} x {offer['gpu_model']}"
+        say(f"offer online: {kind} on {offer['host_id']}")
 
         user_env = {**base_env, "GPU_SHARE_BROKER_URL": broker_url, "GPU_SHARE_TOKEN": user_token}
         if args.no_lab:
@@ -194,10 +212,13 @@ def run_demo(argv: list[str]) -> int:
                         "--no-browser",
                         f"--IdentityProvider.token={lab_token}",
                         f"--ServerApp.root_dir={notebooks}",
+                        *as_root,
                     ],
                     env=user_env,
                 )
             )
+            say("starting JupyterLab")
+            wait_until(lambda: lab_answers(args.port, lab_token), "JupyterLab", 120, processes)
             lab_url = (
                 f"http://127.0.0.1:{args.port}/lab/tree/gpu-share-demo.ipynb?token={lab_token}"
             )

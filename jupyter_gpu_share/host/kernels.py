@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ import zmq.asyncio
 from jupyter_client.connect import write_connection_file
 
 from .. import wire
+from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +61,19 @@ def kernel_environment(
     gpu_indices: Sequence[int],
     scratch_dir: str,
     base: dict[str, str] | None = None,
+    gpu_uuids: Sequence[str] = (),
 ) -> dict[str, str]:
-    """Build the kernel's scrubbed environment: nothing of the agent's secrets goes in."""
+    """Build the kernel's scrubbed environment: nothing of the agent's secrets goes in.
+
+    With ``gpu_uuids`` (one per index) CUDA_VISIBLE_DEVICES names the GPUs by UUID, which
+    does not depend on CUDA's device ordering or on which device nodes a sandbox shows.
+    """
     source = os.environ if base is None else base
+    visible = (
+        ",".join(gpu_uuids)
+        if gpu_uuids and len(gpu_uuids) == len(gpu_indices)
+        else ",".join(str(int(i)) for i in gpu_indices)
+    )
     env = {
         "PATH": source.get("PATH", os.defpath),
         "HOME": scratch_dir,
@@ -69,7 +81,7 @@ def kernel_environment(
         "LANG": source.get("LANG", "C.UTF-8"),
         "GPU_SHARE_SESSION_ID": session_id,
         "GPU_SHARE_HOST_ID": host_id,
-        "CUDA_VISIBLE_DEVICES": ",".join(str(int(i)) for i in gpu_indices),
+        "CUDA_VISIBLE_DEVICES": visible,
         # ipykernel exits when this process does, so a crashed agent leaves no orphan kernels.
         "JPY_PARENT_PID": str(os.getpid()),
     }
@@ -91,6 +103,9 @@ class RemoteKernel:
         *,
         signature_scheme: str = "hmac-sha256",
         gpu_indices: Sequence[int] = (),
+        gpu_minors: Sequence[int] | None = None,
+        gpu_uuids: Sequence[str] = (),
+        sandbox: Sandbox | None = None,
         scratch_root: str | None = None,
         python: str = sys.executable,
         ready_timeout: float = 60.0,
@@ -102,6 +117,11 @@ class RemoteKernel:
         self.key = key.encode() if isinstance(key, str) else bytes(key)
         self.signature_scheme = signature_scheme
         self.gpu_indices = [int(i) for i in gpu_indices]
+        # /dev/nvidiaN numbers (NVML minor numbers; the indices when unknown)
+        minors = self.gpu_indices if gpu_minors is None else gpu_minors
+        self.gpu_minors = [int(i) for i in minors]
+        self.gpu_uuids = list(gpu_uuids)
+        self.sandbox = sandbox or Sandbox()
         self.scratch_root = scratch_root or default_scratch_root()
         self.python = python
         self.ready_timeout = ready_timeout
@@ -111,6 +131,7 @@ class RemoteKernel:
         self.log = logger or log
 
         self.process: asyncio.subprocess.Process | None = None
+        self.group: int | None = None  # the process group that holds the kernel
         self.exit_code: int | None = None
         self.scratch_dir: str | None = None
         self.runtime_dir: str | None = None
@@ -129,6 +150,11 @@ class RemoteKernel:
     def pid(self) -> int | None:
         """Return the kernel's process id."""
         return self.process.pid if self.process else None
+
+    @property
+    def sandboxed(self) -> bool:
+        """Tell whether the kernel runs inside a sandbox."""
+        return self.sandbox.kind != "none"
 
     @property
     def alive(self) -> bool:
@@ -152,35 +178,75 @@ class RemoteKernel:
             )
             self._connect_sockets(info)
             env = kernel_environment(
-                self.session_id, self.host_id, self.gpu_indices, self.scratch_dir
+                self.session_id,
+                self.host_id,
+                self.gpu_indices,
+                self.scratch_dir,
+                gpu_uuids=self.gpu_uuids,
+            )
+            plan = self.sandbox.plan(
+                python=self.python,
+                connection_file=self.connection_file,
+                scratch_dir=self.scratch_dir,
+                runtime_dir=self.runtime_dir,
+                env=env,
+                gpu_minors=self.gpu_minors,
             )
             stderr_path = os.path.join(self.runtime_dir, "kernel.log")
-            with open(stderr_path, "wb") as stderr:
-                self.process = await asyncio.create_subprocess_exec(
-                    self.python,
-                    "-m",
-                    "ipykernel_launcher",
-                    "-f",
-                    self.connection_file,
-                    cwd=self.scratch_dir,
-                    env=env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=stderr,
-                    stderr=stderr,
-                    start_new_session=True,
-                )
+            try:
+                with open(stderr_path, "wb") as stderr:
+                    self.process = await asyncio.create_subprocess_exec(
+                        *plan.argv,
+                        cwd=plan.cwd,
+                        env=plan.env,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=stderr,
+                        stderr=stderr,
+                        start_new_session=True,
+                        preexec_fn=plan.preexec,
+                        pass_fds=plan.pass_fds,
+                    )
+            finally:
+                for fd in plan.pass_fds:
+                    os.close(fd)
+            self.group = self.process.pid
+            self._tasks.append(asyncio.ensure_future(self._watch()))
+            if plan.info_fd is not None:
+                self.group = await self._sandbox_child(plan.info_fd)
             self.log.info(
-                "kernel for session %s started (pid %s, gpus [%s])",
+                "kernel for session %s started (pid %s, %s, gpus [%s])",
                 self.session_id,
-                self.process.pid,
+                self.group,
+                f"sandbox {self.sandbox.kind}" if self.sandboxed else "no sandbox",
                 ",".join(map(str, self.gpu_indices)),
             )
-            self._tasks.append(asyncio.ensure_future(self._watch()))
             await self._wait_ready(info)
         except BaseException:
             await self.stop()
             raise
         self.ready = True
+
+    async def _sandbox_child(self, info_fd: int) -> int:
+        """Read bwrap's --info-fd JSON; return the pid (and process group) of its child."""
+
+        def read_all() -> bytes:
+            chunks = []
+            try:
+                while True:
+                    chunk = os.read(info_fd, 4096)
+                    if not chunk:
+                        return b"".join(chunks)
+                    chunks.append(chunk)
+            finally:
+                os.close(info_fd)
+
+        loop = asyncio.get_running_loop()
+        raw = await asyncio.wait_for(loop.run_in_executor(None, read_all), self.ready_timeout)
+        try:
+            return int(json.loads(raw)["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            await asyncio.sleep(0.2)  # let the log catch bwrap's complaint
+            raise KernelStartError(f"the sandbox did not start{self._log_tail()}") from None
 
     def _connect_sockets(self, info: dict[str, Any]) -> None:
         ctx = self._context = zmq.asyncio.Context()
@@ -254,7 +320,9 @@ class RemoteKernel:
 
     async def _watch(self) -> None:
         assert self.process is not None
-        code = await self.process.wait()
+        code: int | None = await self.process.wait()
+        if self.sandboxed and code is not None and 128 < code <= 128 + 64:
+            code = -(code - 128)  # bwrap reports a child killed by signal N as 128 + N
         self.exit_code = code
         self._exited.set()
         if self._stopping or not self.ready:
@@ -289,15 +357,23 @@ class RemoteKernel:
     # -- signals and stop ---------------------------------------------------------------
 
     def signal(self, signum: int) -> None:
-        """Send a signal to the kernel's process group."""
+        """Send a signal to the kernel's process group (inside the sandbox, if any).
+
+        bwrap does not forward signals, so they go to the sandboxed process group itself;
+        SIGKILL also goes to bwrap, whose death takes the whole sandbox down.
+        """
         if not self.alive or self.process is None:
             return
-        try:
-            os.killpg(self.process.pid, signum)
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            self.process.send_signal(signum)
+        groups = [self.group or self.process.pid]
+        if signum == signal.SIGKILL and self.process.pid not in groups:
+            groups.append(self.process.pid)
+        for group in groups:
+            try:
+                os.killpg(group, signum)
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                self.process.send_signal(signum)
 
     def interrupt(self) -> None:
         """Interrupt the running cell (SIGINT)."""
@@ -326,8 +402,9 @@ class RemoteKernel:
             return
         self._cleaned = True
         if self.process is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.process.pid, signal.SIGKILL)  # leftovers the renter spawned
+            for group in {self.process.pid, self.group or self.process.pid}:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(group, signal.SIGKILL)  # leftovers the renter spawned
         current = asyncio.current_task()
         for task in self._tasks:
             if task is not current:

@@ -3,14 +3,26 @@
 It serves the lab extension's REST calls under ``/gpu-share/user/`` by calling the broker with
 the user's token, so the token never reaches the browser, and turns Nagle off on the
 server's kernel websockets (a 40 ms stall per round trip otherwise, local kernels included).
+
+Besides the broker proxy it answers two questions only this server can:
+
+- ``GET /gpu-share/user/kernels/<kernel_id>``: which broker session backs a running kernel
+  (asked of the kernel's provisioner), with the broker's current view of it;
+- ``POST /gpu-share/user/preference``: the offer the next ``gpu-share`` kernel started for a
+  notebook should rent ("Use this GPU" in the marketplace). The provisioner takes it with
+  :func:`take_preference`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from collections import OrderedDict
+from pathlib import Path
 from typing import Any
 
+from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
@@ -77,6 +89,130 @@ class UserProxyHandler(APIHandler):
         await self._forward("DELETE", "/" + path)
 
 
+class KernelPreferences:
+    """The offer each notebook's next ``gpu-share`` kernel should rent, as chosen in the lab."""
+
+    max_entries = 256
+    max_age_s = 600.0
+
+    def __init__(self) -> None:
+        self._by_path: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self.root_dir: Path | None = None
+
+    def set(self, path: str, choice: dict[str, Any]) -> None:
+        """Remember ``choice`` (``offer_id``, ``gpu_model``) for the notebook at ``path``."""
+        self._by_path.pop(path, None)
+        self._by_path[path] = (time.monotonic(), choice)
+        while len(self._by_path) > self.max_entries:
+            self._by_path.popitem(last=False)
+
+    def take(self, path: str | None) -> dict[str, Any] | None:
+        """Pop the choice made for ``path`` (or for any notebook), else the notebook's metadata."""
+        for key in (path or "", ""):
+            entry = self._by_path.pop(key, None)
+            if entry is not None and time.monotonic() - entry[0] <= self.max_age_s:
+                return dict(entry[1])
+        return self._from_notebook(path)
+
+    def _from_notebook(self, path: str | None) -> dict[str, Any] | None:
+        """The ``gpu_share`` metadata saved in the notebook: reopen onto the same kind of GPU."""
+        if not path or self.root_dir is None or not path.endswith(".ipynb"):
+            return None
+        file = (self.root_dir / path).resolve()
+        if not file.is_relative_to(self.root_dir.resolve()) or not file.is_file():
+            return None
+        try:
+            with file.open(encoding="utf-8") as handle:
+                metadata = json.load(handle).get("metadata", {})
+        except (OSError, ValueError, AttributeError):
+            return None
+        choice = metadata.get("gpu_share") if isinstance(metadata, dict) else None
+        if not isinstance(choice, dict):
+            return None
+        model = choice.get("gpu_model")
+        # A saved offer id names one host's offer at one time; the GPU model is what travels.
+        return {"gpu_model": model} if isinstance(model, str) and model else None
+
+
+PREFERENCES = KernelPreferences()
+
+
+def take_preference(path: str | None) -> dict[str, Any] | None:
+    """The session request fields chosen in the lab for the notebook at ``path``, if any.
+
+    For the provisioner: ``path`` is the notebook path jupyter_server puts in the kernel's
+    environment as ``JPY_SESSION_NAME``. Answers ``{"offer_id": int, "gpu_model": str}`` (either
+    key may be missing) once per choice, or the notebook's saved ``gpu_share.gpu_model``.
+    """
+    return PREFERENCES.take(path)
+
+
+class PreferenceHandler(APIHandler):
+    """``POST {path?, offer_id, gpu_model?}``: rent this offer for the notebook's next kernel."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @web.authenticated
+    @authorized
+    def post(self) -> None:
+        body = self.get_json_body()
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the body must be a JSON object")
+        offer_id = body.get("offer_id")
+        if not isinstance(offer_id, int) or isinstance(offer_id, bool) or offer_id < 0:
+            raise web.HTTPError(400, "'offer_id' must be a non-negative integer")
+        choice: dict[str, Any] = {"offer_id": offer_id}
+        gpu_model = body.get("gpu_model")
+        if gpu_model is not None:
+            if not isinstance(gpu_model, str) or len(gpu_model) > 200:
+                raise web.HTTPError(400, "'gpu_model' must be a string of at most 200 characters")
+            choice["gpu_model"] = gpu_model
+        path = body.get("path", "")
+        if not isinstance(path, str) or len(path) > 4096:
+            raise web.HTTPError(400, "'path' must be a string of at most 4096 characters")
+        PREFERENCES.set(path, choice)
+        self.finish(json.dumps({"path": path, **choice}))
+
+
+class KernelSessionHandler(APIHandler):
+    """``GET``: the broker session behind a kernel of this server, or ``remote: false``."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def user_side(self) -> GPUShareUser:
+        return self.settings["gpu_share_user"]
+
+    @web.authenticated
+    @authorized
+    async def get(self, kernel_id: str) -> None:
+        try:
+            kernel = self.kernel_manager.get_kernel(kernel_id)
+        except KeyError:
+            raise web.HTTPError(404, f"no kernel {kernel_id}") from None
+        provisioner = getattr(kernel, "provisioner", None)
+        session = getattr(provisioner, "session", None)
+        model: dict[str, Any] = {
+            "kernel_id": kernel_id,
+            "kernel_name": getattr(kernel, "kernel_name", ""),
+            "remote": provisioner is not None and hasattr(provisioner, "offer_id"),
+            "session": None,
+        }
+        if isinstance(session, dict) and session.get("id"):
+            model["session"] = session
+            if self.user_side.configured:
+                try:
+                    model["session"] = await broker_request(
+                        self.user_side.broker_url,
+                        self.user_side.token,
+                        "GET",
+                        f"/sessions/{session['id']}",
+                    )
+                except BrokerError as error:
+                    self.log.warning("gpu-share: session %s: %s", session["id"], error.message)
+        self.finish(json.dumps(model))
+
+
 def _turn_off_nagle_on_kernel_websockets() -> None:
     """Set TCP_NODELAY on jupyter_server's kernel websockets (idempotent)."""
     from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
@@ -101,7 +237,17 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     route = url_path_join(
         web_app.settings["base_url"], r"/gpu-share/user/(offers|me|sessions(?:/s-[0-9a-f]+)?)"
     )
-    web_app.add_handlers(".*$", [(route, UserProxyHandler)])
+    base_url = web_app.settings["base_url"]
+    PREFERENCES.root_dir = Path(serverapp.root_dir)
+    web_app.add_handlers(
+        ".*$",
+        [
+            (url_path_join(base_url, r"/gpu-share/user/kernels/([0-9a-f-]{1,64})"),
+             KernelSessionHandler),
+            (url_path_join(base_url, r"/gpu-share/user/preference"), PreferenceHandler),
+            (route, UserProxyHandler),
+        ],
+    )
     _turn_off_nagle_on_kernel_websockets()
     if user_side.configured:
         serverapp.log.info("gpu-share: remote GPU kernels through %s", user_side.broker_url)

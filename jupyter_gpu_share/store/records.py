@@ -52,7 +52,7 @@ class Account:
 
 @dataclass(frozen=True)
 class OfferSpec:
-    """What a host offers: some of its GPUs at a per-second price."""
+    """What a host offers: some of its GPUs (none for a CPU-only offer) at a per-second price."""
 
     gpu_model: str
     gpu_count: int

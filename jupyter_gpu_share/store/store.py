@@ -71,6 +71,7 @@ MAX_MEMO_LENGTH = 1000
 MIGRATION_LOCK_KEY = 0x6770755F7368
 
 _ACCOUNT_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")  # the alphabet of secrets.token_urlsafe
 
 accounts = models.Account.__table__
 tokens = models.Token.__table__
@@ -175,7 +176,7 @@ def migrations_config(url: str) -> Config:
 
 def token_digest(token: str) -> str:
     """Return the SHA-256 hex digest stored for a token."""
-    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _account(row: Any) -> Account:
@@ -377,7 +378,11 @@ class Store:
 
     def authenticate(self, token: str) -> Account | None:
         """Return the account a token belongs to, or None for an unknown token."""
-        if not isinstance(token, str) or not (TOKEN_PREFIX_LENGTH < len(token) <= MAX_TOKEN_LENGTH):
+        if (
+            not isinstance(token, str)
+            or not TOKEN_PREFIX_LENGTH < len(token) <= MAX_TOKEN_LENGTH
+            or not _TOKEN.fullmatch(token)
+        ):
             return None
         digest = token_digest(token)
         with self._reader.connect() as connection:

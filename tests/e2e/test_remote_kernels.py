@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -17,7 +19,7 @@ from tornado.httpclient import HTTPRequest
 
 from jupyter_gpu_share.ledger import MICRO
 
-from .harness import eventually
+from .harness import clean_env, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -177,3 +179,29 @@ async def _server_kernel_interrupt_and_restart(make_cluster):
     client.rest("DELETE", f"/api/kernels/{kernel['id']}")
     eventually(lambda: all(s["state"] == "ended" for s in cluster.client(token).request("GET", "/sessions")),
                20, what="every session to end after shutdown")
+
+
+def test_nbconvert_execute_on_gpu_share(make_cluster, tmp_path):
+    cluster = make_cluster()
+    cluster.start_host("host-a")
+    token = cluster.account("nora", "user", 50 * MICRO)
+    path = tmp_path / "nb.ipynb"
+    nbformat.write(notebook("import os\nprint('ran on', os.environ['GPU_SHARE_HOST_ID'])"), path)
+    result = subprocess.run(
+        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
+         "--ExecutePreprocessor.kernel_name=gpu-share", "--output", "out.ipynb", str(path)],
+        capture_output=True, text=True, timeout=180,
+        env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
+    )
+    assert result.returncode == 0, result.stderr
+    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    assert stream_text(executed.cells[0]).strip() == "ran on host-a"
+    session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the session to end")
+    assert session["amount_micro"] == session["billed_seconds"] * session["price_per_second_micro"]
+
+
+def test_broker_serves_its_openapi_document(make_cluster):
+    cluster = make_cluster()
+    document = cluster.admin.request("GET", "/openapi.json")
+    assert document["openapi"].startswith("3.")
+    assert {"/gpu-share/api/sessions", "/gpu-share/api/offers", "/gpu-share/api/me"} <= set(document["paths"])
