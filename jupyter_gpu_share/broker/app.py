@@ -63,10 +63,11 @@ class BrokerApp(ExtensionApp):
         return _env("GPU_SHARE_DB_URL", f"sqlite:///{default_path}")
 
     upgrade_db = Bool(
-        True,
+        False,
         config=True,
-        help="""Run database migrations at start. With False, refuse to start on an out-of-date
-        schema (run `jupyter gpu-share broker --upgrade-db` once, with backups).""",
+        help="""Run database migrations at start. A new, empty database is always set up; an
+        existing one on an older schema is refused unless this is True (take a backup, then run
+        `jupyter gpu-share broker --upgrade-db`).""",
     )
 
     platform_fee_bps = Int(

@@ -88,6 +88,8 @@ class KernelBridge:
         self._tasks: list[asyncio.Task[Any]] = []
         self._relay_task: asyncio.Task[Any] | None = None
         self.on_status: Callable[[str], None] | None = None
+        self.reconnect_timeout = 60.0
+        self._relay: tuple[str, str, str] = ("", "", "")
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
@@ -138,24 +140,56 @@ class KernelBridge:
         self.ended.clear()
         self.end_reason = None
         self.exit_code = None
-        request = httpclient.HTTPRequest(
-            url,
-            headers={"Authorization": f"Bearer {token}"},
-            connect_timeout=20,
-            request_timeout=60,
-        )
-        self.ws = await websocket.websocket_connect(request, max_message_size=MAX_MESSAGE_SIZE)
-        self.ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
-        await self.ws.write_message(
-            json.dumps({"type": "hello", "key": key.decode(), "signature_scheme": scheme})
-        )
-        self._relay_task = asyncio.ensure_future(self._pump_from_relay(self.ws))
+        self._relay = (url, token, json.dumps({"type": "hello", "key": key.decode(), "signature_scheme": scheme}))
+        self.ws = await self._connect_relay()
+        self._relay_task = asyncio.ensure_future(self._pump_from_relay())
 
-    async def _pump_from_relay(self, ws: websocket.WebSocketClientConnection) -> None:
-        while True:
+    async def _connect_relay(self) -> websocket.WebSocketClientConnection:
+        url, token, hello = self._relay
+        request = httpclient.HTTPRequest(
+            url, headers={"Authorization": f"Bearer {token}"}, connect_timeout=20, request_timeout=60
+        )
+        ws = await websocket.websocket_connect(request, max_message_size=MAX_MESSAGE_SIZE)
+        ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
+        # The host ignores a repeated hello with the same key (after a reconnect).
+        await ws.write_message(hello)
+        return ws
+
+    async def _reconnect(self) -> websocket.WebSocketClientConnection | None:
+        """Reconnect after the broker went away (not after it ended the session)."""
+        delay, deadline = 0.25, asyncio.get_running_loop().time() + self.reconnect_timeout
+        while asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(delay)
+            try:
+                ws = await self._connect_relay()
+            except httpclient.HTTPClientError as error:
+                if error.code in (401, 403, 404, 410):
+                    self._mark_ended("the session ended while the broker was unreachable", 1)
+                    return None
+            except OSError:
+                pass
+            else:
+                log.info("relay of session %s reconnected", self.session_id)
+                return ws
+            delay = min(delay * 2, 5.0)
+        self._mark_ended(f"the broker was unreachable for {self.reconnect_timeout:.0f} s", 1)
+        return None
+
+    async def _pump_from_relay(self) -> None:
+        ws = self.ws
+        while ws is not None and ws is self.ws:
             message = await ws.read_message()
             if message is None:
-                break
+                if ws is not self.ws:
+                    return  # detached on purpose
+                code = ws.close_code
+                if code is not None and 4000 <= code < 4100:
+                    reason = ws.close_reason or CLOSE_REASONS.get(code, "relay closed")
+                    self._mark_ended(reason, 0 if code in (4000, 4003) else 1)
+                    return
+                log.warning("relay of session %s dropped (code %s); reconnecting", self.session_id, code)
+                ws = self.ws = await self._reconnect()
+                continue
             if isinstance(message, bytes):
                 try:
                     channel, frames = wire.decode(message)
@@ -165,10 +199,6 @@ class KernelBridge:
                 await self.sockets[channel].send_multipart(frames, copy=False)
             else:
                 self._on_control(json.loads(message))
-        if ws is self.ws:
-            code = ws.close_code
-            reason = ws.close_reason or CLOSE_REASONS.get(code or 0, "relay closed")
-            self._mark_ended(reason, 0 if code in (4000, 4003) else 1)
 
     def _on_control(self, record: dict[str, Any]) -> None:
         kind = record.get("type")

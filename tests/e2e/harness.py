@@ -95,14 +95,21 @@ class Cluster:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         traits = {"heartbeat_interval": 0.5, "checkpoint_interval": 1.0, **broker_traits}
-        args = [
+        self._broker_args = [
             *CLI, "broker", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
             "--ServerApp.port_retries=0", f"--db=sqlite:///{workdir / 'broker.sqlite'}",
             f"--ServerApp.root_dir={workdir}", *ROOT_FLAG,
             *(f"--BrokerApp.{k}={v}" for k, v in traits.items()),
         ]
-        self.broker = self.spawn("broker", args, clean_env(GPU_SHARE_ADMIN_TOKEN=self.admin_token))
         self.admin = BrokerClient(self.url, self.admin_token, timeout=10)
+        self.start_broker()
+
+    def start_broker(self) -> None:
+        """Start (or restart) the broker on the same port and database."""
+        count = sum(1 for p in self.processes if p.name.startswith("broker"))
+        name = "broker" if count == 0 else f"broker-{count + 1}"
+        env = clean_env(GPU_SHARE_ADMIN_TOKEN=self.admin_token)
+        self.broker = self.spawn(name, self._broker_args, env)
         eventually(lambda: self.admin.request("GET", "/me"), 60, 0.2, "the broker to answer")
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> Process:

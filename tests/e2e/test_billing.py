@@ -144,3 +144,57 @@ def test_host_killed_mid_session_ends_as_host_lost(make_cluster, monkeypatch):
     # Billing stops at the host's last heartbeat (every 0.5 s), not when the loss was noticed.
     assert killed_at[0] - 1.5 <= ended <= killed_at[0] + 0.1
     assert session["amount_micro"] == session["billed_seconds"] * PRICE_PER_SECOND
+
+
+def test_broker_restart_keeps_the_kernel_and_bills_once(make_cluster, monkeypatch):
+    cluster = make_cluster()
+    cluster.start_host("steady", PRICE_PER_HOUR)
+    token = cluster.account("patient", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    async def run() -> tuple[float, float, str]:
+        km, ready_at = await start_remote_kernel()
+        client = km.client()
+        client.start_channels()
+        await client.wait_for_ready(timeout=30)
+        await client.execute_interactive("state = 'kept'", timeout=30)
+
+        cluster.broker.kill()  # a crash: no goodbye to hosts or bridges
+        await asyncio.sleep(1.0)
+        cluster.start_broker()
+        assert await km.is_alive()
+
+        outputs: list[str] = []
+
+        def collect(message: dict) -> None:
+            if message["msg_type"] == "stream":
+                outputs.append(message["content"]["text"])
+
+        deadline = time.monotonic() + 30
+        while not outputs and time.monotonic() < deadline:
+            # Messages sent while the relay was down are lost; ask until the path is back.
+            try:
+                await client.execute_interactive("print(state)", timeout=3, output_hook=collect)
+            except TimeoutError:
+                continue
+        stop_at = time.time()
+        client.stop_channels()
+        await km.shutdown_kernel(now=True)
+        return ready_at, stop_at, "".join(outputs).strip()
+
+    ready_at, stop_at, printed = asyncio.run(run())
+    assert printed == "kept"
+    sessions = cluster.client(token).request("GET", "/sessions")
+    assert len(sessions) == 1
+    session = sessions[0]
+    assert session["state"] == "ended" and session["end_reason"] == "stopped"
+    lifetime = (session["ended_us"] - session["started_us"]) / 1e6
+    assert abs(lifetime - (stop_at - ready_at)) < 1.0
+    assert session["amount_micro"] == session["billed_seconds"] * PRICE_PER_SECOND
+    assert 100 * MICRO - cluster.client(token).request("GET", "/me")["balance_micro"] == session["amount_micro"]
+    store = open_store(cluster)
+    try:
+        store.check_ledger()
+    finally:
+        store.close()
