@@ -184,9 +184,15 @@ def run_demo(argv: list[str]) -> int:
         say(f"renter 'demo' has {format_credits(credits)} credits")
 
         say(f"starting a host agent on this machine at {args.price_per_hour} credits/hour")
+        sandbox_flags: list[str] = []
+        if shutil.which("bwrap") is None:
+            # The renter here is you, on your own machine; a real host installs bubblewrap.
+            say("bubblewrap is not installed: the demo host runs kernels without a sandbox")
+            sandbox_flags = ["--no-sandbox"]
         processes.append(
             subprocess.Popen(
-                [*cli, "host", "--broker", broker_url, "--price-per-hour", args.price_per_hour],
+                [*cli, "host", "--broker", broker_url, "--price-per-hour", args.price_per_hour,
+             *sandbox_flags],
                 env={**base_env, "GPU_SHARE_TOKEN": host_token},
             )
         )

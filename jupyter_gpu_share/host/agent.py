@@ -14,6 +14,7 @@ import random
 import signal
 from collections import deque
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -21,18 +22,30 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 from traitlets import Any as AnyTrait
-from traitlets import Float, Int, List, TraitError, Unicode, default, validate
+from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__, wire
 from ..ledger import format_credits, parse_credits, price_per_second_from_hour
+from .idle import IdleWorkload
 from .inventory import Inventory
 from .kernels import RemoteKernel, default_scratch_root
+from .sandbox import ResourceLimits, Sandbox, SandboxError, make_sandbox
+from .schedule import Schedule, parse_schedule
 
 CONTROL_PATH = "/gpu-share/api/hosts/connect"
 RELAY_MARK = "/gpu-share/api/relay/"
 MAX_RELAY_BUFFER = 64 * 1024 * 1024  # bytes held for a relay while it reconnects
 _FATAL_RELAY_CODES = {401, 403, 404, 410}
+NO_SANDBOX_WARNING = (
+    "WARNING: kernels run WITHOUT A SANDBOX (--no-sandbox): renters' code runs as this "
+    "user and can read this user's files and environment. Use it only for renters you trust."
+)
+
+
+def local_now() -> datetime:
+    """The host's wall clock, in its time zone."""
+    return datetime.now().astimezone()
 
 
 class AgentAuthError(RuntimeError):
@@ -106,6 +119,7 @@ class HostSession:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
+        self.warned_close: datetime | None = None  # the window close we warned about
 
     def launch(self) -> None:
         """Start the session in the background."""
@@ -136,6 +150,8 @@ class HostSession:
         self._reader = asyncio.ensure_future(self._read_relay())
         hello = await self._hello
         self.key = hello["key"]
+        await self.agent.pause_idle()
+        gpus = self.agent.gpu_info(self.gpu_indices)
         self.kernel = RemoteKernel(
             self.session_id,
             self.agent.host_id or "",
@@ -144,6 +160,11 @@ class HostSession:
             self._kernel_exited,
             signature_scheme=hello["signature_scheme"],
             gpu_indices=self.gpu_indices,
+            gpu_minors=[gpu.index if gpu.minor_number is None else gpu.minor_number for gpu in gpus]
+            if gpus
+            else None,
+            gpu_uuids=[gpu.uuid for gpu in gpus if gpu.uuid],
+            sandbox=self.agent.sandbox_impl,
             scratch_root=self.agent.scratch_root,
             ready_timeout=self.agent.kernel_start_timeout,
             stop_grace=self.agent.kernel_stop_grace,
@@ -308,7 +329,13 @@ class HostSession:
                 }
             )
 
-    async def stop(self, reason: str = "stopped", report: bool = True) -> None:
+    def send_status(self, message: str) -> None:
+        """Tell the renter something through the relay (a text ``status`` record)."""
+        self._to_relay(json.dumps({"type": "status", "message": message}))
+
+    async def stop(
+        self, reason: str = "stopped", report: bool = True, message: str | None = None
+    ) -> None:
         """Stop the kernel (or the start in progress) and report ``kernel_ended``."""
         if self.state == "ended":
             return
@@ -321,15 +348,15 @@ class HostSession:
         if self.state == "ended":
             return
         exit_code = await self.kernel.stop() if self.kernel is not None else None
-        self._end(
-            {
-                "type": "kernel_ended",
-                "session_id": self.session_id,
-                "reason": reason,
-                "exit_code": exit_code,
-            },
-            report=report,
-        )
+        record: dict[str, Any] = {
+            "type": "kernel_ended",
+            "session_id": self.session_id,
+            "reason": reason,
+            "exit_code": exit_code,
+        }
+        if message:
+            record["message"] = message
+        self._end(record, report=report)
 
     def _end(self, record: dict[str, Any], report: bool = True) -> None:
         if self.state == "ended":
@@ -365,6 +392,75 @@ class HostAgent(LoggingConfigurable):
 
     price_per_hour = Unicode(
         "1.00", help="Price of each offer in credits per hour, as a decimal string (e.g. 0.50)."
+    ).tag(config=True)
+
+    price_per_hour_by_model = Dict(
+        key_trait=Unicode(),
+        value_trait=Unicode(),
+        help="Price per hour by GPU model name (as NVML names it, or CPU), as decimal "
+        "strings, e.g. {'NVIDIA A100-SXM4-80GB': '1.50'}; other models use price_per_hour.",
+    ).tag(config=True)
+
+    sandbox = Enum(
+        ["bwrap", "none"],
+        "bwrap",
+        help="How kernels are isolated: 'bwrap' (bubblewrap; the default, required unless "
+        "'none') or 'none' (renters' code runs as this user: only for trusted renters).",
+    ).tag(config=True)
+
+    memory_limit_mib = Int(
+        0, help="Memory limit per kernel process in MiB (0: none); see memory_limit_kind."
+    ).tag(config=True)
+
+    memory_limit_kind = Enum(
+        ["data", "as"],
+        "data",
+        help="Which rlimit memory_limit_mib sets: 'data' (RLIMIT_DATA: heap and private "
+        "memory; CUDA keeps working) or 'as' (RLIMIT_AS: all address space; CUDA reserves "
+        "huge address ranges and fails under it, so use 'as' only for CPU hosts).",
+    ).tag(config=True)
+
+    max_processes = Int(
+        1024,
+        help="RLIMIT_NPROC for kernels (0: none). Linux counts it per user and does not "
+        "enforce it for root: run the agent as an unprivileged user for it to hold.",
+    ).tag(config=True)
+
+    max_open_files = Int(4096, help="RLIMIT_NOFILE for kernels (0: inherit).").tag(config=True)
+
+    sandbox_ro_paths = List(
+        Unicode(),
+        help="Extra host paths mounted read-only in the sandbox (e.g. a CUDA toolkit in /opt).",
+    ).tag(config=True)
+
+    schedule = Unicode(
+        "",
+        help="Availability windows in the host's time zone, e.g. 'mon-fri 18:00-08:00; "
+        "sat,sun' (empty: always). Offers are listed only inside them.",
+    ).tag(config=True)
+
+    min_session_minutes = Float(
+        10.0, help="Refuse a session that could run less than this before the window closes."
+    ).tag(config=True)
+
+    schedule_warning_minutes = Float(
+        10.0, help="Warn running sessions this many minutes before the window closes."
+    ).tag(config=True)
+
+    schedule_poll_interval = Float(
+        15.0, help="Seconds between checks of the availability schedule."
+    ).tag(config=True)
+
+    clock = AnyTrait(None, help="Callable returning the host's local time (tests).")
+
+    idle_command = Unicode(
+        "",
+        help="Command (shell-quoted, not run by a shell) that runs while no kernel is rented, "
+        "e.g. a folding client; stopped before a renter's kernel starts, restarted after.",
+    ).tag(config=True)
+
+    idle_stop_grace = Float(
+        10.0, help="Seconds the idle command gets after SIGTERM before SIGKILL."
     ).tag(config=True)
 
     gpus = List(Int(), help="GPU indices to offer; empty offers every GPU NVML finds.").tag(
@@ -434,6 +530,11 @@ class HostAgent(LoggingConfigurable):
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.model_prices_micro: dict[str, int] = {}
+        self.sandbox_impl: Sandbox | None = None
+        self.schedule_impl: Schedule | None = None
+        self.idle: IdleWorkload | None = None
+        self.offering = True  # inside an availability window (offers listed)
 
     # -- configuration ------------------------------------------------------------------
 
@@ -445,13 +546,77 @@ class HostAgent(LoggingConfigurable):
             raise AgentConfigError("no host token: pass --token T or set GPU_SHARE_TOKEN")
         per_hour = parse_price_per_hour(self.price_per_hour)
         self.price_per_second_micro = price_per_second_from_hour(per_hour)
+        prices = {}
+        for model, text in self.price_per_hour_by_model.items():
+            try:
+                prices[model] = price_per_second_from_hour(parse_price_per_hour(text))
+            except AgentConfigError as err:
+                raise AgentConfigError(f"price for {model!r}: {err}") from None
+        self.model_prices_micro = prices
         if self.max_kernels < 1:
             raise AgentConfigError("max_kernels must be at least 1")
+        try:
+            self.schedule_impl = parse_schedule(self.schedule)
+        except ValueError as err:
+            raise AgentConfigError(f"schedule: {err}") from None
+        if self.min_session_minutes < 0:
+            raise AgentConfigError("min_session_minutes must not be negative")
+        try:
+            limits = ResourceLimits(
+                memory_mib=self.memory_limit_mib,
+                max_processes=self.max_processes,
+                max_open_files=self.max_open_files,
+                memory_rlimit=self.memory_limit_kind,
+            )
+            sandbox = make_sandbox(self.sandbox, limits, self.sandbox_ro_paths)
+            sandbox.check()
+        except (ValueError, SandboxError) as err:
+            raise AgentConfigError(str(err)) from None
+        self.sandbox_impl = sandbox
+        if self.idle_command.strip():
+            try:
+                IdleWorkload(self.idle_command)
+            except ValueError as err:  # shlex: "No closing quotation"
+                raise AgentConfigError(f"idle_command: {err}") from None
 
     @property
     def price_label(self) -> str:
         """Return the price per hour for people, e.g. ``0.50/h``."""
-        return f"{format_credits(parse_price_per_hour(self.price_per_hour))}/h"
+        label = f"{format_credits(parse_price_per_hour(self.price_per_hour))}/h"
+        models = self.inventory.summary() if self.inventory is not None else ""
+        special = [
+            f"{model} {format_credits(parse_price_per_hour(text))}/h"
+            for model, text in sorted(self.price_per_hour_by_model.items())
+            if model in models
+        ]
+        return label + (f" ({', '.join(special)})" if special else "")
+
+    def now(self) -> datetime:
+        """The host's local time (the injected clock in tests)."""
+        return (self.clock or local_now)()
+
+    def is_open(self, now: datetime | None = None) -> bool:
+        """Tell whether the host is inside an availability window."""
+        return self.schedule_impl is None or self.schedule_impl.is_open(now or self.now())
+
+    def offers(self) -> list[dict[str, Any]]:
+        """The offers to list now: none outside the availability windows."""
+        assert self.inventory is not None
+        if not self.is_open():
+            return []
+        offers = self.inventory.offers(self.price_per_second_micro)
+        for offer in offers:
+            price = self.model_prices_micro.get(offer["gpu_model"])
+            if price is not None:
+                offer["price_per_second_micro"] = price
+        return offers
+
+    def gpu_info(self, indices: list[int]) -> list[Any]:
+        """The inventory entries of these GPU indices (empty for a CPU session)."""
+        if self.inventory is None:
+            return []
+        by_index = {gpu.index: gpu for gpu in self.inventory.gpus}
+        return [by_index[i] for i in indices if i in by_index]
 
     def websocket_url(self, path: str) -> str:
         """Build the ws(s) URL of a broker path (the broker's URL prefix is kept)."""
@@ -485,11 +650,13 @@ class HostAgent(LoggingConfigurable):
     def hello(self) -> dict[str, Any]:
         """Build the `hello` the agent sends after every (re)connect."""
         assert self.inventory is not None
+        offers = self.offers()
+        self.offering = bool(offers)
         return {
             "type": "hello",
             "host_agent_version": __version__,
             "gpus": [gpu.to_json() for gpu in self.inventory.gpus],
-            "offers": self.inventory.offers(self.price_per_second_micro),
+            "offers": offers,
             "max_kernels": self.max_kernels,
             "sessions": [sid for sid, s in self.sessions.items() if s.state != "ended"],
         }
@@ -507,6 +674,19 @@ class HostAgent(LoggingConfigurable):
             self.price_label,
             self.price_per_second_micro,
         )
+        self._log_sandbox()
+        if self.schedule_impl is not None:
+            self.log.info(
+                "availability schedule %r: %s now",
+                self.schedule_impl.spec,
+                "open" if self.is_open() else "closed",
+            )
+            self._spawn(self._watch_schedule())
+        if self.idle_command.strip():
+            self.idle = IdleWorkload(
+                self.idle_command, stop_grace=self.idle_stop_grace, logger=self.log
+            )
+            await self.idle.start()
         attempt = 0
         try:
             while not self._stop_event.is_set():
@@ -650,6 +830,9 @@ class HostAgent(LoggingConfigurable):
             return
         if self._stopping:
             return fail("host agent is shutting down")
+        refusal = self._schedule_refusal()
+        if refusal:
+            return fail(refusal)
         live = [s for s in self.sessions.values() if s.state != "ended"]
         if len(live) >= self.max_kernels:
             return fail(f"host is running its maximum of {self.max_kernels} kernels")
@@ -688,9 +871,103 @@ class HostAgent(LoggingConfigurable):
         self._pending.append(record)
 
     def forget(self, session: HostSession) -> None:
-        """Drop an ended session."""
+        """Drop an ended session; restart the idle command after the last one."""
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
+        if self.idle is not None and not self._stopping and not self._live_sessions():
+            self._spawn(self._resume_idle())
+
+    def _live_sessions(self) -> list[HostSession]:
+        return [s for s in self.sessions.values() if s.state != "ended"]
+
+    # -- sandbox, schedule and idle workload ---------------------------------------------
+
+    def _log_sandbox(self) -> None:
+        sandbox = self.sandbox_impl
+        if sandbox is None or sandbox.kind == "none":
+            self.log.warning(NO_SANDBOX_WARNING)
+            return
+        limits = sandbox.limits
+        self.log.info(
+            "kernels run in a %s sandbox (memory %s, processes %s, open files %s)",
+            sandbox.kind,
+            f"{limits.memory_mib} MiB ({limits.memory_rlimit})" if limits.memory_mib else "-",
+            limits.max_processes or "-",
+            limits.max_open_files or "-",
+        )
+        if limits.max_processes and os.geteuid() == 0:
+            self.log.warning(
+                "the agent runs as root: Linux does not enforce max_processes for root-owned "
+                "processes; run the agent as an unprivileged user for a process limit"
+            )
+
+    async def pause_idle(self) -> None:
+        """Stop the idle command before a renter's kernel starts."""
+        if self.idle is not None and self.idle.running:
+            self.log.info("stopping the idle command for a renter's kernel")
+            await self.idle.stop()
+
+    async def _resume_idle(self) -> None:
+        if self.idle is not None and not self._stopping and not self._live_sessions():
+            await self.idle.start()
+
+    def _schedule_refusal(self) -> str | None:
+        """Why a new session cannot start now because of the schedule, or None."""
+        if self.schedule_impl is None:
+            return None
+        now = self.now()
+        if not self.schedule_impl.is_open(now):
+            opens = self.schedule_impl.next_open(now)
+            when = f"; it opens again {opens:%a %H:%M}" if opens is not None else ""
+            return f"this host is outside its availability window{when}"
+        closes = self.schedule_impl.closes_at(now)
+        if closes is not None and (closes - now).total_seconds() < self.min_session_minutes * 60:
+            return (
+                f"this host's availability window closes at {closes:%H:%M}, less than "
+                f"{self.min_session_minutes:g} minutes from now"
+            )
+        return None
+
+    async def _watch_schedule(self) -> None:
+        while not self._stopping:
+            try:
+                self.check_schedule()
+            except Exception:
+                self.log.exception("availability schedule check failed")
+            await asyncio.sleep(self.schedule_poll_interval)
+
+    def check_schedule(self) -> None:
+        """Follow the availability windows: offers, warnings, and stops at the close."""
+        schedule = self.schedule_impl
+        if schedule is None:
+            return
+        now = self.now()
+        is_open = schedule.is_open(now)
+        if is_open != self.offering:
+            self.log.info(
+                "availability window %s: %s offers",
+                "opened" if is_open else "closed",
+                "sending" if is_open else "withdrawing",
+            )
+            if self._control is not None:
+                self.send_control(self.hello())  # a new hello replaces the offers
+            else:
+                self.offering = is_open  # the next connect's hello carries the change
+        if not is_open:
+            for session in self._live_sessions():
+                if not session._closing:
+                    self.log.info("session %s: availability window closed", session.session_id)
+                    self._spawn(session.stop(message="availability window closed"))
+            return
+        closes = schedule.closes_at(now)
+        if closes is None:
+            return
+        if (closes - now).total_seconds() <= self.schedule_warning_minutes * 60:
+            text = f"this host's availability window closes at {closes:%H:%M}; save your work"
+            for session in self._live_sessions():
+                if session.state == "ready" and session.warned_close != closes:
+                    session.warned_close = closes
+                    session.send_status(text)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -726,5 +1003,7 @@ class HostAgent(LoggingConfigurable):
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
+        if self.idle is not None:
+            await self.idle.stop()
         if self.inventory is not None:
             self.inventory.close()

@@ -11,7 +11,7 @@ from jupyter_core.application import JupyterApp, base_aliases, base_flags
 from traitlets import Unicode
 
 from .. import __version__
-from .agent import AgentAuthError, AgentConfigError, HostAgent
+from .agent import NO_SANDBOX_WARNING, AgentAuthError, AgentConfigError, HostAgent
 
 aliases: dict[str, Any] = dict(base_aliases)
 aliases.update(
@@ -23,6 +23,24 @@ aliases.update(
         "max-kernels": "HostAgent.max_kernels",
         "heartbeat-interval": "HostAgent.heartbeat_interval",
         "scratch-root": "HostAgent.scratch_root",
+        "price-per-hour-by-model": "HostAgent.price_per_hour_by_model",
+        "sandbox": "HostAgent.sandbox",
+        "memory-limit-mib": "HostAgent.memory_limit_mib",
+        "max-processes": "HostAgent.max_processes",
+        "max-open-files": "HostAgent.max_open_files",
+        "schedule": "HostAgent.schedule",
+        "min-session-minutes": "HostAgent.min_session_minutes",
+        "idle-command": "HostAgent.idle_command",
+        "idle-stop-grace": "HostAgent.idle_stop_grace",
+    }
+)
+flags: dict[str, Any] = dict(base_flags)
+flags.update(
+    {
+        "no-sandbox": (
+            {"HostAgent": {"sandbox": "none"}},
+            "Run kernels WITHOUT a sandbox (renters' code runs as this user). Trusted only.",
+        ),
     }
 )
 
@@ -38,7 +56,7 @@ class HostAgentApp(JupyterApp):
     version = __version__
     examples = "jupyter gpu-share host --broker https://broker.example:8888 --token $TOKEN"
     aliases: ClassVar[dict[str, Any]] = aliases
-    flags: ClassVar[dict[str, Any]] = dict(base_flags)
+    flags: ClassVar[dict[str, Any]] = flags
     classes: ClassVar[list[type]] = [HostAgent]
 
     gpu_list = Unicode(
@@ -77,6 +95,8 @@ class HostAgentApp(JupyterApp):
             agent.check_config()
         except AgentConfigError as err:
             self._fail(str(err))
+        if agent.sandbox == "none":
+            print(NO_SANDBOX_WARNING, flush=True)
         agent.on_connected = self._connected
         try:
             asyncio.run(self._run(agent))

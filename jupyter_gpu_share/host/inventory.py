@@ -28,6 +28,7 @@ class GPUInfo:
     uuid: str
     driver_version: str = ""
     cuda_version: str = ""
+    minor_number: int | None = None  # N of /dev/nvidiaN (None: unknown, assume the index)
 
     def to_json(self) -> dict[str, Any]:
         """Return the fields the control `hello` carries."""
@@ -109,6 +110,9 @@ class NVMLBackend:
         for index in range(int(nvml.nvmlDeviceGetCount())):
             handle = nvml.nvmlDeviceGetHandleByIndex(index)
             memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+            minor = None
+            if hasattr(nvml, "nvmlDeviceGetMinorNumber"):
+                minor = self._optional(nvml.nvmlDeviceGetMinorNumber, handle)
             found.append(
                 GPUInfo(
                     index=index,
@@ -117,6 +121,7 @@ class NVMLBackend:
                     uuid=_text(nvml.nvmlDeviceGetUUID(handle)),
                     driver_version=_text(driver) if driver is not None else "",
                     cuda_version=_cuda_version(cuda) if cuda is not None else "",
+                    minor_number=int(minor) if minor is not None else None,
                 )
             )
         return found

@@ -206,6 +206,10 @@ class RemoteKernel:
                         preexec_fn=plan.preexec,
                         pass_fds=plan.pass_fds,
                     )
+            except BaseException:
+                if plan.info_fd is not None:
+                    os.close(plan.info_fd)
+                raise
             finally:
                 for fd in plan.pass_fds:
                     os.close(fd)

@@ -322,9 +322,7 @@ class BwrapSandbox(Sandbox):
             TMPDIR="/tmp",
             USER="nobody" if self.as_root else "renter",
             LOGNAME="nobody" if self.as_root else "renter",
-            PATH=os.pathsep.join(
-                [os.path.dirname(python), "/usr/local/bin", "/usr/bin", "/bin"]
-            ),
+            PATH=os.pathsep.join([os.path.dirname(python), "/usr/local/bin", "/usr/bin", "/bin"]),
         )
         args += ["--chdir", SANDBOX_HOME, "--clearenv"]
         for name, value in sorted(inner_env.items()):

@@ -151,15 +151,20 @@ class Schedule:
         """Tell whether ``now`` falls inside a window."""
         return self._window_at(self._offset(now)) is not None
 
+    @staticmethod
+    def _week_start(now: datetime) -> datetime:
+        """Monday 00:00 of ``now``'s week, in ``now``'s time zone."""
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return midnight - timedelta(days=now.weekday())
+
     def closes_at(self, now: datetime) -> datetime | None:
         """Return when the window open at ``now`` closes; None when closed or always open."""
         if self.always_open:
             return None
-        offset = self._offset(now)
-        window = self._window_at(offset)
+        window = self._window_at(self._offset(now))
         if window is None:
             return None
-        return now + timedelta(seconds=window[1] - offset)
+        return self._week_start(now) + timedelta(seconds=window[1])
 
     def next_open(self, now: datetime) -> datetime | None:
         """Return ``now`` when open, else when the next window opens."""
@@ -167,7 +172,7 @@ class Schedule:
         if self._window_at(offset) is not None:
             return now
         starts = [s for s, _ in self.windows if s > offset]
-        return now + timedelta(seconds=min(starts) - offset) if starts else None
+        return self._week_start(now) + timedelta(seconds=min(starts)) if starts else None
 
     def seconds_left(self, now: datetime) -> float | None:
         """Seconds until the current window closes (None: closed or always open)."""

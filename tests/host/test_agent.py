@@ -315,7 +315,9 @@ def test_bad_token_is_fatal(tmp_path) -> None:
     asyncio.run(main())
 
 
-async def _run_app(*args: str, env: dict[str, str], until_line: bool = False):
+async def _run_app(
+    *args: str, env: dict[str, str], until_line: bool = False, until: str = "host agent connected"
+):
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -328,7 +330,11 @@ async def _run_app(*args: str, env: dict[str, str], until_line: bool = False):
     line = b""
     if until_line:
         assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        while True:  # up to the line that says the agent is connected (it handles SIGTERM)
+            got = await asyncio.wait_for(proc.stdout.readline(), 30)
+            line += got
+            if not got or got.startswith(until.encode()):
+                break
         proc.send_signal(signal.SIGTERM)
     out, err = await asyncio.wait_for(proc.communicate(), 30)
     return proc.returncode, (line + out).decode(), err.decode()
@@ -372,6 +378,41 @@ def test_app_cli(tmp_path) -> None:
                 first,
             ), first
             assert "good" not in err
+        finally:
+            await broker.stop()
+
+    asyncio.run(main())
+
+
+def test_app_sandbox_flags(tmp_path) -> None:
+    async def main() -> None:
+        broker = FakeBroker()
+        await broker.start()
+        try:
+            base = _env(GPU_SHARE_BROKER_URL=broker.url, GPU_SHARE_TOKEN="good")
+            # bwrap missing (nothing on PATH): a one-line error that says how to fix it.
+            code, out, err = await _run_app(
+                "--scratch-root", str(tmp_path / "s"), env={**base, "PATH": "/nonexistent"}
+            )
+            assert code == 2, err
+            assert err.strip().count("\n") == 0 and "apt-get install bubblewrap" in err
+            assert "--no-sandbox" in err and "Traceback" not in err
+
+            code, out, err = await _run_app(
+                "--no-sandbox",
+                "--scratch-root",
+                str(tmp_path / "s"),
+                "--schedule",
+                "daily",
+                env={**base, "PATH": "/nonexistent"},
+                until_line=True,
+            )
+            assert code == 0, err
+            assert out.startswith("WARNING: kernels run WITHOUT A SANDBOX"), out
+            assert "WITHOUT A SANDBOX" in err  # and in the log
+
+            code, out, err = await _run_app("--schedule", "mon 25:00-26:00", env=base)
+            assert code == 2 and "schedule: bad time '25:00'" in err
         finally:
             await broker.stop()
 

@@ -70,7 +70,10 @@ def test_environment_is_scrubbed() -> None:
         "GPU_SHARE_SESSION_ID": "s1",
         "GPU_SHARE_HOST_ID": "h1",
         "CUDA_VISIBLE_DEVICES": "0,2",
+        "JPY_PARENT_PID": str(os.getpid()),
     }
+    by_uuid = kernel_environment("s", "h", [0, 2], "/s", base, gpu_uuids=["GPU-a", "GPU-b"])
+    assert by_uuid["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
     cpu = kernel_environment("s", "h", [], "/s", {"PYTHONPATH": "/p"})
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["PYTHONPATH"] == "/p"
 
