@@ -142,6 +142,267 @@ def cmd_stop(args: argparse.Namespace) -> None:
     )
 
 
+def _duration(seconds: int | None) -> str | None:
+    if seconds is None:
+        return None
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def cmd_class_list(args: argparse.Namespace) -> None:
+    classes = _client(args).request("GET", "/classes")
+    if args.json:
+        print(json.dumps(classes))
+        return
+    rows = [
+        {
+            **c,
+            "budget": _money(c["budget_micro"]),
+            "quota": _duration(c["quota_seconds"]) or _money(c["quota_micro"]),
+        }
+        for c in classes
+    ]
+    print(
+        _table(
+            rows,
+            [
+                ("name", "CLASS"),
+                ("teacher", "TEACHER"),
+                ("your_role", "YOU"),
+                ("budget", "BUDGET"),
+                ("quota", "QUOTA/STUDENT"),
+                ("gpu_model", "GPU"),
+            ],
+        )
+    )
+
+
+def cmd_class_create(args: argparse.Namespace) -> None:
+    from .classes import parse_quota
+
+    body: dict[str, Any] = {"name": args.name}
+    try:
+        body["quota_seconds"], body["quota_micro"] = parse_quota(args.quota_per_student)
+        if args.weekly_quota:
+            weekly, credits = parse_quota(args.weekly_quota)
+            if weekly is None:
+                raise ValueError("--weekly-quota is a duration such as 3h")
+            body["weekly_quota_seconds"] = weekly
+        if args.budget:
+            body["budget_micro"] = parse_positive_credits(args.budget)
+        if args.max_price_per_hour:
+            body["max_price_per_hour_micro"] = parse_positive_credits(args.max_price_per_hour)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    for key, value in (
+        ("gpu_model", args.gpu),
+        ("starts_at", args.starts),
+        ("ends_at", args.ends),
+        ("teacher", args.teacher),
+    ):
+        if value:
+            body[key] = value
+    created = _client(args).request("POST", "/classes", body)
+    print(
+        f"class {created['name']} created: budget {format_credits(created['budget_micro'])} credits, "
+        f"kernel '{created['kernel_name']}'"
+    )
+
+
+def cmd_class_grant(args: argparse.Namespace) -> None:
+    try:
+        amount = parse_positive_credits(args.amount)
+    except ValueError as error:
+        raise CommandError(f"AMOUNT {args.amount!r}: {error}") from None
+    record = _client(args).request("POST", f"/classes/{args.name}/budget", {"amount_micro": amount})
+    print(f"class {record['name']}: budget {format_credits(record['budget_micro'])} credits")
+
+
+def _students_from(args: argparse.Namespace) -> list[str]:
+    import csv
+
+    students = list(args.users)
+    if args.csv:
+        try:
+            with open(args.csv, newline="") as handle:
+                for row in csv.reader(handle):
+                    if (
+                        row
+                        and row[0].strip()
+                        and row[0].strip().lower() not in ("name", "user", "student")
+                    ):
+                        students.append(row[0].strip())
+        except OSError as error:
+            raise CommandError(f"cannot read {args.csv}: {error.strerror}") from None
+    if not students:
+        raise CommandError("name students, or give --csv FILE")
+    return students
+
+
+def cmd_class_add_students(args: argparse.Namespace) -> None:
+    answer = _client(args).request(
+        "POST", f"/classes/{args.name}/students", {"students": _students_from(args)}
+    )
+    print(f"{len(answer['added'])} students in {args.name}")
+    if answer["new_accounts"]:
+        print("new accounts; give each student their token (shown only once):")
+        print("student,token")
+        for student, token in answer["new_accounts"].items():
+            print(f"{student},{token}")
+
+
+def cmd_class_remove_student(args: argparse.Namespace) -> None:
+    _client(args).request("DELETE", f"/classes/{args.name}/students/{args.student}")
+    print(f"{args.student} removed from {args.name}")
+
+
+def cmd_class_assign(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    client = _client(args)
+    for path in map(Path, args.notebooks):
+        try:
+            content = json.loads(path.read_text())
+        except OSError as error:
+            raise CommandError(f"cannot read {path}: {error.strerror}") from None
+        except ValueError:
+            raise CommandError(f"{path} is not a notebook (not JSON)") from None
+        client.request("PUT", f"/classes/{args.name}/notebooks/{path.name}", content)
+        print(f"published {path.name} to {args.name}")
+
+
+def cmd_class_usage(args: argparse.Namespace) -> None:
+    usage = _client(args).request("GET", f"/classes/{args.name}/usage")
+    if args.json:
+        print(json.dumps(usage))
+        return
+    if usage["budget_micro"] is not None:
+        print(
+            f"class {usage['class']}: budget left {format_credits(usage['budget_micro'])} credits"
+        )
+    rows = [
+        {
+            **u,
+            "time": _duration(u["seconds"]),
+            "credits": _money(u["credits_micro"]),
+            "running": len(u["running"]) or "",
+            "left": _duration(u["remaining_seconds"]) or _money(u["remaining_micro"]),
+        }
+        for u in usage["students"]
+    ]
+    print(
+        _table(
+            rows,
+            [
+                ("student", "STUDENT"),
+                ("time", "GPU TIME"),
+                ("credits", "CREDITS"),
+                ("sessions", "SESSIONS"),
+                ("running", "RUNNING"),
+                ("left", "QUOTA LEFT"),
+            ],
+        )
+    )
+
+
+def cmd_class_stop(args: argparse.Namespace) -> None:
+    answer = _client(args).request("POST", f"/classes/{args.name}/students/{args.student}/stop")
+    stopped = answer["stopped_sessions"]
+    print(
+        f"stopped {len(stopped)} kernel(s) of {args.student}"
+        if stopped
+        else f"{args.student} has no running kernel in {args.name}"
+    )
+
+
+def cmd_class_fetch(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .kernel.kernelspecs import install_class_kernelspec
+
+    client = _client(args)
+    record = client.request("GET", f"/classes/{args.name}")
+    dest = Path(args.dest or ".") / record["name"]
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in client.request("GET", f"/classes/{args.name}/notebooks"):
+        target = dest / entry["name"]
+        if target.exists() and not args.force:
+            print(f"kept your {target} (use --force to replace it)")
+            continue
+        content = client.request("GET", f"/classes/{args.name}/notebooks/{entry['name']}")
+        target.write_text(json.dumps(content, indent=1))
+        print(f"fetched {target}")
+    spec_dir = install_class_kernelspec(
+        record["name"], record["kernel_name"], record.get("gpu_model")
+    )
+    print(f"kernel '{record['kernel_name']}' installed in {spec_dir}")
+
+
+def _add_class_parser(verbs: Any, common: argparse.ArgumentParser) -> None:
+    klass = verbs.add_parser("class", help="classes: budgets, students, notebooks, usage")
+    actions = klass.add_subparsers(
+        dest="class_verb", metavar="ACTION", required=True, parser_class=OneLineParser
+    )
+    listing = actions.add_parser("list", parents=[common], help="your classes")
+    listing.add_argument("--json", action="store_true")
+    listing.set_defaults(run=cmd_class_list)
+    create = actions.add_parser("create", parents=[common], help="create a class (teacher token)")
+    create.add_argument("name")
+    create.add_argument(
+        "--quota-per-student",
+        required=True,
+        help="GPU time (2h, 90m) or credits (5) per student for the course",
+    )
+    create.add_argument(
+        "--budget", help="credits moved from your balance to the class (admins: granted)"
+    )
+    create.add_argument("--weekly-quota", help="GPU time per student per week, e.g. 3h")
+    create.add_argument("--gpu", help="only this GPU model")
+    create.add_argument("--max-price-per-hour", help="never rent above this price (credits/h)")
+    create.add_argument("--starts", help="first day, e.g. 2026-12-01")
+    create.add_argument("--ends", help="day after the last, e.g. 2027-03-01")
+    create.add_argument("--teacher", help="(admins) the teacher who owns the class")
+    create.set_defaults(run=cmd_class_create)
+    grant = actions.add_parser(
+        "grant",
+        parents=[common],
+        help="add to a class budget (admin: granted; teacher: from your balance)",
+    )
+    grant.add_argument("name")
+    grant.add_argument("amount", help="credits, a decimal such as 250")
+    grant.set_defaults(run=cmd_class_grant)
+    add = actions.add_parser("add-students", parents=[common], help="enrol students")
+    add.add_argument("name")
+    add.add_argument("users", nargs="*")
+    add.add_argument("--csv", help="a CSV file whose first column is the user name")
+    add.set_defaults(run=cmd_class_add_students)
+    remove = actions.add_parser(
+        "remove-student", parents=[common], help="take a student off a class"
+    )
+    remove.add_argument("name")
+    remove.add_argument("student")
+    remove.set_defaults(run=cmd_class_remove_student)
+    assign = actions.add_parser("assign", parents=[common], help="publish starter notebooks")
+    assign.add_argument("name")
+    assign.add_argument("notebooks", nargs="+")
+    assign.set_defaults(run=cmd_class_assign)
+    usage = actions.add_parser("usage", parents=[common], help="use per student")
+    usage.add_argument("name")
+    usage.add_argument("--json", action="store_true")
+    usage.set_defaults(run=cmd_class_usage)
+    stop = actions.add_parser("stop", parents=[common], help="stop a student's running kernel")
+    stop.add_argument("name")
+    stop.add_argument("student")
+    stop.set_defaults(run=cmd_class_stop)
+    fetch = actions.add_parser(
+        "fetch", parents=[common], help="download a class's notebooks and install its kernel"
+    )
+    fetch.add_argument("name")
+    fetch.add_argument("--dest", help="folder to put NAME/ in (default: here)")
+    fetch.add_argument("--force", action="store_true", help="replace notebooks you already have")
+    fetch.set_defaults(run=cmd_class_fetch)
+
+
 def build_parser() -> OneLineParser:
     """The argument parser of the client verbs."""
     parser = OneLineParser(prog=PROG, description="Rent and share GPUs from inside Jupyter.")
@@ -180,6 +441,7 @@ def build_parser() -> OneLineParser:
         sub = verbs.add_parser(verb, parents=[common], help=text)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
         sub.set_defaults(run=run)
+    _add_class_parser(verbs, common)
     stop = verbs.add_parser("stop", parents=[common], help="stop one of your sessions now")
     stop.add_argument("session_id")
     stop.set_defaults(run=cmd_stop)

@@ -17,7 +17,7 @@ from .auth import AUTH_RESOURCE, ROLES, BrokerUser
 from .matching import NoMatch, SessionRequest
 from .openapi import openapi_document
 from .relay import CLOSE_BUFFER_FULL, USER
-from .service import LIVE_STATES, Broker
+from .service import LIVE_STATES, Broker, Queued, Refused
 
 log = logging.getLogger("jupyter_gpu_share.broker")
 
@@ -51,10 +51,10 @@ class BrokerAPIHandler(APIHandler):
                 403, f"this needs a {' or '.join(roles)} token, not a {self.account.role} token"
             )
 
-    def json_body(self) -> dict[str, Any]:
+    def json_body(self, max_bytes: int = MAX_BODY_BYTES) -> dict[str, Any]:
         """Parse the request body as a JSON object, or answer 400."""
-        if len(self.request.body) > MAX_BODY_BYTES:
-            raise web.HTTPError(413, f"request body over {MAX_BODY_BYTES} bytes")
+        if len(self.request.body) > max_bytes:
+            raise web.HTTPError(413, f"request body over {max_bytes} bytes")
         if not self.request.body:
             return {}
         try:
@@ -71,6 +71,21 @@ class BrokerAPIHandler(APIHandler):
         self.finish(json.dumps(value))
 
     def _handle_request_exception(self, e: BaseException) -> None:
+        if isinstance(e, Queued):
+            self.set_status(429)
+            self.set_header("Retry-After", str(e.retry_after))
+            self.set_header("Content-Type", "application/json")
+            self.finish(
+                json.dumps(
+                    {
+                        "message": str(e),
+                        "reason": "queued",
+                        "queue_position": e.position,
+                        "retry_after": e.retry_after,
+                    }
+                )
+            )
+            return
         mapped = _as_http_error(e)
         if mapped is not None:
             self.send_error(mapped.status_code, exc_info=(type(mapped), mapped, None))
@@ -85,7 +100,7 @@ def _as_http_error(error: BaseException) -> web.HTTPError | None:
         return web.HTTPError(409, str(error))
     if isinstance(error, InsufficientFunds):
         return web.HTTPError(402, str(error))
-    if isinstance(error, NoMatch):
+    if isinstance(error, (NoMatch, Refused)):
         return web.HTTPError(error.status, error.message)
     if isinstance(error, (ValueError, StoreError)):
         return web.HTTPError(400, str(error))
@@ -184,6 +199,7 @@ def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         "amount_micro": record.amount_micro,
         "cost_so_far_micro": broker.cost_so_far(record.id) if live else (record.amount_micro or 0),
         "relay_path": f"{API}/relay/{record.id}/user" if live else None,
+        "class": record.class_name,
     }
 
 
@@ -289,7 +305,8 @@ class SessionsHandler(BrokerAPIHandler):
             min_gpu_memory_mib=int_field(body, "min_gpu_memory_mib", minimum=0),
             max_price_per_second_micro=None if max_price_hour is None else max_price_hour // 3600,
         )
-        record = self.broker.start_session(self.account.name, request)
+        class_name = str_field(body, "class")
+        record = self.broker.start_session(self.account.name, request, class_name)
         self.set_header("Location", f"{self.base_url.rstrip('/')}{API}/sessions/{record.id}")
         self.write_json(session_model(self.broker, record), 201)
 
@@ -441,6 +458,8 @@ class RelayHandler(BrokerWebSocket):
 
 def default_handlers() -> list[tuple[str, type]]:
     """The broker's routes."""
+    from .class_handlers import class_handlers
+
     sid = r"(?P<session_id>s-[0-9a-f]{1,64})"
     return [
         (rf"{API}/openapi.json", OpenAPIHandler),
@@ -451,6 +470,7 @@ def default_handlers() -> list[tuple[str, type]]:
         (rf"{API}/offers", OffersHandler),
         (rf"{API}/sessions", SessionsHandler),
         (rf"{API}/sessions/{sid}", SessionHandler),
+        *class_handlers(API),
         (rf"{API}/hosts/connect", HostControlHandler),
         (rf"{API}/relay/{sid}/(?P<side>user|host)", RelayHandler),
     ]

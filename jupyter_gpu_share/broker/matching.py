@@ -55,7 +55,8 @@ def offer_is_free(offer: OfferView, load: HostLoad | None) -> bool:
     return not (offer.gpu_count > 0 and offer.id in load.busy_offer_ids)
 
 
-def _fits(offer: OfferView, request: SessionRequest) -> bool:
+def offer_fits(offer: OfferView, request: SessionRequest) -> bool:
+    """Tell whether an offer meets a request's model, memory and price wishes."""
     if request.gpu_model and offer.gpu_model.lower() != request.gpu_model.lower():
         return False
     if request.min_gpu_memory_mib and offer.gpu_memory_mib < request.min_gpu_memory_mib:
@@ -81,7 +82,7 @@ def choose_offer(
             raise NoMatch(404, f"offer {request.offer_id} does not exist or its host is offline")
         candidates = chosen
     else:
-        candidates = [o for o in offers if _fits(o, request)]
+        candidates = [o for o in offers if offer_fits(o, request)]
         if not candidates:
             raise NoMatch(404, "no online offer matches the request")
     free = [o for o in candidates if offer_is_free(o, loads.get(o.host))]

@@ -14,14 +14,32 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..classes import (
+    Quota,
+    Used,
+    WaitingLine,
+    class_window_problem,
+    quota_problem,
+    quota_stop_us,
+    week_start_us,
+)
 from ..clock import now_us
 from ..ledger import billed_seconds, session_amount
 from ..store import NotFound, Store
-from .matching import HostLoad, NoMatch, OfferView, SessionRequest, choose_offer
+from .matching import (
+    HostLoad,
+    NoMatch,
+    OfferView,
+    SessionRequest,
+    choose_offer,
+    offer_fits,
+    offer_is_free,
+)
 from .relay import (
     CLOSE_CREDIT_EXHAUSTED,
     CLOSE_HOST_LOST,
     CLOSE_KERNEL_ENDED,
+    CLOSE_QUOTA_REACHED,
     CLOSE_START_FAILED,
     CLOSE_STOPPED,
     Relays,
@@ -36,6 +54,8 @@ END_HOST_LOST = "host lost"
 END_CREDIT = "credit exhausted"
 END_KERNEL = "kernel exited"
 END_START_FAILED = "start failed"
+END_QUOTA = "quota reached"
+END_TEACHER = "stopped by the teacher"
 
 CLOSE_CODES = {
     END_STOPPED: CLOSE_STOPPED,
@@ -43,7 +63,31 @@ CLOSE_CODES = {
     END_CREDIT: CLOSE_CREDIT_EXHAUSTED,
     END_KERNEL: CLOSE_KERNEL_ENDED,
     END_START_FAILED: CLOSE_START_FAILED,
+    END_QUOTA: CLOSE_QUOTA_REACHED,
+    END_TEACHER: CLOSE_STOPPED,
 }
+RETRY_AFTER_SECONDS = 5
+
+
+class Queued(Exception):
+    """The class pool is full; the student holds a place in the waiting line."""
+
+    def __init__(self, position: int, retry_after: int = RETRY_AFTER_SECONDS):
+        super().__init__(
+            f"the class GPU pool is full; you are number {position} in the queue "
+            f"(ask again within {retry_after} s to keep your place)"
+        )
+        self.position = position
+        self.retry_after = retry_after
+
+
+class Refused(Exception):
+    """A class start refused for a reason the student can read (quota, dates, membership)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
 
 
 class ControlChannel(Protocol):
@@ -84,6 +128,17 @@ class LiveSession:
     price_per_second_micro: int
     created_us: int
     ready_us: int | None = None
+    class_name: str | None = None
+    quota: Quota | None = None
+    used_before: Used | None = None
+
+    def quota_stop_us(self) -> int | None:
+        """When this class session reaches the student's quota (None: not a class, not ready)."""
+        if self.quota is None or self.used_before is None or self.ready_us is None:
+            return None
+        return quota_stop_us(
+            self.quota, self.used_before, self.ready_us, self.price_per_second_micro
+        )
 
     def cost_at(self, at_us: int) -> int:
         """Cost so far, billed as if the session ended at ``at_us``."""
@@ -117,6 +172,7 @@ class Broker:
         self.sessions: dict[str, LiveSession] = {}
         self.relays = Relays(settings.relay_buffer_bytes)
         self._balances: dict[str, int] = {}
+        self.lines: dict[str, WaitingLine] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started_us = now_us()
 
@@ -150,7 +206,10 @@ class Broker:
                 price_per_second_micro=record.price_per_second_micro,
                 created_us=record.created_us,
                 ready_us=record.ready_us,
+                class_name=record.class_name,
             )
+            if record.class_name is not None:
+                self._attach_quota(self.sessions[record.id], exclude_running=True)
         if self.sessions:
             log.info("resuming %d unfinished sessions; waiting for their hosts", len(self.sessions))
         loop = asyncio.get_running_loop()
@@ -309,28 +368,43 @@ class Broker:
         """Offers of the hosts connected now."""
         return [o for link in self.hosts.values() if link.channel is not None for o in link.offers]
 
-    def start_session(self, renter: str, request: SessionRequest) -> Any:
+    def start_session(
+        self, renter: str, request: SessionRequest, class_name: str | None = None
+    ) -> Any:
         """Match an offer, check funds, record the session and ask its host to start a kernel."""
+        if class_name is not None:
+            return self._start_class_session(renter, request, class_name)
         balance = self.store.balance(renter)
-        committed = sum(s.cost_at(now_us()) for s in self.sessions.values() if s.payer == renter)
         offer = choose_offer(
             self.online_offers(),
             self.host_loads(),
             request,
-            balance - committed,
+            balance - self._committed(renter),
             self.settings.minimum_start_seconds,
         )
-        record = self.store.create_session(renter, renter, offer.id, now_us())
-        self.sessions[record.id] = LiveSession(
+        return self._launch(renter, renter, offer, balance)
+
+    def _committed(self, payer: str) -> int:
+        now = now_us()
+        return sum(s.cost_at(now) for s in self.sessions.values() if s.payer == payer)
+
+    def _launch(
+        self, renter: str, payer: str, offer: OfferView, balance: int, class_name: str | None = None
+    ) -> Any:
+        record = self.store.create_session(renter, payer, offer.id, now_us(), class_name=class_name)
+        live = self.sessions[record.id] = LiveSession(
             id=record.id,
             renter=renter,
-            payer=renter,
+            payer=payer,
             host=offer.host,
             offer_id=offer.id,
             price_per_second_micro=record.price_per_second_micro,
             created_us=record.created_us,
+            class_name=class_name,
         )
-        self._balances[renter] = balance
+        if class_name is not None:
+            self._attach_quota(live, exclude_running=False)
+        self._balances[payer] = balance
         self.hosts[offer.host].send(
             {
                 "type": "start_kernel",
@@ -341,6 +415,90 @@ class Broker:
         )
         log.info("session %s for %s on host %s (offer %s)", record.id, renter, offer.host, offer.id)
         return record
+
+    # -- classes ----------------------------------------------------------------------------
+
+    def class_used(self, class_name: str, student: str, *, include_running: bool = True) -> Used:
+        """What a student has used in a class: ended sessions, plus running ones so far."""
+        now = now_us()
+        usage = self.store.class_usage(class_name, week_start_us(now)).get(student)
+        used = (
+            Used() if usage is None else Used(usage.seconds, usage.amount_micro, usage.week_seconds)
+        )
+        if include_running:
+            for live in self.sessions.values():
+                if live.class_name == class_name and live.renter == student and live.ready_us:
+                    seconds = billed_seconds(live.ready_us, now)
+                    used = Used(
+                        used.seconds + seconds,
+                        used.micro + live.cost_at(now),
+                        used.week_seconds + seconds,
+                    )
+        return used
+
+    def _attach_quota(self, live: LiveSession, *, exclude_running: bool) -> None:
+        record = self.store.get_class(live.class_name)  # type: ignore[arg-type]
+        live.quota = Quota(record.quota_seconds, record.quota_micro, record.weekly_quota_seconds)
+        live.used_before = self.class_used(
+            live.class_name,
+            live.renter,
+            include_running=not exclude_running,  # type: ignore[arg-type]
+        )
+
+    def _start_class_session(self, student: str, request: SessionRequest, class_name: str) -> Any:
+        now = now_us()
+        try:
+            record = self.store.get_class(class_name)
+        except NotFound:
+            raise Refused(404, f"no class named {class_name!r}") from None
+        if self.store.class_role(class_name, student) is None:
+            raise Refused(404, f"no class named {class_name!r}")
+        problem = class_window_problem(record.starts_us, record.ends_us, now)
+        if problem:
+            raise Refused(403, f"class {class_name}: {problem}")
+        if any(s.class_name == class_name and s.renter == student for s in self.sessions.values()):
+            raise Refused(
+                409, f"you already have a running kernel in class {class_name}; stop it first"
+            )
+        quota = Quota(record.quota_seconds, record.quota_micro, record.weekly_quota_seconds)
+        problem = quota_problem(quota, self.class_used(class_name, student))
+        if problem:
+            raise Refused(403, f"class {class_name}: {problem}")
+        class_request = SessionRequest(
+            gpu_model=record.gpu_model or request.gpu_model,
+            max_price_per_second_micro=record.max_price_per_second_micro,
+            min_gpu_memory_mib=request.min_gpu_memory_mib,
+        )
+        line = self.lines.setdefault(class_name, WaitingLine())
+        loads = self.host_loads()
+        free = [
+            o for o in self.online_offers() if offer_fits(o, class_request) and _is_free(o, loads)
+        ]
+        place = line.peek(student, now)
+        ahead = (place - 1) if place is not None else len(line)
+        if ahead >= len(free):
+            raise Queued(line.place(student, now))
+        budget = record.budget_micro - self._committed(record.account)
+        try:
+            offer = choose_offer(
+                free, loads, class_request, budget, self.settings.minimum_start_seconds
+            )
+        except NoMatch as error:
+            if error.status == 402:
+                raise Refused(402, f"class {class_name}: the class budget is used up") from None
+            if error.status == 409:
+                raise Queued(line.place(student, now)) from None
+            raise
+        line.leave(student)
+        return self._launch(student, record.account, offer, record.budget_micro, class_name)
+
+    def stop_student(self, class_name: str, student: str) -> list[Any]:
+        """Stop a student's running kernels in a class (the teacher's stop button)."""
+        return [
+            self.end_session(live.id, END_TEACHER)
+            for live in list(self.sessions.values())
+            if live.class_name == class_name and live.renter == student
+        ]
 
     def kernel_ready(self, host: str, session_id: str) -> None:
         """Start billing: the host reports the kernel answering."""
@@ -420,6 +578,10 @@ class Broker:
                 continue
             for live in running:
                 self.end_session(live.id, END_CREDIT, ended_us=min(now, exhausted_us))
+        for live in list(self.sessions.values()):
+            stop_at = live.quota_stop_us()
+            if stop_at is not None and stop_at <= now:
+                self.end_session(live.id, END_QUOTA, ended_us=stop_at)
 
     def refresh_balances(self) -> None:
         """Forget cached balances so the next budget check reads the store."""
@@ -445,6 +607,10 @@ class Broker:
     def session_record(self, session_id: str) -> Any:
         """The stored session, or NotFound."""
         return self.store.get_session(session_id)
+
+
+def _is_free(offer: OfferView, loads: dict[str, HostLoad]) -> bool:
+    return offer_is_free(offer, loads.get(offer.host))
 
 
 def _offer_view(offer: Any) -> OfferView:

@@ -33,6 +33,7 @@ CLOSE_REASONS = {
     4002: "credit exhausted",
     4003: "kernel exited",
     4004: "start failed",
+    4007: "quota reached",
 }
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 
@@ -140,14 +141,21 @@ class KernelBridge:
         self.ended.clear()
         self.end_reason = None
         self.exit_code = None
-        self._relay = (url, token, json.dumps({"type": "hello", "key": key.decode(), "signature_scheme": scheme}))
+        self._relay = (
+            url,
+            token,
+            json.dumps({"type": "hello", "key": key.decode(), "signature_scheme": scheme}),
+        )
         self.ws = await self._connect_relay()
         self._relay_task = asyncio.ensure_future(self._pump_from_relay())
 
     async def _connect_relay(self) -> websocket.WebSocketClientConnection:
         url, token, hello = self._relay
         request = httpclient.HTTPRequest(
-            url, headers={"Authorization": f"Bearer {token}"}, connect_timeout=20, request_timeout=60
+            url,
+            headers={"Authorization": f"Bearer {token}"},
+            connect_timeout=20,
+            request_timeout=60,
         )
         ws = await websocket.websocket_connect(request, max_message_size=MAX_MESSAGE_SIZE)
         ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
@@ -187,7 +195,9 @@ class KernelBridge:
                     reason = ws.close_reason or CLOSE_REASONS.get(code, "relay closed")
                     self._mark_ended(reason, 0 if code in (4000, 4003) else 1)
                     return
-                log.warning("relay of session %s dropped (code %s); reconnecting", self.session_id, code)
+                log.warning(
+                    "relay of session %s dropped (code %s); reconnecting", self.session_id, code
+                )
                 ws = self.ws = await self._reconnect()
                 continue
             if isinstance(message, bytes):

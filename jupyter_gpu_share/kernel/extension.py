@@ -242,8 +242,10 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     web_app.add_handlers(
         ".*$",
         [
-            (url_path_join(base_url, r"/gpu-share/user/kernels/([0-9a-f-]{1,64})"),
-             KernelSessionHandler),
+            (
+                url_path_join(base_url, r"/gpu-share/user/kernels/([0-9a-f-]{1,64})"),
+                KernelSessionHandler,
+            ),
             (url_path_join(base_url, r"/gpu-share/user/preference"), PreferenceHandler),
             (route, UserProxyHandler),
         ],

@@ -55,6 +55,11 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="Never rent above this price per hour, in micro-credits; -1 for no cap.",
     )
+    class_name = Unicode(
+        "",
+        config=True,
+        help="Run on this class's GPU pool, charged to the class (set by class kernelspecs).",
+    )
     start_timeout = Float(
         180.0, config=True, help="Seconds to wait for a remote kernel to become ready."
     )
@@ -101,7 +106,23 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             request["gpu_model"] = self.gpu_model
         if self.max_price_per_hour_micro >= 0:
             request["max_price_per_hour_micro"] = self.max_price_per_hour_micro
+        if self.class_name:
+            request["class"] = self.class_name
         return request
+
+    async def _request_session(self) -> dict[str, Any]:
+        """Ask the broker for a session, waiting in the class queue while the pool is full."""
+        deadline = asyncio.get_running_loop().time() + self.start_timeout
+        while True:
+            try:
+                return await self._broker("POST", "/sessions", self._session_request())
+            except BrokerError as error:
+                if error.status != 429 or asyncio.get_running_loop().time() > deadline:
+                    raise
+                self.log.info("gpu-share: %s", error.message)
+                await asyncio.sleep(
+                    min(5.0, max(0.5, deadline - asyncio.get_running_loop().time()))
+                )
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Rent a session, attach the bridge to its relay, and wait for the kernel."""
@@ -109,7 +130,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         km = self.parent
         self.log.info("gpu-share: finding a host for kernel %s", self.kernel_id)
         try:
-            session = await self._broker("POST", "/sessions", self._session_request())
+            session = await self._request_session()
         except BrokerError as error:
             raise RuntimeError(
                 f"gpu-share: cannot start a remote kernel: {error.message}"

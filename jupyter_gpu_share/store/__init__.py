@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from .classes import class_account_name
 from .records import (
     ENDED,
     RUNNING,
     STARTING,
     Account,
+    ClassRecord,
     Conflict,
     InsufficientFunds,
     NotFound,
@@ -14,6 +16,7 @@ from .records import (
     OfferSpec,
     SessionRecord,
     StoreError,
+    StudentUsage,
 )
 from .store import FEE_ACCOUNT, MINT_ACCOUNT, Store, migrations_config
 
@@ -24,6 +27,7 @@ __all__ = [
     "RUNNING",
     "STARTING",
     "Account",
+    "ClassRecord",
     "Conflict",
     "InsufficientFunds",
     "NotFound",
@@ -32,5 +36,7 @@ __all__ = [
     "SessionRecord",
     "Store",
     "StoreError",
+    "StudentUsage",
+    "class_account_name",
     "migrations_config",
 ]

@@ -117,6 +117,7 @@ class Session(Base):
     end_reason: Mapped[str | None] = mapped_column(String(255))
     billed_seconds: Mapped[int | None] = mapped_column(BigInteger)
     amount_micro: Mapped[int | None] = mapped_column(BigInteger)
+    class_name: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class Transaction(Base):
@@ -143,3 +144,53 @@ class LedgerEntry(Base):
     )
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
     amount_micro: Mapped[int] = mapped_column(BigInteger)
+
+
+class Classroom(Base):
+    """A class: a budget account, a teacher, quotas per student and the GPU kind it may use."""
+
+    __tablename__ = "classes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    quota_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    quota_micro: Mapped[int | None] = mapped_column(BigInteger)
+    weekly_quota_seconds: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_model: Mapped[str | None] = mapped_column(String(128))
+    max_price_per_second_micro: Mapped[int | None] = mapped_column(BigInteger)
+    starts_us: Mapped[int | None] = mapped_column(BigInteger)
+    ends_us: Mapped[int | None] = mapped_column(BigInteger)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class ClassMember(Base):
+    """A teacher or a student of a class; students removed stay as inactive rows."""
+
+    __tablename__ = "class_members"
+    __table_args__ = (
+        CheckConstraint("role IN ('teacher', 'student')", name="role"),
+        Index("uq_class_members_class_id_account_id", "class_id", "account_id", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    class_id: Mapped[int] = mapped_column(ForeignKey("classes.id"))
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    active: Mapped[bool] = mapped_column(Boolean)
+    added_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class ClassNotebook(Base):
+    """A starter notebook a teacher published to a class."""
+
+    __tablename__ = "class_notebooks"
+    __table_args__ = (
+        Index("uq_class_notebooks_class_id_name", "class_id", "name", unique=True),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    class_id: Mapped[int] = mapped_column(ForeignKey("classes.id"))
+    name: Mapped[str] = mapped_column(String(255))
+    content: Mapped[str] = mapped_column(Text)
+    updated_us: Mapped[int] = mapped_column(BigInteger)

@@ -116,6 +116,37 @@ class SessionRecord:
     end_reason: str | None
     billed_seconds: int | None
     amount_micro: int | None
+    class_name: str | None = None
+
+
+@dataclass(frozen=True)
+class ClassRecord:
+    """A class: its budget account, teacher, per-student quotas and allowed GPU kind."""
+
+    id: int
+    name: str
+    account: str
+    teacher: str
+    budget_micro: int
+    quota_seconds: int | None
+    quota_micro: int | None
+    weekly_quota_seconds: int | None
+    gpu_model: str | None
+    max_price_per_second_micro: int | None
+    starts_us: int | None
+    ends_us: int | None
+    created_us: int
+
+
+@dataclass(frozen=True)
+class StudentUsage:
+    """A student's ended sessions in a class."""
+
+    student: str
+    seconds: int
+    amount_micro: int
+    sessions: int
+    week_seconds: int
 
 
 def _is_int(value: object) -> bool:

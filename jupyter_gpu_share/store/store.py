@@ -39,6 +39,7 @@ from jupyter_gpu_share.ledger import Entry, billed_seconds, can_start, credit_en
 from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entries
 
 from . import models
+from .classes import ClassStore
 from .engine import make_engines
 from .records import (
     ENDED,
@@ -220,6 +221,7 @@ def _session(row: Any) -> SessionRecord:
         end_reason=row.end_reason,
         billed_seconds=row.billed_seconds,
         amount_micro=row.amount_micro,
+        class_name=row.class_name,
     )
 
 
@@ -228,7 +230,7 @@ def _check_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an integer, not {value!r}")
 
 
-class Store:
+class Store(ClassStore):
     """Durable state of the broker on SQLite or PostgreSQL."""
 
     def __init__(self, url: str, *, upgrade: bool = False, echo: bool = False) -> None:
@@ -572,7 +574,14 @@ class Store:
     # -- sessions ---------------------------------------------------------------------
 
     def create_session(
-        self, renter: str, payer: str, offer_id: int, now_us: int, *, minimum_seconds: int = 0
+        self,
+        renter: str,
+        payer: str,
+        offer_id: int,
+        now_us: int,
+        *,
+        minimum_seconds: int = 0,
+        class_name: str | None = None,
     ) -> SessionRecord:
         """Record a new session on an active offer, at the offer's price, as "starting".
 
@@ -611,9 +620,11 @@ class Store:
                 end_reason=None,
                 billed_seconds=None,
                 amount_micro=None,
+                class_name=class_name,
             )
             connection.execute(
                 insert(sessions).values(
+                    class_name=class_name,
                     id=record.id,
                     renter_account_id=renter_id,
                     payer_account_id=payer_id,

@@ -27,7 +27,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def eventually(check: Callable[[], T], timeout: float = 30, interval: float = 0.1, what: str = "") -> T:
+def eventually(
+    check: Callable[[], T], timeout: float = 30, interval: float = 0.1, what: str = ""
+) -> T:
     """Poll until ``check`` returns something truthy (exceptions count as not yet)."""
     deadline = time.monotonic() + timeout
     last_error: BaseException | None = None
@@ -96,9 +98,14 @@ class Cluster:
         self.url = f"http://127.0.0.1:{self.port}"
         traits = {"heartbeat_interval": 0.5, "checkpoint_interval": 1.0, **broker_traits}
         self._broker_args = [
-            *CLI, "broker", f"--port={self.port}", "--ServerApp.ip=127.0.0.1",
-            "--ServerApp.port_retries=0", f"--db=sqlite:///{workdir / 'broker.sqlite'}",
-            f"--ServerApp.root_dir={workdir}", *ROOT_FLAG,
+            *CLI,
+            "broker",
+            f"--port={self.port}",
+            "--ServerApp.ip=127.0.0.1",
+            "--ServerApp.port_retries=0",
+            f"--db=sqlite:///{workdir / 'broker.sqlite'}",
+            f"--ServerApp.root_dir={workdir}",
+            *ROOT_FLAG,
             *(f"--BrokerApp.{k}={v}" for k, v in traits.items()),
         ]
         self.admin = BrokerClient(self.url, self.admin_token, timeout=10)
@@ -132,13 +139,24 @@ class Cluster:
         token = self.account(name, "host")
         process = self.spawn(
             f"host-{name}",
-            [*CLI, "host", "--broker", self.url, "--price-per-hour", price_per_hour,
-             "--heartbeat-interval=0.5", f"--scratch-root={self.workdir / ('scratch-' + name)}", *extra],
+            [
+                *CLI,
+                "host",
+                "--broker",
+                self.url,
+                "--price-per-hour",
+                price_per_hour,
+                "--heartbeat-interval=0.5",
+                f"--scratch-root={self.workdir / ('scratch-' + name)}",
+                *extra,
+            ],
             clean_env(GPU_SHARE_TOKEN=token),
         )
         eventually(
             lambda: any(o["host_id"] == name for o in self.admin.request("GET", "/offers")),
-            60, 0.2, f"host {name} to come online",
+            60,
+            0.2,
+            f"host {name} to come online",
         )
         return process
 
@@ -150,16 +168,27 @@ class Cluster:
         root.mkdir(exist_ok=True)
         self.spawn(
             "user-server",
-            [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-             "--ServerApp.port_retries=0", f"--IdentityProvider.token={server_token}",
-             f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False", *ROOT_FLAG],
+            [
+                sys.executable,
+                "-m",
+                "jupyter_server",
+                f"--port={port}",
+                "--ServerApp.ip=127.0.0.1",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={server_token}",
+                f"--ServerApp.root_dir={root}",
+                "--ServerApp.open_browser=False",
+                *ROOT_FLAG,
+            ],
             clean_env(GPU_SHARE_BROKER_URL=self.url, GPU_SHARE_TOKEN=token),
         )
         url = f"http://127.0.0.1:{port}"
         import urllib.request
 
         def answers() -> bool:
-            request = urllib.request.Request(f"{url}/api/status", headers={"Authorization": f"token {server_token}"})
+            request = urllib.request.Request(
+                f"{url}/api/status", headers={"Authorization": f"token {server_token}"}
+            )
             with urllib.request.urlopen(request, timeout=5) as response:
                 return response.status == 200
 

@@ -17,11 +17,15 @@ from .harness import CLI, clean_env
 pytestmark = pytest.mark.e2e
 
 
-def call(url: str, method: str, path: str, token: str | None = None, body: bytes | None = None) -> tuple[int, Any]:
+def call(
+    url: str, method: str, path: str, token: str | None = None, body: bytes | None = None
+) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(url + "/gpu-share/api" + path, data=body, method=method, headers=headers)
+    request = urllib.request.Request(
+        url + "/gpu-share/api" + path, data=body, method=method, headers=headers
+    )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read() or b"null")
@@ -49,14 +53,18 @@ def test_tokens_roles_and_ownership(cluster):
     assert status == 401
 
     # The broker is a jupyter_server, but none of the server's own APIs are open to tokens.
-    request = urllib.request.Request(url + "/api/kernels", headers={"Authorization": f"Bearer {cluster.admin_token}"})
+    request = urllib.request.Request(
+        url + "/api/kernels", headers={"Authorization": f"Bearer {cluster.admin_token}"}
+    )
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 403
 
     status, error = call(url, "POST", "/sessions", host_token, b"{}")
     assert status == 403 and "user" in error["message"]
-    status, error = call(url, "POST", "/accounts", alice, json.dumps({"name": "eve", "role": "admin"}).encode())
+    status, error = call(
+        url, "POST", "/accounts", alice, json.dumps({"name": "eve", "role": "admin"}).encode()
+    )
     assert status == 403
     status, error = call(url, "POST", "/accounts/alice/credit", alice, b'{"amount_micro": 5}')
     assert status == 403
@@ -80,13 +88,23 @@ def test_malformed_and_out_of_range_bodies_change_nothing(cluster):
     status, error = call(url, "POST", "/accounts/alice/credit", admin, b"{not json")
     assert status == 400 and "JSON" in error["message"]
     for amount in (-5, 0, "12", 1.5, None):
-        status, error = call(url, "POST", "/accounts/alice/credit", admin, json.dumps({"amount_micro": amount}).encode())
+        status, error = call(
+            url,
+            "POST",
+            "/accounts/alice/credit",
+            admin,
+            json.dumps({"amount_micro": amount}).encode(),
+        )
         assert status == 400, amount
-    status, error = call(url, "POST", "/sessions", alice, json.dumps({"max_price_per_hour_micro": -1}).encode())
+    status, error = call(
+        url, "POST", "/sessions", alice, json.dumps({"max_price_per_hour_micro": -1}).encode()
+    )
     assert status == 400 and "max_price_per_hour_micro" in error["message"]
     status, error = call(url, "POST", "/sessions", alice, json.dumps({"offer_id": "one"}).encode())
     assert status == 400
-    status, error = call(url, "POST", "/accounts", admin, json.dumps({"name": "x", "role": "emperor"}).encode())
+    status, error = call(
+        url, "POST", "/accounts", admin, json.dumps({"name": "x", "role": "emperor"}).encode()
+    )
     assert status == 400
     status, error = call(url, "POST", "/sessions", alice, b"[1, 2]")
     assert status == 400
@@ -103,7 +121,9 @@ def test_a_start_needs_a_minute_of_credit(cluster):
 
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=60, env=clean_env(**env))
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=60, env=clean_env(**env)
+    )
 
 
 def test_cli_reports_one_line_errors(cluster):

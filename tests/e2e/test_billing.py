@@ -192,7 +192,10 @@ def test_broker_restart_keeps_the_kernel_and_bills_once(make_cluster, monkeypatc
     lifetime = (session["ended_us"] - session["started_us"]) / 1e6
     assert abs(lifetime - (stop_at - ready_at)) < 1.0
     assert session["amount_micro"] == session["billed_seconds"] * PRICE_PER_SECOND
-    assert 100 * MICRO - cluster.client(token).request("GET", "/me")["balance_micro"] == session["amount_micro"]
+    assert (
+        100 * MICRO - cluster.client(token).request("GET", "/me")["balance_micro"]
+        == session["amount_micro"]
+    )
     store = open_store(cluster)
     try:
         store.check_ledger()

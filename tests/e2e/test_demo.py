@@ -22,12 +22,18 @@ def test_demo_serves_a_working_lab_and_stops_cleanly(tmp_path):
     with log_path.open("wb") as log:
         demo = subprocess.Popen(
             [*CLI, "demo", f"--port={port}", f"--dir={tmp_path / 'demo'}"],
-            stdout=log, stderr=subprocess.STDOUT, env=clean_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=clean_env(),
         )
     try:
         match = eventually(
-            lambda: re.search(r"JupyterLab: (http://\S+)/lab/tree/\S+\?token=(\w+)", log_path.read_text()),
-            120, 0.5, "the demo to print the JupyterLab URL",
+            lambda: re.search(
+                r"JupyterLab: (http://\S+)/lab/tree/\S+\?token=(\w+)", log_path.read_text()
+            ),
+            120,
+            0.5,
+            "the demo to print the JupyterLab URL",
         )
         url, token = match.group(1), match.group(2)
         assert "offer online: CPU on demo-host" in log_path.read_text()
@@ -51,5 +57,7 @@ def test_demo_serves_a_working_lab_and_stops_cleanly(tmp_path):
     assert "stopping" in output
     assert "Traceback" not in output
     time.sleep(0.5)
-    leftovers = subprocess.run(["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True)
+    leftovers = subprocess.run(
+        ["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True
+    )
     assert leftovers.stdout.strip() == "", "demo left processes behind"

@@ -28,7 +28,11 @@ HOSTS = ("host-a", "host-b")
 
 def notebook(*sources: str) -> nbformat.NotebookNode:
     nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "Python 3 (shared GPU)", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "gpu-share",
+        "display_name": "Python 3 (shared GPU)",
+        "language": "python",
+    }
     nb.cells = [nbformat.v4.new_code_cell(source) for source in sources]
     return nb
 
@@ -69,12 +73,24 @@ def test_nbclient_runs_a_notebook_on_a_host(make_cluster, monkeypatch):
 def _execute_request(code: str, session: str) -> dict[str, Any]:
     msg_id = uuid.uuid4().hex
     return {
-        "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": session,
-                   "date": "2026-01-01T00:00:00Z", "version": "5.3"},
+        "header": {
+            "msg_id": msg_id,
+            "msg_type": "execute_request",
+            "username": "t",
+            "session": session,
+            "date": "2026-01-01T00:00:00Z",
+            "version": "5.3",
+        },
         "parent_header": {},
         "metadata": {},
-        "content": {"code": code, "silent": False, "store_history": True, "user_expressions": {},
-                    "allow_stdin": False, "stop_on_error": True},
+        "content": {
+            "code": code,
+            "silent": False,
+            "store_history": True,
+            "user_expressions": {},
+            "allow_stdin": False,
+            "stop_on_error": True,
+        },
         "channel": "shell",
         "buffers": [],
     }
@@ -89,7 +105,9 @@ class ServerKernel:
 
     def rest(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         request = urllib.request.Request(
-            self.url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+            self.url + path,
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"token {self.token}", "Content-Type": "application/json"},
         )
         with urllib.request.urlopen(request, timeout=120) as response:
@@ -97,7 +115,10 @@ class ServerKernel:
         return json.loads(payload) if payload else None
 
     async def connect(self, kernel_id: str) -> None:
-        ws_url = self.url.replace("http", "ws") + f"/api/kernels/{kernel_id}/channels?session_id={self.session}"
+        ws_url = (
+            self.url.replace("http", "ws")
+            + f"/api/kernels/{kernel_id}/channels?session_id={self.session}"
+        )
         self.ws = await websocket.websocket_connect(
             HTTPRequest(ws_url, headers={"Authorization": f"token {self.token}"})
         )
@@ -143,7 +164,9 @@ async def _server_kernel_interrupt_and_restart(make_cluster):
 
     kernel = client.rest("POST", "/api/kernels", {"name": "gpu-share"})
     await client.connect(kernel["id"])
-    reply, text = await client.execute("import os; print(os.environ['GPU_SHARE_HOST_ID']); y = 41 + 1")
+    reply, text = await client.execute(
+        "import os; print(os.environ['GPU_SHARE_HOST_ID']); y = 41 + 1"
+    )
     assert reply["status"] == "ok"
     first_host = text.strip()
     assert first_host in HOSTS
@@ -156,7 +179,10 @@ async def _server_kernel_interrupt_and_restart(make_cluster):
     client.rest("POST", f"/api/kernels/{kernel['id']}/interrupt")
     while True:
         message = json.loads(await client.ws.read_message())
-        if message["msg_type"] == "execute_reply" and message["parent_header"]["msg_id"] == sleeper["header"]["msg_id"]:
+        if (
+            message["msg_type"] == "execute_reply"
+            and message["parent_header"]["msg_id"] == sleeper["header"]["msg_id"]
+        ):
             break
     assert message["content"]["status"] == "error"
     assert message["content"]["ename"] == "KeyboardInterrupt"
@@ -177,8 +203,13 @@ async def _server_kernel_interrupt_and_restart(make_cluster):
     assert any(s["state"] == "running" and s["id"] != first_session for s in sessions)
 
     client.rest("DELETE", f"/api/kernels/{kernel['id']}")
-    eventually(lambda: all(s["state"] == "ended" for s in cluster.client(token).request("GET", "/sessions")),
-               20, what="every session to end after shutdown")
+    eventually(
+        lambda: all(
+            s["state"] == "ended" for s in cluster.client(token).request("GET", "/sessions")
+        ),
+        20,
+        what="every session to end after shutdown",
+    )
 
 
 def test_nbconvert_execute_on_gpu_share(make_cluster, tmp_path):
@@ -188,9 +219,22 @@ def test_nbconvert_execute_on_gpu_share(make_cluster, tmp_path):
     path = tmp_path / "nb.ipynb"
     nbformat.write(notebook("import os\nprint('ran on', os.environ['GPU_SHARE_HOST_ID'])"), path)
     result = subprocess.run(
-        [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-         "--ExecutePreprocessor.kernel_name=gpu-share", "--output", "out.ipynb", str(path)],
-        capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--ExecutePreprocessor.kernel_name=gpu-share",
+            "--output",
+            "out.ipynb",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
         env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
     )
     assert result.returncode == 0, result.stderr
@@ -204,4 +248,6 @@ def test_broker_serves_its_openapi_document(make_cluster):
     cluster = make_cluster()
     document = cluster.admin.request("GET", "/openapi.json")
     assert document["openapi"].startswith("3.")
-    assert {"/gpu-share/api/sessions", "/gpu-share/api/offers", "/gpu-share/api/me"} <= set(document["paths"])
+    assert {"/gpu-share/api/sessions", "/gpu-share/api/offers", "/gpu-share/api/me"} <= set(
+        document["paths"]
+    )

@@ -65,7 +65,18 @@ def test_migrations_create_the_models_schema(store: Store, database: Engine) -> 
             connection, opts={"version_table": VERSION_TABLE, "compare_type": True}
         )
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_heads() == ("0001",)
+        assert context.get_current_heads() == ("0002",)
+
+
+def test_upgrade_from_0001_keeps_data_and_adds_classes(store_url: str, store: Store) -> None:
+    command.downgrade(migrations_config(store_url), "0001")
+    with pytest.raises(StoreError, match="out of date"):
+        Store(store_url)
+    with Store(store_url, upgrade=True) as upgraded:
+        assert upgraded.balance("alice") == 1_000_000_000
+        upgraded.ensure_account("prof", "teacher")
+        assert upgraded.create_class("c1", "prof", quota_seconds=60).account == "c1@class"
+        upgraded.check_ledger()
 
 
 def test_fresh_database_is_migrated_without_upgrade(store_url: str) -> None:

@@ -1,0 +1,302 @@
+"""REST handlers for classes: teachers manage, students use, admins fund."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+from jupyter_server.auth.decorator import authorized
+from tornado import web
+
+from ..classes import Quota, remaining, week_start_us
+from ..clock import now_us
+from ..ledger import price_per_hour
+from ..store import ClassRecord
+from ..store.classes import MAX_NOTEBOOK_BYTES
+from .handlers import BrokerAPIHandler, int_field, iso_from_us, str_field
+
+MAX_STUDENTS_PER_CALL = 1000
+
+
+def class_model(record: ClassRecord, role: str) -> dict[str, Any]:
+    """The JSON of a class as its member (or an admin) sees it."""
+    return {
+        "name": record.name,
+        "teacher": record.teacher,
+        "your_role": role,
+        "budget_micro": record.budget_micro,
+        "quota_seconds": record.quota_seconds,
+        "quota_micro": record.quota_micro,
+        "weekly_quota_seconds": record.weekly_quota_seconds,
+        "gpu_model": record.gpu_model,
+        "max_price_per_hour_micro": None
+        if record.max_price_per_second_micro is None
+        else price_per_hour(record.max_price_per_second_micro),
+        "starts_at": iso_from_us(record.starts_us),
+        "ends_at": iso_from_us(record.ends_us),
+        "kernel_name": class_kernel_name(record.name),
+    }
+
+
+def class_kernel_name(class_name: str) -> str:
+    """The kernelspec a class's notebooks name (installed by `jupyter gpu-share class fetch`)."""
+    return f"gpu-share-{class_name.lower()}"
+
+
+def _date_us(body: dict[str, Any], name: str) -> int | None:
+    value = str_field(body, name)
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise web.HTTPError(400, f"'{name}' must be an ISO date such as 2026-12-01") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1_000_000)
+
+
+class ClassHandlerBase(BrokerAPIHandler):
+    """Shared checks: who may see and who may manage a class."""
+
+    def member_role(self, name: str) -> str:
+        """The caller's role in the class ('admin' for admins); 404 for outsiders."""
+        if self.account.role == "admin":
+            self.broker.store.get_class(name)
+            return "admin"
+        role = self.broker.store.class_role(name, self.account.name)
+        if role is None:
+            # The same answer whether the class does not exist or is someone else's.
+            raise web.HTTPError(404, f"no class named {name!r}")
+        return role
+
+    def require_teacher(self, name: str) -> str:
+        """The caller teaches the class (or is an admin), else 403/404."""
+        role = self.member_role(name)
+        if role not in ("teacher", "admin"):
+            raise web.HTTPError(403, f"only the teacher of {name} can do this")
+        return role
+
+
+class ClassesHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        member = None if self.account.role == "admin" else self.account.name
+        records = self.broker.store.list_classes(member)
+        roles = {
+            r.name: self.broker.store.class_role(r.name, self.account.name) or "admin"
+            for r in records
+        }
+        self.write_json([class_model(r, roles[r.name]) for r in records])
+
+    @web.authenticated
+    @authorized
+    def post(self) -> None:
+        self.require_role("teacher", "admin")
+        body = self.json_body()
+        name = str_field(body, "name", required=True)
+        teacher = self.account.name
+        if self.account.role == "admin":
+            teacher = str_field(body, "teacher", required=True)
+            owner = self.broker.store.get_account(teacher)
+            if owner is None or owner.role != "teacher":
+                raise web.HTTPError(400, f"{teacher!r} is not a teacher account")
+        max_price_hour = int_field(body, "max_price_per_hour_micro", minimum=0)
+        budget = int_field(body, "budget_micro", minimum=0)
+        if (
+            budget
+            and self.account.role == "teacher"
+            and self.broker.store.balance(teacher) < budget
+        ):
+            raise web.HTTPError(
+                402,
+                f"a budget of {budget} micro-credits is more than your balance; ask an admin to grant it",
+            )
+        record = self.broker.store.create_class(
+            name,  # type: ignore[arg-type]
+            teacher,  # type: ignore[arg-type]
+            quota_seconds=int_field(body, "quota_seconds", minimum=1),
+            quota_micro=int_field(body, "quota_micro", minimum=1),
+            weekly_quota_seconds=int_field(body, "weekly_quota_seconds", minimum=1),
+            gpu_model=str_field(body, "gpu_model"),
+            max_price_per_second_micro=None if max_price_hour is None else max_price_hour // 3600,
+            starts_us=_date_us(body, "starts_at"),
+            ends_us=_date_us(body, "ends_at"),
+        )
+        if budget:
+            source = "mint" if self.account.role == "admin" else teacher
+            record = self.broker.store.fund_class(record.name, budget, source)  # type: ignore[arg-type]
+        self.set_header(
+            "Location", f"{self.base_url.rstrip('/')}/gpu-share/api/classes/{record.name}"
+        )
+        self.write_json(class_model(record, "teacher"), 201)
+
+
+class ClassHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        role = self.member_role(name)
+        self.write_json(class_model(self.broker.store.get_class(name), role))
+
+
+class ClassBudgetHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def post(self, name: str) -> None:
+        role = self.require_teacher(name)
+        amount = int_field(self.json_body(), "amount_micro", required=True, minimum=1)
+        source = "mint" if role == "admin" else self.account.name
+        record = self.broker.store.fund_class(name, amount, source)  # type: ignore[arg-type]
+        self.broker.credited(record.account, record.budget_micro)
+        self.write_json(class_model(record, role))
+
+
+class StudentsHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        self.require_teacher(name)
+        self.write_json(self.broker.store.class_students(name))
+
+    @web.authenticated
+    @authorized
+    def post(self, name: str) -> None:
+        self.require_teacher(name)
+        students = self.json_body(max_bytes=256 * 1024).get("students")
+        if (
+            not isinstance(students, list)
+            or not students
+            or not all(isinstance(s, str) for s in students)
+        ):
+            raise web.HTTPError(400, "'students' must be a non-empty list of user names")
+        if len(students) > MAX_STUDENTS_PER_CALL:
+            raise web.HTTPError(400, f"at most {MAX_STUDENTS_PER_CALL} students per call")
+        tokens = self.broker.store.add_students(name, students)
+        self.write_json(
+            {
+                "added": list(tokens),
+                "new_accounts": {student: token for student, token in tokens.items() if token},
+            }
+        )
+
+
+class StudentHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def delete(self, name: str, student: str) -> None:
+        self.require_teacher(name)
+        self.broker.stop_student(name, student)
+        self.broker.store.remove_student(name, student)
+        self.write_json({"removed": student})
+
+
+class StopStudentHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def post(self, name: str, student: str) -> None:
+        self.require_teacher(name)
+        ended = self.broker.stop_student(name, student)
+        self.write_json({"student": student, "stopped_sessions": [r.id for r in ended]})
+
+
+class NotebooksHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        self.member_role(name)
+        self.write_json(
+            [
+                {"name": nb, "updated_at": iso_from_us(updated), "size": size}
+                for nb, updated, size in self.broker.store.list_class_notebooks(name)
+            ]
+        )
+
+
+class NotebookHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def get(self, name: str, notebook: str) -> None:
+        self.member_role(name)
+        record = self.broker.store.get_class(name)
+        content = json.loads(self.broker.store.get_class_notebook(name, notebook))
+        metadata = content.setdefault("metadata", {})
+        # Opening (or running headless) a class notebook starts its kernel on the class pool.
+        metadata["kernelspec"] = {
+            "name": class_kernel_name(name),
+            "display_name": f"Python 3 ({name} class GPU)",
+            "language": "python",
+        }
+        metadata["gpu_share"] = {"class": name, "gpu_model": record.gpu_model}
+        self.write_json(content)
+
+    @web.authenticated
+    @authorized
+    def put(self, name: str, notebook: str) -> None:
+        self.require_teacher(name)
+        content = self.json_body(max_bytes=MAX_NOTEBOOK_BYTES)
+        if not isinstance(content.get("cells"), list) or "nbformat" not in content:
+            raise web.HTTPError(400, "the body must be a notebook (nbformat 4 JSON with 'cells')")
+        self.broker.store.put_class_notebook(name, notebook, json.dumps(content))
+        self.write_json({"name": notebook, "class": name}, 201)
+
+
+class UsageHandler(ClassHandlerBase):
+    @web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        role = self.member_role(name)
+        record = self.broker.store.get_class(name)
+        students = self.broker.store.class_students(name)
+        if role == "student":
+            students = [self.account.name]
+        quota = Quota(record.quota_seconds, record.quota_micro, record.weekly_quota_seconds)
+        now = now_us()
+        ended = self.broker.store.class_usage(name, week_start_us(now))
+        rows = []
+        for student in students:
+            used = self.broker.class_used(name, student)
+            seconds_left, micro_left = remaining(quota, used)
+            running = [
+                s
+                for s in self.broker.sessions.values()
+                if s.class_name == name and s.renter == student
+            ]
+            rows.append(
+                {
+                    "student": student,
+                    "seconds": used.seconds,
+                    "credits_micro": used.micro,
+                    "sessions": (ended[student].sessions if student in ended else 0) + len(running),
+                    "running": [s.id for s in running],
+                    "remaining_seconds": None if seconds_left is None else max(0, seconds_left),
+                    "remaining_micro": None if micro_left is None else max(0, micro_left),
+                }
+            )
+        self.write_json(
+            {
+                "class": name,
+                "budget_micro": record.budget_micro if role != "student" else None,
+                "students": rows,
+                "at": iso_from_us(now),
+            }
+        )
+
+
+def class_handlers(api: str) -> list[tuple[str, type]]:
+    """The class routes."""
+    cls = r"(?P<name>[A-Za-z0-9_.-]{1,58})"
+    student = r"(?P<student>[A-Za-z0-9_.@-]{1,64})"
+    return [
+        (rf"{api}/classes", ClassesHandler),
+        (rf"{api}/classes/{cls}", ClassHandler),
+        (rf"{api}/classes/{cls}/budget", ClassBudgetHandler),
+        (rf"{api}/classes/{cls}/students", StudentsHandler),
+        (rf"{api}/classes/{cls}/students/{student}", StudentHandler),
+        (rf"{api}/classes/{cls}/students/{student}/stop", StopStudentHandler),
+        (rf"{api}/classes/{cls}/notebooks", NotebooksHandler),
+        (rf"{api}/classes/{cls}/notebooks/(?P<notebook>[^/]+\.ipynb)", NotebookHandler),
+        (rf"{api}/classes/{cls}/usage", UsageHandler),
+    ]
