@@ -89,6 +89,7 @@ class KernelBridge:
         self._tasks: list[asyncio.Task[Any]] = []
         self._relay_task: asyncio.Task[Any] | None = None
         self.on_status: Callable[[str], None] | None = None
+        self.notices: list[str] = []
         self.reconnect_timeout = 60.0
         self._relay: tuple[str, str, str] = ("", "", "")
 
@@ -218,8 +219,12 @@ class KernelBridge:
             self._mark_ended(
                 str(record.get("reason", "kernel exited")), int(record.get("exit_code") or 0)
             )
-        elif kind == "status" and self.on_status is not None:
-            self.on_status(str(record.get("message", "")))
+        elif kind == "status":
+            message = str(record.get("message", ""))[:500]
+            self.notices.append(message)
+            del self.notices[:-20]
+            if self.on_status is not None:
+                self.on_status(message)
 
     def _mark_ended(self, reason: str, exit_code: int) -> None:
         if not self.ended.is_set():

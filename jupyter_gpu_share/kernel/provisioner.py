@@ -89,6 +89,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         km = self.parent
         if self.bridge is None:
             self.bridge = KernelBridge(self._loop())
+            self.bridge.on_status = lambda message: self.log.warning("gpu-share: %s", message)
             ports = await self._loop().run(self.bridge.bind())
             km.transport = "tcp"
             km.ip = self.bridge.ip
