@@ -127,6 +127,7 @@ class RemoteKernel:
         self.ready_timeout = ready_timeout
         self.stop_grace = stop_grace
         self.on_kernel_message = on_kernel_message
+        self._iopub_flowing = asyncio.Event()
         self.on_exit = on_exit
         self.log = logger or log
 
@@ -296,9 +297,34 @@ class RemoteKernel:
                 await hb.send(b"ping")
                 if await hb.poll(timeout=int(min(1.0, remaining) * 1000)):
                     await hb.recv()
-                    return
+                    break
             finally:
                 hb.close(linger=0)
+        await self._wait_iopub(info, deadline)
+
+    async def _wait_iopub(self, info: dict[str, Any], deadline: float) -> None:
+        """Nudge the kernel until its iopub reaches our subscription, as jupyter_client does.
+
+        A PUB socket drops what it sends before the subscription is connected; without this,
+        the renter's first output could be lost.
+        """
+        from jupyter_client.session import Session
+
+        assert self._context is not None
+        session = Session(key=self.key, signature_scheme=self.signature_scheme)
+        probe = self._context.socket(zmq.DEALER)
+        probe.linger = 0
+        probe.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._iopub_flowing.is_set() and loop.time() < deadline:
+                session.send(probe, "kernel_info_request")
+                try:
+                    await asyncio.wait_for(self._iopub_flowing.wait(), 0.2)
+                except asyncio.TimeoutError:
+                    continue
+        finally:
+            probe.close(linger=0)
 
     def _log_tail(self, lines: int = 5) -> str:
         if not self.runtime_dir:
@@ -317,6 +343,8 @@ class RemoteKernel:
                 frames = await sock.recv_multipart()
             except (zmq.ZMQError, asyncio.CancelledError):
                 return
+            if channel == wire.IOPUB:
+                self._iopub_flowing.set()
             try:
                 self.on_kernel_message(channel, frames)
             except Exception:
