@@ -32,6 +32,7 @@ from .inventory import Inventory
 from .kernels import RemoteKernel, default_scratch_root
 from .sandbox import ResourceLimits, Sandbox, SandboxError, make_sandbox
 from .schedule import Schedule, parse_schedule
+from .warm import WarmKernel, WarmPool
 
 CONTROL_PATH = "/gpu-share/api/hosts/connect"
 RELAY_MARK = "/gpu-share/api/relay/"
@@ -111,6 +112,7 @@ class HostSession:
         self.kernel: RemoteKernel | None = None
         self.relay: WebSocketClientConnection | None = None
         self.key: str | None = None
+        self.warm_key: str | None = None
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._inbox: list[bytes] = []  # relay -> kernel, held until the kernel is ready
         self._outbox: deque[tuple[str | bytes, bool]] = deque()  # kernel -> relay, while down
@@ -148,37 +150,44 @@ class HostSession:
     async def _start(self) -> None:
         self.relay = await self._connect_relay()
         self._reader = asyncio.ensure_future(self._read_relay())
-        hello = await self._hello
-        self.key = hello["key"]
-        await self.agent.pause_idle()
-        gpus = self.agent.gpu_info(self.gpu_indices)
-        self.kernel = RemoteKernel(
-            self.session_id,
-            self.agent.host_id or "",
-            hello["key"],
-            self._from_kernel,
-            self._kernel_exited,
-            signature_scheme=hello["signature_scheme"],
-            gpu_indices=self.gpu_indices,
-            gpu_minors=[gpu.index if gpu.minor_number is None else gpu.minor_number for gpu in gpus]
-            if gpus
-            else None,
-            gpu_uuids=[gpu.uuid for gpu in gpus if gpu.uuid],
-            sandbox=self.agent.sandbox_impl,
-            scratch_root=self.agent.scratch_root,
-            ready_timeout=self.agent.kernel_start_timeout,
-            stop_grace=self.agent.kernel_stop_grace,
-            logger=self.log,
-        )
-        await self.kernel.start()
+        pool = self.agent.warm_pool
+        warm = pool.take(self.gpu_indices) if pool is not None else None
+        if warm is not None and warm.kernel is not None:
+            await self.agent.pause_idle()
+            warm.owner = self
+            self.kernel = warm.kernel
+            await self.kernel.adopt(self.session_id)
+            self.key = warm.key
+            self.warm_key = warm.key
+            self.log.info("session %s: handed warm kernel %s", self.session_id, warm.name)
+        else:
+            hello = await self._hello
+            self.key = hello["key"]
+            await self.agent.pause_idle()
+            self.kernel = self.agent.new_kernel(
+                self.session_id,
+                hello["key"],
+                hello["signature_scheme"],
+                self.gpu_indices,
+                self._from_kernel,
+                self._kernel_exited,
+            )
+            await self.kernel.start()
         self.state = "ready"
         for data in self._inbox:
             self._to_kernel(data)
         self._inbox.clear()
         ready = {"type": "kernel_ready", "session_id": self.session_id}
         self.agent.send_control(ready)
-        self._to_relay(json.dumps(ready))
+        self._to_relay(json.dumps(self._ready_record()))
         self.log.info("session %s: kernel ready", self.session_id)
+
+    def _ready_record(self) -> dict[str, Any]:
+        """The relay's kernel_ready; a warm kernel's key goes with it (the renter adopts it)."""
+        record: dict[str, Any] = {"type": "kernel_ready", "session_id": self.session_id}
+        if self.warm_key is not None:
+            record.update(key=self.warm_key, signature_scheme="hmac-sha256")
+        return record
 
     # -- relay --------------------------------------------------------------------------
 
@@ -259,9 +268,10 @@ class HostSession:
                 return
             if not self._hello.done():
                 self._hello.set_result({"key": key, "signature_scheme": scheme})
-            elif self.state == "ready" and key == self.key:
-                self._to_relay(json.dumps({"type": "kernel_ready", "session_id": self.session_id}))
-            elif key != self.key:
+            elif self.state == "ready" and (key == self.key or self.warm_key is not None):
+                # The bridge reconnected (the broker restarted): tell it again.
+                self._to_relay(json.dumps(self._ready_record()))
+            elif self.warm_key is None and key != self.key:
                 self.log.warning(
                     "session %s: ignored a relay hello with a different key", self.session_id
                 )
@@ -392,6 +402,12 @@ class HostAgent(LoggingConfigurable):
 
     price_per_hour = Unicode(
         "1.00", help="Price of each offer in credits per hour, as a decimal string (e.g. 0.50)."
+    ).tag(config=True)
+
+    warm_kernels = Int(
+        0,
+        help="Kernels to keep started per offer, each handed to the next renter (never one "
+        "another renter used), so a rented kernel is ready in milliseconds. 0: none.",
     ).tag(config=True)
 
     price_per_hour_by_model = Dict(
@@ -534,6 +550,7 @@ class HostAgent(LoggingConfigurable):
         self.sandbox_impl: Sandbox | None = None
         self.schedule_impl: Schedule | None = None
         self.idle: IdleWorkload | None = None
+        self.warm_pool: WarmPool | None = None
         self.offering = True  # inside an availability window (offers listed)
 
     # -- configuration ------------------------------------------------------------------
@@ -682,6 +699,11 @@ class HostAgent(LoggingConfigurable):
                 "open" if self.is_open() else "closed",
             )
             self._spawn(self._watch_schedule())
+        if self.warm_kernels > 0:
+            self.warm_pool = WarmPool(self.warm_kernels, self._start_warm, self.log)
+            for offer in self.inventory.offers(self.price_per_second_micro):
+                self.warm_pool.fill(tuple(offer["gpu_indices"]))
+            self.log.info("keeping %d warm kernel(s) per offer", self.warm_kernels)
         if self.idle_command.strip():
             self.idle = IdleWorkload(
                 self.idle_command, stop_grace=self.idle_stop_grace, logger=self.log
@@ -860,6 +882,47 @@ class HostAgent(LoggingConfigurable):
         self.log.info("starting session %s on GPUs %s", sid, indices)
         session.launch()
 
+    def new_kernel(
+        self,
+        name: str,
+        key: str,
+        signature_scheme: str,
+        gpu_indices: list[int],
+        on_message: Any,
+        on_exit: Any,
+    ) -> RemoteKernel:
+        """A kernel (not yet started) on these GPUs, in this host's sandbox."""
+        gpus = self.gpu_info(gpu_indices)
+        return RemoteKernel(
+            name,
+            self.host_id or "",
+            key,
+            on_message,
+            on_exit,
+            signature_scheme=signature_scheme,
+            gpu_indices=gpu_indices,
+            gpu_minors=[gpu.index if gpu.minor_number is None else gpu.minor_number for gpu in gpus]
+            if gpus
+            else None,
+            gpu_uuids=[gpu.uuid for gpu in gpus if gpu.uuid],
+            sandbox=self.sandbox_impl,
+            scratch_root=self.scratch_root,
+            ready_timeout=self.kernel_start_timeout,
+            stop_grace=self.kernel_stop_grace,
+            logger=self.log,
+        )
+
+    async def _start_warm(self, warm: WarmKernel) -> None:
+        warm.kernel = self.new_kernel(
+            warm.name,
+            warm.key,
+            "hmac-sha256",
+            list(warm.gpu_indices),
+            warm.route_message,
+            warm.route_exit,
+        )
+        await warm.kernel.start()
+
     def send_control(self, record: dict[str, Any]) -> None:
         """Send a record to the broker now, or after the next welcome if disconnected."""
         if self._control is not None:
@@ -1003,6 +1066,8 @@ class HostAgent(LoggingConfigurable):
         for task in list(self._tasks):
             if task is not asyncio.current_task():
                 task.cancel()
+        if self.warm_pool is not None:
+            await self.warm_pool.close()
         if self.idle is not None:
             await self.idle.stop()
         if self.inventory is not None:

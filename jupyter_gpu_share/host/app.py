@@ -21,6 +21,7 @@ aliases.update(
         "price-per-hour": "HostAgent.price_per_hour",
         "gpus": "HostAgentApp.gpu_list",
         "max-kernels": "HostAgent.max_kernels",
+        "warm-kernels": "HostAgent.warm_kernels",
         "heartbeat-interval": "HostAgent.heartbeat_interval",
         "scratch-root": "HostAgent.scratch_root",
         "price-per-hour-by-model": "HostAgent.price_per_hour_by_model",

@@ -374,6 +374,46 @@ class RemoteKernel:
 
     # -- traffic ------------------------------------------------------------------------
 
+    async def adopt(self, session_id: str, timeout: float = 10.0) -> None:
+        """Hand a warm kernel to a session: set its GPU_SHARE_SESSION_ID, wait for the reply.
+
+        The code runs silently (no execute_input, no history) on a private socket, before the
+        renter's relay is connected to this kernel.
+        """
+        from jupyter_client.session import Session
+
+        assert self._context is not None and self.connection_file is not None
+        with open(self.connection_file) as handle:
+            info = json.load(handle)
+        session = Session(key=self.key, signature_scheme=self.signature_scheme)
+        probe = self._context.socket(zmq.DEALER)
+        probe.linger = 0
+        probe.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        code = f"import os as _os; _os.environ['GPU_SHARE_SESSION_ID'] = {session_id!r}; del _os"
+        try:
+            sent = session.send(
+                probe,
+                "execute_request",
+                {
+                    "code": code,
+                    "silent": True,
+                    "store_history": False,
+                    "user_expressions": {},
+                    "allow_stdin": False,
+                    "stop_on_error": False,
+                },
+            )
+            while True:
+                if not await probe.poll(int(timeout * 1000)):
+                    raise KernelStartError("the warm kernel did not answer")
+                _, reply = session.feed_identities(await probe.recv_multipart(), copy=True)
+                message = session.deserialize(reply)
+                if message["parent_header"].get("msg_id") == sent["header"]["msg_id"]:
+                    break
+        finally:
+            probe.close(linger=0)
+        self.session_id = session_id
+
     def send(self, channel: int | str, frames: Sequence[bytes | memoryview]) -> None:
         """Forward one multipart message from the relay to the kernel, unchanged."""
         if isinstance(channel, str):

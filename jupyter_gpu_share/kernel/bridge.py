@@ -90,6 +90,7 @@ class KernelBridge:
         self._relay_task: asyncio.Task[Any] | None = None
         self.on_status: Callable[[str], None] | None = None
         self.notices: list[str] = []
+        self.kernel_key: tuple[str, str] | None = None
         self.reconnect_timeout = 60.0
         self._relay: tuple[str, str, str] = ("", "", "")
 
@@ -142,6 +143,7 @@ class KernelBridge:
         self.ended.clear()
         self.end_reason = None
         self.exit_code = None
+        self.kernel_key = None
         self._relay = (
             url,
             token,
@@ -214,6 +216,9 @@ class KernelBridge:
     def _on_control(self, record: dict[str, Any]) -> None:
         kind = record.get("type")
         if kind == "kernel_ready":
+            if isinstance(record.get("key"), str):
+                # A warm kernel, started before we asked: its key is the host's, adopt it.
+                self.kernel_key = (record["key"], str(record.get("signature_scheme", "hmac-sha256")))
             self.ready.set()
         elif kind == "kernel_ended":
             self._mark_ended(

@@ -160,8 +160,11 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"gpu-share: the kernel on {session['host_id']} did not start: {error}"
             ) from None
         self.log.info("gpu-share: kernel %s ready on host %s", self.kernel_id, session["host_id"])
-        self.connection_info = km.get_connection_info()
-        return self.connection_info
+        info = km.get_connection_info()
+        if bridge.kernel_key is not None:
+            info["key"], info["signature_scheme"] = bridge.kernel_key[0].encode(), bridge.kernel_key[1]
+        self.connection_info = info
+        return info
 
     async def poll(self) -> int | None:
         """None while the remote kernel lives, else its exit code."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -251,3 +252,31 @@ def test_broker_serves_its_openapi_document(make_cluster):
     assert {"/gpu-share/api/sessions", "/gpu-share/api/offers", "/gpu-share/api/me"} <= set(
         document["paths"]
     )
+
+
+def test_warm_kernels_are_handed_once_and_replaced(make_cluster, monkeypatch):
+    cluster = make_cluster()
+    cluster.start_host("warm-host", "3.6", "--warm-kernels=1")
+    token = cluster.account("wendy", "user", 50 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+    host = cluster.processes[-1]
+    eventually(lambda: "keeping 1 warm kernel" in host.output(), 30, what="the warm pool")
+    time.sleep(3)  # let the pool's kernel come up
+
+    nb = notebook(
+        "import os\nprint(os.environ['GPU_SHARE_SESSION_ID'], os.getpid())\nsecret = 'first renter'",
+    )
+    NotebookClient(nb, kernel_name="gpu-share", timeout=60, startup_timeout=90).execute()
+    first_session, first_pid = stream_text(nb.cells[0]).split()
+    assert "handed warm kernel" in host.output()
+
+    again = notebook("import os\nprint(os.environ['GPU_SHARE_SESSION_ID'], os.getpid(), 'secret' in dir())")
+    NotebookClient(again, kernel_name="gpu-share", timeout=60, startup_timeout=90).execute()
+    second_session, second_pid, leaked = stream_text(again.cells[0]).split()
+    assert second_session != first_session
+    assert leaked == "False"
+    handed = re.findall(r"handed warm kernel (warm-\w+)", host.output())
+    assert len(handed) == 2 and handed[0] != handed[1]  # a fresh kernel each time
+    sessions = {s["id"]: s for s in cluster.client(token).request("GET", "/sessions")}
+    assert {first_session, second_session} <= set(sessions)
