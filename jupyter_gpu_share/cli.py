@@ -134,6 +134,25 @@ def cmd_sessions(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_earnings(args: argparse.Namespace) -> None:
+    earnings = _client(args).request("GET", "/earnings")
+    if args.json:
+        print(json.dumps(earnings))
+        return
+    score = earnings["reliability"]
+    print(f"{earnings['host']}: earned {format_credits(earnings['total_micro'])} credits in total; "
+          f"reliability {'new host' if score is None else f'{score:.0%}'}")
+    rows = [{**d, "time": _duration(d["billed_seconds"]), "earned": _money(d["earned_micro"])}
+            for d in earnings["days"]]
+    print(_table(rows, [("day", "DAY"), ("sessions", "SESSIONS"), ("time", "RENTED"), ("earned", "EARNED")]))
+    if earnings["sessions"]:
+        print()
+        rows = [{**e, "time": _duration(e["billed_seconds"]), "earned": _money(e["earned_micro"])}
+                for e in earnings["sessions"][:20]]
+        print(_table(rows, [("session_id", "SESSION"), ("ended_at", "ENDED"), ("time", "RENTED"),
+                            ("earned", "EARNED")]))
+
+
 def cmd_stop(args: argparse.Namespace) -> None:
     session = _client(args).request("DELETE", f"/sessions/{args.session_id}")
     print(
@@ -437,6 +456,7 @@ def build_parser() -> OneLineParser:
         ("balance", cmd_balance, "your balance (a host: its earnings)"),
         ("offers", cmd_offers, "GPU offers of the hosts online now"),
         ("sessions", cmd_sessions, "your sessions and what they cost"),
+        ("earnings", cmd_earnings, "a host's earnings per day and session, and its reliability"),
     ):
         sub = verbs.add_parser(verb, parents=[common], help=text)
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -11,7 +11,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web, websocket
 
-from ..ledger import price_per_hour
+from ..ledger import earnings_by_day, price_per_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser
 from .matching import NoMatch, SessionRequest
@@ -173,6 +173,8 @@ def offer_model(
         "price_per_hour_micro": price_per_hour(offer.price_per_second_micro),
         "state": "free" if free else "busy",
         "telemetry": link.telemetry if link is not None else {},
+        "reliability": offer.reliability,
+        "speed": link.benchmarks.get(offer.id) if link is not None else None,
     }
 
 
@@ -200,7 +202,23 @@ def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         "cost_so_far_micro": broker.cost_so_far(record.id) if live else (record.amount_micro or 0),
         "relay_path": f"{API}/relay/{record.id}/user" if live else None,
         "class": record.class_name,
+        "host_telemetry": _telemetry_of(broker, record) if live else None,
     }
+
+
+def _telemetry_of(broker: Broker, record: Any) -> dict[str, Any] | None:
+    """What the host last reported about the GPUs this session rents (or its CPU)."""
+    link = broker.hosts.get(record.host)
+    if link is None or not link.telemetry:
+        return None
+    gpus = link.telemetry.get("gpus")
+    if isinstance(gpus, list) and record.gpu_indices:
+        wanted = set(record.gpu_indices)
+        return {
+            **link.telemetry,
+            "gpus": [g for g in gpus if isinstance(g, dict) and g.get("index") in wanted],
+        }
+    return link.telemetry
 
 
 class OpenAPIHandler(BrokerAPIHandler):
@@ -299,7 +317,15 @@ class SessionsHandler(BrokerAPIHandler):
         self.require_role("user")
         body = self.json_body()
         max_price_hour = int_field(body, "max_price_per_hour_micro", minimum=0)
+        min_reliability = body.get("min_reliability")
+        if min_reliability is not None and (
+            isinstance(min_reliability, bool)
+            or not isinstance(min_reliability, (int, float))
+            or not 0 <= min_reliability <= 1
+        ):
+            raise web.HTTPError(400, "'min_reliability' must be a number between 0 and 1")
         request = SessionRequest(
+            min_reliability=min_reliability,
             offer_id=int_field(body, "offer_id", minimum=0),
             gpu_model=str_field(body, "gpu_model"),
             min_gpu_memory_mib=int_field(body, "min_gpu_memory_mib", minimum=0),
@@ -343,6 +369,40 @@ class SessionHandler(BrokerAPIHandler):
             )
         record = self.broker.stop_session(record.id)
         self.write_json(session_model(self.broker, record))
+
+
+class EarningsHandler(BrokerAPIHandler):
+    @web.authenticated
+    @authorized
+    def get(self) -> None:
+        self.require_role("host")
+        rows = self.broker.store.earnings(self.account.name)
+        sessions = [
+            {
+                "session_id": row["id"],
+                "started_at": iso_from_us(row["ready_us"]),
+                "ended_at": iso_from_us(row["ended_us"]),
+                "billed_seconds": row["billed_seconds"],
+                "renter_paid_micro": row["amount_micro"],
+                "earned_micro": row["host_micro"],
+            }
+            for row in rows
+        ]
+        days = earnings_by_day(
+            [(row["ended_us"], row["billed_seconds"], row["host_micro"]) for row in rows]
+        )
+        reliability = self.broker.host_reliability(self.account.name)
+        self.write_json(
+            {
+                "host": self.account.name,
+                "total_micro": sum(row["host_micro"] for row in rows),
+                "balance_micro": self.broker.store.balance(self.account.name),
+                "sessions": sessions,
+                "days": days,
+                "reliability": reliability.score,
+                "uptime": reliability.uptime,
+            }
+        )
 
 
 class BrokerWebSocket(websocket.WebSocketHandler, JupyterHandler):
@@ -468,6 +528,7 @@ def default_handlers() -> list[tuple[str, type]]:
         (rf"{API}/accounts/(?P<name>[^/]+)/tokens", TokensHandler),
         (rf"{API}/accounts/(?P<name>[^/]+)/credit", CreditHandler),
         (rf"{API}/offers", OffersHandler),
+        (rf"{API}/earnings", EarningsHandler),
         (rf"{API}/sessions", SessionsHandler),
         (rf"{API}/sessions/{sid}", SessionHandler),
         *class_handlers(API),

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from ..ledger import can_start, format_credits, price_per_hour
+from .reliability import ranking_reliability
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class OfferView:
     gpu_count: int
     gpu_memory_mib: int
     price_per_second_micro: int
+    reliability: float | None = None
 
 
 @dataclass
@@ -37,6 +39,7 @@ class SessionRequest:
     gpu_model: str | None = None
     min_gpu_memory_mib: int | None = None
     max_price_per_second_micro: int | None = None
+    min_reliability: float | None = None
 
 
 class NoMatch(Exception):
@@ -61,6 +64,12 @@ def offer_fits(offer: OfferView, request: SessionRequest) -> bool:
         return False
     if request.min_gpu_memory_mib and offer.gpu_memory_mib < request.min_gpu_memory_mib:
         return False
+    if (
+        request.min_reliability is not None
+        and offer.reliability is not None
+        and offer.reliability < request.min_reliability
+    ):
+        return False
     return not (
         request.max_price_per_second_micro is not None
         and offer.price_per_second_micro > request.max_price_per_second_micro
@@ -74,7 +83,7 @@ def choose_offer(
     balance_micro: int,
     minimum_seconds: int,
 ) -> OfferView:
-    """Pick the cheapest free offer that fits the request and that the renter can afford."""
+    """Pick the free offer with the best price per reliable second that the renter can afford."""
     offers = list(offers)
     if request.offer_id is not None:
         chosen = [o for o in offers if o.id == request.offer_id]
@@ -100,4 +109,8 @@ def choose_offer(
             f"({minimum_seconds} s at {format_credits(price_per_hour(cheapest.price_per_second_micro))}"
             f"/h), balance is {format_credits(balance_micro)}",
         )
-    return min(affordable, key=lambda o: (o.price_per_second_micro, o.id))
+    # The price of a reliable second: a cheap host that often vanishes ranks below a steady one.
+    return min(
+        affordable,
+        key=lambda o: (o.price_per_second_micro / ranking_reliability(o.reliability), o.id),
+    )

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from ..classes import (
@@ -44,6 +44,7 @@ from .relay import (
     CLOSE_STOPPED,
     Relays,
 )
+from .reliability import WINDOW_DAYS, Reliability, reliability, uptime_fraction
 
 log = logging.getLogger("jupyter_gpu_share.broker")
 
@@ -109,6 +110,9 @@ class HostLink:
     last_heartbeat_us: int
     telemetry: dict[str, Any] = field(default_factory=dict)
     gpus: list[dict[str, Any]] = field(default_factory=list)
+    presence_id: int | None = None
+    connected_us: int = 0
+    benchmarks: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def send(self, message: dict[str, Any]) -> None:
         """Send a control message if the host is connected."""
@@ -173,6 +177,8 @@ class Broker:
         self.relays = Relays(settings.relay_buffer_bytes)
         self._balances: dict[str, int] = {}
         self.lines: dict[str, WaitingLine] = {}
+        self._host_schedules: dict[str, tuple[str | None, int]] = {}
+        self._reliability: dict[str, tuple[int, Reliability]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._started_us = now_us()
 
@@ -261,6 +267,10 @@ class Broker:
             if spec.price_per_second_micro < 0 or spec.gpu_count < 0 or spec.gpu_memory_mib < 0:
                 raise ValueError("offer fields must not be negative")
         offers = self.store.replace_offers(name, specs)
+        benchmarks: dict[int, dict[str, Any]] = {}
+        for offer, wanted in zip(offers, hello.get("offers", []), strict=False):
+            if isinstance(wanted.get("benchmark"), dict):
+                benchmarks[offer.id] = wanted["benchmark"]
         previous = self.hosts.get(name)
         if (
             previous is not None
@@ -268,6 +278,9 @@ class Broker:
             and previous.channel is not channel
         ):
             previous.channel.close(4005, "replaced by a new connection of the same host")
+        schedule = hello.get("schedule") if isinstance(hello.get("schedule"), str) else None
+        same_connection = previous is not None and previous.channel is channel
+        connected_us = previous.connected_us if same_connection and previous else now_us()
         link = HostLink(
             name=name,
             max_kernels=max(1, int(hello.get("max_kernels", 1))),
@@ -275,7 +288,15 @@ class Broker:
             channel=channel,
             last_heartbeat_us=now_us(),
             gpus=list(hello.get("gpus", [])),
+            # A repeated hello on the same connection (new offers) is the same presence.
+            presence_id=previous.presence_id
+            if same_connection and previous is not None
+            else self.store.open_presence(name, connected_us, schedule),
+            connected_us=connected_us,
+            benchmarks=benchmarks,
         )
+        self._host_schedules[name] = (schedule, int(hello.get("utc_offset_s") or 0))
+        self._reliability.pop(name, None)
         self.hosts[name] = link
         still_running = set(hello.get("sessions", []))
         link.send(
@@ -365,8 +386,36 @@ class Broker:
         return loads
 
     def online_offers(self) -> list[OfferView]:
-        """Offers of the hosts connected now."""
-        return [o for link in self.hosts.values() if link.channel is not None for o in link.offers]
+        """Offers of the hosts connected now, with their hosts' reliability."""
+        return [
+            replace(o, reliability=self.host_reliability(link.name).score)
+            for link in self.hosts.values()
+            if link.channel is not None
+            for o in link.offers
+        ]
+
+    def host_reliability(self, name: str, max_age_s: float = 10.0) -> Reliability:
+        """A host's reliability over the last 30 days (cached for a minute)."""
+        now = now_us()
+        cached = self._reliability.get(name)
+        if cached is not None and now - cached[0] < max_age_s * 1_000_000:
+            return cached[1]
+        since = now - WINDOW_DAYS * 86_400 * 1_000_000
+        first = self.store.first_seen(name)
+        schedule, offset = self._host_schedules.get(name, (None, 0))
+        uptime = None
+        if first is not None:
+            connections = self.store.presence(name, since)
+            link = self.hosts.get(name)
+            if link is not None and link.channel is not None:
+                # The stored row of the live connection lags by a checkpoint; it lasts until now.
+                connections = [c for c in connections if c[0] != link.connected_us]
+                connections.append((link.connected_us, now, None))
+            uptime = uptime_fraction(connections, schedule, offset, max(since, first), now)
+        total, lost = self.store.host_session_outcomes(name, since)
+        result = reliability(uptime, total, lost)
+        self._reliability[name] = (now, result)
+        return result
 
     def start_session(
         self, renter: str, request: SessionRequest, class_name: str | None = None
@@ -596,6 +645,13 @@ class Broker:
                 pairs.append((live.id, link.last_heartbeat_us))
         if pairs:
             self.store.checkpoint_last_seen(pairs)
+        self.store.touch_presence(
+            [
+                (link.presence_id, link.last_heartbeat_us)
+                for link in self.hosts.values()
+                if link.presence_id
+            ]
+        )
         # Balances may change under us when several brokers share a store.
         self.refresh_balances()
 

@@ -22,16 +22,18 @@ from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
 from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
 from traitlets import Any as AnyTrait
-from traitlets import Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
+from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__, wire
 from ..ledger import format_credits, parse_credits, price_per_second_from_hour
+from .gateway import GatewayKernel
 from .idle import IdleWorkload
 from .inventory import Inventory
 from .kernels import RemoteKernel, default_scratch_root
 from .sandbox import ResourceLimits, Sandbox, SandboxError, make_sandbox
 from .schedule import Schedule, parse_schedule
+from .selftest import SelfTestRunner, attach_benchmarks
 from .warm import WarmKernel, WarmPool
 
 CONTROL_PATH = "/gpu-share/api/hosts/connect"
@@ -47,6 +49,11 @@ NO_SANDBOX_WARNING = (
 def local_now() -> datetime:
     """The host's wall clock, in its time zone."""
     return datetime.now().astimezone()
+
+
+def _utc_offset_s(moment: datetime) -> int:
+    offset = moment.utcoffset()
+    return int(offset.total_seconds()) if offset is not None else 0
 
 
 class AgentAuthError(RuntimeError):
@@ -109,7 +116,7 @@ class HostSession:
         self.gpu_indices = gpu_indices
         self.relay_path = relay_path
         self.state = "starting"  # -> "ready" -> "ended"
-        self.kernel: RemoteKernel | None = None
+        self.kernel: RemoteKernel | GatewayKernel | None = None
         self.relay: WebSocketClientConnection | None = None
         self.key: str | None = None
         self.warm_key: str | None = None
@@ -515,6 +522,47 @@ class HostAgent(LoggingConfigurable):
 
     nvml_module = AnyTrait(None, help="pynvml-like module to use instead of pynvml (tests).")
 
+    gateway_url = Unicode(
+        "",
+        help="Base URL of a Jupyter Kernel Gateway or Enterprise Gateway (http(s)://...). "
+        "When set, renters' kernels start there (REST and websocket) instead of as local "
+        "processes, so a cluster becomes one host; the sandbox does not apply and warm "
+        "kernels are unavailable. The gateway must allow the env names GPU_SHARE_SESSION_ID, "
+        "GPU_SHARE_HOST_ID and CUDA_VISIBLE_DEVICES (Kernel Gateway: "
+        "--JupyterWebsocketPersonality.env_whitelist; Enterprise Gateway: "
+        "--EnterpriseGatewayApp.client_envs).",
+    ).tag(config=True)
+
+    gateway_token = Unicode(
+        help="Auth token of the gateway (sent as 'Authorization: token ...'). "
+        "Defaults to $GPU_SHARE_GATEWAY_TOKEN. Never logged."
+    ).tag(config=True)
+
+    gateway_kernel_name = Unicode(
+        "python3", help="Kernel spec name to start on the gateway."
+    ).tag(config=True)
+
+    selftest = Bool(
+        True,
+        help="Measure the offered GPUs (or the CPU) at start and every selftest_interval "
+        "hours, in a subprocess, and publish the result with each offer as 'benchmark'.",
+    ).tag(config=True)
+
+    selftest_interval = Float(
+        24.0, help="Hours between self-test measurements (0: only at start)."
+    ).tag(config=True)
+
+    @default("gateway_token")
+    def _default_gateway_token(self) -> str:
+        return os.environ.get("GPU_SHARE_GATEWAY_TOKEN", "")
+
+    @validate("gateway_url")
+    def _validate_gateway_url(self, proposal: dict[str, Any]) -> str:
+        url = str(proposal["value"]).strip().rstrip("/")
+        if url and urlsplit(url).scheme not in ("http", "https"):
+            raise TraitError(f"gateway_url must start with http:// or https://, not {url!r}")
+        return url
+
     @default("broker_url")
     def _default_broker_url(self) -> str:
         return os.environ.get("GPU_SHARE_BROKER_URL", "")
@@ -552,6 +600,8 @@ class HostAgent(LoggingConfigurable):
         self.idle: IdleWorkload | None = None
         self.warm_pool: WarmPool | None = None
         self.offering = True  # inside an availability window (offers listed)
+        self.benchmarks: dict[str, dict[str, Any]] = {}  # self-test results, "cpu" or index
+        self.selftest_runner: SelfTestRunner | None = None
 
     # -- configuration ------------------------------------------------------------------
 
@@ -578,6 +628,22 @@ class HostAgent(LoggingConfigurable):
             raise AgentConfigError(f"schedule: {err}") from None
         if self.min_session_minutes < 0:
             raise AgentConfigError("min_session_minutes must not be negative")
+        if self.gateway_url:
+            if self.warm_kernels > 0:
+                raise AgentConfigError(
+                    "warm kernels are not available with a gateway (--gateway-url): "
+                    "drop --warm-kernels"
+                )
+            self.sandbox_impl = None  # the gateway isolates its kernels
+        else:
+            self.sandbox_impl = self._make_sandbox()
+        if self.idle_command.strip():
+            try:
+                IdleWorkload(self.idle_command)
+            except ValueError as err:  # shlex: "No closing quotation"
+                raise AgentConfigError(f"idle_command: {err}") from None
+
+    def _make_sandbox(self) -> Sandbox:
         try:
             limits = ResourceLimits(
                 memory_mib=self.memory_limit_mib,
@@ -589,12 +655,7 @@ class HostAgent(LoggingConfigurable):
             sandbox.check()
         except (ValueError, SandboxError) as err:
             raise AgentConfigError(str(err)) from None
-        self.sandbox_impl = sandbox
-        if self.idle_command.strip():
-            try:
-                IdleWorkload(self.idle_command)
-            except ValueError as err:  # shlex: "No closing quotation"
-                raise AgentConfigError(f"idle_command: {err}") from None
+        return sandbox
 
     @property
     def price_label(self) -> str:
@@ -626,6 +687,7 @@ class HostAgent(LoggingConfigurable):
             price = self.model_prices_micro.get(offer["gpu_model"])
             if price is not None:
                 offer["price_per_second_micro"] = price
+        attach_benchmarks(offers, self.benchmarks)
         return offers
 
     def gpu_info(self, indices: list[int]) -> list[Any]:
@@ -676,6 +738,9 @@ class HostAgent(LoggingConfigurable):
             "offers": offers,
             "max_kernels": self.max_kernels,
             "sessions": [sid for sid, s in self.sessions.items() if s.state != "ended"],
+            # For the broker's reliability score: uptime is measured inside these windows.
+            "schedule": self.schedule,
+            "utc_offset_s": _utc_offset_s(self.now()),
         }
 
     async def run(self) -> None:
@@ -692,6 +757,9 @@ class HostAgent(LoggingConfigurable):
             self.price_per_second_micro,
         )
         self._log_sandbox()
+        if self.selftest:
+            self.selftest_runner = SelfTestRunner(self, self.selftest_interval * 3600)
+            self._spawn(self.selftest_runner.run())
         if self.schedule_impl is not None:
             self.log.info(
                 "availability schedule %r: %s now",
@@ -890,9 +958,27 @@ class HostAgent(LoggingConfigurable):
         gpu_indices: list[int],
         on_message: Any,
         on_exit: Any,
-    ) -> RemoteKernel:
-        """A kernel (not yet started) on these GPUs, in this host's sandbox."""
+    ) -> RemoteKernel | GatewayKernel:
+        """A kernel (not yet started) on these GPUs, in this host's sandbox or gateway."""
         gpus = self.gpu_info(gpu_indices)
+        if self.gateway_url:
+            return GatewayKernel(
+                name,
+                self.host_id or "",
+                key,
+                on_message,
+                on_exit,
+                gateway_url=self.gateway_url,
+                gateway_token=self.gateway_token,
+                kernel_name=self.gateway_kernel_name,
+                signature_scheme=signature_scheme,
+                gpu_indices=gpu_indices,
+                gpu_uuids=[gpu.uuid for gpu in gpus if gpu.uuid],
+                ready_timeout=self.kernel_start_timeout,
+                stop_grace=self.kernel_stop_grace,
+                max_message_size=self.max_message_size,
+                logger=self.log,
+            )
         return RemoteKernel(
             name,
             self.host_id or "",
@@ -946,6 +1032,14 @@ class HostAgent(LoggingConfigurable):
     # -- sandbox, schedule and idle workload ---------------------------------------------
 
     def _log_sandbox(self) -> None:
+        if self.gateway_url:
+            self.log.info(
+                "kernels start on the gateway %s (kernel %s); the local sandbox does not "
+                "apply to them: the gateway isolates its kernels",
+                self.gateway_url,
+                self.gateway_kernel_name,
+            )
+            return
         sandbox = self.sandbox_impl
         if sandbox is None or sandbox.kind == "none":
             self.log.warning(NO_SANDBOX_WARNING)
@@ -1068,6 +1162,8 @@ class HostAgent(LoggingConfigurable):
                 task.cancel()
         if self.warm_pool is not None:
             await self.warm_pool.close()
+        if self.selftest_runner is not None:
+            await self.selftest_runner.close()
         if self.idle is not None:
             await self.idle.stop()
         if self.inventory is not None:

@@ -155,3 +155,17 @@ def seconds_affordable(balance_micro: int, price_per_second_micro: int) -> int:
 def can_start(balance_micro: int, price_per_second_micro: int, minimum_seconds: int = 60) -> bool:
     """Tell whether a balance pays for at least ``minimum_seconds`` at a price."""
     return seconds_affordable(balance_micro, price_per_second_micro) >= minimum_seconds
+
+
+def earnings_by_day(settled: list[tuple[int, int, int]]) -> list[dict[str, object]]:
+    """Sum (ended_us, billed_seconds, earned_micro) rows per UTC day, newest day first."""
+    from datetime import datetime, timezone
+
+    days: dict[str, dict[str, int]] = {}
+    for ended_us, seconds, earned in settled:
+        day = datetime.fromtimestamp(ended_us / 1_000_000, tz=timezone.utc).date().isoformat()
+        total = days.setdefault(day, {"sessions": 0, "billed_seconds": 0, "earned_micro": 0})
+        total["sessions"] += 1
+        total["billed_seconds"] += seconds or 0
+        total["earned_micro"] += earned
+    return [{"day": day, **days[day]} for day in sorted(days, reverse=True)]

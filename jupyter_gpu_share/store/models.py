@@ -194,3 +194,18 @@ class ClassNotebook(Base):
     name: Mapped[str] = mapped_column(String(255))
     content: Mapped[str] = mapped_column(Text)
     updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class HostPresence(Base):
+    """One connection of a host: when it came and the last heartbeat checkpointed."""
+
+    __tablename__ = "host_presence"
+    __table_args__ = (
+        Index("ix_host_presence_host_account_id_started_us", "host_account_id", "started_us"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    host_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"))
+    started_us: Mapped[int] = mapped_column(BigInteger)
+    last_seen_us: Mapped[int] = mapped_column(BigInteger)
+    schedule: Mapped[str | None] = mapped_column(String(255))

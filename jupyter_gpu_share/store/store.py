@@ -41,6 +41,7 @@ from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entri
 from . import models
 from .classes import ClassStore
 from .engine import make_engines
+from .hosts import HostStore
 from .records import (
     ENDED,
     RUNNING,
@@ -230,7 +231,7 @@ def _check_int(name: str, value: object) -> None:
         raise ValueError(f"{name} must be an integer, not {value!r}")
 
 
-class Store(ClassStore):
+class Store(ClassStore, HostStore):
     """Durable state of the broker on SQLite or PostgreSQL."""
 
     def __init__(self, url: str, *, upgrade: bool = False, echo: bool = False) -> None:
