@@ -101,14 +101,31 @@ class KernelPreferences:
 
     def set(self, path: str, choice: dict[str, Any]) -> None:
         """Remember ``choice`` (``offer_id``, ``gpu_model``) for the notebook at ``path``."""
+        path = self._key(path)
         self._by_path.pop(path, None)
         self._by_path[path] = (time.monotonic(), choice)
         while len(self._by_path) > self.max_entries:
             self._by_path.popitem(last=False)
 
+    def _key(self, path: str | None) -> str:
+        """The API path (relative to the server's root) of a notebook path or an OS path."""
+        if not path:
+            return ""
+        if os.path.isabs(path) and self.root_dir is not None:
+            try:
+                return Path(path).resolve().relative_to(self.root_dir.resolve()).as_posix()
+            except ValueError:
+                return path
+        return path.lstrip("/")
+
     def take(self, path: str | None) -> dict[str, Any] | None:
-        """Pop the choice made for ``path`` (or for any notebook), else the notebook's metadata."""
-        for key in (path or "", ""):
+        """Pop the choice made for ``path`` (or for any notebook), else the notebook's metadata.
+
+        ``path`` is an API path, or the OS path jupyter_server gives the kernel as
+        ``JPY_SESSION_NAME``.
+        """
+        path = self._key(path)
+        for key in (path, ""):
             entry = self._by_path.pop(key, None)
             if entry is not None and time.monotonic() - entry[0] <= self.max_age_s:
                 return dict(entry[1])

@@ -1,0 +1,155 @@
+import {
+  ILayoutRestorer,
+  JupyterFrontEnd,
+  JupyterFrontEndPlugin
+} from '@jupyterlab/application';
+import { Notification } from '@jupyterlab/apputils';
+import { IDocumentManager } from '@jupyterlab/docmanager';
+import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { ISettingRegistry } from '@jupyterlab/settingregistry';
+import { IStatusBar } from '@jupyterlab/statusbar';
+
+import { gpuIcon } from './icons';
+import { DEFAULT_SETTINGS, GPUShareModel } from './model';
+import { INotebookGPUs, NotebookGPUs } from './notebook';
+import { MarketplacePanel } from './panel';
+import { GPUMeter } from './statusbar';
+import { GPUShare, IGPUShareModel, KERNEL_NAME } from './tokens';
+
+const CORE_PLUGIN = 'jupyter-gpu-share:plugin';
+
+/** The core: one model polling offers, account and sessions, configured by the settings. */
+const core: JupyterFrontEndPlugin<IGPUShareModel> = {
+  id: CORE_PLUGIN,
+  description: 'Polls the shared-GPU marketplace and your sessions through this Jupyter server.',
+  autoStart: true,
+  provides: IGPUShareModel,
+  optional: [ISettingRegistry],
+  activate: (app: JupyterFrontEnd, registry: ISettingRegistry | null): IGPUShareModel => {
+    const model = new GPUShareModel(app.serviceManager.serverSettings);
+    model.start();
+    if (registry) {
+      registry
+        .load(CORE_PLUGIN)
+        .then(settings => {
+          const apply = () => {
+            model.settings = {
+              ...DEFAULT_SETTINGS,
+              ...(settings.composite as Partial<GPUShare.ISettings>)
+            };
+          };
+          settings.changed.connect(apply);
+          apply();
+        })
+        .catch(reason => console.error('gpu-share: cannot load settings', reason));
+    }
+    return model;
+  }
+};
+
+/** Start-up progress, end banners and spending caps on each notebook. */
+const notebooks: JupyterFrontEndPlugin<INotebookGPUs> = {
+  id: 'jupyter-gpu-share:notebook',
+  description: 'Shows a remote kernel’s start-up and end on its notebook; enforces spending caps.',
+  autoStart: true,
+  provides: INotebookGPUs,
+  requires: [IGPUShareModel, INotebookTracker],
+  activate: (
+    app: JupyterFrontEnd,
+    model: IGPUShareModel,
+    tracker: INotebookTracker
+  ): INotebookGPUs => {
+    const gpus = new NotebookGPUs(model);
+    tracker.forEach(panel => gpus.add(panel));
+    tracker.widgetAdded.connect((_, panel) => gpus.add(panel));
+    return gpus;
+  }
+};
+
+/** The marketplace in the left sidebar, with "Use this GPU". */
+const marketplace: JupyterFrontEndPlugin<void> = {
+  id: 'jupyter-gpu-share:marketplace',
+  description: 'A left-sidebar panel listing shared-GPU offers, with filters and "Use this GPU".',
+  autoStart: true,
+  requires: [IGPUShareModel, INotebookTracker, IDocumentManager],
+  optional: [ILayoutRestorer],
+  activate: (
+    app: JupyterFrontEnd,
+    model: IGPUShareModel,
+    tracker: INotebookTracker,
+    docManager: IDocumentManager,
+    restorer: ILayoutRestorer | null
+  ): void => {
+    const useOffer = async (offer: GPUShare.IOffer): Promise<void> => {
+      try {
+        let panel: NotebookPanel | null = tracker.currentWidget;
+        const choice = { offer_id: offer.id, gpu_model: offer.gpu_model };
+        if (panel) {
+          await panel.context.ready;
+          await model.choose({ path: panel.context.path, ...choice });
+          panel.model?.setMetadata('gpu_share', choice);
+          await panel.sessionContext.changeKernel({ name: KERNEL_NAME });
+        } else {
+          const file = await app.serviceManager.contents.newUntitled({
+            type: 'notebook',
+            path: ''
+          });
+          await model.choose({ path: file.path, ...choice });
+          const widget = docManager.open(file.path, 'Notebook', { name: KERNEL_NAME });
+          panel = widget instanceof NotebookPanel ? widget : null;
+          if (panel) {
+            await panel.context.ready;
+            panel.model?.setMetadata('gpu_share', choice);
+          }
+        }
+        app.shell.activateById(panel?.id ?? '');
+      } catch (error) {
+        Notification.error(
+          `Could not start a kernel on ${offer.gpu_model} at ${offer.host_id}: ${
+            error instanceof Error ? error.message : String(error)
+          }`,
+          { autoClose: false }
+        );
+      }
+    };
+    const panel = new MarketplacePanel(model, useOffer);
+    panel.id = 'jupyter-gpu-share-marketplace';
+    panel.title.icon = gpuIcon;
+    panel.title.caption = 'Shared GPUs';
+    app.shell.add(panel, 'left', { rank: 600 });
+    if (restorer) {
+      restorer.add(panel, 'jupyter-gpu-share-marketplace');
+    }
+    app.commands.addCommand('gpu-share:open-marketplace', {
+      label: 'Shared GPU Marketplace',
+      icon: gpuIcon,
+      execute: () => app.shell.activateById(panel.id)
+    });
+  }
+};
+
+/** The status-bar meter of the active notebook's remote kernel. */
+const meter: JupyterFrontEndPlugin<void> = {
+  id: 'jupyter-gpu-share:meter',
+  description: 'A status-bar meter of the active notebook’s remote kernel: time, cost, credit.',
+  autoStart: true,
+  requires: [IGPUShareModel, INotebookTracker, INotebookGPUs, IStatusBar],
+  activate: (
+    app: JupyterFrontEnd,
+    model: IGPUShareModel,
+    tracker: INotebookTracker,
+    gpus: INotebookGPUs,
+    statusBar: IStatusBar
+  ): void => {
+    const widget = new GPUMeter(model, tracker, gpus);
+    statusBar.registerStatusItem('jupyter-gpu-share:meter', {
+      item: widget,
+      align: 'left',
+      rank: 5,
+      isActive: () => widget.shown,
+      activeStateChanged: gpus.changed
+    });
+  }
+};
+
+export default [core, notebooks, marketplace, meter];

@@ -1,0 +1,143 @@
+import { IDisposable } from '@lumino/disposable';
+import { Token } from '@lumino/coreutils';
+import { ISignal } from '@lumino/signaling';
+
+/**
+ * The wire types of the user-side server extension (`/gpu-share/user/...`), which forwards
+ * to the broker; field names are the broker's (see docs/protocol.md).
+ */
+export namespace GPUShare {
+  /** One GPU offer of an online host. */
+  export interface IOffer {
+    id: number;
+    host_id: string;
+    gpu_model: string;
+    gpu_count: number;
+    gpu_memory_mib: number;
+    price_per_second_micro: number;
+    price_per_hour_micro: number;
+    state: 'free' | 'busy';
+    telemetry: ITelemetry;
+  }
+
+  /** What a host reports in its heartbeats. */
+  export interface ITelemetry {
+    source?: 'nvml' | 'cpu';
+    gpus?: Array<{
+      index: number;
+      utilization_pct?: number | null;
+      memory_used_mib?: number;
+      memory_total_mib?: number;
+      error?: string;
+    }>;
+    cpu?: { cpu_count?: number; load_1m?: number };
+    kernels?: number;
+    [key: string]: unknown;
+  }
+
+  export type SessionState = 'starting' | 'running' | 'ended' | string;
+
+  /** A rented session (one remote kernel). */
+  export interface ISession {
+    id: string;
+    state: SessionState;
+    renter: string;
+    payer: string;
+    host_id: string;
+    offer_id: number | null;
+    gpu_indices: number[];
+    price_per_second_micro: number;
+    price_per_hour_micro: number;
+    created_at: string | null;
+    started_at: string | null;
+    ended_at: string | null;
+    started_us: number | null;
+    ended_us: number | null;
+    end_reason: string | null;
+    billed_seconds: number | null;
+    amount_micro: number | null;
+    cost_so_far_micro: number;
+  }
+
+  /** The renter's account. */
+  export interface IMe {
+    name: string;
+    role: string;
+    balance_micro: number;
+    running_sessions?: number;
+    available_micro?: number;
+  }
+
+  /** Which session backs a kernel of this server. */
+  export interface IKernelInfo {
+    kernel_id: string;
+    kernel_name: string;
+    remote: boolean;
+    session: ISession | null;
+  }
+
+  /** "Use this GPU": the offer the next gpu-share kernel of a notebook rents. */
+  export interface IPreference {
+    path: string;
+    offer_id: number;
+    gpu_model?: string;
+  }
+
+  /** User settings of the extension (schema/plugin.json). */
+  export interface ISettings {
+    pollInterval: number;
+    sessionCapCredits: number;
+    dailyCapCredits: number;
+    warnAtPercent: number;
+  }
+}
+
+/** The kernelspec name of remote GPU kernels. */
+export const KERNEL_NAME = 'gpu-share';
+
+/** The front end's view of the marketplace and of the user's sessions, kept fresh by polling. */
+export interface IGPUShareModel extends IDisposable {
+  /** Online offers, as last polled. */
+  readonly offers: ReadonlyArray<GPUShare.IOffer>;
+  /** The user's account, as last polled (null before the first answer). */
+  readonly me: GPUShare.IMe | null;
+  /** The user's sessions, newest first. */
+  readonly sessions: ReadonlyArray<GPUShare.ISession>;
+  /** Why the last poll failed (e.g. no broker configured), or null. */
+  readonly error: string | null;
+  /** Local time (ms) of the last successful poll. */
+  readonly polledAt: number;
+  /** The current settings. */
+  readonly settings: GPUShare.ISettings;
+
+  readonly offersChanged: ISignal<IGPUShareModel, ReadonlyArray<GPUShare.IOffer>>;
+  readonly accountChanged: ISignal<IGPUShareModel, GPUShare.IMe | null>;
+  readonly sessionsChanged: ISignal<IGPUShareModel, ReadonlyArray<GPUShare.ISession>>;
+  readonly errorChanged: ISignal<IGPUShareModel, string | null>;
+  readonly settingsChanged: ISignal<IGPUShareModel, GPUShare.ISettings>;
+  /** A watched kernel got a (new) session. */
+  readonly kernelSessionChanged: ISignal<
+    IGPUShareModel,
+    { kernelId: string; sessionId: string }
+  >;
+
+  /** Poll now. */
+  refresh(): Promise<void>;
+  /** Follow which session backs this kernel while the returned disposable lives. */
+  watchKernel(kernelId: string): IDisposable;
+  /** Ask the server now which session backs a kernel (and remember it). */
+  refreshKernel(kernelId: string): Promise<void>;
+  /** The sessions a kernel has had, newest first (a kernel keeps its id across restarts). */
+  sessionsOfKernel(kernelId: string): GPUShare.ISession[];
+  /** One session by id, from the last poll. */
+  session(id: string): GPUShare.ISession | null;
+  /** Stop a session (and its bill); answers the ended, settled session. */
+  stopSession(id: string): Promise<GPUShare.ISession>;
+  /** Make the next gpu-share kernel of a notebook rent this offer. */
+  choose(preference: GPUShare.IPreference): Promise<void>;
+}
+
+export const IGPUShareModel = new Token<IGPUShareModel>(
+  'jupyter-gpu-share:IGPUShareModel',
+  'The marketplace offers, the account and the sessions of jupyter-gpu-share.'
+);
