@@ -303,12 +303,18 @@ class SessionsHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
     def get(self) -> None:
-        if self.account.role == "admin":
-            records = self.broker.store.list_sessions()
-        elif self.account.role == "host":
-            records = self.broker.store.list_sessions(host=self.account.name)
-        else:
-            records = self.broker.store.list_sessions(renter=self.account.name)
+        limit = self.get_query_argument("limit", "200")
+        if not limit.isdigit() or not 0 < int(limit) <= 10_000:
+            raise web.HTTPError(400, "'limit' must be a whole number from 1 to 10000")
+        state = self.get_query_argument("state", None)
+        if state is not None and state not in ("starting", "running", "ended"):
+            raise web.HTTPError(400, "'state' must be starting, running or ended")
+        query: dict[str, Any] = {"limit": int(limit), "states": None if state is None else [state]}
+        if self.account.role == "host":
+            query["host"] = self.account.name
+        elif self.account.role != "admin":
+            query["renter"] = self.account.name
+        records = self.broker.store.list_sessions(**query)
         self.write_json([session_model(self.broker, r) for r in records])
 
     @web.authenticated

@@ -20,6 +20,7 @@ from traitlets import Float, Int, Unicode, default
 
 from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, websocket_url
 from .bridge import BridgeLoop, KernelBridge
+from .extension import take_preference
 
 
 class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -66,6 +67,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     session: dict[str, Any] | None = None
     bridge: KernelBridge | None = None
+    _preference: dict[str, Any] = {}  # noqa: RUF012 - replaced per launch, never mutated
 
     @property
     def has_process(self) -> bool:
@@ -96,15 +98,22 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             for name, port in ports.items():
                 setattr(km, name, port)
         km.write_connection_file()
+        # A remote kernel that dies (host lost, budget spent) is not silently restarted on
+        # another, maybe dearer, host: the lab offers the restart instead.
+        km.autorestart = False
+        notebook_path = (kwargs.get("env") or {}).get("JPY_SESSION_NAME")
+        self._preference = take_preference(notebook_path) or {}
         kwargs = await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
         return kwargs
 
     def _session_request(self) -> dict[str, Any]:
         request: dict[str, Any] = {}
-        if self.offer_id >= 0:
-            request["offer_id"] = self.offer_id
-        if self.gpu_model:
-            request["gpu_model"] = self.gpu_model
+        offer_id = self.offer_id if self.offer_id >= 0 else self._preference.get("offer_id")
+        if offer_id is not None:
+            request["offer_id"] = offer_id
+        gpu_model = self.gpu_model or self._preference.get("gpu_model")
+        if gpu_model:
+            request["gpu_model"] = gpu_model
         if self.max_price_per_hour_micro >= 0:
             request["max_price_per_hour_micro"] = self.max_price_per_hour_micro
         if self.class_name:
