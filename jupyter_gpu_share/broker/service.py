@@ -272,6 +272,10 @@ class Broker:
             if isinstance(wanted.get("benchmark"), dict):
                 benchmarks[offer.id] = wanted["benchmark"]
         previous = self.hosts.get(name)
+        if previous is not None:
+            # A hello without a self-test result keeps the last one (it is re-measured daily).
+            for offer_id, result in previous.benchmarks.items():
+                benchmarks.setdefault(offer_id, result)
         if (
             previous is not None
             and previous.channel is not None

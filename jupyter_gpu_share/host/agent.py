@@ -538,9 +538,9 @@ class HostAgent(LoggingConfigurable):
         "Defaults to $GPU_SHARE_GATEWAY_TOKEN. Never logged."
     ).tag(config=True)
 
-    gateway_kernel_name = Unicode(
-        "python3", help="Kernel spec name to start on the gateway."
-    ).tag(config=True)
+    gateway_kernel_name = Unicode("python3", help="Kernel spec name to start on the gateway.").tag(
+        config=True
+    )
 
     selftest = Bool(
         True,
@@ -945,6 +945,8 @@ class HostAgent(LoggingConfigurable):
             or RELAY_MARK not in relay_path
         ):
             return fail("relay_path must be a broker path under /gpu-share/api/relay/")
+        if self.selftest_runner is not None:
+            self.selftest_runner.yield_to(list(indices))
         session = HostSession(self, sid, list(indices), relay_path)
         self.sessions[sid] = session
         self.log.info("starting session %s on GPUs %s", sid, indices)

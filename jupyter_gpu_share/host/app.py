@@ -8,7 +8,7 @@ import sys
 from typing import Any, ClassVar
 
 from jupyter_core.application import JupyterApp, base_aliases, base_flags
-from traitlets import Unicode
+from traitlets import Bool, Unicode
 
 from .. import __version__
 from .agent import NO_SANDBOX_WARNING, AgentAuthError, AgentConfigError, HostAgent
@@ -33,6 +33,10 @@ aliases.update(
         "min-session-minutes": "HostAgent.min_session_minutes",
         "idle-command": "HostAgent.idle_command",
         "idle-stop-grace": "HostAgent.idle_stop_grace",
+        "gateway-url": "HostAgent.gateway_url",
+        "gateway-token": "HostAgent.gateway_token",
+        "gateway-kernel-name": "HostAgent.gateway_kernel_name",
+        "selftest-interval": "HostAgent.selftest_interval",
     }
 )
 flags: dict[str, Any] = dict(base_flags)
@@ -41,6 +45,14 @@ flags.update(
         "no-sandbox": (
             {"HostAgent": {"sandbox": "none"}},
             "Run kernels WITHOUT a sandbox (renters' code runs as this user). Trusted only.",
+        ),
+        "self-test": (
+            {"HostAgentApp": {"self_test": True}},
+            "Measure the GPUs (or the CPU) to offer, print a table and exit.",
+        ),
+        "no-selftest": (
+            {"HostAgent": {"selftest": False}},
+            "Do not measure the GPUs at start and periodically (no benchmark in offers).",
         ),
     }
 )
@@ -62,6 +74,10 @@ class HostAgentApp(JupyterApp):
 
     gpu_list = Unicode(
         "", help="GPU indices to offer as a comma list, e.g. 0,1 (default: all)."
+    ).tag(config=True)
+
+    self_test = Bool(
+        False, help="Run the GPU self-test (or the CPU one), print a table and exit."
     ).tag(config=True)
 
     def initialize(self, argv: list[str] | None = None) -> None:
@@ -92,6 +108,9 @@ class HostAgentApp(JupyterApp):
         if self.subapp is not None:
             return self.subapp.start()
         agent = self.agent
+        if self.self_test:
+            self._self_test(agent)
+            self.exit(0)
         try:
             agent.check_config()
         except AgentConfigError as err:
@@ -105,6 +124,25 @@ class HostAgentApp(JupyterApp):
             self._fail(str(err), code=1)
         except AgentConfigError as err:
             self._fail(str(err))
+
+    def _self_test(self, agent: HostAgent) -> None:
+        """Measure the GPUs this host would offer (the CPU when none) and print a table."""
+        from .inventory import Inventory
+        from .selftest import apply_flags, format_table, run_selftest
+
+        inventory = Inventory(agent.gpus or None, agent.nvml_module)
+        try:
+            gpus = {gpu.index: gpu for gpu in inventory.gpus}
+        finally:
+            inventory.close()
+        what = ", ".join(f"GPU {i} ({gpu.model})" for i, gpu in gpus.items()) or "the CPU"
+        print(f"measuring {what} ...", flush=True)
+        results = run_selftest(list(gpus))
+        for result in results:
+            gpu = gpus.get(result.get("index"))  # type: ignore[arg-type]
+            if gpu is not None:
+                apply_flags(result, gpu.model, gpu.memory_mib)
+        print(format_table(results), flush=True)
 
     async def _run(self, agent: HostAgent) -> None:
         loop = asyncio.get_running_loop()
