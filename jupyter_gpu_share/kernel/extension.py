@@ -15,21 +15,25 @@ Besides the broker proxy it answers two questions only this server can:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
-from jupyter_server.utils import url_path_join
+from jupyter_server.utils import ensure_async, url_path_join
 from tornado import web
 from traitlets import Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request
+from .kernelspecs import install_class_kernelspec
 
 AUTH_RESOURCE = "gpu-share"
 
@@ -80,13 +84,112 @@ class UserProxyHandler(APIHandler):
 
     @web.authenticated
     async def get(self, path: str) -> None:
-        await self._forward("GET", "/" + path)
+        if CLASS_STOP.fullmatch(path):
+            raise web.HTTPError(405, "a student's kernel is stopped with POST")
+        await self._forward("GET", "/" + quote(path, safe="/@"))
 
     @web.authenticated
     async def delete(self, path: str) -> None:
         if not path.startswith("sessions/"):
             raise web.HTTPError(405, "only sessions can be stopped")
         await self._forward("DELETE", "/" + path)
+
+    @web.authenticated
+    async def post(self, path: str) -> None:
+        # The one write a teacher makes from the lab: stop a student's running kernel.
+        if not CLASS_STOP.fullmatch(path):
+            raise web.HTTPError(405, "only a class student's kernel can be stopped with POST")
+        await self._forward("POST", "/" + quote(path, safe="/@"))
+
+
+# What the lab reads (and the one thing it stops) through the proxy; the broker checks roles.
+CLASS_NAME = r"[A-Za-z0-9_.-]{1,58}"
+CLASS_STUDENT = r"[A-Za-z0-9_.@-]{1,64}"
+CLASS_STOP = re.compile(rf"classes/{CLASS_NAME}/students/{CLASS_STUDENT}/stop")
+PROXIED = (
+    r"offers|me|sessions(?:/s-[0-9a-f]+)?"
+    rf"|classes(?:/{CLASS_NAME}(?:/usage|/notebooks(?:/[^/]{{1,200}}\.ipynb)?"
+    rf"|/students/{CLASS_STUDENT}/stop)?)?"
+)
+
+
+class ClassFetchHandler(APIHandler):
+    """``POST``: put a class's notebooks in ``<class>/`` under the root; install the class kernel.
+
+    What ``jupyter gpu-share class fetch NAME`` does, from the lab: a notebook the student
+    already has is kept, never overwritten. Answers ``{class, kernel_name, fetched, kept}``
+    with API paths (relative to the server's root).
+    """
+
+    auth_resource = AUTH_RESOURCE
+
+    @property
+    def user_side(self) -> GPUShareUser:
+        return self.settings["gpu_share_user"]
+
+    async def _broker(self, path: str) -> Any:
+        try:
+            return await broker_request(
+                self.user_side.broker_url, self.user_side.token, "GET", path
+            )
+        except BrokerError as error:
+            raise web.HTTPError(
+                error.status if 400 <= error.status < 500 else 502, error.message
+            ) from None
+
+    @web.authenticated
+    @authorized
+    async def post(self, name: str) -> None:
+        if not self.user_side.configured:
+            raise web.HTTPError(
+                503, f"no broker configured: set {BROKER_URL_ENV} and {TOKEN_ENV} for this server"
+            )
+        if name in (".", ".."):
+            raise web.HTTPError(400, "not a class name")
+        record = await self._broker(f"/classes/{name}")
+        folder = str(record["name"])
+        if folder in (".", "..") or "/" in folder:
+            raise web.HTTPError(502, "the broker answered an odd class name")
+        contents = self.contents_manager
+        if not await ensure_async(contents.dir_exists(folder)):
+            await ensure_async(contents.save({"type": "directory"}, folder))
+        fetched: list[str] = []
+        kept: list[str] = []
+        for entry in await self._broker(f"/classes/{name}/notebooks"):
+            notebook = str(entry.get("name", ""))
+            if (
+                not notebook.endswith(".ipynb")
+                or "/" in notebook
+                or "\\" in notebook
+                or notebook.startswith(".")
+            ):
+                self.log.warning("gpu-share: skipped class notebook %r", notebook)
+                continue
+            path = f"{folder}/{notebook}"
+            if await ensure_async(contents.file_exists(path)):
+                kept.append(path)
+                continue
+            content = await self._broker(f"/classes/{name}/notebooks/{quote(notebook)}")
+            await ensure_async(
+                contents.save({"type": "notebook", "format": "json", "content": content}, path)
+            )
+            fetched.append(path)
+        kernel_name = str(record["kernel_name"])
+        spec_dir = await asyncio.to_thread(
+            install_class_kernelspec, folder, kernel_name, record.get("gpu_model")
+        )
+        self.log.info("gpu-share: class %s: kernel %s in %s", folder, kernel_name, spec_dir)
+        self.finish(
+            json.dumps(
+                {
+                    "class": folder,
+                    "folder": folder,
+                    "kernel_name": kernel_name,
+                    "fetched": fetched,
+                    "kept": kept,
+                }
+            )
+        )
 
 
 class KernelPreferences:
@@ -251,9 +354,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
     user_side = GPUShareUser(parent=serverapp)
     web_app = serverapp.web_app
     web_app.settings["gpu_share_user"] = user_side
-    route = url_path_join(
-        web_app.settings["base_url"], r"/gpu-share/user/(offers|me|sessions(?:/s-[0-9a-f]+)?)"
-    )
+    route = url_path_join(web_app.settings["base_url"], rf"/gpu-share/user/({PROXIED})")
     base_url = web_app.settings["base_url"]
     PREFERENCES.root_dir = Path(serverapp.root_dir)
     web_app.add_handlers(
@@ -264,6 +365,10 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
                 KernelSessionHandler,
             ),
             (url_path_join(base_url, r"/gpu-share/user/preference"), PreferenceHandler),
+            (
+                url_path_join(base_url, rf"/gpu-share/user/classes/({CLASS_NAME})/fetch"),
+                ClassFetchHandler,
+            ),
             (route, UserProxyHandler),
         ],
     )
