@@ -34,7 +34,9 @@ def _table(rows: list[dict[str, Any]], columns: list[tuple[str, str]]) -> str:
         ["" if row.get(key) is None else str(row.get(key)) for key, _ in columns] for row in rows
     ]
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in cells
+    )
 
 
 def _money(value: int | None) -> str | None:
@@ -140,17 +142,37 @@ def cmd_earnings(args: argparse.Namespace) -> None:
         print(json.dumps(earnings))
         return
     score = earnings["reliability"]
-    print(f"{earnings['host']}: earned {format_credits(earnings['total_micro'])} credits in total; "
-          f"reliability {'new host' if score is None else f'{score:.0%}'}")
-    rows = [{**d, "time": _duration(d["billed_seconds"]), "earned": _money(d["earned_micro"])}
-            for d in earnings["days"]]
-    print(_table(rows, [("day", "DAY"), ("sessions", "SESSIONS"), ("time", "RENTED"), ("earned", "EARNED")]))
+    print(
+        f"{earnings['host']}: earned {format_credits(earnings['total_micro'])} credits in total; "
+        f"reliability {'new host' if score is None else f'{score:.0%}'}"
+    )
+    rows = [
+        {**d, "time": _duration(d["billed_seconds"]), "earned": _money(d["earned_micro"])}
+        for d in earnings["days"]
+    ]
+    print(
+        _table(
+            rows,
+            [("day", "DAY"), ("sessions", "SESSIONS"), ("time", "RENTED"), ("earned", "EARNED")],
+        )
+    )
     if earnings["sessions"]:
         print()
-        rows = [{**e, "time": _duration(e["billed_seconds"]), "earned": _money(e["earned_micro"])}
-                for e in earnings["sessions"][:20]]
-        print(_table(rows, [("session_id", "SESSION"), ("ended_at", "ENDED"), ("time", "RENTED"),
-                            ("earned", "EARNED")]))
+        rows = [
+            {**e, "time": _duration(e["billed_seconds"]), "earned": _money(e["earned_micro"])}
+            for e in earnings["sessions"][:20]
+        ]
+        print(
+            _table(
+                rows,
+                [
+                    ("session_id", "SESSION"),
+                    ("ended_at", "ENDED"),
+                    ("time", "RENTED"),
+                    ("earned", "EARNED"),
+                ],
+            )
+        )
 
 
 def cmd_stop(args: argparse.Namespace) -> None:
@@ -203,7 +225,7 @@ def cmd_class_create(args: argparse.Namespace) -> None:
     try:
         body["quota_seconds"], body["quota_micro"] = parse_quota(args.quota_per_student)
         if args.weekly_quota:
-            weekly, credits = parse_quota(args.weekly_quota)
+            weekly, _ = parse_quota(args.weekly_quota)
             if weekly is None:
                 raise ValueError("--weekly-quota is a duration such as 3h")
             body["weekly_quota_seconds"] = weekly
@@ -223,7 +245,8 @@ def cmd_class_create(args: argparse.Namespace) -> None:
             body[key] = value
     created = _client(args).request("POST", "/classes", body)
     print(
-        f"class {created['name']} created: budget {format_credits(created['budget_micro'])} credits, "
+        f"class {created['name']} created: "
+        f"budget {format_credits(created['budget_micro'])} credits, "
         f"kernel '{created['kernel_name']}'"
     )
 

@@ -1,4 +1,4 @@
-"""``jupyter gpu-share demo``: a broker, a local host and JupyterLab, wired together, in one command."""
+"""``jupyter gpu-share demo``: a broker, a local host and JupyterLab, wired together."""
 
 from __future__ import annotations
 
@@ -38,8 +38,10 @@ DEMO_NOTEBOOK = {
             "outputs": [],
             "source": [
                 "import os, socket\n",
-                "print('host:', os.environ['GPU_SHARE_HOST_ID'], 'session:', os.environ['GPU_SHARE_SESSION_ID'])\n",
-                "print('GPUs visible:', os.environ.get('CUDA_VISIBLE_DEVICES') or 'none (CPU kernel)')",
+                "print('host:', os.environ['GPU_SHARE_HOST_ID'])\n",
+                "print('session:', os.environ['GPU_SHARE_SESSION_ID'])\n",
+                "gpus = os.environ.get('CUDA_VISIBLE_DEVICES')\n",
+                "print('GPUs visible:', gpus or 'none (CPU kernel)')",
             ],
         },
         {
@@ -191,14 +193,25 @@ def run_demo(argv: list[str]) -> int:
             sandbox_flags = ["--no-sandbox"]
         processes.append(
             subprocess.Popen(
-                [*cli, "host", "--broker", broker_url, "--price-per-hour", args.price_per_hour,
-             *sandbox_flags],
+                [
+                    *cli,
+                    "host",
+                    "--broker",
+                    broker_url,
+                    "--price-per-hour",
+                    args.price_per_hour,
+                    *sandbox_flags,
+                ],
                 env={**base_env, "GPU_SHARE_TOKEN": host_token},
             )
         )
         wait_until(lambda: admin.request("GET", "/offers"), "host agent", 60, processes)
         offer = admin.request("GET", "/offers")[0]
-        kind = offer["gpu_model"] if offer["gpu_count"] == 0 else f"{offer['gpu_count']} x {offer['gpu_model']}"
+        kind = (
+            offer["gpu_model"]
+            if offer["gpu_count"] == 0
+            else f"{offer['gpu_count']} x {offer['gpu_model']}"
+        )
         say(f"offer online: {kind} on {offer['host_id']}")
 
         user_env = {**base_env, "GPU_SHARE_BROKER_URL": broker_url, "GPU_SHARE_TOKEN": user_token}
@@ -230,7 +243,8 @@ def run_demo(argv: list[str]) -> int:
             )
             say(f"JupyterLab: {lab_url}")
             say(
-                "pick the 'Python 3 (shared GPU)' kernel; `jupyter gpu-share sessions` shows the bill"
+                "pick the 'Python 3 (shared GPU)' kernel; "
+                "`jupyter gpu-share sessions` shows the bill"
             )
         say("press Ctrl-C to stop everything")
         while all(process.poll() is None for process in processes):

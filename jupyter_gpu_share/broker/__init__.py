@@ -1,4 +1,4 @@
-"""The broker: a jupyter_server extension holding hosts, offers, sessions, the relay and the ledger."""
+"""The broker: a jupyter_server extension for hosts, offers, sessions, the relay and the ledger."""
 
 from __future__ import annotations
 

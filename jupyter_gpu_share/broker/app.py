@@ -96,7 +96,7 @@ class BrokerApp(ExtensionApp):
     heartbeat_timeout = Float(
         0.0,
         config=True,
-        help="Seconds without a heartbeat after which a host is lost; 0 means 3 heartbeat intervals + 2 s.",
+        help="Seconds without a heartbeat before a host is lost; 0: 3 heartbeat intervals + 2 s.",
     )
     start_timeout = Float(
         120.0, config=True, help="Seconds a host has to report a new kernel ready."
@@ -107,7 +107,7 @@ class BrokerApp(ExtensionApp):
     checkpoint_interval = Float(
         5.0,
         config=True,
-        help="Seconds between checkpoints of running sessions' last heartbeat (evidence after a crash).",
+        help="Seconds between checkpoints of hosts' last heartbeats (the evidence after a crash).",
     )
     max_message_size = Int(
         256 * 1024 * 1024, config=True, help="Largest kernel message the relay carries, in bytes."

@@ -112,7 +112,8 @@ class ClassesHandler(ClassHandlerBase):
         ):
             raise web.HTTPError(
                 402,
-                f"a budget of {budget} micro-credits is more than your balance; ask an admin to grant it",
+                f"a budget of {budget} micro-credits is more than your balance; "
+                "ask an admin to grant it",
             )
         record = self.broker.store.create_class(
             name,  # type: ignore[arg-type]

@@ -106,7 +106,8 @@ def choose_offer(
         raise NoMatch(
             402,
             f"insufficient credit: starting needs {format_credits(needed)} credits "
-            f"({minimum_seconds} s at {format_credits(price_per_hour(cheapest.price_per_second_micro))}"
+            f"({minimum_seconds} s at "
+            f"{format_credits(price_per_hour(cheapest.price_per_second_micro))}"
             f"/h), balance is {format_credits(balance_micro)}",
         )
     # The price of a reliable second: a cheap host that often vanishes ranks below a steady one.

@@ -324,7 +324,7 @@ class Broker:
         return link
 
     def host_disconnected(self, name: str, channel: ControlChannel) -> None:
-        """Note that a host's control channel closed; its sessions wait out the heartbeat timeout."""
+        """Note a host's control channel closed; its sessions wait out the heartbeat timeout."""
         link = self.hosts.get(name)
         if link is not None and link.channel is channel:
             link.channel = None

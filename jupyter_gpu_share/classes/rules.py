@@ -39,7 +39,7 @@ def parse_quota(text: str) -> tuple[int | None, int | None]:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([hms])\s*", text)
     if match:
         value, unit = float(match.group(1)), match.group(2)
-        seconds = int(round(value * {"h": 3600, "m": 60, "s": 1}[unit]))
+        seconds = round(value * {"h": 3600, "m": 60, "s": 1}[unit])
         if seconds <= 0:
             raise ValueError(f"quota must be more than zero: {text!r}")
         return seconds, None

@@ -107,7 +107,7 @@ class KernelBridge:
                 sock.router_handover = 1
             self.ports[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{self.ip}")
             self.sockets[wire.CHANNELS[name]] = sock
-        # A ROUTER, not a REP, so a dead kernel's pings can go unanswered without wedging the socket.
+        # A ROUTER, not a REP: a dead kernel's pings can go unanswered without wedging it.
         self.hb = context.socket(zmq.ROUTER)
         self.hb.linger = 0
         self.ports["hb_port"] = self.hb.bind_to_random_port(f"tcp://{self.ip}")
@@ -218,7 +218,10 @@ class KernelBridge:
         if kind == "kernel_ready":
             if isinstance(record.get("key"), str):
                 # A warm kernel, started before we asked: its key is the host's, adopt it.
-                self.kernel_key = (record["key"], str(record.get("signature_scheme", "hmac-sha256")))
+                self.kernel_key = (
+                    record["key"],
+                    str(record.get("signature_scheme", "hmac-sha256")),
+                )
             self.ready.set()
         elif kind == "kernel_ended":
             self._mark_ended(

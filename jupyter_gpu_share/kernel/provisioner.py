@@ -171,7 +171,10 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.log.info("gpu-share: kernel %s ready on host %s", self.kernel_id, session["host_id"])
         info = km.get_connection_info()
         if bridge.kernel_key is not None:
-            info["key"], info["signature_scheme"] = bridge.kernel_key[0].encode(), bridge.kernel_key[1]
+            info["key"], info["signature_scheme"] = (
+                bridge.kernel_key[0].encode(),
+                bridge.kernel_key[1],
+            )
         self.connection_info = info
         return info
 

@@ -52,7 +52,7 @@ class HostStore:
                 )
 
     def presence(self, host: str, since_us: int) -> list[tuple[int, int, str | None]]:
-        """A host's connections (start, last seen, declared schedule) that reach past ``since_us``."""
+        """A host's connections (start, last seen, schedule) that reach past ``since_us``."""
         query = (
             select(presence.c.started_us, presence.c.last_seen_us, presence.c.schedule)
             .join(accounts, accounts.c.id == presence.c.host_account_id)
@@ -95,7 +95,7 @@ class HostStore:
         return int(total), int(lost)
 
     def earnings(self, host: str) -> list[dict[str, Any]]:
-        """Each settled session of a host: when, seconds, the renter's price and the host's share."""
+        """Each settled session of a host: when, seconds, the renter's price, the host's share."""
         query = (
             select(
                 sessions.c.id,

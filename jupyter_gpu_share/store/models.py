@@ -185,9 +185,7 @@ class ClassNotebook(Base):
     """A starter notebook a teacher published to a class."""
 
     __tablename__ = "class_notebooks"
-    __table_args__ = (
-        Index("uq_class_notebooks_class_id_name", "class_id", "name", unique=True),
-    )
+    __table_args__ = (Index("uq_class_notebooks_class_id_name", "class_id", "name", unique=True),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     class_id: Mapped[int] = mapped_column(ForeignKey("classes.id"))

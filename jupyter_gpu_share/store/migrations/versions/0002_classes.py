@@ -31,7 +31,9 @@ def upgrade() -> None:
         sa.Column("starts_us", sa.BigInteger(), nullable=True),
         sa.Column("ends_us", sa.BigInteger(), nullable=True),
         sa.Column("created_us", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name="fk_classes_account_id_accounts"),
+        sa.ForeignKeyConstraint(
+            ["account_id"], ["accounts.id"], name="fk_classes_account_id_accounts"
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_classes"),
         sa.UniqueConstraint("name", name="uq_classes_name"),
     )
@@ -44,13 +46,20 @@ def upgrade() -> None:
         sa.Column("active", sa.Boolean(), nullable=False),
         sa.Column("added_us", sa.BigInteger(), nullable=False),
         sa.CheckConstraint("role IN ('teacher', 'student')", name="ck_class_members_role"),
-        sa.ForeignKeyConstraint(["class_id"], ["classes.id"], name="fk_class_members_class_id_classes"),
-        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name="fk_class_members_account_id_accounts"),
+        sa.ForeignKeyConstraint(
+            ["class_id"], ["classes.id"], name="fk_class_members_class_id_classes"
+        ),
+        sa.ForeignKeyConstraint(
+            ["account_id"], ["accounts.id"], name="fk_class_members_account_id_accounts"
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_class_members"),
     )
     op.create_index("ix_class_members_account_id", "class_members", ["account_id"])
     op.create_index(
-        "uq_class_members_class_id_account_id", "class_members", ["class_id", "account_id"], unique=True
+        "uq_class_members_class_id_account_id",
+        "class_members",
+        ["class_id", "account_id"],
+        unique=True,
     )
     op.create_table(
         "class_notebooks",
@@ -59,10 +68,14 @@ def upgrade() -> None:
         sa.Column("name", sa.String(length=255), nullable=False),
         sa.Column("content", sa.Text(), nullable=False),
         sa.Column("updated_us", sa.BigInteger(), nullable=False),
-        sa.ForeignKeyConstraint(["class_id"], ["classes.id"], name="fk_class_notebooks_class_id_classes"),
+        sa.ForeignKeyConstraint(
+            ["class_id"], ["classes.id"], name="fk_class_notebooks_class_id_classes"
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_class_notebooks"),
     )
-    op.create_index("uq_class_notebooks_class_id_name", "class_notebooks", ["class_id", "name"], unique=True)
+    op.create_index(
+        "uq_class_notebooks_class_id_name", "class_notebooks", ["class_id", "name"], unique=True
+    )
     op.add_column("sessions", sa.Column("class_name", sa.String(length=64), nullable=True))
     op.create_index("ix_sessions_class_name", "sessions", ["class_name"])
 
