@@ -279,7 +279,10 @@ class UsageHandler(ClassHandlerBase):
         self.write_json(
             {
                 "class": name,
-                "budget_micro": record.budget_micro if role != "student" else None,
+                # What is left now: settled spending and the running kernels' cost so far.
+                "budget_micro": record.budget_micro - self.broker.committed(record.account)
+                if role != "student"
+                else None,
                 "students": rows,
                 "at": iso_from_us(now),
             }

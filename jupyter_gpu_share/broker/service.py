@@ -432,12 +432,13 @@ class Broker:
             self.online_offers(),
             self.host_loads(),
             request,
-            balance - self._committed(renter),
+            balance - self.committed(renter),
             self.settings.minimum_start_seconds,
         )
         return self._launch(renter, renter, offer, balance)
 
-    def _committed(self, payer: str) -> int:
+    def committed(self, payer: str) -> int:
+        """The running (not yet settled) cost of a payer's sessions."""
         now = now_us()
         return sum(s.cost_at(now) for s in self.sessions.values() if s.payer == payer)
 
@@ -531,7 +532,7 @@ class Broker:
         ahead = (place - 1) if place is not None else len(line)
         if ahead >= len(free):
             raise Queued(line.place(student, now))
-        budget = record.budget_micro - self._committed(record.account)
+        budget = record.budget_micro - self.committed(record.account)
         try:
             offer = choose_offer(
                 free, loads, class_request, budget, self.settings.minimum_start_seconds

@@ -36,8 +36,8 @@ export function spentToday(
   const since = startOfDay(nowMs) * 1000;
   let total = 0;
   for (const session of sessions) {
-    if (session.started_us === null || session.started_us < since) {
-      continue;
+    if (session.started_us === null || session.started_us < since || session.class) {
+      continue; // class sessions are charged to the class, not to you
     }
     total += meterReading(session, nowMs).costMicro;
   }

@@ -9,12 +9,14 @@ import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
 
-import { gpuIcon } from './icons';
+import { ClassesModel } from './classesModel';
+import { ClassesPanel } from './classesPanel';
+import { classIcon, gpuIcon } from './icons';
 import { DEFAULT_SETTINGS, GPUShareModel } from './model';
 import { INotebookGPUs, NotebookGPUs } from './notebook';
 import { MarketplacePanel } from './panel';
 import { GPUMeter } from './statusbar';
-import { GPUShare, IGPUShareModel, KERNEL_NAME } from './tokens';
+import { GPUShare, IGPUShareClasses, IGPUShareModel, KERNEL_NAME } from './tokens';
 
 const CORE_PLUGIN = 'jupyter-gpu-share:plugin';
 
@@ -128,20 +130,78 @@ const marketplace: JupyterFrontEndPlugin<void> = {
   }
 };
 
+/** Classes: a student's quota and class notebooks, a teacher's live dashboard. */
+const classes: JupyterFrontEndPlugin<IGPUShareClasses> = {
+  id: 'jupyter-gpu-share:classes',
+  description:
+    'A left-sidebar Classes panel: quotas and class notebooks to fetch for students, a live dashboard with stop buttons for teachers.',
+  autoStart: true,
+  provides: IGPUShareClasses,
+  requires: [IGPUShareModel, IDocumentManager],
+  optional: [ILayoutRestorer],
+  activate: (
+    app: JupyterFrontEnd,
+    core: IGPUShareModel,
+    docManager: IDocumentManager,
+    restorer: ILayoutRestorer | null
+  ): IGPUShareClasses => {
+    const model = new ClassesModel(app.serviceManager.serverSettings);
+    model.start(core.settings.pollInterval);
+    core.settingsChanged.connect((_, settings) => model.start(settings.pollInterval));
+    const fetchAndOpen = async (klass: GPUShare.IClass, notebook: string | null) => {
+      const result = await model.fetchNotebooks(klass.name);
+      // The class kernel was just installed: the lab must know it before opening.
+      await app.serviceManager.kernelspecs.refreshSpecs();
+      if (app.commands.hasCommand('filebrowser:refresh')) {
+        void app.commands.execute('filebrowser:refresh');
+      }
+      const fetched = result.fetched.length;
+      Notification.success(
+        `${klass.name}: ${fetched} notebook${fetched === 1 ? '' : 's'} fetched into ${result.folder}/` +
+          (result.kept.length ? `, ${result.kept.length} of yours kept` : '') +
+          `; kernel ${result.kernel_name} installed.`,
+        { autoClose: 5000 }
+      );
+      if (notebook) {
+        const widget = docManager.openOrReveal(`${result.folder}/${notebook}`);
+        if (widget) {
+          app.shell.activateById(widget.id);
+        }
+      }
+    };
+    const panel = new ClassesPanel(model, { fetchAndOpen });
+    panel.id = 'jupyter-gpu-share-classes';
+    panel.title.icon = classIcon;
+    panel.title.caption = 'Classes';
+    app.shell.add(panel, 'left', { rank: 610 });
+    if (restorer) {
+      restorer.add(panel, 'jupyter-gpu-share-classes');
+    }
+    app.commands.addCommand('gpu-share:open-classes', {
+      label: 'Shared GPU Classes',
+      icon: classIcon,
+      execute: () => app.shell.activateById(panel.id)
+    });
+    return model;
+  }
+};
+
 /** The status-bar meter of the active notebook's remote kernel. */
 const meter: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-gpu-share:meter',
   description: 'A status-bar meter of the active notebook’s remote kernel: time, cost, credit.',
   autoStart: true,
   requires: [IGPUShareModel, INotebookTracker, INotebookGPUs, IStatusBar],
+  optional: [IGPUShareClasses],
   activate: (
     app: JupyterFrontEnd,
     model: IGPUShareModel,
     tracker: INotebookTracker,
     gpus: INotebookGPUs,
-    statusBar: IStatusBar
+    statusBar: IStatusBar,
+    classes: IGPUShareClasses | null
   ): void => {
-    const widget = new GPUMeter(model, tracker, gpus);
+    const widget = new GPUMeter(model, tracker, gpus, classes);
     statusBar.registerStatusItem('jupyter-gpu-share:meter', {
       item: widget,
       align: 'left',
@@ -152,4 +212,4 @@ const meter: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default [core, notebooks, marketplace, meter];
+export default [core, notebooks, marketplace, classes, meter];

@@ -8,7 +8,7 @@ import { Widget } from '@lumino/widgets';
 import { capLevel, spentToday } from './caps';
 import { endReasonText, meterReading } from './meter';
 import { creditsToMicro, formatCredits } from './money';
-import { GPUShare, IGPUShareModel, KERNEL_NAME } from './tokens';
+import { GPUShare, IGPUShareModel, KERNEL_NAME, isRemoteKernelName } from './tokens';
 
 /** Start-up phases of a remote kernel shown on its notebook. */
 export type Phase = 'none' | 'finding' | 'starting' | 'ready';
@@ -53,7 +53,7 @@ export class NotebookGPU implements IDisposable {
   get isRemote(): boolean {
     const ctx = this.panel.sessionContext;
     const name = ctx.session?.kernel?.name ?? ctx.kernelPreference.name;
-    return name === KERNEL_NAME;
+    return isRemoteKernelName(name);
   }
 
   /** The newest session of this notebook's kernel. */
@@ -129,7 +129,7 @@ export class NotebookGPU implements IDisposable {
     if (kernel && kernel.id !== this._kernelId) {
       this._watch?.dispose();
       this._watch = null;
-      this._kernelId = kernel.name === KERNEL_NAME ? kernel.id : null;
+      this._kernelId = isRemoteKernelName(kernel.name) ? kernel.id : null;
       if (this._kernelId) {
         this._watch = this._model.watchKernel(this._kernelId);
       }
@@ -407,7 +407,12 @@ export class NotebookGPUs implements INotebookGPUs, IDisposable {
     }
     for (const gpu of this._gpus.values()) {
       const session = gpu.session;
-      if (!session || session.state !== 'running' || this._stopping.has(session.id)) {
+      if (
+        !session ||
+        session.state !== 'running' ||
+        session.class || // charged to a class, whose quota the broker enforces
+        this._stopping.has(session.id)
+      ) {
         continue;
       }
       const cost = meterReading(session, now).costMicro;

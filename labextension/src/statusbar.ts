@@ -1,19 +1,43 @@
 import { Dialog, showDialog } from '@jupyterlab/apputils';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import { IDisposable } from '@lumino/disposable';
 import { Widget } from '@lumino/widgets';
 
+import { formatQuotaLeft, quotaLeftAt, sessionClass } from './classes';
 import { gpuIcon } from './icons';
 import { endReasonText, meterReading } from './meter';
 import { formatCredits, formatDuration, formatPricePerHour } from './money';
 import { INotebookGPUs, NotebookGPU } from './notebook';
-import { GPUShare, IGPUShareModel } from './tokens';
+import { GPUShare, IGPUShareClasses, IGPUShareModel } from './tokens';
+
+/** "<quota> left" of the class a session is charged to, from the last usage poll, or null. */
+export function classQuotaText(
+  session: GPUShare.ISession,
+  classes: IGPUShareClasses | null,
+  nowMs: number
+): string | null {
+  const name = sessionClass(session);
+  const row = name && classes ? (classes.usage(name)?.students[0] ?? null) : null;
+  if (!name || !classes || !row) {
+    return null;
+  }
+  const left = quotaLeftAt(
+    row,
+    classes.usagePolledAt(name),
+    nowMs,
+    session.price_per_second_micro
+  );
+  return formatQuotaLeft(left);
+}
 
 /** Rows describing a session (live figures computed at `nowMs`). */
 export function sessionRows(
   session: GPUShare.ISession,
   model: IGPUShareModel,
-  nowMs: number
+  nowMs: number,
+  classes: IGPUShareClasses | null = null
 ): Array<[string, string]> {
+  const klass = sessionClass(session);
   const reading = meterReading(session, nowMs, model.me?.available_micro ?? null);
   const offer = model.offers.find(o => o.id === session.offer_id);
   const rows: Array<[string, string]> = [
@@ -44,7 +68,13 @@ export function sessionRows(
     rows.push(['Elapsed', formatDuration(reading.elapsedSeconds)]);
     rows.push(['Cost so far', `${formatCredits(reading.costMicro, 4, 6)} credits`]);
   }
-  if (reading.remainingMicro !== null) {
+  if (klass) {
+    rows.push(['Charged to', `class ${klass} (not your credit)`]);
+    const quota = classQuotaText(session, classes, nowMs);
+    if (quota !== null) {
+      rows.push(['Quota left', quota]);
+    }
+  } else if (reading.remainingMicro !== null) {
     rows.push(['Credit left', `${formatCredits(reading.remainingMicro)} credits`]);
   }
   return rows;
@@ -52,9 +82,10 @@ export function sessionRows(
 
 /** A table of a session that refreshes itself every second while shown. */
 class SessionDetails extends Widget {
-  constructor(model: IGPUShareModel, sessionId: string) {
+  constructor(model: IGPUShareModel, sessionId: string, classes: IGPUShareClasses | null) {
     super();
     this._model = model;
+    this._classes = classes;
     this._sessionId = sessionId;
     this.addClass('jp-GPUShare-details');
     this._render();
@@ -70,7 +101,7 @@ class SessionDetails extends Widget {
     const session = this._model.session(this._sessionId);
     const table = document.createElement('table');
     if (session) {
-      for (const [name, value] of sessionRows(session, this._model, Date.now())) {
+      for (const [name, value] of sessionRows(session, this._model, Date.now(), this._classes)) {
         const row = table.insertRow();
         const th = document.createElement('th');
         th.textContent = name;
@@ -82,15 +113,23 @@ class SessionDetails extends Widget {
   }
 
   private _model: IGPUShareModel;
+  private _classes: IGPUShareClasses | null;
   private _sessionId: string;
   private _timer: number;
 }
 
 /** The status-bar meter of the active notebook's remote kernel. */
 export class GPUMeter extends Widget {
-  constructor(model: IGPUShareModel, notebooks: INotebookTracker, gpus: INotebookGPUs) {
+  constructor(
+    model: IGPUShareModel,
+    notebooks: INotebookTracker,
+    gpus: INotebookGPUs,
+    classes: IGPUShareClasses | null = null
+  ) {
     super({ node: document.createElement('button') });
     this._model = model;
+    this._classes = classes;
+    classes?.changed.connect(this.update, this);
     this._notebooks = notebooks;
     this._gpus = gpus;
     this.addClass('jp-GPUShare-meter');
@@ -118,6 +157,7 @@ export class GPUMeter extends Widget {
 
   dispose(): void {
     window.clearInterval(this._timer);
+    this._classWatch?.dispose();
     super.dispose();
   }
 
@@ -131,7 +171,7 @@ export class GPUMeter extends Widget {
     const live = session.state === 'running' || session.state === 'starting';
     const result = await showDialog({
       title: live ? 'Shared GPU session' : 'Shared GPU session: bill',
-      body: new SessionDetails(this._model, session.id),
+      body: new SessionDetails(this._model, session.id, this._classes),
       buttons: live
         ? [Dialog.cancelButton({ label: 'Close' }), Dialog.warnButton({ label: 'Stop' })]
         : [Dialog.okButton({ label: 'Close' })]
@@ -143,7 +183,7 @@ export class GPUMeter extends Widget {
     if (ended) {
       await showDialog({
         title: 'Shared GPU session: bill',
-        body: new SessionDetails(this._model, ended.id),
+        body: new SessionDetails(this._model, ended.id, this._classes),
         buttons: [Dialog.okButton({ label: 'Close' })]
       });
     }
@@ -155,6 +195,7 @@ export class GPUMeter extends Widget {
     const node = this.node;
     node.replaceChildren();
     if (!gpu || !this.shown) {
+      this._watchClass(null);
       this.hide();
       return;
     }
@@ -174,11 +215,26 @@ export class GPUMeter extends Widget {
       node.dataset.state = 'starting';
       return;
     }
-    const reading = meterReading(session, Date.now(), this._model.me?.available_micro ?? null);
+    const now = Date.now();
+    const reading = meterReading(session, now, this._model.me?.available_micro ?? null);
     node.dataset.state = session.state;
     node.dataset.costMicro = String(reading.costMicro);
-    const left =
+    const klass = sessionClass(session);
+    this._watchClass(reading.live ? klass : null);
+    let left =
       reading.remainingMicro !== null ? ` · ${formatCredits(reading.remainingMicro)} left` : '';
+    if (klass) {
+      // Charged to the class: the student's quota matters, not their own credit.
+      node.dataset.class = klass;
+      const quota = classQuotaText(session, this._classes, now);
+      left = ` · charged to ${klass}${quota !== null ? ` · ${quota} left` : ''}`;
+      if (!reading.live) {
+        text.textContent = `${session.host_id} · ended · charged to ${klass}`;
+        return;
+      }
+    } else {
+      delete node.dataset.class;
+    }
     if (reading.live) {
       text.textContent =
         `${session.host_id} · ${formatDuration(reading.elapsedSeconds)} · ` +
@@ -188,7 +244,23 @@ export class GPUMeter extends Widget {
     }
   }
 
+  /** Keep the usage of the class of the shown session polled (for its quota left). */
+  private _watchClass(name: string | null): void {
+    if (name === this._classWatched) {
+      return;
+    }
+    this._classWatch?.dispose();
+    this._classWatch = null;
+    this._classWatched = name;
+    if (name && this._classes) {
+      this._classWatch = this._classes.watch(name);
+    }
+  }
+
   private _model: IGPUShareModel;
+  private _classes: IGPUShareClasses | null;
+  private _classWatch: IDisposable | null = null;
+  private _classWatched: string | null = null;
   private _notebooks: INotebookTracker;
   private _gpus: INotebookGPUs;
   private _timer: number;

@@ -57,6 +57,62 @@ export namespace GPUShare {
     billed_seconds: number | null;
     amount_micro: number | null;
     cost_so_far_micro: number;
+    /** The class the session is charged to (payer "<class>@class"), or null. */
+    class?: string | null;
+  }
+
+  /** A class the user teaches or is a student of (GET /classes). */
+  export interface IClass {
+    name: string;
+    teacher: string;
+    your_role: 'teacher' | 'student' | 'admin' | string;
+    budget_micro: number;
+    quota_seconds: number | null;
+    quota_micro: number | null;
+    weekly_quota_seconds: number | null;
+    gpu_model: string | null;
+    max_price_per_hour_micro: number | null;
+    starts_at: string | null;
+    ends_at: string | null;
+    kernel_name: string;
+  }
+
+  /** One student's use of a class (GET /classes/NAME/usage). */
+  export interface IClassUsageRow {
+    student: string;
+    seconds: number;
+    credits_micro: number;
+    sessions: number;
+    /** Ids of the student's running sessions in the class. */
+    running: string[];
+    /** null: no limit of that kind. */
+    remaining_seconds: number | null;
+    remaining_micro: number | null;
+  }
+
+  /** A class's usage: every student for its teacher, one's own row for a student. */
+  export interface IClassUsage {
+    class: string;
+    /** The class budget left (null for students). */
+    budget_micro: number | null;
+    students: IClassUsageRow[];
+    at: string;
+  }
+
+  /** A published class notebook. */
+  export interface IClassNotebook {
+    name: string;
+    updated_at: string | null;
+    size: number;
+  }
+
+  /** What fetching a class's notebooks did (POST /gpu-share/user/classes/NAME/fetch). */
+  export interface IClassFetch {
+    class: string;
+    folder: string;
+    kernel_name: string;
+    fetched: string[];
+    kept: string[];
   }
 
   /** The renter's account. */
@@ -94,6 +150,14 @@ export namespace GPUShare {
 
 /** The kernelspec name of remote GPU kernels. */
 export const KERNEL_NAME = 'gpu-share';
+
+/** Class kernelspecs are named `gpu-share-<class>` (installed when fetching a class). */
+export const CLASS_KERNEL_PREFIX = `${KERNEL_NAME}-`;
+
+/** A kernelspec that starts remote GPU kernels: `gpu-share` or a class's. */
+export function isRemoteKernelName(name: string | null | undefined): boolean {
+  return !!name && (name === KERNEL_NAME || name.startsWith(CLASS_KERNEL_PREFIX));
+}
 
 /** The front end's view of the marketplace and of the user's sessions, kept fresh by polling. */
 export interface IGPUShareModel extends IDisposable {
@@ -140,4 +204,50 @@ export interface IGPUShareModel extends IDisposable {
 export const IGPUShareModel = new Token<IGPUShareModel>(
   'jupyter-gpu-share:IGPUShareModel',
   'The marketplace offers, the account and the sessions of jupyter-gpu-share.'
+);
+
+/** A point of a class's use over time, kept client-side from the polls. */
+export interface IClassUsagePoint {
+  /** Local time, ms. */
+  t: number;
+  /** GPU seconds used by all students so far. */
+  seconds: number;
+  /** Micro-credits used by all students so far. */
+  micro: number;
+  /** Running kernels. */
+  running: number;
+}
+
+/** The user's classes (as teacher or student), their usage and notebooks, kept fresh by polling. */
+export interface IGPUShareClasses extends IDisposable {
+  /** The user's classes, as last polled. */
+  readonly classes: ReadonlyArray<GPUShare.IClass>;
+  /** Why the last poll failed, or null. */
+  readonly error: string | null;
+  /** Emitted after every poll that changed something. */
+  readonly changed: ISignal<IGPUShareClasses, void>;
+  /** Poll every class's usage (a panel showing them is visible). */
+  active: boolean;
+
+  /** The last usage answer of a class (a student's has their own row only). */
+  usage(name: string): GPUShare.IClassUsage | null;
+  /** Local time (ms) of that answer. */
+  usagePolledAt(name: string): number;
+  /** The class's total use over time since this page polled it. */
+  series(name: string): ReadonlyArray<IClassUsagePoint>;
+  /** The class's published notebooks. */
+  notebooks(name: string): ReadonlyArray<GPUShare.IClassNotebook>;
+  /** Keep polling this class's usage while the returned disposable lives (the meter). */
+  watch(name: string): IDisposable;
+  /** Poll now (the list too). */
+  refresh(): Promise<void>;
+  /** Put the class notebooks in `<class>/` (keeping any you have) and install its kernel. */
+  fetchNotebooks(name: string): Promise<GPUShare.IClassFetch>;
+  /** Teacher: stop a student's running kernel(s) in the class. */
+  stopStudent(name: string, student: string): Promise<string[]>;
+}
+
+export const IGPUShareClasses = new Token<IGPUShareClasses>(
+  'jupyter-gpu-share:IGPUShareClasses',
+  'The classes of the user in jupyter-gpu-share: quotas, usage, notebooks.'
 );
