@@ -240,9 +240,8 @@ class MeHandler(BrokerAPIHandler):
             model["online"] = link is not None and link.channel is not None
         else:
             running = [s for s in self.broker.sessions.values() if s.payer == account.name]
-            committed = sum(self.broker.cost_so_far(s.id) for s in running)
             model["running_sessions"] = len(running)
-            model["available_micro"] = account.balance_micro - committed
+            model["available_micro"] = account.balance_micro - self.broker.committed(account.name)
         self.write_json(model)
 
 

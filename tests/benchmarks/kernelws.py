@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import struct
 import time
 import urllib.request
 import uuid
@@ -50,6 +51,14 @@ def unpack_v1(data: bytes) -> tuple[str, list[memoryview]]:
     return channel, parts
 
 
+def deserialize_legacy_binary(data: bytes) -> dict[str, Any]:
+    """A legacy-protocol binary message: u32 count, u32 offsets, JSON, buffers (big-endian)."""
+    count = struct.unpack("!i", data[:4])[0]
+    offsets = list(struct.unpack("!" + "I" * count, data[4 : 4 * (count + 1)]))
+    end = offsets[1] if count > 1 else len(data)
+    return json.loads(data[offsets[0] : end])
+
+
 def execute_parts(code: str, session: str, msg_id: str) -> list[bytes]:
     """The four JSON parts of an execute_request."""
     header = {
@@ -83,7 +92,7 @@ class Execution:
     first_output_at: float | None = None
     output_bytes: int = 0
     messages: int = 0
-    on_output: Callable[[str, dict[str, Any], list[memoryview]], None] | None = None
+    on_output: Callable[[str, Callable[[], dict[str, Any]]], None] | None = None
     done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     @property
@@ -103,6 +112,7 @@ class ServerKernelClient:
         self._pending: dict[str, Execution] = {}
         self._reader: asyncio.Task[None] | None = None
         self.closed_reason: str | None = None
+        self.protocol = V1
 
     def rest(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 180) -> Any:
         request = urllib.request.Request(
@@ -138,8 +148,9 @@ class ServerKernelClient:
         self.ws = await websocket.websocket_connect(
             request, subprotocols=[V1], max_message_size=MAX_MESSAGE
         )
-        if self.ws.selected_subprotocol != V1:
-            raise RuntimeError(f"server did not select {V1}: {self.ws.selected_subprotocol!r}")
+        # JupyterLab asks for v1 and falls back to the legacy JSON protocol when the server
+        # does not select it (a gateway-mode jupyter_server always does).
+        self.protocol = self.ws.selected_subprotocol or "legacy"
         # Browsers turn Nagle off on their websockets; so does this client.
         self.ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
         self._reader = asyncio.ensure_future(self._read())
@@ -154,29 +165,50 @@ class ServerKernelClient:
                     if not execution.done.done():
                         execution.done.set_exception(RuntimeError(self.closed_reason))
                 return
-            if isinstance(data, str):
-                continue  # v1 messages are binary
             now = time.perf_counter()
-            channel, parts = unpack_v1(data)
-            parent = json.loads(bytes(parts[1])) if len(parts[1]) > 2 else {}
-            execution = self._pending.get(parent.get("msg_id", ""))
-            if execution is None:
-                continue
-            header = json.loads(bytes(parts[0]))
+            if self.protocol == V1:
+                if isinstance(data, str):
+                    continue  # v1 messages are binary
+                channel, parts = unpack_v1(data)
+                parent = json.loads(bytes(parts[1])) if len(parts[1]) > 2 else {}
+                execution = self._pending.get(parent.get("msg_id", ""))
+                if execution is None:
+                    continue
+                header = json.loads(bytes(parts[0]))
+                content_bytes = parts[3]
+
+                def content(part: memoryview = content_bytes) -> dict[str, Any]:
+                    return json.loads(bytes(part))
+
+                size = len(content_bytes)
+            else:
+                # The legacy protocol (JSON text; binary only for messages with buffers).
+                msg = json.loads(data) if isinstance(data, str) else deserialize_legacy_binary(data)
+                channel = msg.get("channel", "")
+                execution = self._pending.get(msg.get("parent_header", {}).get("msg_id", ""))
+                if execution is None:
+                    continue
+                header = msg["header"]
+                body = msg["content"]
+
+                def content(body: dict[str, Any] = body) -> dict[str, Any]:
+                    return body
+
+                size = len(data)
             kind = header["msg_type"]
             execution.messages += 1
             if channel == "shell" and kind == "execute_reply":
-                execution.reply = json.loads(bytes(parts[3]))
+                execution.reply = content()
                 execution.reply_at = now
             elif channel == "iopub" and kind == "status":
-                if b'"idle"' in bytes(parts[3]):
+                if content().get("execution_state") == "idle":
                     execution.idle_at = now
             elif channel == "iopub" and kind in ("stream", "display_data", "execute_result"):
                 if execution.first_output_at is None:
                     execution.first_output_at = now
-                execution.output_bytes += len(parts[3])
+                execution.output_bytes += size
                 if execution.on_output is not None:
-                    execution.on_output(kind, header, parts)
+                    execution.on_output(kind, content)
             if execution.reply_at is not None and execution.idle_at is not None:
                 self._pending.pop(execution.msg_id, None)
                 if not execution.done.done():
@@ -186,16 +218,22 @@ class ServerKernelClient:
         self,
         code: str,
         timeout: float = 120,
-        on_output: Callable[[str, dict[str, Any], list[memoryview]], None] | None = None,
+        on_output: Callable[[str, Callable[[], dict[str, Any]]], None] | None = None,
     ) -> Execution:
         """Run code; return when both execute_reply and the idle status have arrived."""
         assert self.ws is not None
         msg_id = uuid.uuid4().hex
-        message = pack_v1("shell", execute_parts(code, self.session, msg_id))
+        parts = execute_parts(code, self.session, msg_id)
+        if self.protocol == V1:
+            message: bytes | str = pack_v1("shell", parts)
+        else:
+            header, parent, metadata, content = (json.loads(p) for p in parts)
+            message = json.dumps({"header": header, "parent_header": parent, "metadata": metadata,
+                                  "content": content, "channel": "shell", "buffers": []})
         execution = Execution(msg_id=msg_id, started=0.0, on_output=on_output)
         self._pending[msg_id] = execution
         execution.started = time.perf_counter()
-        await self.ws.write_message(message, binary=True)
+        await self.ws.write_message(message, binary=isinstance(message, bytes))
         try:
             await asyncio.wait_for(asyncio.shield(execution.done), timeout)
         finally:

@@ -87,6 +87,29 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def find_descendant(pid: int, needle: str) -> int | None:
+    """The deepest descendant Python process whose command line contains ``needle``.
+
+    (A sandbox launcher such as bwrap carries the kernel's command line in its own.)
+    """
+    import psutil
+
+    found = None
+    try:
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                cmdline = child.cmdline()
+                if cmdline and "python" in os.path.basename(cmdline[0]) and any(
+                    needle in part for part in cmdline
+                ):
+                    found = child.pid
+            except psutil.Error:
+                pass
+    except psutil.Error:
+        pass
+    return found
+
+
 def machine() -> dict[str, Any]:
     """nproc, CPU model, memory, Python: for the table header."""
     model = "unknown"
@@ -163,8 +186,9 @@ def spawn_kernel_gateway(cluster: Cluster, name: str, env: dict[str, str]) -> tu
         [
             sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
             f"--KernelGatewayApp.port={port}", "--KernelGatewayApp.port_retries=0",
+            # A gateway-mode jupyter_server lists the gateway's kernels (its /api/status too).
+            "--JupyterWebsocketPersonality.list_kernels=True",
             *NO_RATE_LIMIT,
-            *(["--KernelGatewayApp.allow_root=True"] if os.geteuid() == 0 else []),
         ],
         env,
     )
