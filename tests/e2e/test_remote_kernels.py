@@ -270,6 +270,13 @@ def test_warm_kernels_are_handed_once_and_replaced(make_cluster, monkeypatch):
     NotebookClient(nb, kernel_name="gpu-share", timeout=60, startup_timeout=90).execute()
     first_session = stream_text(nb.cells[0]).strip()
     assert "handed warm kernel" in host.output()
+    # The pool starts a replacement; wait for it (a renter arriving sooner gets a cold start).
+    eventually(
+        lambda: len(re.findall(r"kernel for session warm-\w+ started", host.output())) >= 2,
+        60,
+        what="the pool's replacement kernel",
+    )
+    time.sleep(1)
 
     again = notebook("import os\nprint(os.environ['GPU_SHARE_SESSION_ID'], 'secret' in dir())")
     NotebookClient(again, kernel_name="gpu-share", timeout=60, startup_timeout=90).execute()
