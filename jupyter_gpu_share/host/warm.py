@@ -94,6 +94,7 @@ class WarmPool:
             await self._stop(warm)
             return
         self.ready.setdefault(key, []).append(warm)
+        self.log.info("warm kernel %s ready", warm.name)
 
     def _discard(self, warm: WarmKernel) -> None:
         kernels = self.ready.get(warm.gpu_indices, [])
