@@ -14,6 +14,7 @@ floor a server can only add to.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import struct
 import time
@@ -93,7 +94,9 @@ class Execution:
     output_bytes: int = 0
     messages: int = 0
     on_output: Callable[[str, Callable[[], dict[str, Any]]], None] | None = None
-    done: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
 
     @property
     def elapsed(self) -> float:
@@ -114,7 +117,9 @@ class ServerKernelClient:
         self.closed_reason: str | None = None
         self.protocol = V1
 
-    def rest(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 180) -> Any:
+    def rest(
+        self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 180
+    ) -> Any:
         request = urllib.request.Request(
             self.url + path,
             method=method,
@@ -160,7 +165,9 @@ class ServerKernelClient:
         while True:
             data = await self.ws.read_message()
             if data is None:
-                self.closed_reason = f"websocket closed ({self.ws.close_code} {self.ws.close_reason})"
+                self.closed_reason = (
+                    f"websocket closed ({self.ws.close_code} {self.ws.close_reason})"
+                )
                 for execution in self._pending.values():
                     if not execution.done.done():
                         execution.done.set_exception(RuntimeError(self.closed_reason))
@@ -228,8 +235,16 @@ class ServerKernelClient:
             message: bytes | str = pack_v1("shell", parts)
         else:
             header, parent, metadata, content = (json.loads(p) for p in parts)
-            message = json.dumps({"header": header, "parent_header": parent, "metadata": metadata,
-                                  "content": content, "channel": "shell", "buffers": []})
+            message = json.dumps(
+                {
+                    "header": header,
+                    "parent_header": parent,
+                    "metadata": metadata,
+                    "content": content,
+                    "channel": "shell",
+                    "buffers": [],
+                }
+            )
         execution = Execution(msg_id=msg_id, started=0.0, on_output=on_output)
         self._pending[msg_id] = execution
         execution.started = time.perf_counter()
@@ -246,10 +261,8 @@ class ServerKernelClient:
         if self.ws is not None:
             self.ws.close()
         if self.kernel_id is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await self.arest("DELETE", f"/api/kernels/{self.kernel_id}")
-            except Exception:
-                pass
             self.kernel_id = None
 
 
@@ -294,7 +307,141 @@ class DirectKernelClient:
         if self.kc is not None:
             self.kc.stop_channels()
         if self.km is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await self.km.shutdown_kernel(now=True)
-            except Exception:
-                pass
+
+
+class RelayKernelClient:
+    """A remote kernel driven straight over the broker relay: no bridge, no jupyter_server.
+
+    It does what the bridge does for one client (POST /sessions, the relay's ``hello`` with
+    the HMAC key, Jupyter frames in the relay framing), so the remote path can be split into
+    the bridge's share and the broker + host agent's share.
+    """
+
+    def __init__(self, broker_url: str, token: str):
+        self.broker_url, self.token = broker_url.rstrip("/"), token
+        self.session_id: str | None = None
+        self.ws: websocket.WebSocketClientConnection | None = None
+        self._pending: dict[str, Execution] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self.protocol = "relay"
+
+    def _rest(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        request = urllib.request.Request(
+            f"{self.broker_url}/gpu-share/api{path}",
+            method=method,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=180) as response:
+            payload = response.read()
+        return json.loads(payload) if payload else None
+
+    async def start(self) -> None:
+        import secrets
+
+        from jupyter_client.session import Session
+
+        loop = asyncio.get_running_loop()
+        session = await loop.run_in_executor(None, self._rest, "POST", "/sessions", {})
+        self.session_id = session["id"]
+        url = self.broker_url.replace("http", "ws", 1) + session["relay_path"]
+        request = HTTPRequest(
+            url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            connect_timeout=60,
+            request_timeout=180,
+        )
+        self.ws = await websocket.websocket_connect(request, max_message_size=MAX_MESSAGE)
+        self.ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
+        key = secrets.token_hex(32)
+        await self.ws.write_message(
+            json.dumps({"type": "hello", "key": key, "signature_scheme": "hmac-sha256"})
+        )
+        while True:
+            message = await asyncio.wait_for(self.ws.read_message(), 180)
+            if message is None:
+                raise RuntimeError(f"relay closed before kernel_ready: {self.ws.close_reason}")
+            if isinstance(message, str):
+                record = json.loads(message)
+                if record.get("type") == "kernel_ready":
+                    key = record.get("key") or key  # a warm kernel's own key
+                    break
+        self.session = Session(key=key.encode(), signature_scheme="hmac-sha256", username="bench")
+        self._reader = asyncio.ensure_future(self._read())
+        # The kernel answers once its shell is up.
+        await self.execute("pass", timeout=120)
+
+    async def _read(self) -> None:
+        from jupyter_gpu_share import wire
+
+        assert self.ws is not None
+        while True:
+            data = await self.ws.read_message()
+            if data is None:
+                for execution in self._pending.values():
+                    if not execution.done.done():
+                        execution.done.set_exception(RuntimeError("relay closed"))
+                return
+            if isinstance(data, str):
+                continue
+            now = time.perf_counter()
+            channel, frames = wire.decode(data)
+            index = next(i for i, f in enumerate(frames) if bytes(f) == b"<IDS|MSG>")
+            parent = json.loads(bytes(frames[index + 3]))
+            execution = self._pending.get(parent.get("msg_id", ""))
+            if execution is None:
+                continue
+            header = json.loads(bytes(frames[index + 2]))
+            kind = header["msg_type"]
+            if channel == wire.SHELL and kind == "execute_reply":
+                execution.reply = json.loads(bytes(frames[index + 5]))
+                execution.reply_at = now
+            elif (
+                channel == wire.IOPUB and kind == "status" and b'"idle"' in bytes(frames[index + 5])
+            ):
+                execution.idle_at = now
+            if execution.reply_at is not None and execution.idle_at is not None:
+                self._pending.pop(execution.msg_id, None)
+                if not execution.done.done():
+                    execution.done.set_result(None)
+
+    async def execute(self, code: str, timeout: float = 60) -> Execution:
+        from jupyter_gpu_share import wire
+
+        assert self.ws is not None
+        msg = self.session.msg(
+            "execute_request",
+            {
+                "code": code,
+                "silent": False,
+                "store_history": True,
+                "user_expressions": {},
+                "allow_stdin": False,
+                "stop_on_error": True,
+            },
+        )
+        msg_id = msg["header"]["msg_id"]
+        frames = self.session.serialize(msg)
+        execution = Execution(msg_id=msg_id, started=0.0)
+        self._pending[msg_id] = execution
+        execution.started = time.perf_counter()
+        await self.ws.write_message(wire.encode(wire.SHELL, frames), binary=True)
+        try:
+            await asyncio.wait_for(asyncio.shield(execution.done), timeout)
+        finally:
+            self._pending.pop(msg_id, None)
+        return execution
+
+    async def shutdown(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        if self.ws is not None:
+            self.ws.close()
+        if self.session_id is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.get_running_loop().run_in_executor(
+                    None, self._rest, "DELETE", f"/sessions/{self.session_id}"
+                )
+            self.session_id = None

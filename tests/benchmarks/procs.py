@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import secrets
@@ -12,7 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.e2e.harness import ROOT_FLAG, Cluster, Process, clean_env, eventually, free_port
+from tests.e2e.harness import ROOT_FLAG, Cluster, Process, eventually, free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -22,7 +23,7 @@ NO_RATE_LIMIT = ["--ZMQChannelsWebsocketConnection.limit_rate=False"]
 
 # Turns Nagle off on every tornado socket of the process (server and client side), as the
 # issue's "gateway mode with TCP_NODELAY" figure assumes. Loaded as a config file.
-NODELAY_EVERYWHERE = '''
+NODELAY_EVERYWHERE = """
 import socket
 import tornado.iostream
 
@@ -38,7 +39,7 @@ def _init_with_nodelay(self, sock, *args, **kwargs):
 
 
 tornado.iostream.IOStream.__init__ = _init_with_nodelay
-'''
+"""
 
 WITHOUT_GPU_SHARE_EXTENSION = """
 c.ServerApp.jpserver_extensions = {"jupyter_gpu_share.kernel": False}
@@ -99,8 +100,10 @@ def find_descendant(pid: int, needle: str) -> int | None:
         for child in psutil.Process(pid).children(recursive=True):
             try:
                 cmdline = child.cmdline()
-                if cmdline and "python" in os.path.basename(cmdline[0]) and any(
-                    needle in part for part in cmdline
+                if (
+                    cmdline
+                    and "python" in os.path.basename(cmdline[0])
+                    and any(needle in part for part in cmdline)
                 ):
                     found = child.pid
             except psutil.Error:
@@ -168,10 +171,18 @@ def spawn_user_server(
     process = cluster.spawn(
         name,
         [
-            sys.executable, "-m", "jupyter_server", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
-            f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
-            *NO_RATE_LIMIT, *ROOT_FLAG, *extra,
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            "--ServerApp.open_browser=False",
+            *NO_RATE_LIMIT,
+            *ROOT_FLAG,
+            *extra,
         ],
         env,
     )
@@ -184,8 +195,12 @@ def spawn_kernel_gateway(cluster: Cluster, name: str, env: dict[str, str]) -> tu
     process = cluster.spawn(
         name,
         [
-            sys.executable, "-m", "kernel_gateway", "--KernelGatewayApp.ip=127.0.0.1",
-            f"--KernelGatewayApp.port={port}", "--KernelGatewayApp.port_retries=0",
+            sys.executable,
+            "-m",
+            "kernel_gateway",
+            "--KernelGatewayApp.ip=127.0.0.1",
+            f"--KernelGatewayApp.port={port}",
+            "--KernelGatewayApp.port_retries=0",
             # A gateway-mode jupyter_server lists the gateway's kernels (its /api/status too).
             "--JupyterWebsocketPersonality.list_kernels=True",
             *NO_RATE_LIMIT,
@@ -195,15 +210,15 @@ def spawn_kernel_gateway(cluster: Cluster, name: str, env: dict[str, str]) -> tu
     return process, f"http://127.0.0.1:{port}"
 
 
-def wait_server(url: str, token: str | None, path: str = "/api/status", timeout: float = 90) -> None:
+def wait_server(
+    url: str, token: str | None, path: str = "/api/status", timeout: float = 90
+) -> None:
     eventually(lambda: _answers(url, token, path), timeout, 0.2, f"{url}{path}")
 
 
 def stop_pid(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 15)
-    except ProcessLookupError:
-        pass
 
 
 def run_capture(args: list[str], timeout: float = 60) -> str:

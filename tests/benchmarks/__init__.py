@@ -1,0 +1,1 @@
+"""Benchmarks for issue 5: python tests/benchmarks/run.py [--quick] [--json FILE]."""
