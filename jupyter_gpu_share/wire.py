@@ -21,6 +21,12 @@ CHANNEL_NAMES = {number: name for name, number in CHANNELS.items()}
 
 _HEAD = struct.Struct("!BI")
 MAX_FRAMES = 4096
+ZERO_COPY_ABOVE = 64 * 1024
+
+
+def total_size(frames: Sequence[bytes | memoryview]) -> int:
+    """Bytes in a multipart message."""
+    return sum(len(frame) for frame in frames)
 
 
 class FrameError(ValueError):

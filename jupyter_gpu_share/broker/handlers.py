@@ -9,8 +9,9 @@ from typing import Any
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
-from tornado import web, websocket
+from tornado import web
 
+from ..fastws import BatchedWebSocketHandler
 from ..ledger import earnings_by_day, price_per_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser
@@ -410,7 +411,7 @@ class EarningsHandler(BrokerAPIHandler):
         )
 
 
-class BrokerWebSocket(websocket.WebSocketHandler, JupyterHandler):
+class BrokerWebSocket(BatchedWebSocketHandler, JupyterHandler):
     """An authenticated websocket with large messages and Nagle off."""
 
     auth_resource = AUTH_RESOURCE

@@ -20,12 +20,12 @@ from urllib.parse import urlsplit, urlunsplit
 
 from tornado.httpclient import HTTPClientError, HTTPRequest
 from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClientConnection, WebSocketClosedError, websocket_connect
+from tornado.websocket import WebSocketClientConnection, WebSocketClosedError
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from .. import __version__, wire
+from .. import __version__, fastws, wire
 from ..ledger import format_credits, parse_credits, price_per_second_from_hour
 from .gateway import GatewayKernel
 from .idle import IdleWorkload
@@ -714,9 +714,9 @@ class HostAgent(LoggingConfigurable):
             connect_timeout=10,
             request_timeout=30,
         )
-        conn = await websocket_connect(
+        conn = await fastws.connect(
             request,
-            max_message_size=self.max_message_size,
+            self.max_message_size,
             ping_interval=self.ping_interval or None,
         )
         if conn.protocol is not None:

@@ -423,7 +423,8 @@ class RemoteKernel:
         sock = self._sockets.get(channel)
         if sock is None or sock.closed:
             raise RuntimeError("kernel channels are closed")
-        sent = sock.send_multipart(frames, copy=False)
+        # Zero-copy only pays for big messages; for small ones its bookkeeping costs more.
+        sent = sock.send_multipart(frames, copy=wire.total_size(frames) < wire.ZERO_COPY_ABOVE)
         sent.add_done_callback(_consume)
 
     # -- signals and stop ---------------------------------------------------------------

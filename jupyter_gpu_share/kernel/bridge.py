@@ -21,7 +21,7 @@ import zmq
 import zmq.asyncio
 from tornado import httpclient, websocket
 
-from .. import wire
+from .. import fastws, wire
 
 log = logging.getLogger("jupyter_gpu_share.bridge")
 
@@ -36,6 +36,13 @@ CLOSE_REASONS = {
     4007: "quota reached",
 }
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+WAIT_FOR_WRITES_ABOVE = 1024 * 1024
+
+
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Retrieve a write's outcome (a closed relay is handled by the reader)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class BridgeLoop:
@@ -123,10 +130,17 @@ class KernelBridge:
             ws = self.ws
             if ws is None or self.ended.is_set():
                 continue  # no kernel attached: the message has nowhere to go
+            data = wire.encode(channel, frames)
             try:
-                await ws.write_message(wire.encode(channel, frames), binary=True)
+                written = ws.write_message(data, binary=True)
             except websocket.WebSocketClosedError:
                 continue
+            if len(data) >= WAIT_FOR_WRITES_ABOVE:
+                # Back-pressure for big outputs; small ones are not worth a wait each.
+                with contextlib.suppress(websocket.WebSocketClosedError):
+                    await written
+            else:
+                written.add_done_callback(_consume)
 
     async def _answer_heartbeats(self) -> None:
         assert self.hb is not None
@@ -160,7 +174,7 @@ class KernelBridge:
             connect_timeout=20,
             request_timeout=60,
         )
-        ws = await websocket.websocket_connect(request, max_message_size=MAX_MESSAGE_SIZE)
+        ws = await fastws.connect(request, MAX_MESSAGE_SIZE)
         ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
         # The host ignores a repeated hello with the same key (after a reconnect).
         await ws.write_message(hello)
@@ -209,7 +223,9 @@ class KernelBridge:
                 except wire.FrameError as error:
                     log.warning("dropping a malformed relay message: %s", error)
                     continue
-                await self.sockets[channel].send_multipart(frames, copy=False)
+                # Zero-copy only pays for big messages; for small ones it costs more.
+                copy = wire.total_size(frames) < wire.ZERO_COPY_ABOVE
+                await self.sockets[channel].send_multipart(frames, copy=copy)
             else:
                 self._on_control(json.loads(message))
 
