@@ -11,6 +11,10 @@ Besides the broker proxy it answers two questions only this server can:
 - ``POST /gpu-share/user/preference``: the offer the next ``gpu-share`` kernel started for a
   notebook should rent ("Use this GPU" in the marketplace). The provisioner takes it with
   :func:`take_preference`.
+
+A kernel that jupyter_server's idle culler (``cull_idle_timeout``) shut down is remembered, so
+``GET /gpu-share/user/kernels/<kernel_id>`` still answers for it, with ``culled: true`` and its
+session's final state (the lab shows a "stopped after being idle" banner).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ AUTH_RESOURCE = "gpu-share"
 
 
 class GPUShareUser(LoggingConfigurable):
-    """Where the user's broker is and the user's token (read by the server, never sent to the browser)."""
+    """The user's broker and token (read by the server, never sent to the browser)."""
 
     broker_url = Unicode(config=True, help=f"Broker URL. Environment: {BROKER_URL_ENV}.")
 
@@ -306,6 +310,10 @@ class KernelSessionHandler(APIHandler):
     @web.authenticated
     @authorized
     async def get(self, kernel_id: str) -> None:
+        culled = CULLED.get(kernel_id)
+        if culled is not None and kernel_id not in self.kernel_manager:
+            await self._answer_culled(kernel_id, culled)
+            return
         try:
             kernel = self.kernel_manager.get_kernel(kernel_id)
         except KeyError:
@@ -331,6 +339,91 @@ class KernelSessionHandler(APIHandler):
                 except BrokerError as error:
                     self.log.warning("gpu-share: session %s: %s", session["id"], error.message)
         self.finish(json.dumps(model))
+
+
+    async def _answer_culled(self, kernel_id: str, culled: dict[str, Any]) -> None:
+        """A kernel the idle culler shut down: ``culled: true`` and its session's final state."""
+        session = culled.get("session")
+        model: dict[str, Any] = {
+            "kernel_id": kernel_id,
+            "kernel_name": culled.get("kernel_name", ""),
+            "remote": bool(culled.get("remote")),
+            "session": session,
+            "culled": True,
+            "culled_at": culled.get("culled_at"),
+        }
+        if isinstance(session, dict) and session.get("id") and self.user_side.configured:
+            try:
+                model["session"] = await broker_request(
+                    self.user_side.broker_url,
+                    self.user_side.token,
+                    "GET",
+                    f"/sessions/{session['id']}",
+                )
+            except BrokerError as error:
+                self.log.warning("gpu-share: session %s: %s", session["id"], error.message)
+        self.finish(json.dumps(model))
+
+
+class CulledKernels:
+    """The kernels this server's idle culler shut down (the newest few hundred), by id.
+
+    jupyter_server forgets a culled kernel at once; the lab asks about it afterwards to tell
+    the user why the kernel went away and what its session was billed.
+    """
+
+    max_entries = 512
+
+    def __init__(self) -> None:
+        self._by_id: OrderedDict[str, dict[str, Any]] = OrderedDict()
+
+    def add(self, kernel_id: str, record: dict[str, Any]) -> None:
+        self._by_id.pop(kernel_id, None)
+        self._by_id[kernel_id] = record
+        while len(self._by_id) > self.max_entries:
+            self._by_id.popitem(last=False)
+
+    def get(self, kernel_id: str) -> dict[str, Any] | None:
+        return self._by_id.get(kernel_id)
+
+    def __contains__(self, kernel_id: object) -> bool:
+        return kernel_id in self._by_id
+
+
+CULLED = CulledKernels()
+
+
+def _remember_culled_kernels(kernel_manager: Any) -> None:
+    """Wrap the kernel manager's ``cull_kernel_if_idle`` so culled kernel ids are kept in CULLED.
+
+    A kernel counts as culled when it was alive (not ``dead``: the culler also reaps dead
+    kernels) before the call and is gone from the manager after it.
+    """
+    original = getattr(kernel_manager, "cull_kernel_if_idle", None)
+    if original is None or getattr(original, "_gpu_share_culls", False):
+        return
+
+    async def cull_kernel_if_idle(kernel_id: str) -> Any:
+        kernel = kernel_manager._kernels.get(kernel_id)
+        state = getattr(kernel, "execution_state", None)
+        provisioner = getattr(kernel, "provisioner", None)
+        session = getattr(provisioner, "session", None)
+        if isinstance(session, dict):
+            session = dict(session)
+        record = {
+            "kernel_name": getattr(kernel, "kernel_name", ""),
+            "remote": provisioner is not None and hasattr(provisioner, "offer_id"),
+            "session": session if isinstance(session, dict) and session.get("id") else None,
+        }
+        result = await ensure_async(original(kernel_id))
+        if kernel is not None and state != "dead" and kernel_id not in kernel_manager:
+            record["culled_at"] = time.time()
+            CULLED.add(kernel_id, record)
+            kernel_manager.log.info("gpu-share: kernel %s was culled for being idle", kernel_id)
+        return result
+
+    cull_kernel_if_idle._gpu_share_culls = True  # type: ignore[attr-defined]
+    kernel_manager.cull_kernel_if_idle = cull_kernel_if_idle
 
 
 def _turn_off_nagle_on_kernel_websockets() -> None:
@@ -373,11 +466,14 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
         ],
     )
     _turn_off_nagle_on_kernel_websockets()
+    kernel_manager = getattr(serverapp, "kernel_manager", None)
+    if kernel_manager is not None:
+        _remember_culled_kernels(kernel_manager)
     if user_side.configured:
         serverapp.log.info("gpu-share: remote GPU kernels through %s", user_side.broker_url)
     else:
         serverapp.log.info(
-            "gpu-share: no broker configured (%s, %s); the 'gpu-share' kernel will say so if started",
+            "gpu-share: no broker configured (%s, %s); a 'gpu-share' kernel will say so",
             BROKER_URL_ENV,
             TOKEN_ENV,
         )

@@ -36,7 +36,11 @@ export function spentToday(
   const since = startOfDay(nowMs) * 1000;
   let total = 0;
   for (const session of sessions) {
-    if (session.started_us === null || session.started_us < since || session.class) {
+    if (
+      session.started_us === null ||
+      session.started_us < since ||
+      session.class
+    ) {
       continue; // class sessions are charged to the class, not to you
     }
     total += meterReading(session, nowMs).costMicro;

@@ -36,7 +36,10 @@ export interface IQuotaLeft {
  * poll (and the credits by those seconds at `pricePerSecondMicro`); never below zero.
  */
 export function quotaLeftAt(
-  row: Pick<GPUShare.IClassUsageRow, 'remaining_seconds' | 'remaining_micro' | 'running'>,
+  row: Pick<
+    GPUShare.IClassUsageRow,
+    'remaining_seconds' | 'remaining_micro' | 'running'
+  >,
   polledAtMs: number,
   nowMs: number,
   pricePerSecondMicro = 0
@@ -45,11 +48,16 @@ export function quotaLeftAt(
   const since = live ? Math.max(0, Math.floor((nowMs - polledAtMs) / 1000)) : 0;
   return {
     seconds:
-      row.remaining_seconds === null ? null : Math.max(0, row.remaining_seconds - since),
+      row.remaining_seconds === null
+        ? null
+        : Math.max(0, row.remaining_seconds - since),
     micro:
       row.remaining_micro === null
         ? null
-        : Math.max(0, row.remaining_micro - since * Math.max(0, pricePerSecondMicro))
+        : Math.max(
+            0,
+            row.remaining_micro - since * Math.max(0, pricePerSecondMicro)
+          )
   };
 }
 
@@ -78,7 +86,9 @@ export function formatQuota(klass: GPUShare.IClass): string {
     parts.push(`${formatCredits(klass.quota_micro)} credits`);
   }
   const weekly =
-    klass.weekly_quota_seconds !== null ? `${formatSeconds(klass.weekly_quota_seconds)} a week` : '';
+    klass.weekly_quota_seconds !== null
+      ? `${formatSeconds(klass.weekly_quota_seconds)} a week`
+      : '';
   if (!parts.length && !weekly) {
     return 'no limit per student';
   }
@@ -88,7 +98,10 @@ export function formatQuota(klass: GPUShare.IClass): string {
 }
 
 /** The share used of a quota, 0..1, or null when the quota has no limit. */
-export function quotaFraction(left: IQuotaLeft, klass: GPUShare.IClass): number | null {
+export function quotaFraction(
+  left: IQuotaLeft,
+  klass: GPUShare.IClass
+): number | null {
   const fractions: number[] = [];
   if (left.seconds !== null && klass.quota_seconds) {
     fractions.push(1 - left.seconds / klass.quota_seconds);
@@ -106,7 +119,10 @@ export function quotaFraction(left: IQuotaLeft, klass: GPUShare.IClass): number 
 export type IUsagePoint = IClassUsagePoint;
 
 /** Totals of a usage answer over its students. */
-export function usageTotals(usage: GPUShare.IClassUsage, t: number): IUsagePoint {
+export function usageTotals(
+  usage: GPUShare.IClassUsage,
+  t: number
+): IUsagePoint {
   let seconds = 0;
   let micro = 0;
   let running = 0;
@@ -179,7 +195,8 @@ export function scaleChart(
   const span = tMax - tMin;
   const parts: string[] = [];
   for (let i = 0; i < n; i++) {
-    const x = span > 0 ? pad + ((times[i] - tMin) / span) * innerW : pad + innerW / 2;
+    const x =
+      span > 0 ? pad + ((times[i] - tMin) / span) * innerW : pad + innerW / 2;
     const y = pad + innerH - (Math.max(0, values[i]) / yMax) * innerH;
     parts.push(`${i === 0 ? 'M' : 'L'}${round2(x)} ${round2(y)}`);
   }
@@ -191,7 +208,9 @@ function round2(value: number): number {
 }
 
 /** The class of a session charged to a class ("class" field, or payer "<class>@class"). */
-export function sessionClass(session: GPUShare.ISession | null | undefined): string | null {
+export function sessionClass(
+  session: GPUShare.ISession | null | undefined
+): string | null {
   if (!session) {
     return null;
   }

@@ -47,7 +47,10 @@ export class ClassesModel implements IGPUShareClasses {
   /** Poll every `intervalMs` (at least 500). */
   start(intervalMs = 2000): void {
     this.stop();
-    this._timer = window.setInterval(() => void this.refresh(), Math.max(500, intervalMs));
+    this._timer = window.setInterval(
+      () => void this.refresh(),
+      Math.max(500, intervalMs)
+    );
     void this.refresh();
   }
 
@@ -125,7 +128,10 @@ export class ClassesModel implements IGPUShareClasses {
     let changed = false;
     const now = Date.now();
     const wanted = this._active || this._watched.size > 0;
-    if (now - this._listedAt >= LIST_EVERY_MS && (wanted || this._listedAt === 0)) {
+    if (
+      now - this._listedAt >= LIST_EVERY_MS &&
+      (wanted || this._listedAt === 0)
+    ) {
       try {
         const classes = await this._request<GPUShare.IClass[]>('classes');
         this._listedAt = now;
@@ -143,7 +149,11 @@ export class ClassesModel implements IGPUShareClasses {
           );
           classes.forEach((c, i) => {
             const list = lists[i];
-            if (list && JSON.stringify(list) !== JSON.stringify(this._notebooks.get(c.name))) {
+            if (
+              list &&
+              JSON.stringify(list) !==
+                JSON.stringify(this._notebooks.get(c.name))
+            ) {
               this._notebooks.set(c.name, list);
               changed = true;
             }
@@ -152,8 +162,9 @@ export class ClassesModel implements IGPUShareClasses {
         changed = this._setError(null) || changed;
       } catch (error) {
         changed =
-          this._setError(error instanceof Error ? error.message : String(error ?? 'error')) ||
-          changed;
+          this._setError(
+            error instanceof Error ? error.message : String(error ?? 'error')
+          ) || changed;
       }
     }
     const names = new Set<string>(this._watched.keys());
@@ -162,7 +173,9 @@ export class ClassesModel implements IGPUShareClasses {
         names.add(c.name);
       }
     }
-    const results = await Promise.all([...names].map(name => this._pollUsage(name)));
+    const results = await Promise.all(
+      [...names].map(name => this._pollUsage(name))
+    );
     if (changed || results.some(Boolean)) {
       this._changed.emit();
     }
@@ -180,7 +193,10 @@ export class ClassesModel implements IGPUShareClasses {
     }
     const at = Date.now();
     this._usage.set(name, { usage, at });
-    this._series.set(name, appendPoint(this._series.get(name) ?? [], usageTotals(usage, at)));
+    this._series.set(
+      name,
+      appendPoint(this._series.get(name) ?? [], usageTotals(usage, at))
+    );
     return true;
   }
 
@@ -198,7 +214,10 @@ export class ClassesModel implements IGPUShareClasses {
 
   private _serverSettings: ServerConnection.ISettings;
   private _classes: GPUShare.IClass[] = [];
-  private _usage = new Map<string, { usage: GPUShare.IClassUsage; at: number }>();
+  private _usage = new Map<
+    string,
+    { usage: GPUShare.IClassUsage; at: number }
+  >();
   private _series = new Map<string, IClassUsagePoint[]>();
   private _notebooks = new Map<string, GPUShare.IClassNotebook[]>();
   private _watched = new Map<string, number>();

@@ -64,7 +64,9 @@ function StudentClass(props: {
   const [message, setMessage] = React.useState<string | null>(null);
   const usage = model.usage(klass.name);
   const row = usage?.students[0] ?? null;
-  const left = row ? quotaLeftAt(row, model.usagePolledAt(klass.name), now) : null;
+  const left = row
+    ? quotaLeftAt(row, model.usagePolledAt(klass.name), now)
+    : null;
   const notebooks = model.notebooks(klass.name);
   const fetch = async (notebook: string | null) => {
     setBusy(notebook ?? '*');
@@ -81,7 +83,9 @@ function StudentClass(props: {
     <>
       <dl className="jp-GPUShare-class-facts">
         <dt>Quota left</dt>
-        <dd aria-label={`Quota left in ${klass.name}`}>{formatQuotaLeft(left)}</dd>
+        <dd aria-label={`Quota left in ${klass.name}`}>
+          {formatQuotaLeft(left)}
+        </dd>
         <dt>Used</dt>
         <dd>
           {row
@@ -96,7 +100,10 @@ function StudentClass(props: {
       {notebooks.length === 0 ? (
         <p className="jp-GPUShare-empty">No notebook published yet.</p>
       ) : (
-        <ul className="jp-GPUShare-class-notebooks" aria-label={`Notebooks of ${klass.name}`}>
+        <ul
+          className="jp-GPUShare-class-notebooks"
+          aria-label={`Notebooks of ${klass.name}`}
+        >
           {notebooks.map(nb => (
             <li key={nb.name} aria-label={nb.name}>
               <span className="jp-GPUShare-class-nb">{nb.name}</span>
@@ -118,8 +125,8 @@ function StudentClass(props: {
         </div>
       )}
       <p className="jp-GPUShare-note">
-        Kernels of class notebooks run on the class GPUs ({klass.kernel_name}), charged to the
-        class, not to your credit.
+        Kernels of class notebooks run on the class GPUs ({klass.kernel_name}),
+        charged to the class, not to your credit.
       </p>
     </>
   );
@@ -134,7 +141,9 @@ export function UsageChart(props: {
 }): JSX.Element {
   const width = props.width ?? 260;
   const height = props.height ?? 80;
-  const values = props.series.map(p => (props.measure === 'seconds' ? p.seconds : p.micro));
+  const values = props.series.map(p =>
+    props.measure === 'seconds' ? p.seconds : p.micro
+  );
   const chart = scaleChart(
     props.series.map(p => p.t),
     values,
@@ -142,7 +151,9 @@ export function UsageChart(props: {
     height
   );
   const top =
-    props.measure === 'seconds' ? formatSeconds(chart.yMax) : `${formatCredits(chart.yMax)} cr`;
+    props.measure === 'seconds'
+      ? formatSeconds(chart.yMax)
+      : `${formatCredits(chart.yMax)} cr`;
   const span = chart.tMax - chart.tMin;
   return (
     <figure className="jp-GPUShare-chart">
@@ -154,13 +165,29 @@ export function UsageChart(props: {
         role="img"
         aria-label={`Class use over time (${props.measure === 'seconds' ? 'GPU time' : 'credits'})`}
       >
-        <line className="jp-GPUShare-chart-axis" x1={4} y1={height - 4} x2={width - 4} y2={height - 4} />
-        <line className="jp-GPUShare-chart-axis" x1={4} y1={4} x2={4} y2={height - 4} />
-        {chart.path && <path className="jp-GPUShare-chart-line" d={chart.path} />}
+        <line
+          className="jp-GPUShare-chart-axis"
+          x1={4}
+          y1={height - 4}
+          x2={width - 4}
+          y2={height - 4}
+        />
+        <line
+          className="jp-GPUShare-chart-axis"
+          x1={4}
+          y1={4}
+          x2={4}
+          y2={height - 4}
+        />
+        {chart.path && (
+          <path className="jp-GPUShare-chart-line" d={chart.path} />
+        )}
       </svg>
       <figcaption>
         <span>top: {top}</span>
-        <span>{span > 0 ? `last ${formatSeconds(span / 1000)}` : 'collecting…'}</span>
+        <span>
+          {span > 0 ? `last ${formatSeconds(span / 1000)}` : 'collecting…'}
+        </span>
       </figcaption>
     </figure>
   );
@@ -184,7 +211,10 @@ export function TeacherDashboard(props: {
     const answer = await showDialog({
       title: `Stop ${student}'s kernel?`,
       body: `The running kernel of ${student} in ${klass.name} is shut down now; unsaved work in it is lost.`,
-      buttons: [Dialog.cancelButton(), Dialog.warnButton({ label: 'Stop kernel' })]
+      buttons: [
+        Dialog.cancelButton(),
+        Dialog.warnButton({ label: 'Stop kernel' })
+      ]
     });
     if (!answer.button.accept) {
       return;
@@ -194,7 +224,9 @@ export function TeacherDashboard(props: {
     try {
       const stopped = await model.stopStudent(klass.name, student);
       setMessage(
-        stopped.length ? `Stopped ${student}'s kernel.` : `${student} had no running kernel.`
+        stopped.length
+          ? `Stopped ${student}'s kernel.`
+          : `${student} had no running kernel.`
       );
     } catch (error) {
       setMessage(error instanceof Error ? error.message : String(error));
@@ -203,7 +235,10 @@ export function TeacherDashboard(props: {
     }
   };
   return (
-    <div className="jp-GPUShare-dashboard" aria-label={`Dashboard of ${klass.name}`}>
+    <div
+      className="jp-GPUShare-dashboard"
+      aria-label={`Dashboard of ${klass.name}`}
+    >
       <dl className="jp-GPUShare-class-facts">
         <dt>Budget left</dt>
         <dd aria-label={`Budget left in ${klass.name}`}>
@@ -238,7 +273,10 @@ export function TeacherDashboard(props: {
       </div>
       <UsageChart series={model.series(klass.name)} measure={measure} />
       <div className="jp-GPUShare-table-wrap">
-        <table className="jp-GPUShare-students" aria-label={`Students of ${klass.name}`}>
+        <table
+          className="jp-GPUShare-students"
+          aria-label={`Students of ${klass.name}`}
+        >
           <thead>
             <tr>
               <th>Student</th>
@@ -264,7 +302,9 @@ export function TeacherDashboard(props: {
                   <td>{formatSeconds(row.seconds)}</td>
                   <td>{formatCredits(row.credits_micro)}</td>
                   <td>{row.sessions}</td>
-                  <td className={live ? 'jp-GPUShare-running' : ''}>{live ? 'yes' : 'no'}</td>
+                  <td className={live ? 'jp-GPUShare-running' : ''}>
+                    {live ? 'yes' : 'no'}
+                  </td>
                   <td>{formatQuotaLeft(quotaLeftAt(row, polledAt, now))}</td>
                   <td>
                     {live && (
@@ -285,14 +325,18 @@ export function TeacherDashboard(props: {
           </tbody>
         </table>
       </div>
-      {rows.length === 0 && <p className="jp-GPUShare-empty">No student yet.</p>}
+      {rows.length === 0 && (
+        <p className="jp-GPUShare-empty">No student yet.</p>
+      )}
       {message && (
         <div className="jp-GPUShare-class-message" role="status">
           {message}
         </div>
       )}
       <div className="jp-GPUShare-updated">
-        {polledAt ? `updated ${Math.max(0, Math.round((now - polledAt) / 1000))} s ago` : 'loading…'}
+        {polledAt
+          ? `updated ${Math.max(0, Math.round((now - polledAt) / 1000))} s ago`
+          : 'loading…'}
       </div>
     </div>
   );
@@ -306,24 +350,39 @@ function ClassCard(props: {
   const { klass } = props;
   const teaching = klass.your_role === 'teacher' || klass.your_role === 'admin';
   return (
-    <li className="jp-GPUShare-class" aria-label={`Class ${klass.name}`} data-class={klass.name}>
+    <li
+      className="jp-GPUShare-class"
+      aria-label={`Class ${klass.name}`}
+      data-class={klass.name}
+    >
       <div className="jp-GPUShare-offer-head">
         <span className="jp-GPUShare-offer-model">{klass.name}</span>
         <span className="jp-GPUShare-badge jp-GPUShare-badge-role">
           {teaching ? 'teacher' : 'student'}
         </span>
       </div>
-      {!teaching && <div className="jp-GPUShare-class-teacher">taught by {klass.teacher}</div>}
+      {!teaching && (
+        <div className="jp-GPUShare-class-teacher">
+          taught by {klass.teacher}
+        </div>
+      )}
       {teaching ? (
         <TeacherDashboard model={props.model} klass={klass} />
       ) : (
-        <StudentClass model={props.model} klass={klass} actions={props.actions} />
+        <StudentClass
+          model={props.model}
+          klass={klass}
+          actions={props.actions}
+        />
       )}
     </li>
   );
 }
 
-function Classes(props: { model: IGPUShareClasses; actions: IClassActions }): JSX.Element {
+function Classes(props: {
+  model: IGPUShareClasses;
+  actions: IClassActions;
+}): JSX.Element {
   const { model } = props;
   return (
     <div className="jp-GPUShare-classes">
@@ -343,7 +402,12 @@ function Classes(props: { model: IGPUShareClasses; actions: IClassActions }): JS
             )}
             <ul className="jp-GPUShare-class-list" aria-label="Your classes">
               {model.classes.map(klass => (
-                <ClassCard key={klass.name} model={model} klass={klass} actions={props.actions} />
+                <ClassCard
+                  key={klass.name}
+                  model={model}
+                  klass={klass}
+                  actions={props.actions}
+                />
               ))}
             </ul>
           </>

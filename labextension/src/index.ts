@@ -5,6 +5,7 @@ import {
 } from '@jupyterlab/application';
 import { Notification } from '@jupyterlab/apputils';
 import { IDocumentManager } from '@jupyterlab/docmanager';
+import { ILauncher } from '@jupyterlab/launcher';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
 import { ISettingRegistry } from '@jupyterlab/settingregistry';
 import { IStatusBar } from '@jupyterlab/statusbar';
@@ -14,20 +15,30 @@ import { ClassesPanel } from './classesPanel';
 import { classIcon, gpuIcon } from './icons';
 import { DEFAULT_SETTINGS, GPUShareModel } from './model';
 import { INotebookGPUs, NotebookGPUs } from './notebook';
+import { launcherLabel } from './offers';
 import { MarketplacePanel } from './panel';
 import { GPUMeter } from './statusbar';
-import { GPUShare, IGPUShareClasses, IGPUShareModel, KERNEL_NAME } from './tokens';
+import {
+  GPUShare,
+  IGPUShareClasses,
+  IGPUShareModel,
+  KERNEL_NAME
+} from './tokens';
 
 const CORE_PLUGIN = 'jupyter-gpu-share:plugin';
 
 /** The core: one model polling offers, account and sessions, configured by the settings. */
 const core: JupyterFrontEndPlugin<IGPUShareModel> = {
   id: CORE_PLUGIN,
-  description: 'Polls the shared-GPU marketplace and your sessions through this Jupyter server.',
+  description:
+    'Polls the shared-GPU marketplace and your sessions through this Jupyter server.',
   autoStart: true,
   provides: IGPUShareModel,
   optional: [ISettingRegistry],
-  activate: (app: JupyterFrontEnd, registry: ISettingRegistry | null): IGPUShareModel => {
+  activate: (
+    app: JupyterFrontEnd,
+    registry: ISettingRegistry | null
+  ): IGPUShareModel => {
     const model = new GPUShareModel(app.serviceManager.serverSettings);
     model.start();
     if (registry) {
@@ -43,7 +54,9 @@ const core: JupyterFrontEndPlugin<IGPUShareModel> = {
           settings.changed.connect(apply);
           apply();
         })
-        .catch(reason => console.error('gpu-share: cannot load settings', reason));
+        .catch(reason =>
+          console.error('gpu-share: cannot load settings', reason)
+        );
     }
     return model;
   }
@@ -52,7 +65,8 @@ const core: JupyterFrontEndPlugin<IGPUShareModel> = {
 /** Start-up progress, end banners and spending caps on each notebook. */
 const notebooks: JupyterFrontEndPlugin<INotebookGPUs> = {
   id: 'jupyter-gpu-share:notebook',
-  description: 'Shows a remote kernel’s start-up and end on its notebook; enforces spending caps.',
+  description:
+    'Shows a remote kernel’s start-up and end on its notebook; enforces spending caps.',
   autoStart: true,
   provides: INotebookGPUs,
   requires: [IGPUShareModel, INotebookTracker],
@@ -71,7 +85,8 @@ const notebooks: JupyterFrontEndPlugin<INotebookGPUs> = {
 /** The marketplace in the left sidebar, with "Use this GPU". */
 const marketplace: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-gpu-share:marketplace',
-  description: 'A left-sidebar panel listing shared-GPU offers, with filters and "Use this GPU".',
+  description:
+    'A left-sidebar panel listing shared-GPU offers, with filters and "Use this GPU".',
   autoStart: true,
   requires: [IGPUShareModel, INotebookTracker, IDocumentManager],
   optional: [ILayoutRestorer],
@@ -97,7 +112,9 @@ const marketplace: JupyterFrontEndPlugin<void> = {
             path: ''
           });
           await model.choose({ path: file.path, ...choice });
-          const widget = docManager.open(file.path, 'Notebook', { name: KERNEL_NAME });
+          const widget = docManager.open(file.path, 'Notebook', {
+            name: KERNEL_NAME
+          });
           panel = widget instanceof NotebookPanel ? widget : null;
           if (panel) {
             await panel.context.ready;
@@ -147,8 +164,13 @@ const classes: JupyterFrontEndPlugin<IGPUShareClasses> = {
   ): IGPUShareClasses => {
     const model = new ClassesModel(app.serviceManager.serverSettings);
     model.start(core.settings.pollInterval);
-    core.settingsChanged.connect((_, settings) => model.start(settings.pollInterval));
-    const fetchAndOpen = async (klass: GPUShare.IClass, notebook: string | null) => {
+    core.settingsChanged.connect((_, settings) =>
+      model.start(settings.pollInterval)
+    );
+    const fetchAndOpen = async (
+      klass: GPUShare.IClass,
+      notebook: string | null
+    ) => {
       const result = await model.fetchNotebooks(klass.name);
       // The class kernel was just installed: the lab must know it before opening.
       await app.serviceManager.kernelspecs.refreshSpecs();
@@ -186,10 +208,69 @@ const classes: JupyterFrontEndPlugin<IGPUShareClasses> = {
   }
 };
 
+/** A launcher card for a new notebook on a shared GPU, with today's cheapest price. */
+const launcher: JupyterFrontEndPlugin<void> = {
+  id: 'jupyter-gpu-share:launcher',
+  description:
+    'A launcher card "Shared GPU · from 0.60 cr/h" that opens a new notebook on the gpu-share kernel.',
+  autoStart: true,
+  requires: [IGPUShareModel],
+  optional: [ILauncher],
+  activate: (
+    app: JupyterFrontEnd,
+    model: IGPUShareModel,
+    launcher: ILauncher | null
+  ): void => {
+    const command = 'gpu-share:new-notebook';
+    app.commands.addCommand(command, {
+      label: () => launcherLabel(model.offers),
+      caption:
+        'A new notebook whose kernel runs on a shared GPU (the cheapest free one unless you pick one in the marketplace)',
+      execute: args =>
+        app.commands.execute('notebook:create-new', {
+          cwd: (args.cwd as string | undefined) ?? '',
+          kernelName: KERNEL_NAME
+        })
+    });
+    if (!launcher) {
+      return;
+    }
+    const specs = app.serviceManager.kernelspecs;
+    void specs.ready.then(() => {
+      const spec = specs.specs?.kernelspecs[KERNEL_NAME];
+      if (!spec) {
+        return; // no gpu-share kernelspec on this server
+      }
+      const kernelIconUrl =
+        spec.resources['logo-svg'] || spec.resources['logo-64x64'] || undefined;
+      // The launcher draws labels when its items change: re-add the card when the label does.
+      let label = '';
+      let item: { dispose(): void } | null = null;
+      const sync = () => {
+        const next = launcherLabel(model.offers);
+        if (next === label && item) {
+          return;
+        }
+        label = next;
+        item?.dispose();
+        item = launcher.add({
+          command,
+          category: 'Notebook',
+          rank: 1,
+          kernelIconUrl
+        });
+      };
+      model.offersChanged.connect(sync);
+      sync();
+    });
+  }
+};
+
 /** The status-bar meter of the active notebook's remote kernel. */
 const meter: JupyterFrontEndPlugin<void> = {
   id: 'jupyter-gpu-share:meter',
-  description: 'A status-bar meter of the active notebook’s remote kernel: time, cost, credit.',
+  description:
+    'A status-bar meter of the active notebook’s remote kernel: time, cost, credit.',
   autoStart: true,
   requires: [IGPUShareModel, INotebookTracker, INotebookGPUs, IStatusBar],
   optional: [IGPUShareClasses],
@@ -212,4 +293,4 @@ const meter: JupyterFrontEndPlugin<void> = {
   }
 };
 
-export default [core, notebooks, marketplace, classes, meter];
+export default [core, notebooks, marketplace, launcher, classes, meter];

@@ -80,3 +80,57 @@ export function endReasonText(reason: string | null): string {
       return reason ?? 'ended';
   }
 }
+
+/** MiB as GiB with one decimal ("12.1"), or a whole number when exact ("80"). */
+function gib(mib: number): string {
+  const value = mib / 1024;
+  const rounded = Math.round(value * 10) / 10;
+  return Number.isInteger(rounded) ? String(rounded) : rounded.toFixed(1);
+}
+
+/**
+ * What the host last said about the rented hardware, short: "GPU 87 % · 12.1/80 GiB"
+ * (utilisation averaged and memory summed over the session's GPUs), "CPU load 1.2" for a
+ * CPU host, or '' when the host reported nothing usable.
+ */
+export function telemetryText(
+  telemetry: GPUShare.ITelemetry | null | undefined
+): string {
+  if (!telemetry) {
+    return '';
+  }
+  const gpus = (telemetry.gpus ?? []).filter(gpu => !gpu.error);
+  if (gpus.length > 0) {
+    const parts: string[] = [];
+    const utils = gpus
+      .map(gpu => gpu.utilization_pct)
+      .filter((v): v is number => typeof v === 'number');
+    if (utils.length > 0) {
+      const mean = utils.reduce((a, b) => a + b, 0) / utils.length;
+      parts.push(`GPU ${Math.round(mean)} %`);
+    }
+    const withMemory = gpus.filter(
+      gpu =>
+        typeof gpu.memory_used_mib === 'number' &&
+        typeof gpu.memory_total_mib === 'number' &&
+        gpu.memory_total_mib > 0
+    );
+    if (withMemory.length > 0) {
+      const used = withMemory.reduce((a, g) => a + (g.memory_used_mib ?? 0), 0);
+      const total = withMemory.reduce(
+        (a, g) => a + (g.memory_total_mib ?? 0),
+        0
+      );
+      const text = `${gib(used)}/${gib(total)} GiB`;
+      parts.push(parts.length ? text : `GPU ${text}`);
+    }
+    if (parts.length > 0) {
+      return parts.join(' · ');
+    }
+  }
+  const load = telemetry.cpu?.load_1m;
+  if (typeof load === 'number' && Number.isFinite(load)) {
+    return `CPU load ${load.toFixed(1)}`;
+  }
+  return '';
+}

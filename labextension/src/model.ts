@@ -53,7 +53,10 @@ export class GPUShareModel implements IGPUShareModel {
   get accountChanged(): ISignal<IGPUShareModel, GPUShare.IMe | null> {
     return this._accountChanged;
   }
-  get sessionsChanged(): ISignal<IGPUShareModel, ReadonlyArray<GPUShare.ISession>> {
+  get sessionsChanged(): ISignal<
+    IGPUShareModel,
+    ReadonlyArray<GPUShare.ISession>
+  > {
     return this._sessionsChanged;
   }
   get errorChanged(): ISignal<IGPUShareModel, string | null> {
@@ -62,11 +65,21 @@ export class GPUShareModel implements IGPUShareModel {
   get settingsChanged(): ISignal<IGPUShareModel, GPUShare.ISettings> {
     return this._settingsChanged;
   }
-  get kernelSessionChanged(): ISignal<IGPUShareModel, { kernelId: string; sessionId: string }> {
+  get kernelSessionChanged(): ISignal<
+    IGPUShareModel,
+    { kernelId: string; sessionId: string }
+  > {
     return this._kernelSessionChanged;
+  }
+  get kernelCulled(): ISignal<IGPUShareModel, string> {
+    return this._kernelCulled;
   }
   get isDisposed(): boolean {
     return this._isDisposed;
+  }
+
+  isCulled(kernelId: string): boolean {
+    return this._culled.has(kernelId);
   }
 
   /** Poll now and then every `settings.pollInterval` ms. */
@@ -114,18 +127,35 @@ export class GPUShareModel implements IGPUShareModel {
         `kernels/${encodeURIComponent(kernelId)}`
       );
     } catch (error) {
-      if (error instanceof ServerConnection.ResponseError && error.response.status === 404) {
+      if (
+        error instanceof ServerConnection.ResponseError &&
+        error.response.status === 404
+      ) {
         this._watched.delete(kernelId); // the kernel is gone; its sessions stay known
       }
       return;
     }
-    if (!info.session) {
+    this._noteKernelSession(kernelId, info.session);
+    if (info.culled && !this._culled.has(kernelId)) {
+      // Gone for good: stop asking about it; its last session stays known.
+      this._culled.add(kernelId);
+      this._watched.delete(kernelId);
+      this._kernelCulled.emit(kernelId);
+    }
+  }
+
+  /** Remember that `session` backs the kernel (newest first). */
+  private _noteKernelSession(
+    kernelId: string,
+    session: GPUShare.ISession | null
+  ): void {
+    if (!session) {
       return;
     }
     const known = this._kernelSessions.get(kernelId) ?? [];
-    const sessionId = info.session.id;
+    const sessionId = session.id;
     if (!this._sessions.some(s => s.id === sessionId)) {
-      this._extra.set(sessionId, info.session);
+      this._extra.set(sessionId, session);
     }
     if (known[0] !== sessionId) {
       this._kernelSessions.set(kernelId, [
@@ -231,9 +261,13 @@ export class GPUShareModel implements IGPUShareModel {
   private _timer: number | null = null;
   private _watched = new Map<string, number>();
   private _kernelSessions = new Map<string, string[]>();
+  private _culled = new Set<string>();
+  private _kernelCulled = new Signal<IGPUShareModel, string>(this);
   private _isDisposed = false;
   private _offersChanged = new Signal<IGPUShareModel, GPUShare.IOffer[]>(this);
-  private _accountChanged = new Signal<IGPUShareModel, GPUShare.IMe | null>(this);
+  private _accountChanged = new Signal<IGPUShareModel, GPUShare.IMe | null>(
+    this
+  );
   private _sessionsChanged = new Signal<IGPUShareModel, GPUShare.ISession[]>(
     this
   );

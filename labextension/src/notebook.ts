@@ -8,7 +8,12 @@ import { Widget } from '@lumino/widgets';
 import { capLevel, spentToday } from './caps';
 import { endReasonText, meterReading } from './meter';
 import { creditsToMicro, formatCredits } from './money';
-import { GPUShare, IGPUShareModel, KERNEL_NAME, isRemoteKernelName } from './tokens';
+import {
+  GPUShare,
+  IGPUShareModel,
+  KERNEL_NAME,
+  isRemoteKernelName
+} from './tokens';
 
 /** Start-up phases of a remote kernel shown on its notebook. */
 export type Phase = 'none' | 'finding' | 'starting' | 'ready';
@@ -16,11 +21,16 @@ export type Phase = 'none' | 'finding' | 'starting' | 'ready';
 /** A notice on a notebook about how its session ended. */
 export interface INotice {
   sessionId: string;
-  kind: 'host-lost' | 'credit' | 'cap' | 'failed' | 'ended';
+  kind: 'host-lost' | 'credit' | 'cap' | 'failed' | 'culled' | 'ended';
   text: string;
 }
 
-const STARTING = new Set(['initializing', 'starting', 'restarting', 'autorestarting']);
+const STARTING = new Set([
+  'initializing',
+  'starting',
+  'restarting',
+  'autorestarting'
+]);
 
 /** One notebook's remote kernel: its session, start-up phase and end notices. */
 export class NotebookGPU implements IDisposable {
@@ -33,6 +43,7 @@ export class NotebookGPU implements IDisposable {
     ctx.connectionStatusChanged.connect(this._update, this);
     model.sessionsChanged.connect(this._update, this);
     model.kernelSessionChanged.connect(this._update, this);
+    model.kernelCulled.connect(this._onKernelCulled, this);
     this._timer = window.setInterval(() => this._update(), 500);
     this._onKernelChanged();
   }
@@ -49,6 +60,11 @@ export class NotebookGPU implements IDisposable {
     return this._kernelId;
   }
 
+  /** The kernelspec name of the (last) remote kernel, for starting it again. */
+  get kernelName(): string | null {
+    return this._kernelName;
+  }
+
   /** The notebook runs (or is starting) a gpu-share kernel. */
   get isRemote(): boolean {
     const ctx = this.panel.sessionContext;
@@ -58,7 +74,9 @@ export class NotebookGPU implements IDisposable {
 
   /** The newest session of this notebook's kernel. */
   get session(): GPUShare.ISession | null {
-    return this._kernelId ? (this._model.sessionsOfKernel(this._kernelId)[0] ?? null) : null;
+    return this._kernelId
+      ? (this._model.sessionsOfKernel(this._kernelId)[0] ?? null)
+      : null;
   }
 
   get phase(): Phase {
@@ -91,7 +109,10 @@ export class NotebookGPU implements IDisposable {
     const ctx = this.panel.sessionContext;
     if (ctx.session?.kernel) {
       await ctx.shutdown();
-    } else if (session && (session.state === 'running' || session.state === 'starting')) {
+    } else if (
+      session &&
+      (session.state === 'running' || session.state === 'starting')
+    ) {
       await this._model.stopSession(session.id);
     }
     if (!session) {
@@ -131,6 +152,10 @@ export class NotebookGPU implements IDisposable {
       this._watch = null;
       this._kernelId = isRemoteKernelName(kernel.name) ? kernel.id : null;
       if (this._kernelId) {
+        this._kernelName = kernel.name;
+        if (this._notice?.kind === 'culled') {
+          this.setNotice(null); // a new kernel: the old one's cull is history
+        }
         this._watch = this._model.watchKernel(this._kernelId);
       }
     }
@@ -167,7 +192,12 @@ export class NotebookGPU implements IDisposable {
         null;
       this._startingOn = starting;
       this._phase = starting ? 'starting' : 'finding';
-    } else if (kernel && session && session.state === 'running' && this._startingSince) {
+    } else if (
+      kernel &&
+      session &&
+      session.state === 'running' &&
+      this._startingSince
+    ) {
       this._phase = 'ready';
       this._readySince = this._readySince || Date.now();
       if (Date.now() - this._readySince > 4000) {
@@ -206,9 +236,36 @@ export class NotebookGPU implements IDisposable {
     }
   }
 
+  /** The server culled a kernel for being idle: say so, with its bill once known. */
+  private _onKernelCulled(_: IGPUShareModel, kernelId: string): void {
+    if (kernelId !== this._kernelId) {
+      return;
+    }
+    this._showCulled(this.session);
+  }
+
+  private _showCulled(session: GPUShare.ISession | null): void {
+    const bill =
+      session && session.state === 'ended'
+        ? ` Billed ${session.billed_seconds ?? 0} s: ${formatCredits(session.amount_micro ?? 0)} credits.`
+        : '';
+    this.setNotice({
+      sessionId: session?.id ?? '',
+      kind: 'culled',
+      text: `This kernel was stopped after being idle; its bill is final.${bill}`
+    });
+  }
+
   private _announce(session: GPUShare.ISession): void {
     if (this._notice?.kind === 'cap' && this._notice.sessionId === session.id) {
       return; // we stopped it ourselves and already said why
+    }
+    if (
+      this._notice?.kind === 'culled' ||
+      (this._kernelId && this._model.isCulled(this._kernelId))
+    ) {
+      this._showCulled(session); // now with the bill
+      return;
     }
     const reason = session.end_reason;
     const bill = `Billed ${session.billed_seconds ?? 0} s: ${formatCredits(session.amount_micro ?? 0)} credits.`;
@@ -241,6 +298,7 @@ export class NotebookGPU implements IDisposable {
 
   private _model: IGPUShareModel;
   private _kernelId: string | null = null;
+  private _kernelName: string | null = null;
   private _watch: IDisposable | null = null;
   private _phase: Phase = 'none';
   private _startingOn: GPUShare.ISession | null = null;
@@ -265,6 +323,39 @@ export class GPUHeader extends Widget {
     this._render();
   }
 
+  protected onResize(msg: Widget.ResizeMessage): void {
+    super.onResize(msg);
+    this._fit();
+  }
+
+  /**
+   * Ask the notebook's header box for the height the banner needs. Lumino's BoxLayout sizes
+   * a child by its CSS min-height only, so without this the banner gets no room and the
+   * notebook covers it (and its buttons).
+   */
+  private _fit(): void {
+    requestAnimationFrame(() => {
+      if (this.isDisposed || this.isHidden) {
+        return;
+      }
+      const style = getComputedStyle(this.node);
+      const frame =
+        parseFloat(style.paddingTop || '0') +
+        parseFloat(style.paddingBottom || '0') +
+        parseFloat(style.borderTopWidth || '0') +
+        parseFloat(style.borderBottomWidth || '0');
+      let content = 0;
+      for (const child of Array.from(this.node.children)) {
+        content = Math.max(content, child.getBoundingClientRect().height);
+      }
+      const minHeight = `${Math.ceil(content + frame)}px`;
+      if (this.node.style.minHeight !== minHeight) {
+        this.node.style.minHeight = minHeight;
+        this.parent?.fit();
+      }
+    });
+  }
+
   private _render(): void {
     const gpu = this._gpu;
     const node = this.node;
@@ -272,7 +363,7 @@ export class GPUHeader extends Widget {
     const phase = gpu.phase;
     let key = '';
     if (notice) {
-      key = `notice:${notice.sessionId}:${notice.kind}`;
+      key = `notice:${notice.sessionId}:${notice.kind}:${notice.text}`;
     } else if (phase !== 'none') {
       key = `phase:${phase}:${gpu.startingOn?.host_id ?? ''}:${gpu.session?.host_id ?? ''}`;
     }
@@ -291,9 +382,25 @@ export class GPUHeader extends Widget {
     text.className = 'jp-GPUShare-banner-text';
     node.appendChild(text);
     if (notice) {
-      node.classList.add('jp-GPUShare-banner', `jp-GPUShare-banner-${notice.kind}`);
+      node.classList.add(
+        'jp-GPUShare-banner',
+        `jp-GPUShare-banner-${notice.kind}`
+      );
       node.setAttribute('aria-label', 'Remote kernel notice');
       text.textContent = notice.text;
+      if (notice.kind === 'culled') {
+        node.appendChild(
+          this._button('Restart kernel', async () => {
+            gpu.setNotice(null);
+            const ctx = gpu.panel.sessionContext;
+            // The server dropped the culled kernel's session: forget it, then start anew.
+            await ctx.sessionManager.refreshRunning();
+            await ctx.changeKernel({
+              name: gpu.kernelName ?? KERNEL_NAME
+            });
+          })
+        );
+      }
       if (notice.kind === 'host-lost' || notice.kind === 'failed') {
         node.appendChild(
           this._button('Restart on another GPU', async () => {
@@ -302,7 +409,10 @@ export class GPUHeader extends Widget {
           })
         );
       }
-      node.appendChild(this._button('Dismiss', async () => gpu.setNotice(null)));
+      node.appendChild(
+        this._button('Dismiss', async () => gpu.setNotice(null))
+      );
+      this._fit();
       return;
     }
     node.classList.add('jp-GPUShare-progress', `jp-GPUShare-progress-${phase}`);
@@ -314,9 +424,13 @@ export class GPUHeader extends Widget {
     } else {
       text.textContent = `Kernel ready on ${gpu.session?.host_id ?? 'the host'}.`;
     }
+    this._fit();
   }
 
-  private _button(label: string, action: () => Promise<void>): HTMLButtonElement {
+  private _button(
+    label: string,
+    action: () => Promise<void>
+  ): HTMLButtonElement {
     const button = document.createElement('button');
     button.className = 'jp-mod-styled jp-GPUShare-banner-button';
     button.textContent = label;
@@ -455,7 +569,9 @@ export class NotebookGPUs implements INotebookGPUs, IDisposable {
     const ended = await gpu.stop();
     Notification.error(
       `Shared GPUs: ${gpu.panel.context.path} reached ${which}; its kernel was stopped` +
-        (ended ? ` (billed ${formatCredits(ended.amount_micro ?? 0)} credits).` : '.'),
+        (ended
+          ? ` (billed ${formatCredits(ended.amount_micro ?? 0)} credits).`
+          : '.'),
       { autoClose: false }
     );
   }

@@ -1,15 +1,26 @@
 import { ReactWidget, UseSignal } from '@jupyterlab/ui-components';
 import * as React from 'react';
 
-import { formatCredits, formatMemory, formatPricePerHour, parseCredits } from './money';
+import {
+  formatCredits,
+  formatMemory,
+  formatPricePerHour,
+  parseCredits
+} from './money';
 import {
   IOfferFilter,
   OfferSort,
   SORT_LABELS,
   filterOffers,
+  formatReliability,
+  formatSpeed,
   gpuModels,
+  isCpuOffer,
   offerLoad,
-  sortOffers
+  pricePerSpeed,
+  sortOffers,
+  speedWarning,
+  useLabel
 } from './offers';
 import { GPUShare, IGPUShareModel } from './tokens';
 
@@ -45,6 +56,11 @@ function OfferCard(props: {
   const { offer } = props;
   const [busy, setBusy] = React.useState(false);
   const load = offerLoad(offer);
+  const speed = formatSpeed(offer.speed);
+  const warning = speedWarning(offer.speed);
+  const perSpeed = pricePerSpeed(offer);
+  const reliability = formatReliability(offer.reliability);
+  const cpu = isCpuOffer(offer);
   const label = `${offer.gpu_model}${offer.gpu_count > 1 ? ` ×${offer.gpu_count}` : ''}`;
   return (
     <li
@@ -62,6 +78,15 @@ function OfferCard(props: {
           {offer.state}
         </span>
       </div>
+      {warning && (
+        <div
+          className="jp-GPUShare-badge jp-GPUShare-badge-flagged"
+          role="note"
+          title="The host's self-test measured less than this hardware should do"
+        >
+          ⚠ {warning}
+        </div>
+      )}
       <div className="jp-GPUShare-offer-price">
         {formatPricePerHour(offer.price_per_hour_micro)}
       </div>
@@ -70,8 +95,29 @@ function OfferCard(props: {
         <dd>{offer.gpu_count > 0 ? offer.gpu_count : 'none (CPU)'}</dd>
         <dt>Memory</dt>
         <dd>{formatMemory(offer.gpu_memory_mib)}</dd>
+        <dt>Speed</dt>
+        <dd
+          className="jp-GPUShare-offer-speed"
+          title={
+            perSpeed !== null
+              ? `${formatPricePerHour(Math.round(perSpeed))} per TFLOPS` +
+                (offer.speed?.measured_at
+                  ? `; measured ${offer.speed.measured_at}`
+                  : '')
+              : "The host's self-test has not reported yet"
+          }
+        >
+          {speed || 'not measured yet'}
+        </dd>
         <dt>Host</dt>
         <dd className="jp-GPUShare-offer-host">{offer.host_id}</dd>
+        <dt>Record</dt>
+        <dd
+          className="jp-GPUShare-offer-reliability"
+          title="Share of this host's past sessions that ended without the host being lost"
+        >
+          {reliability}
+        </dd>
         {load && (
           <>
             <dt>Load</dt>
@@ -82,7 +128,7 @@ function OfferCard(props: {
       <button
         className="jp-mod-styled jp-mod-accept jp-GPUShare-use"
         disabled={busy || offer.state !== 'free'}
-        title="Start the current notebook's kernel on this GPU (or a new notebook)"
+        title={`Start the current notebook's kernel on this ${cpu ? 'host' : 'GPU'} (or a new notebook)`}
         onClick={async () => {
           setBusy(true);
           try {
@@ -92,7 +138,7 @@ function OfferCard(props: {
           }
         }}
       >
-        Use this GPU
+        {useLabel(offer)}
       </button>
     </li>
   );
@@ -110,8 +156,10 @@ function Marketplace(props: {
     freeOnly: false
   });
   const [sort, setSort] = React.useState<OfferSort>('price');
-  const update = (change: Partial<IFilterText>) => setText({ ...text, ...change });
-  const priceInvalid = text.maxPrice.trim() !== '' && parseCredits(text.maxPrice) === null;
+  const update = (change: Partial<IFilterText>) =>
+    setText({ ...text, ...change });
+  const priceInvalid =
+    text.maxPrice.trim() !== '' && parseCredits(text.maxPrice) === null;
 
   return (
     <div className="jp-GPUShare-marketplace">
@@ -121,7 +169,8 @@ function Marketplace(props: {
           {(_, me) =>
             me ? (
               <div className="jp-GPUShare-account" aria-label="Your credit">
-                {me.name}: {formatCredits(me.available_micro ?? me.balance_micro)} credits
+                {me.name}:{' '}
+                {formatCredits(me.available_micro ?? me.balance_micro)} credits
                 available
               </div>
             ) : null
@@ -217,14 +266,17 @@ function Marketplace(props: {
                 ))}
               </ul>
               {all.length === 0 && (
-                <p className="jp-GPUShare-empty">No host is online right now.</p>
+                <p className="jp-GPUShare-empty">
+                  No host is online right now.
+                </p>
               )}
             </>
           );
         }}
       </UseSignal>
       <p className="jp-GPUShare-note">
-        A host can read what runs on it; do not send it secrets you would not share.
+        A host can read what runs on it; do not send it secrets you would not
+        share.
       </p>
     </div>
   );

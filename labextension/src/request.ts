@@ -10,7 +10,12 @@ export async function requestAPI<T>(
   init: RequestInit = {},
   serverSettings: ServerConnection.ISettings = ServerConnection.makeSettings()
 ): Promise<T> {
-  const url = URLExt.join(serverSettings.baseUrl, 'gpu-share', 'user', endPoint);
+  const url = URLExt.join(
+    serverSettings.baseUrl,
+    'gpu-share',
+    'user',
+    endPoint
+  );
   let response: Response;
   try {
     response = await ServerConnection.makeRequest(url, init, serverSettings);

@@ -5,7 +5,7 @@ import { Widget } from '@lumino/widgets';
 
 import { formatQuotaLeft, quotaLeftAt, sessionClass } from './classes';
 import { gpuIcon } from './icons';
-import { endReasonText, meterReading } from './meter';
+import { endReasonText, meterReading, telemetryText } from './meter';
 import { formatCredits, formatDuration, formatPricePerHour } from './money';
 import { INotebookGPUs, NotebookGPU } from './notebook';
 import { GPUShare, IGPUShareClasses, IGPUShareModel } from './tokens';
@@ -17,7 +17,8 @@ export function classQuotaText(
   nowMs: number
 ): string | null {
   const name = sessionClass(session);
-  const row = name && classes ? (classes.usage(name)?.students[0] ?? null) : null;
+  const row =
+    name && classes ? (classes.usage(name)?.students[0] ?? null) : null;
   if (!name || !classes || !row) {
     return null;
   }
@@ -38,24 +39,50 @@ export function sessionRows(
   classes: IGPUShareClasses | null = null
 ): Array<[string, string]> {
   const klass = sessionClass(session);
-  const reading = meterReading(session, nowMs, model.me?.available_micro ?? null);
+  const reading = meterReading(
+    session,
+    nowMs,
+    model.me?.available_micro ?? null
+  );
   const offer = model.offers.find(o => o.id === session.offer_id);
   const rows: Array<[string, string]> = [
     ['Session', session.id],
     ['Host', session.host_id],
-    ['GPU', offer ? `${offer.gpu_model}${offer.gpu_count > 1 ? ` ×${offer.gpu_count}` : ''}` : '–'],
+    [
+      'GPU',
+      offer
+        ? `${offer.gpu_model}${offer.gpu_count > 1 ? ` ×${offer.gpu_count}` : ''}`
+        : '–'
+    ],
     ['Price', formatPricePerHour(session.price_per_hour_micro)],
-    ['State', session.state === 'ended' ? `ended: ${endReasonText(session.end_reason)}` : session.state]
+    [
+      'State',
+      session.state === 'ended'
+        ? `ended: ${endReasonText(session.end_reason)}`
+        : session.state
+    ]
   ];
-  const gpus = offer?.telemetry?.gpus ?? [];
+  // The session's own telemetry (its GPUs only) while live; else the offer's.
+  const telemetry = session.host_telemetry ?? offer?.telemetry ?? null;
+  const gpus = telemetry?.gpus ?? [];
   const used = gpus.filter(g => session.gpu_indices.includes(g.index));
+  if (used.length === 0 && session.host_telemetry) {
+    const load = telemetryText(session.host_telemetry);
+    if (load) {
+      rows.push(['Load', load]);
+    }
+  }
   for (const g of used) {
     const parts = [];
     if (typeof g.utilization_pct === 'number') {
       parts.push(`${g.utilization_pct} %`);
     }
     if (typeof g.memory_used_mib === 'number') {
-      parts.push(`${g.memory_used_mib} MiB used`);
+      parts.push(
+        typeof g.memory_total_mib === 'number'
+          ? `${g.memory_used_mib} of ${g.memory_total_mib} MiB used`
+          : `${g.memory_used_mib} MiB used`
+      );
     }
     if (parts.length) {
       rows.push([`GPU ${g.index}`, parts.join(', ')]);
@@ -66,7 +93,10 @@ export function sessionRows(
     rows.push(['Bill', `${formatCredits(session.amount_micro ?? 0)} credits`]);
   } else {
     rows.push(['Elapsed', formatDuration(reading.elapsedSeconds)]);
-    rows.push(['Cost so far', `${formatCredits(reading.costMicro, 4, 6)} credits`]);
+    rows.push([
+      'Cost so far',
+      `${formatCredits(reading.costMicro, 4, 6)} credits`
+    ]);
   }
   if (klass) {
     rows.push(['Charged to', `class ${klass} (not your credit)`]);
@@ -75,14 +105,21 @@ export function sessionRows(
       rows.push(['Quota left', quota]);
     }
   } else if (reading.remainingMicro !== null) {
-    rows.push(['Credit left', `${formatCredits(reading.remainingMicro)} credits`]);
+    rows.push([
+      'Credit left',
+      `${formatCredits(reading.remainingMicro)} credits`
+    ]);
   }
   return rows;
 }
 
 /** A table of a session that refreshes itself every second while shown. */
 class SessionDetails extends Widget {
-  constructor(model: IGPUShareModel, sessionId: string, classes: IGPUShareClasses | null) {
+  constructor(
+    model: IGPUShareModel,
+    sessionId: string,
+    classes: IGPUShareClasses | null
+  ) {
     super();
     this._model = model;
     this._classes = classes;
@@ -101,7 +138,12 @@ class SessionDetails extends Widget {
     const session = this._model.session(this._sessionId);
     const table = document.createElement('table');
     if (session) {
-      for (const [name, value] of sessionRows(session, this._model, Date.now(), this._classes)) {
+      for (const [name, value] of sessionRows(
+        session,
+        this._model,
+        Date.now(),
+        this._classes
+      )) {
         const row = table.insertRow();
         const th = document.createElement('th');
         th.textContent = name;
@@ -173,7 +215,10 @@ export class GPUMeter extends Widget {
       title: live ? 'Shared GPU session' : 'Shared GPU session: bill',
       body: new SessionDetails(this._model, session.id, this._classes),
       buttons: live
-        ? [Dialog.cancelButton({ label: 'Close' }), Dialog.warnButton({ label: 'Stop' })]
+        ? [
+            Dialog.cancelButton({ label: 'Close' }),
+            Dialog.warnButton({ label: 'Stop' })
+          ]
         : [Dialog.okButton({ label: 'Close' })]
     });
     if (!live || !result.button.accept) {
@@ -200,7 +245,10 @@ export class GPUMeter extends Widget {
       return;
     }
     this.show();
-    const icon = gpuIcon.element({ tag: 'span', className: 'jp-GPUShare-meter-icon' });
+    const icon = gpuIcon.element({
+      tag: 'span',
+      className: 'jp-GPUShare-meter-icon'
+    });
     node.appendChild(icon);
     const text = document.createElement('span');
     text.className = 'jp-GPUShare-meter-text';
@@ -216,13 +264,19 @@ export class GPUMeter extends Widget {
       return;
     }
     const now = Date.now();
-    const reading = meterReading(session, now, this._model.me?.available_micro ?? null);
+    const reading = meterReading(
+      session,
+      now,
+      this._model.me?.available_micro ?? null
+    );
     node.dataset.state = session.state;
     node.dataset.costMicro = String(reading.costMicro);
     const klass = sessionClass(session);
     this._watchClass(reading.live ? klass : null);
     let left =
-      reading.remainingMicro !== null ? ` · ${formatCredits(reading.remainingMicro)} left` : '';
+      reading.remainingMicro !== null
+        ? ` · ${formatCredits(reading.remainingMicro)} left`
+        : '';
     if (klass) {
       // Charged to the class: the student's quota matters, not their own credit.
       node.dataset.class = klass;
@@ -239,6 +293,13 @@ export class GPUMeter extends Widget {
       text.textContent =
         `${session.host_id} · ${formatDuration(reading.elapsedSeconds)} · ` +
         `${formatCredits(reading.costMicro, 4, 4)} cr${left}`;
+      const load = telemetryText(session.host_telemetry);
+      if (load) {
+        const telemetry = document.createElement('span');
+        telemetry.className = 'jp-GPUShare-meter-telemetry';
+        telemetry.textContent = ` · ${load}`;
+        node.appendChild(telemetry);
+      }
     } else {
       text.textContent = `${session.host_id} · ended · bill ${formatCredits(reading.costMicro, 2, 6)} cr`;
     }

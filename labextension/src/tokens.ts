@@ -18,6 +18,27 @@ export namespace GPUShare {
     price_per_hour_micro: number;
     state: 'free' | 'busy';
     telemetry: ITelemetry;
+    /** The host's share of sessions that ended well (0..1), or null for a new host. */
+    reliability?: number | null;
+    /** The host's measured speed (its self-test), or null until measured. */
+    speed?: ISpeed | null;
+  }
+
+  /**
+   * A host's self-test of one offer. `score` is one number to sort by: fp16 TFLOPS for a
+   * GPU, fp32 GFLOPS / 1000 (i.e. fp32 TFLOPS) for a CPU.
+   */
+  export interface ISpeed {
+    score: number | null;
+    kind: 'gpu' | 'cpu';
+    fp32_tflops?: number | null;
+    fp16_tflops?: number | null;
+    bf16_tflops?: number | null;
+    memory_bandwidth_gbs?: number | null;
+    flagged?: boolean;
+    flag_reason?: string | null;
+    measured_at?: string | null;
+    [key: string]: unknown;
   }
 
   /** What a host reports in its heartbeats. */
@@ -30,7 +51,12 @@ export namespace GPUShare {
       memory_total_mib?: number;
       error?: string;
     }>;
-    cpu?: { cpu_count?: number; load_1m?: number };
+    cpu?: {
+      cpu_count?: number;
+      load_1m?: number;
+      memory_total_mib?: number;
+      memory_used_mib?: number;
+    };
     kernels?: number;
     [key: string]: unknown;
   }
@@ -59,6 +85,8 @@ export namespace GPUShare {
     cost_so_far_micro: number;
     /** The class the session is charged to (payer "<class>@class"), or null. */
     class?: string | null;
+    /** The host's last heartbeat telemetry (the rented GPUs only) while live, else null. */
+    host_telemetry?: ITelemetry | null;
   }
 
   /** A class the user teaches or is a student of (GET /classes). */
@@ -130,6 +158,8 @@ export namespace GPUShare {
     kernel_name: string;
     remote: boolean;
     session: ISession | null;
+    /** The server's idle culler shut this kernel down. */
+    culled?: boolean;
   }
 
   /** "Use this GPU": the offer the next gpu-share kernel of a notebook rents. */
@@ -156,7 +186,9 @@ export const CLASS_KERNEL_PREFIX = `${KERNEL_NAME}-`;
 
 /** A kernelspec that starts remote GPU kernels: `gpu-share` or a class's. */
 export function isRemoteKernelName(name: string | null | undefined): boolean {
-  return !!name && (name === KERNEL_NAME || name.startsWith(CLASS_KERNEL_PREFIX));
+  return (
+    !!name && (name === KERNEL_NAME || name.startsWith(CLASS_KERNEL_PREFIX))
+  );
 }
 
 /** The front end's view of the marketplace and of the user's sessions, kept fresh by polling. */
@@ -174,9 +206,15 @@ export interface IGPUShareModel extends IDisposable {
   /** The current settings. */
   readonly settings: GPUShare.ISettings;
 
-  readonly offersChanged: ISignal<IGPUShareModel, ReadonlyArray<GPUShare.IOffer>>;
+  readonly offersChanged: ISignal<
+    IGPUShareModel,
+    ReadonlyArray<GPUShare.IOffer>
+  >;
   readonly accountChanged: ISignal<IGPUShareModel, GPUShare.IMe | null>;
-  readonly sessionsChanged: ISignal<IGPUShareModel, ReadonlyArray<GPUShare.ISession>>;
+  readonly sessionsChanged: ISignal<
+    IGPUShareModel,
+    ReadonlyArray<GPUShare.ISession>
+  >;
   readonly errorChanged: ISignal<IGPUShareModel, string | null>;
   readonly settingsChanged: ISignal<IGPUShareModel, GPUShare.ISettings>;
   /** A watched kernel got a (new) session. */
@@ -185,8 +223,13 @@ export interface IGPUShareModel extends IDisposable {
     { kernelId: string; sessionId: string }
   >;
 
+  /** The server's idle culler shut a kernel down (its id). */
+  readonly kernelCulled: ISignal<IGPUShareModel, string>;
+
   /** Poll now. */
   refresh(): Promise<void>;
+  /** Whether the server said it culled this kernel for being idle. */
+  isCulled(kernelId: string): boolean;
   /** Follow which session backs this kernel while the returned disposable lives. */
   watchKernel(kernelId: string): IDisposable;
   /** Ask the server now which session backs a kernel (and remember it). */

@@ -32,7 +32,9 @@ function klass(change: Partial<GPUShare.IClass> = {}): GPUShare.IClass {
   };
 }
 
-function row(change: Partial<GPUShare.IClassUsageRow> = {}): GPUShare.IClassUsageRow {
+function row(
+  change: Partial<GPUShare.IClassUsageRow> = {}
+): GPUShare.IClassUsageRow {
   return {
     student: 'ann',
     seconds: 100,
@@ -58,12 +60,21 @@ describe('formatSeconds', () => {
 
 describe('quotaLeftAt', () => {
   it('is the polled quota while no kernel runs', () => {
-    expect(quotaLeftAt(row(), 1_000, 61_000, 1000)).toEqual({ seconds: 3500, micro: null });
+    expect(quotaLeftAt(row(), 1_000, 61_000, 1000)).toEqual({
+      seconds: 3500,
+      micro: null
+    });
   });
   it('ticks down between polls while a kernel runs, never below zero', () => {
     const live = row({ running: ['s-1'], remaining_micro: 2_000_000 });
-    expect(quotaLeftAt(live, 1_000, 11_500, 1000)).toEqual({ seconds: 3490, micro: 1_990_000 });
-    expect(quotaLeftAt(live, 1_000, 10_000_000, 1000)).toEqual({ seconds: 0, micro: 0 });
+    expect(quotaLeftAt(live, 1_000, 11_500, 1000)).toEqual({
+      seconds: 3490,
+      micro: 1_990_000
+    });
+    expect(quotaLeftAt(live, 1_000, 10_000_000, 1000)).toEqual({
+      seconds: 0,
+      micro: 0
+    });
     // A clock behind the poll does not add quota.
     expect(quotaLeftAt(live, 5_000, 1_000, 1000).seconds).toBe(3500);
   });
@@ -72,8 +83,12 @@ describe('quotaLeftAt', () => {
 describe('formatQuotaLeft', () => {
   it('shows time, credits, both or no limit', () => {
     expect(formatQuotaLeft({ seconds: 3500, micro: null })).toBe('58 min 20 s');
-    expect(formatQuotaLeft({ seconds: null, micro: 2_500_000 })).toBe('2.50 credits');
-    expect(formatQuotaLeft({ seconds: 60, micro: 1_000_000 })).toBe('1 min 00 s · 1.00 credits');
+    expect(formatQuotaLeft({ seconds: null, micro: 2_500_000 })).toBe(
+      '2.50 credits'
+    );
+    expect(formatQuotaLeft({ seconds: 60, micro: 1_000_000 })).toBe(
+      '1 min 00 s · 1.00 credits'
+    );
     expect(formatQuotaLeft({ seconds: null, micro: null })).toBe('no limit');
     expect(formatQuotaLeft(null)).toBe('–');
   });
@@ -82,13 +97,17 @@ describe('formatQuotaLeft', () => {
 describe('formatQuota', () => {
   it('describes the per-student quota', () => {
     expect(formatQuota(klass())).toBe('1 h 00 min per student');
-    expect(formatQuota(klass({ quota_seconds: 36_000, weekly_quota_seconds: 10_800 }))).toBe(
-      '10 h 00 min per student, 3 h 00 min a week'
+    expect(
+      formatQuota(
+        klass({ quota_seconds: 36_000, weekly_quota_seconds: 10_800 })
+      )
+    ).toBe('10 h 00 min per student, 3 h 00 min a week');
+    expect(
+      formatQuota(klass({ quota_seconds: null, quota_micro: 5_000_000 }))
+    ).toBe('5.00 credits per student');
+    expect(formatQuota(klass({ quota_seconds: null }))).toBe(
+      'no limit per student'
     );
-    expect(formatQuota(klass({ quota_seconds: null, quota_micro: 5_000_000 }))).toBe(
-      '5.00 credits per student'
-    );
-    expect(formatQuota(klass({ quota_seconds: null }))).toBe('no limit per student');
   });
 });
 
@@ -96,7 +115,10 @@ describe('quotaFraction', () => {
   it('is the share used of the tightest quota', () => {
     expect(quotaFraction({ seconds: 900, micro: null }, klass())).toBe(0.75);
     expect(
-      quotaFraction({ seconds: 3000, micro: 1_000_000 }, klass({ quota_micro: 4_000_000 }))
+      quotaFraction(
+        { seconds: 3000, micro: 1_000_000 },
+        klass({ quota_micro: 4_000_000 })
+      )
     ).toBe(0.75);
     expect(quotaFraction({ seconds: null, micro: null }, klass())).toBeNull();
     expect(quotaFraction({ seconds: 7200, micro: null }, klass())).toBe(0);
@@ -109,9 +131,17 @@ describe('usage series', () => {
       class: 'ml101',
       budget_micro: 1,
       at: '',
-      students: [row(), row({ student: 'ben', seconds: 20, credits_micro: 5, running: ['s-2'] })]
+      students: [
+        row(),
+        row({ student: 'ben', seconds: 20, credits_micro: 5, running: ['s-2'] })
+      ]
     };
-    expect(usageTotals(usage, 42)).toEqual({ t: 42, seconds: 120, micro: 100_005, running: 1 });
+    expect(usageTotals(usage, 42)).toEqual({
+      t: 42,
+      seconds: 120,
+      micro: 100_005,
+      running: 1
+    });
   });
   it('keeps at most max points, dropping the oldest', () => {
     let series: ReturnType<typeof appendPoint> = [];

@@ -16,7 +16,9 @@ export function offer(overrides: Partial<GPUShare.IOffer>): GPUShare.IOffer {
   };
 }
 
-export function session(overrides: Partial<GPUShare.ISession>): GPUShare.ISession {
+export function session(
+  overrides: Partial<GPUShare.ISession>
+): GPUShare.ISession {
   return {
     id: 's-1',
     state: 'running',

@@ -73,7 +73,11 @@ describe('spending caps', () => {
     const now = at(3600);
     const midnightUs = startOfDay(now) * 1000;
     const sessions = [
-      session({ id: 'a', started_us: now * 1000 - 10_000_000, price_per_second_micro: 1000 }),
+      session({
+        id: 'a',
+        started_us: now * 1000 - 10_000_000,
+        price_per_second_micro: 1000
+      }),
       session({
         id: 'b',
         state: 'ended',

@@ -1,10 +1,26 @@
 import { describe, expect, it } from 'vitest';
 
-import { NO_FILTER, filterOffers, gpuModels, offerLoad, sortOffers } from '../src/offers';
+import {
+  NO_FILTER,
+  filterOffers,
+  gpuModels,
+  offerLoad,
+  sortOffers
+} from '../src/offers';
 import { offer } from './fixtures';
 
-const a100 = offer({ id: 1, gpu_model: 'A100', gpu_memory_mib: 81920, price_per_second_micro: 1000 });
-const t4 = offer({ id: 2, gpu_model: 'T4', gpu_memory_mib: 16384, price_per_second_micro: 100 });
+const a100 = offer({
+  id: 1,
+  gpu_model: 'A100',
+  gpu_memory_mib: 81920,
+  price_per_second_micro: 1000
+});
+const t4 = offer({
+  id: 2,
+  gpu_model: 'T4',
+  gpu_memory_mib: 16384,
+  price_per_second_micro: 100
+});
 const h100 = offer({
   id: 3,
   gpu_model: 'H100',
@@ -13,7 +29,13 @@ const h100 = offer({
   price_per_second_micro: 3000,
   state: 'busy'
 });
-const cpu = offer({ id: 4, gpu_model: 'CPU', gpu_count: 0, gpu_memory_mib: 0, price_per_second_micro: 10 });
+const cpu = offer({
+  id: 4,
+  gpu_model: 'CPU',
+  gpu_count: 0,
+  gpu_memory_mib: 0,
+  price_per_second_micro: 10
+});
 const all = [a100, t4, h100, cpu];
 const ids = (list: { id: number }[]) => list.map(o => o.id);
 
@@ -22,15 +44,25 @@ describe('filterOffers', () => {
     expect(ids(filterOffers(all, NO_FILTER))).toEqual([1, 2, 3, 4]);
   });
   it('filters by model, memory, price and freeness', () => {
-    expect(ids(filterOffers(all, { ...NO_FILTER, gpuModel: 'T4' }))).toEqual([2]);
-    expect(ids(filterOffers(all, { ...NO_FILTER, minMemoryMib: 40 * 1024 }))).toEqual([1, 3]);
-    expect(ids(filterOffers(all, { ...NO_FILTER, maxPricePerHourMicro: 3_600_000 }))).toEqual([
+    expect(ids(filterOffers(all, { ...NO_FILTER, gpuModel: 'T4' }))).toEqual([
+      2
+    ]);
+    expect(
+      ids(filterOffers(all, { ...NO_FILTER, minMemoryMib: 40 * 1024 }))
+    ).toEqual([1, 3]);
+    expect(
+      ids(filterOffers(all, { ...NO_FILTER, maxPricePerHourMicro: 3_600_000 }))
+    ).toEqual([1, 2, 4]);
+    expect(ids(filterOffers(all, { ...NO_FILTER, freeOnly: true }))).toEqual([
       1, 2, 4
     ]);
-    expect(ids(filterOffers(all, { ...NO_FILTER, freeOnly: true }))).toEqual([1, 2, 4]);
   });
   it('combines filters', () => {
-    const filter = { ...NO_FILTER, minMemoryMib: 1024, maxPricePerHourMicro: 1_000_000 };
+    const filter = {
+      ...NO_FILTER,
+      minMemoryMib: 1024,
+      maxPricePerHourMicro: 1_000_000
+    };
     expect(ids(filterOffers(all, filter))).toEqual([2]);
   });
 });
@@ -41,7 +73,9 @@ describe('sortOffers', () => {
   });
   it('sorts by total memory, then free before busy', () => {
     const busyA100 = offer({ ...a100, id: 9, state: 'busy' });
-    expect(ids(sortOffers([busyA100, ...all], 'memory'))).toEqual([3, 1, 9, 2, 4]);
+    expect(ids(sortOffers([busyA100, ...all], 'memory'))).toEqual([
+      3, 1, 9, 2, 4
+    ]);
   });
   it('sorts by GPU count', () => {
     expect(ids(sortOffers(all, 'gpus'))[0]).toBe(3);
@@ -59,9 +93,20 @@ describe('models and load', () => {
   });
   it('averages GPU utilisation, else shows CPU load', () => {
     expect(
-      offerLoad(offer({ telemetry: { gpus: [{ index: 0, utilization_pct: 30 }, { index: 1, utilization_pct: 51 }] } }))
+      offerLoad(
+        offer({
+          telemetry: {
+            gpus: [
+              { index: 0, utilization_pct: 30 },
+              { index: 1, utilization_pct: 51 }
+            ]
+          }
+        })
+      )
     ).toBe('41 % GPU');
-    expect(offerLoad(offer({ telemetry: { gpus: [], cpu: { load_1m: 0.5 } } }))).toBe('load 0.50');
+    expect(
+      offerLoad(offer({ telemetry: { gpus: [], cpu: { load_1m: 0.5 } } }))
+    ).toBe('load 0.50');
     expect(offerLoad(offer({}))).toBe('');
   });
 });

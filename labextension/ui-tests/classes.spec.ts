@@ -15,27 +15,36 @@ const SCREENSHOT = process.env.SCREENSHOT ?? '';
 
 async function openLab(page: Page, url: string, token: string): Promise<void> {
   await page.goto(`${url}/lab?reset&token=${token}`);
-  await expect(page.locator('#jupyterlab-splash')).toHaveCount(0, { timeout: 60_000 });
+  await expect(page.locator('#jupyterlab-splash')).toHaveCount(0, {
+    timeout: 60_000
+  });
   await page.getByRole('tab', { name: 'Classes' }).click();
 }
 
 function classCard(page: Page, name: string) {
-  return page.getByRole('list', { name: 'Your classes' }).getByRole('listitem', {
-    name: `Class ${name}`
-  });
+  return page
+    .getByRole('list', { name: 'Your classes' })
+    .getByRole('listitem', {
+      name: `Class ${name}`
+    });
 }
 
 test.describe.serial('classes', () => {
   test('a student sees the class and its quota, fetches a notebook and runs it on the class GPU', async ({
     page
   }) => {
-    test.skip(!STUDENT_URL, 'STUDENT_LAB_URL is not set: run through tests/ui/test_class_ui.py');
+    test.skip(
+      !STUDENT_URL,
+      'STUDENT_LAB_URL is not set: run through tests/ui/test_class_ui.py'
+    );
     await openLab(page, STUDENT_URL, STUDENT_TOKEN);
 
     const card = classCard(page, 'ml101');
     await expect(card).toContainText('student');
     await expect(card).toContainText('taught by prof');
-    await expect(card.getByLabel('Quota left in ml101')).toHaveText('1 h 00 min');
+    await expect(card.getByLabel('Quota left in ml101')).toHaveText(
+      '1 h 00 min'
+    );
 
     // Fetch: the notebook lands in ml101/ and opens on the class kernel.
     const notebook = card
@@ -48,32 +57,48 @@ test.describe.serial('classes', () => {
 
     // Its kernel runs on the class pool; the meter says who pays and the quota left.
     const meter = page.getByRole('button', { name: 'Shared GPU meter' });
-    await expect(meter).toHaveAttribute('data-state', 'running', { timeout: 90_000 });
+    await expect(meter).toHaveAttribute('data-state', 'running', {
+      timeout: 90_000
+    });
     await expect(meter).toHaveAttribute('data-class', 'ml101');
     await expect(meter).toContainText(HOST);
-    await expect(meter).toContainText(/charged to ml101 · \d+ (min|h) \d+ (s|min) left/, {
-      timeout: 15_000
-    });
-    await page.locator('.jp-NotebookPanel .jp-Cell .cm-content').first().click();
-    await page.keyboard.press('Shift+Enter');
-    await expect(page.locator('.jp-NotebookPanel .jp-OutputArea-output').first()).toContainText(
-      `on ${HOST}`,
-      { timeout: 60_000 }
+    await expect(meter).toContainText(
+      /charged to ml101 · \d+ (min|h) \d+ (s|min) left/,
+      {
+        timeout: 15_000
+      }
     );
+    await page
+      .locator('.jp-NotebookPanel .jp-Cell .cm-content')
+      .first()
+      .click();
+    await page.keyboard.press('Shift+Enter');
+    await expect(
+      page.locator('.jp-NotebookPanel .jp-OutputArea-output').first()
+    ).toContainText(`on ${HOST}`, { timeout: 60_000 });
 
     // The file browser shows the fetched folder.
     await page.getByRole('tab', { name: 'File Browser' }).click();
     await expect(
-      page.locator('.jp-DirListing-content .jp-DirListing-itemText', { hasText: 'ml101' })
+      page.locator('.jp-DirListing-content .jp-DirListing-itemText', {
+        hasText: 'ml101'
+      })
     ).toBeVisible({ timeout: 20_000 });
   });
 
-  test('the teacher dashboard shows running student kernels and stops one', async ({ page }) => {
-    test.skip(!TEACHER_URL, 'TEACHER_LAB_URL is not set: run through tests/ui/test_class_ui.py');
+  test('the teacher dashboard shows running student kernels and stops one', async ({
+    page
+  }) => {
+    test.skip(
+      !TEACHER_URL,
+      'TEACHER_LAB_URL is not set: run through tests/ui/test_class_ui.py'
+    );
     await openLab(page, TEACHER_URL, TEACHER_TOKEN);
 
     // A wider sidebar for the dashboard's table.
-    const handle = page.locator('#jp-main-split-panel > .lm-SplitPanel-handle').first();
+    const handle = page
+      .locator('#jp-main-split-panel > .lm-SplitPanel-handle')
+      .first();
     const box = await handle.boundingBox();
     if (box) {
       await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
@@ -84,7 +109,9 @@ test.describe.serial('classes', () => {
 
     const card = classCard(page, 'ml101');
     await expect(card).toContainText('teacher');
-    await expect(card.getByLabel('Budget left in ml101')).toContainText('credits');
+    await expect(card.getByLabel('Budget left in ml101')).toContainText(
+      'credits'
+    );
     const students = card.getByRole('table', { name: 'Students of ml101' });
     const ann = students.getByRole('row', { name: 'Student ann' });
     const ben = students.getByRole('row', { name: 'Student ben' });
@@ -97,9 +124,13 @@ test.describe.serial('classes', () => {
 
     // The chart fills in from the 2 s polls.
     const chart = card.getByRole('img', { name: /Class use over time/ });
-    await expect(chart.locator('path')).toHaveAttribute('d', /M[\d.]+ [\d.]+ L/, {
-      timeout: 15_000
-    });
+    await expect(chart.locator('path')).toHaveAttribute(
+      'd',
+      /M[\d.]+ [\d.]+ L/,
+      {
+        timeout: 15_000
+      }
+    );
     await page.waitForTimeout(4000);
     if (SCREENSHOT) {
       await page.screenshot({ path: SCREENSHOT });
@@ -109,8 +140,12 @@ test.describe.serial('classes', () => {
     const dialog = page.getByRole('dialog');
     await expect(dialog).toContainText("Stop ann's kernel?");
     await dialog.getByRole('button', { name: 'Stop kernel' }).click();
-    await expect(card.getByRole('status')).toContainText("Stopped ann's kernel.");
-    await expect(ann).toHaveAttribute('data-running', 'no', { timeout: 15_000 });
+    await expect(card.getByRole('status')).toContainText(
+      "Stopped ann's kernel."
+    );
+    await expect(ann).toHaveAttribute('data-running', 'no', {
+      timeout: 15_000
+    });
     await expect(ann.getByRole('button', { name: 'Stop ann' })).toHaveCount(0);
     await expect(ben).toHaveAttribute('data-running', 'yes');
   });

@@ -53,7 +53,9 @@ def _ensure_playwright() -> Path:
     return runner
 
 
-def _start_lab(cluster: Cluster, user_token: str, workdir: Path) -> tuple[str, str]:
+def _start_lab(
+    cluster: Cluster, user_token: str, workdir: Path, *extra: str
+) -> tuple[str, str]:
     port = free_port()
     token = secrets.token_hex(16)
     root = workdir / "notebooks"
@@ -73,7 +75,7 @@ def _start_lab(cluster: Cluster, user_token: str, workdir: Path) -> tuple[str, s
         "lab",
         [sys.executable, "-m", "jupyterlab", f"--port={port}", "--ServerApp.ip=127.0.0.1",
          "--ServerApp.port_retries=0", "--no-browser", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}", *ROOT_FLAG],
+         f"--ServerApp.root_dir={root}", *ROOT_FLAG, *extra],
         env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -129,6 +131,46 @@ def test_marketplace_meter_stop_bill_filter_host_lost(tmp_path: Path) -> None:
         stopped = [s for s in sessions if s["end_reason"] in ("stopped", "kernel exited")]
         assert stopped and stopped[-1]["amount_micro"] > 0, json.dumps(sessions, indent=1)
         assert any(s["end_reason"] == "host lost" for s in sessions), json.dumps(sessions, indent=1)
+        failed = False
+    finally:
+        if failed:
+            print(output)
+            print(cluster.logs())
+        cluster.close()
+
+
+def test_culled_banner(tmp_path: Path) -> None:
+    """A lab that culls idle kernels (connected ones too): the notebook shows the cull banner."""
+    runner = _ensure_playwright()
+    (tmp_path / "cluster").mkdir()
+    cluster = Cluster(tmp_path / "cluster")
+    failed = True
+    output = ""
+    try:
+        user_token = cluster.account("ada", "user", 50_000_000)
+        cluster.start_host("host-idle", "3.6")
+        lab_url, lab_token = _start_lab(
+            cluster, user_token, tmp_path,
+            "--MappingKernelManager.cull_idle_timeout=6",
+            "--MappingKernelManager.cull_interval=1",
+            "--MappingKernelManager.cull_connected=True",
+        )
+        env = {
+            **os.environ,
+            "CULL_LAB_URL": lab_url,
+            "CULL_LAB_TOKEN": lab_token,
+            "CULL_HOST": "host-idle",
+            "CHROMIUM": CHROMIUM,
+        }
+        for name in ("LAB_URL", "STUDENT_LAB_URL", "TEACHER_LAB_URL"):
+            env.pop(name, None)
+        result = subprocess.run(
+            [str(runner), "test", "culled.spec.ts"], cwd=UI_TESTS, env=env,
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"the UI test failed:\n{output}"
+        assert "1 passed" in output, output
         failed = False
     finally:
         if failed:
