@@ -17,6 +17,7 @@ WEEK_S = 7 * DAY_S
 # 1970-01-01 was a Thursday: the Monday before it is 3 days earlier.
 _MONDAY_SHIFT_S = 3 * DAY_S
 WINDOW_DAYS = 30
+MIN_OBSERVED_S = 3600
 NEW_HOST_PRIOR = 0.9
 ALWAYS = ((0, WEEK_S),)
 

@@ -44,7 +44,7 @@ from .relay import (
     CLOSE_STOPPED,
     Relays,
 )
-from .reliability import WINDOW_DAYS, Reliability, reliability, uptime_fraction
+from .reliability import MIN_OBSERVED_S, WINDOW_DAYS, Reliability, reliability, uptime_fraction
 
 log = logging.getLogger("jupyter_gpu_share.broker")
 
@@ -408,7 +408,8 @@ class Broker:
         first = self.store.first_seen(name)
         schedule, offset = self._host_schedules.get(name, (None, 0))
         uptime = None
-        if first is not None:
+        # Minutes of presence say nothing yet: a new host shows as new, not as 100 %.
+        if first is not None and now - first >= MIN_OBSERVED_S * 1_000_000:
             connections = self.store.presence(name, since)
             link = self.hosts.get(name)
             if link is not None and link.channel is not None:
@@ -591,6 +592,7 @@ class Broker:
         )
         if live is not None:
             self._balances.pop(live.payer, None)
+            self._reliability.pop(live.host, None)
             link = self.hosts.get(live.host)
             if link is not None and end_reason != END_KERNEL:
                 link.send({"type": "stop_kernel", "session_id": session_id, "reason": end_reason})
