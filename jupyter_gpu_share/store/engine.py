@@ -64,6 +64,9 @@ def _set_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
+            # Checkpoint less often: settlements rewrite the same balance pages, so a longer
+            # WAL folds many writes of a page into one copy back.
+            cursor.execute("PRAGMA wal_autocheckpoint = 20000")
         finally:
             cursor.close()
 
