@@ -68,6 +68,7 @@ CLOSE_CODES = {
     END_TEACHER: CLOSE_STOPPED,
 }
 RETRY_AFTER_SECONDS = 5
+PRESENCE_INTERVAL_S = 60
 
 
 class Queued(Exception):
@@ -179,6 +180,7 @@ class Broker:
         self.lines: dict[str, WaitingLine] = {}
         self._host_schedules: dict[str, tuple[str | None, int]] = {}
         self._reliability: dict[str, tuple[int, Reliability]] = {}
+        self._presence_touched_us = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._started_us = now_us()
 
@@ -237,7 +239,7 @@ class Broker:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        self.checkpoint()
+        self.checkpoint(force=True)
 
     async def _every(self, interval: float, job: Any) -> None:
         while True:
@@ -643,7 +645,7 @@ class Broker:
         """Forget cached balances so the next budget check reads the store."""
         self._balances.clear()
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, force: bool = False) -> None:
         """Save each running session's last evidence of life (its host's last heartbeat)."""
         pairs = []
         for live in self.sessions.values():
@@ -652,13 +654,20 @@ class Broker:
                 pairs.append((live.id, link.last_heartbeat_us))
         if pairs:
             self.store.checkpoint_last_seen(pairs)
-        self.store.touch_presence(
-            [
-                (link.presence_id, link.last_heartbeat_us)
-                for link in self.hosts.values()
-                if link.presence_id
-            ]
-        )
+        now = now_us()
+        if force or now - self._presence_touched_us >= PRESENCE_INTERVAL_S * 1_000_000:
+            # Uptime is measured over 30 days: a minute's precision is plenty, and one
+            # statement for all connected hosts keeps 10,000 hosts cheap.
+            self._presence_touched_us = now
+            fresh = now - int(self.settings.heartbeat_timeout * 1_000_000)
+            self.store.touch_presence(
+                [
+                    link.presence_id
+                    for link in self.hosts.values()
+                    if link.presence_id and link.last_heartbeat_us >= fresh
+                ],
+                now,
+            )
         # Balances may change under us when several brokers share a store.
         self.refresh_balances()
 

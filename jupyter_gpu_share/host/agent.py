@@ -517,7 +517,9 @@ class HostAgent(LoggingConfigurable):
     ).tag(config=True)
 
     ping_interval = Float(
-        20.0, help="Seconds between websocket pings that detect a dead broker connection."
+        60.0,
+        help="Seconds between websocket pings that detect a dead broker connection (0: none). "
+        "Each ping costs the broker a pong; heartbeats already keep the connection busy.",
     ).tag(config=True)
 
     nvml_module = AnyTrait(None, help="pynvml-like module to use instead of pynvml (tests).")

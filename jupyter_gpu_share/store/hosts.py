@@ -14,13 +14,15 @@ transactions = models.Transaction.__table__
 entries = models.LedgerEntry.__table__
 presence = models.HostPresence.__table__
 
-_TOUCH = (
+_TOUCH_MANY = (
     update(presence)
     .where(
-        presence.c.id == bindparam("presence_id"), presence.c.last_seen_us < bindparam("seen_us")
+        presence.c.id.in_(bindparam("presence_ids", expanding=True)),
+        presence.c.last_seen_us < bindparam("seen_us"),
     )
     .values(last_seen_us=bindparam("seen_us"))
 )
+_CHUNK = 5000
 
 
 class HostStore:
@@ -43,13 +45,15 @@ class HostStore:
                 )
             ).inserted_primary_key[0]
 
-    def touch_presence(self, seen: list[tuple[int, int]]) -> None:
-        """Move each connection's last heartbeat forward (one statement for many hosts)."""
-        if seen:
+    def touch_presence(self, presence_ids: list[int], seen_us: int) -> None:
+        """Mark many connections as seen at ``seen_us`` (one statement per 5,000 hosts)."""
+        if presence_ids:
             with self._writer.begin() as connection:
-                connection.execute(
-                    _TOUCH, [{"presence_id": pid, "seen_us": us} for pid, us in seen]
-                )
+                for start in range(0, len(presence_ids), _CHUNK):
+                    connection.execute(
+                        _TOUCH_MANY,
+                        {"presence_ids": presence_ids[start : start + _CHUNK], "seen_us": seen_us},
+                    )
 
     def presence(self, host: str, since_us: int) -> list[tuple[int, int, str | None]]:
         """A host's connections (start, last seen, schedule) that reach past ``since_us``."""

@@ -468,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--host-ping-interval",
         type=float,
-        default=20.0,
-        help="websocket ping interval of the simulated hosts (the agent's is 20 s; 0: none)",
+        default=60.0,
+        help="websocket ping interval of the simulated hosts (the agent's is 60 s; 0: none)",
     )
     parser.add_argument(
         "--uvloop",
