@@ -12,6 +12,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
@@ -78,12 +81,42 @@ class BridgeLoop:
         return await asyncio.wrap_future(self.submit(coroutine))
 
 
+class InlineLoop:
+    """Run bridges on the caller's event loop: jupyter_server's, which never stops.
+
+    No thread hop on the hot path; used when the kernel manager is jupyter_server's
+    (an IOLoop kernel manager), the thread otherwise.
+    """
+
+    _instance: InlineLoop | None = None
+
+    def __init__(self) -> None:
+        self.context = zmq.asyncio.Context()
+
+    @classmethod
+    def get(cls) -> InlineLoop:
+        """Return the process's inline loop."""
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    async def run(self, coroutine: Awaitable[T]) -> T:
+        """Await the coroutine right here."""
+        return await coroutine
+
+
 class KernelBridge:
     """Local kernel ports for one kernel, relayed to whichever remote session is attached."""
 
-    def __init__(self, loop: BridgeLoop, ip: str = "127.0.0.1"):
+    def __init__(self, loop: BridgeLoop | InlineLoop, transport: str = "tcp"):
         self.loop = loop
-        self.ip = ip
+        self.transport = transport
+        # tcp: the loopback address; ipc: the path prefix of the sockets, in a private folder.
+        self.ip = "127.0.0.1"
+        self._ipc_dir: str | None = None
+        if transport == "ipc":
+            self._ipc_dir = tempfile.mkdtemp(prefix="gpu-share-bridge-")
+            self.ip = os.path.join(self._ipc_dir, "kernel")
         self.ports: dict[str, int] = {}
         self.sockets: dict[int, zmq.asyncio.Socket] = {}
         self.hb: zmq.asyncio.Socket | None = None
@@ -103,25 +136,47 @@ class KernelBridge:
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
+    def _bind(self, sock: zmq.asyncio.Socket, number: int) -> int:
+        if self.transport == "ipc":
+            # jupyter_client names ipc endpoints "<ip>-<port>".
+            sock.bind(f"ipc://{self.ip}-{number}")
+            return number
+        return sock.bind_to_random_port(f"tcp://{self.ip}")
+
     async def bind(self) -> dict[str, int]:
-        """Bind the five kernel ports on loopback and start the local pumps."""
+        """Bind the five kernel ports (loopback tcp or private ipc) and start the pumps."""
         context = self.loop.context
         kinds = {"shell": zmq.ROUTER, "iopub": zmq.PUB, "stdin": zmq.ROUTER, "control": zmq.ROUTER}
-        for name, kind in kinds.items():
+        for number, (name, kind) in enumerate(kinds.items(), start=1):
             sock = context.socket(kind)
             sock.linger = 0
             if kind == zmq.ROUTER:
                 sock.router_handover = 1
-            self.ports[f"{name}_port"] = sock.bind_to_random_port(f"tcp://{self.ip}")
+            self.ports[f"{name}_port"] = self._bind(sock, number)
             self.sockets[wire.CHANNELS[name]] = sock
         # A ROUTER, not a REP: a dead kernel's pings can go unanswered without wedging it.
         self.hb = context.socket(zmq.ROUTER)
         self.hb.linger = 0
-        self.ports["hb_port"] = self.hb.bind_to_random_port(f"tcp://{self.ip}")
+        self.ports["hb_port"] = self._bind(self.hb, len(kinds) + 1)
         for channel in (wire.SHELL, wire.CONTROL, wire.STDIN):
             self._tasks.append(asyncio.ensure_future(self._pump_to_relay(channel)))
         self._tasks.append(asyncio.ensure_future(self._answer_heartbeats()))
         return dict(self.ports)
+
+    async def restore_endpoints(self) -> None:
+        """Re-create ipc socket files (jupyter_client deletes them on every kernel cleanup)."""
+        if self.transport != "ipc":
+            return
+        for name, sock in [
+            *((n, self.sockets[wire.CHANNELS[n]]) for n in wire.CHANNELS),
+            ("hb", self.hb),
+        ]:
+            if sock is None:
+                continue
+            endpoint = f"ipc://{self.ip}-{self.ports[f'{name}_port']}"
+            if not os.path.exists(endpoint[len("ipc://") :]):
+                sock.unbind(endpoint)
+                sock.bind(endpoint)
 
     async def _pump_to_relay(self, channel: int) -> None:
         sock = self.sockets[channel]
@@ -306,3 +361,5 @@ class KernelBridge:
             if sock is not None:
                 sock.close(linger=0)
         self.sockets.clear()
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)

@@ -340,7 +340,6 @@ class KernelSessionHandler(APIHandler):
                     self.log.warning("gpu-share: session %s: %s", session["id"], error.message)
         self.finish(json.dumps(model))
 
-
     async def _answer_culled(self, kernel_id: str, culled: dict[str, Any]) -> None:
         """A kernel the idle culler shut down: ``culled: true`` and its session's final state."""
         session = culled.get("session")

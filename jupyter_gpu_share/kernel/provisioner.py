@@ -15,11 +15,12 @@ import signal
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
-from traitlets import Float, Int, Unicode, default
+from traitlets import Bool, Enum, Float, Int, Unicode, default
 
 from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, websocket_url
-from .bridge import BridgeLoop, KernelBridge
+from .bridge import BridgeLoop, InlineLoop, KernelBridge
 from .extension import take_preference
 
 
@@ -61,6 +62,18 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="Run on this class's GPU pool, charged to the class (set by class kernelspecs).",
     )
+    inline_bridge = Bool(
+        True,
+        config=True,
+        help="In jupyter_server, relay on the server's own event loop rather than a thread.",
+    )
+    bridge_transport = Enum(
+        ["ipc", "tcp"],
+        "ipc" if os.name == "posix" else "tcp",
+        config=True,
+        help="How the kernel manager reaches the local bridge: 'ipc' (Unix sockets in a private "
+        "folder; a little faster) or 'tcp' on loopback.",
+    )
     start_timeout = Float(
         180.0, config=True, help="Seconds to wait for a remote kernel to become ready."
     )
@@ -73,7 +86,11 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def has_process(self) -> bool:
         return self.session is not None
 
-    def _loop(self) -> BridgeLoop:
+    def _loop(self) -> BridgeLoop | InlineLoop:
+        # jupyter_server's kernel managers live on its ever-running IOLoop: relay there, with
+        # no thread hop. Other clients (nbclient, sync managers) get the bridge thread.
+        if self.inline_bridge and isinstance(self.parent, AsyncIOLoopKernelManager):
+            return InlineLoop.get()
         return BridgeLoop.get()
 
     async def _broker(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -90,10 +107,10 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
         km = self.parent
         if self.bridge is None:
-            self.bridge = KernelBridge(self._loop())
+            self.bridge = KernelBridge(self._loop(), self.bridge_transport)
             self.bridge.on_status = lambda message: self.log.warning("gpu-share: %s", message)
             ports = await self._loop().run(self.bridge.bind())
-            km.transport = "tcp"
+            km.transport = self.bridge_transport
             km.ip = self.bridge.ip
             for name, port in ports.items():
                 setattr(km, name, port)
@@ -235,6 +252,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         await self._stop_session()
         if restart:
             await self._loop().run(self.bridge.detach())
+            await self._loop().run(self.bridge.restore_endpoints())
         else:
             await self._loop().run(self.bridge.close())
             self.bridge = None
