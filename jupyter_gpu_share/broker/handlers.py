@@ -15,7 +15,7 @@ from ..fastws import BatchedWebSocketHandler
 from ..ledger import earnings_by_day, price_per_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser
-from .matching import NoMatch, SessionRequest
+from .matching import NoMatch, SessionRequest, offer_is_free
 from .openapi import openapi_document
 from .relay import CLOSE_BUFFER_FULL, USER
 from .service import LIVE_STATES, Broker, Queued, Refused
@@ -153,17 +153,11 @@ def account_model(account: Any) -> dict[str, Any]:
     }
 
 
-def offer_model(
-    broker: Broker, offer: Any, busy: set[int], loads: dict[str, Any]
-) -> dict[str, Any]:
+def offer_model(broker: Broker, offer: Any, loads: dict[str, Any]) -> dict[str, Any]:
     """The JSON of an online offer."""
     link = broker.hosts.get(offer.host)
     load = loads.get(offer.host)
-    free = (
-        load is not None
-        and load.live_kernels < load.max_kernels
-        and not (offer.gpu_count > 0 and offer.id in busy)
-    )
+    free = offer_is_free(offer, load)
     return {
         "id": offer.id,
         "host_id": offer.host,
@@ -175,6 +169,7 @@ def offer_model(
         "state": "free" if free else "busy",
         "telemetry": link.telemetry if link is not None else {},
         "reliability": offer.reliability,
+        "shared": offer.shared,
         "speed": link.benchmarks.get(offer.id) if link is not None else None,
     }
 
@@ -294,9 +289,8 @@ class OffersHandler(BrokerAPIHandler):
     @authorized
     def get(self) -> None:
         loads = self.broker.host_loads()
-        busy = {oid for load in loads.values() for oid in load.busy_offer_ids}
         offers = sorted(self.broker.online_offers(), key=lambda o: (o.price_per_second_micro, o.id))
-        self.write_json([offer_model(self.broker, o, busy, loads) for o in offers])
+        self.write_json([offer_model(self.broker, o, loads) for o in offers])
 
 
 class SessionsHandler(BrokerAPIHandler):

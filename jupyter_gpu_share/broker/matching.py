@@ -20,6 +20,7 @@ class OfferView:
     gpu_memory_mib: int
     price_per_second_micro: int
     reliability: float | None = None
+    shared: bool = False
 
 
 @dataclass
@@ -55,7 +56,7 @@ def offer_is_free(offer: OfferView, load: HostLoad | None) -> bool:
     """Tell whether an offer can take one more kernel now (one renter per GPU)."""
     if load is None or load.live_kernels >= load.max_kernels:
         return False
-    return not (offer.gpu_count > 0 and offer.id in load.busy_offer_ids)
+    return offer.shared or not (offer.gpu_count > 0 and offer.id in load.busy_offer_ids)
 
 
 def offer_fits(offer: OfferView, request: SessionRequest) -> bool:

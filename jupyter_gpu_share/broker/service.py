@@ -270,9 +270,12 @@ class Broker:
                 raise ValueError("offer fields must not be negative")
         offers = self.store.replace_offers(name, specs)
         benchmarks: dict[int, dict[str, Any]] = {}
+        shared: set[int] = set()
         for offer, wanted in zip(offers, hello.get("offers", []), strict=False):
             if isinstance(wanted.get("benchmark"), dict):
                 benchmarks[offer.id] = wanted["benchmark"]
+            if wanted.get("shared") is True:
+                shared.add(offer.id)
         previous = self.hosts.get(name)
         if previous is not None:
             # A hello without a self-test result keeps the last one (it is re-measured daily).
@@ -290,7 +293,7 @@ class Broker:
         link = HostLink(
             name=name,
             max_kernels=max(1, int(hello.get("max_kernels", 1))),
-            offers=[_offer_view(o) for o in offers],
+            offers=[replace(_offer_view(o), shared=o.id in shared) for o in offers],
             channel=channel,
             last_heartbeat_us=now_us(),
             gpus=list(hello.get("gpus", [])),

@@ -411,6 +411,13 @@ class HostAgent(LoggingConfigurable):
         "1.00", help="Price of each offer in credits per hour, as a decimal string (e.g. 0.50)."
     ).tag(config=True)
 
+    share_gpus = Bool(
+        False,
+        help="Let several renters use one GPU at once (up to max_kernels kernels). Off by "
+        "default: one renter per GPU. GPU memory is not partitioned between them; offers say "
+        "'shared' so renters know.",
+    ).tag(config=True)
+
     warm_kernels = Int(
         0,
         help="Kernels to keep started per offer, each handed to the next renter (never one "
@@ -690,6 +697,9 @@ class HostAgent(LoggingConfigurable):
             if price is not None:
                 offer["price_per_second_micro"] = price
         attach_benchmarks(offers, self.benchmarks)
+        if self.share_gpus:
+            for offer in offers:
+                offer["shared"] = True
         return offers
 
     def gpu_info(self, indices: list[int]) -> list[Any]:
@@ -937,7 +947,7 @@ class HostAgent(LoggingConfigurable):
         if set(indices) - offered:
             return fail(f"GPUs {sorted(set(indices) - offered)} are not offered by this host")
         busy = set(indices) & {i for s in live for i in s.gpu_indices}
-        if busy:
+        if busy and not self.share_gpus:
             return fail(f"GPUs {sorted(busy)} are already rented")
         relay_path = record.get("relay_path")
         if (

@@ -46,6 +46,10 @@ flags.update(
             {"HostAgent": {"sandbox": "none"}},
             "Run kernels WITHOUT a sandbox (renters' code runs as this user). Trusted only.",
         ),
+        "share-gpus": (
+            {"HostAgent": {"share_gpus": True}},
+            "Let several renters share each GPU (up to --max-kernels); memory is not partitioned.",
+        ),
         "self-test": (
             {"HostAgentApp": {"self_test": True}},
             "Measure the GPUs (or the CPU) to offer, print a table and exit.",

@@ -115,3 +115,16 @@ def test_matching_explains_why_nothing_matches():
     with pytest.raises(NoMatch) as poor:
         choose_offer(offers, loads("a"), SessionRequest(), 59_999, 60)
     assert poor.value.status == 402 and "60 s" in poor.value.message
+
+
+def test_a_shared_gpu_takes_renters_up_to_the_host_limit():
+    gpu = OfferView(7, "a", "NVIDIA L4", 1, 24_000, 1000, None)
+    shared = OfferView(8, "b", "NVIDIA L4", 1, 24_000, 1000, None, shared=True)
+    busy = {
+        "a": HostLoad(max_kernels=4, live_kernels=1, busy_offer_ids={7}),
+        "b": HostLoad(max_kernels=4, live_kernels=1, busy_offer_ids={8}),
+    }
+    assert choose_offer([gpu, shared], busy, SessionRequest(), 10**9, 60) == shared
+    full = {"b": HostLoad(max_kernels=1, live_kernels=1, busy_offer_ids={8})}
+    with pytest.raises(NoMatch):
+        choose_offer([shared], full, SessionRequest(), 10**9, 60)

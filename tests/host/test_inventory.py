@@ -176,3 +176,20 @@ def test_fake_nvml_telemetry() -> None:
             "power_w": None,  # not supported on this GPU: reported as unknown, not 0
         },
     ]
+
+
+def test_shared_gpus_are_offered_as_shared(tmp_path) -> None:
+    from jupyter_gpu_share.host.agent import HostAgent
+
+    for share in (False, True):
+        agent = HostAgent(
+            broker_url="http://127.0.0.1:9",
+            token="t",
+            sandbox="none",
+            share_gpus=share,
+            nvml_module=FakeNVML(),
+            scratch_root=str(tmp_path),
+        )
+        agent.inventory = Inventory(None, FakeNVML())
+        offers = agent.offers()
+        assert offers and all(o.get("shared", False) is share for o in offers)
