@@ -199,6 +199,8 @@ def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         "relay_path": f"{API}/relay/{record.id}/user" if live else None,
         "class": record.class_name,
         "host_telemetry": _telemetry_of(broker, record) if live else None,
+        # When the broker will stop it (quota or credit), so the lab can save the notebook first.
+        "stops_at_us": broker.stops_at_us(record.id) if live else None,
     }
 
 

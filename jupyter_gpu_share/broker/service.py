@@ -674,6 +674,23 @@ class Broker:
         # Balances may change under us when several brokers share a store.
         self.refresh_balances()
 
+    def stops_at_us(self, session_id: str) -> int | None:
+        """When the broker will stop a running session (quota or credit), if nothing changes."""
+        live = self.sessions.get(session_id)
+        if live is None or live.ready_us is None:
+            return None
+        running = [s for s in self.sessions.values() if s.payer == live.payer and s.ready_us]
+        rate = sum(s.price_per_second_micro for s in running)
+        deadlines = [live.quota_stop_us()]
+        balance = self._balances.get(live.payer)
+        if balance is None:
+            balance = self._balances[live.payer] = self.store.balance(live.payer)
+        if rate > 0:
+            weighted = sum(s.ready_us * s.price_per_second_micro for s in running)  # type: ignore[operator]
+            deadlines.append((balance * 1_000_000 + weighted) // rate)
+        known = [d for d in deadlines if d is not None]
+        return min(known) if known else None
+
     def cost_so_far(self, session_id: str) -> int:
         """Cost of a live session up to now (0 for ended or not yet ready)."""
         live = self.sessions.get(session_id)

@@ -15,6 +15,8 @@ import {
   isRemoteKernelName
 } from './tokens';
 
+/** How long before a broker stop (quota or credit) the notebook is saved. */
+const SAVE_BEFORE_STOP_MS = 3000;
 /** Start-up phases of a remote kernel shown on its notebook. */
 export type Phase = 'none' | 'finding' | 'starting' | 'ready';
 
@@ -519,6 +521,7 @@ export class NotebookGPUs implements INotebookGPUs, IDisposable {
         { autoClose: 10000 }
       );
     }
+    this._saveBeforeBrokerStop(now);
     for (const gpu of this._gpus.values()) {
       const session = gpu.session;
       if (
@@ -545,6 +548,38 @@ export class NotebookGPUs implements INotebookGPUs, IDisposable {
             : `the daily cap of ${formatCredits(dailyCap)} credits`;
         void this._stopAtCap(gpu, session, which);
       }
+    }
+  }
+
+  /** Save a notebook a few seconds before the broker stops its kernel (quota or credit). */
+  private _saveBeforeBrokerStop(nowMs: number): void {
+    for (const gpu of this._gpus.values()) {
+      const session = gpu.session;
+      const stopsAt = session?.stops_at_us;
+      if (
+        !session ||
+        session.state !== 'running' ||
+        !stopsAt ||
+        this._savedBeforeStop.has(session.id) ||
+        nowMs < stopsAt / 1000 - SAVE_BEFORE_STOP_MS
+      ) {
+        continue;
+      }
+      this._savedBeforeStop.add(session.id);
+      const what = session.class ? `the ${session.class} quota` : 'your credit';
+      void (async () => {
+        try {
+          if (gpu.panel.context.model.dirty) {
+            await gpu.panel.context.save();
+          }
+          Notification.warning(
+            `Shared GPUs: ${what} runs out in a few seconds; ${gpu.panel.context.path} was saved.`,
+            { autoClose: 10000 }
+          );
+        } catch (error) {
+          console.warn('gpu-share: saving before the stop failed', error);
+        }
+      })();
     }
   }
 
@@ -580,6 +615,7 @@ export class NotebookGPUs implements INotebookGPUs, IDisposable {
   private _gpus = new Map<NotebookPanel, NotebookGPU>();
   private _warned = new Set<string>();
   private _stopping = new Set<string>();
+  private _savedBeforeStop = new Set<string>();
   private _timer: number;
   private _isDisposed = false;
   private _changed = new Signal<INotebookGPUs, void>(this);

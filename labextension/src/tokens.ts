@@ -87,6 +87,8 @@ export namespace GPUShare {
     class?: string | null;
     /** The host's last heartbeat telemetry (the rented GPUs only) while live, else null. */
     host_telemetry?: ITelemetry | null;
+    /** When the broker will stop this session (quota or credit) if nothing changes. */
+    stops_at_us?: number | null;
   }
 
   /** A class the user teaches or is a student of (GET /classes). */
