@@ -339,8 +339,8 @@ class GatewayKernel:
                 self._probes.pop(msg_id, None)
 
     async def adopt(self, session_id: str, timeout: float = 10.0) -> None:
-        """Warm kernels are not available with a gateway."""
-        raise NotImplementedError("warm kernels are not available with a gateway backend")
+        """Refuse: a gateway kernel cannot be started before its renter (no warm pools)."""
+        raise KernelStartError("warm kernels are not available with a gateway backend")
 
     async def wait(self) -> int | None:
         """Wait for the kernel to end; return its exit code (None when unknown)."""

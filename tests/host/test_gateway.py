@@ -25,6 +25,7 @@ from jupyter_gpu_share.host.gateway import (
     unpack_legacy_binary,
     unpack_v1,
 )
+from jupyter_gpu_share.host.kernels import KernelStartError
 
 from .fake_broker import FakeBroker
 from .test_agent import NoNVML, Renter, start_session
@@ -196,7 +197,7 @@ def test_gateway_refuses_bad_token(gateway: Gateway) -> None:
         )
         with pytest.raises(RuntimeError, match="HTTP 401"):
             await kernel.start()
-        with pytest.raises(NotImplementedError):
+        with pytest.raises(KernelStartError):
             await kernel.adopt("s2")
 
     asyncio.run(main())
