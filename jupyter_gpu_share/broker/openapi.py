@@ -69,6 +69,26 @@ _SCHEMAS: dict[str, Any] = {
             "gpu_model": {"type": "string"},
             "min_gpu_memory_mib": {"type": "integer", "minimum": 0},
             "max_price_per_hour_micro": {"type": "integer", "minimum": 0},
+            "min_reliability": {"type": "number", "minimum": 0, "maximum": 1},
+            "class": {"type": "string", "description": "run on this class's pool, charged to it"},
+        },
+    },
+    "Class": {
+        "type": "object",
+        "required": ["name", "teacher", "your_role"],
+        "properties": {
+            "name": {"type": "string"},
+            "teacher": {"type": "string"},
+            "your_role": {"type": "string", "enum": ["teacher", "student", "admin"]},
+            "budget_micro": {"type": "integer"},
+            "quota_seconds": {"type": ["integer", "null"]},
+            "quota_micro": {"type": ["integer", "null"]},
+            "weekly_quota_seconds": {"type": ["integer", "null"]},
+            "gpu_model": {"type": ["string", "null"]},
+            "max_price_per_hour_micro": {"type": ["integer", "null"]},
+            "starts_at": {"type": ["string", "null"], "format": "date-time"},
+            "ends_at": {"type": ["string", "null"], "format": "date-time"},
+            "kernel_name": {"type": "string"},
         },
     },
     "Session": {
@@ -87,6 +107,11 @@ _SCHEMAS: dict[str, Any] = {
             "amount_micro": {"type": ["integer", "null"]},
             "cost_so_far_micro": {"type": "integer"},
             "relay_path": {"type": ["string", "null"]},
+            "class": {"type": ["string", "null"]},
+            "stops_at_us": {
+                "type": ["integer", "null"],
+                "description": "when the broker will stop it (quota or credit) if nothing changes",
+            },
         },
     },
 }
@@ -96,6 +121,15 @@ def openapi_document() -> dict[str, Any]:
     """Describe the broker's REST API."""
     name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
     sid_param = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    class_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    student_param = {
+        "name": "student",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    nb_param = {"name": "notebook", "in": "path", "required": True, "schema": {"type": "string"}}
+    ok = {"200": _json({"type": "object"}, "done"), **_ERRORS}
     return {
         "openapi": "3.1.0",
         "info": {"title": "jupyter-gpu-share broker", "version": __version__},
@@ -188,6 +222,92 @@ def openapi_document() -> dict[str, Any]:
                     "parameters": [sid_param],
                     "responses": {"200": _json(_ref("Session"), "ended and settled"), **_ERRORS},
                 },
+            },
+            "/gpu-share/api/earnings": {
+                "get": {"summary": "A host's earnings per session and day (host)", "responses": ok}
+            },
+            "/gpu-share/api/classes": {
+                "get": {
+                    "summary": "Your classes (as teacher or student)",
+                    "responses": {
+                        "200": _json({"type": "array", "items": _ref("Class")}, "classes"),
+                        **_ERRORS,
+                    },
+                },
+                "post": {
+                    "summary": "Create a class (teacher, admin)",
+                    "responses": {
+                        "201": _json(_ref("Class"), "created"),
+                        "409": _json(_ref("Error"), "exists"),
+                        **_ERRORS,
+                    },
+                },
+            },
+            "/gpu-share/api/classes/{name}": {
+                "get": {
+                    "summary": "One class (members)",
+                    "parameters": [class_param],
+                    "responses": {"200": _json(_ref("Class"), "class"), **_ERRORS},
+                }
+            },
+            "/gpu-share/api/classes/{name}/budget": {
+                "post": {
+                    "summary": "Add to the budget (admin grant; teacher transfer)",
+                    "parameters": [class_param],
+                    "responses": ok,
+                }
+            },
+            "/gpu-share/api/classes/{name}/students": {
+                "get": {
+                    "summary": "The roster (teacher)",
+                    "parameters": [class_param],
+                    "responses": ok,
+                },
+                "post": {
+                    "summary": "Enrol students; tokens of new accounts",
+                    "parameters": [class_param],
+                    "responses": ok,
+                },
+            },
+            "/gpu-share/api/classes/{name}/students/{student}": {
+                "delete": {
+                    "summary": "Take a student off the roster",
+                    "parameters": [class_param, student_param],
+                    "responses": ok,
+                }
+            },
+            "/gpu-share/api/classes/{name}/students/{student}/stop": {
+                "post": {
+                    "summary": "Stop a student's running kernel",
+                    "parameters": [class_param, student_param],
+                    "responses": ok,
+                }
+            },
+            "/gpu-share/api/classes/{name}/notebooks": {
+                "get": {
+                    "summary": "The class notebooks",
+                    "parameters": [class_param],
+                    "responses": ok,
+                }
+            },
+            "/gpu-share/api/classes/{name}/notebooks/{notebook}": {
+                "get": {
+                    "summary": "One notebook, set to open on the class kernel",
+                    "parameters": [class_param, nb_param],
+                    "responses": ok,
+                },
+                "put": {
+                    "summary": "Publish a starter notebook (teacher)",
+                    "parameters": [class_param, nb_param],
+                    "responses": ok,
+                },
+            },
+            "/gpu-share/api/classes/{name}/usage": {
+                "get": {
+                    "summary": "Use per student (a student sees their own row)",
+                    "parameters": [class_param],
+                    "responses": ok,
+                }
             },
         },
     }
