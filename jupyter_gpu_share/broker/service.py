@@ -137,6 +137,21 @@ class LiveSession:
     quota: Quota | None = None
     used_before: Used | None = None
 
+    @classmethod
+    def from_record(cls, record: Any) -> LiveSession:
+        """The live view of a stored session."""
+        return cls(
+            id=record.id,
+            renter=record.renter,
+            payer=record.payer,
+            host=record.host,
+            offer_id=record.offer_id,
+            price_per_second_micro=record.price_per_second_micro,
+            created_us=record.created_us,
+            ready_us=record.ready_us,
+            class_name=record.class_name,
+        )
+
     def quota_stop_us(self) -> int | None:
         """When this class session reaches the student's quota (None: not a class, not ready)."""
         if self.quota is None or self.used_before is None or self.ready_us is None:
@@ -205,17 +220,7 @@ class Broker:
     def start(self) -> None:
         """Load unfinished sessions from the store and start the background loops."""
         for record in self.store.list_sessions(states=LIVE_STATES):
-            self.sessions[record.id] = LiveSession(
-                id=record.id,
-                renter=record.renter,
-                payer=record.payer,
-                host=record.host,
-                offer_id=record.offer_id,
-                price_per_second_micro=record.price_per_second_micro,
-                created_us=record.created_us,
-                ready_us=record.ready_us,
-                class_name=record.class_name,
-            )
+            self.sessions[record.id] = LiveSession.from_record(record)
             if record.class_name is not None:
                 self._attach_quota(self.sessions[record.id], exclude_running=True)
         if self.sessions:
@@ -265,9 +270,6 @@ class Broker:
             )
             for o in hello.get("offers", [])
         ]
-        for spec in specs:
-            if spec.price_per_second_micro < 0 or spec.gpu_count < 0 or spec.gpu_memory_mib < 0:
-                raise ValueError("offer fields must not be negative")
         offers = self.store.replace_offers(name, specs)
         benchmarks: dict[int, dict[str, Any]] = {}
         shared: set[int] = set()
@@ -452,16 +454,7 @@ class Broker:
         self, renter: str, payer: str, offer: OfferView, balance: int, class_name: str | None = None
     ) -> Any:
         record = self.store.create_session(renter, payer, offer.id, now_us(), class_name=class_name)
-        live = self.sessions[record.id] = LiveSession(
-            id=record.id,
-            renter=renter,
-            payer=payer,
-            host=offer.host,
-            offer_id=offer.id,
-            price_per_second_micro=record.price_per_second_micro,
-            created_us=record.created_us,
-            class_name=class_name,
-        )
+        live = self.sessions[record.id] = LiveSession.from_record(record)
         if class_name is not None:
             self._attach_quota(live, exclude_running=False)
         self._balances[payer] = balance
@@ -532,7 +525,9 @@ class Broker:
         line = self.lines.setdefault(class_name, WaitingLine())
         loads = self.host_loads()
         free = [
-            o for o in self.online_offers() if offer_fits(o, class_request) and _is_free(o, loads)
+            o
+            for o in self.online_offers()
+            if offer_fits(o, class_request) and offer_is_free(o, loads.get(o.host))
         ]
         place = line.peek(student, now)
         ahead = (place - 1) if place is not None else len(line)
@@ -626,16 +621,8 @@ class Broker:
             if live.ready_us is not None:
                 by_payer.setdefault(live.payer, []).append(live)
         for payer, running in by_payer.items():
-            balance = self._balances.get(payer)
-            if balance is None:
-                balance = self._balances[payer] = self.store.balance(payer)
-            rate = sum(s.price_per_second_micro for s in running)
-            if rate <= 0:
-                continue
-            # The instant at which the exact (unrounded) running cost reaches the balance.
-            weighted_start = sum(s.ready_us * s.price_per_second_micro for s in running)  # type: ignore[operator]
-            exhausted_us = (balance * 1_000_000 + weighted_start) // rate
-            if exhausted_us > now:
+            exhausted_us = credit_runs_out_us(self._balance(payer), running)
+            if exhausted_us is None or exhausted_us > now:
                 continue
             for live in running:
                 self.end_session(live.id, END_CREDIT, ended_us=min(now, exhausted_us))
@@ -643,6 +630,13 @@ class Broker:
             stop_at = live.quota_stop_us()
             if stop_at is not None and stop_at <= now:
                 self.end_session(live.id, END_QUOTA, ended_us=stop_at)
+
+    def _balance(self, payer: str) -> int:
+        """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
+        balance = self._balances.get(payer)
+        if balance is None:
+            balance = self._balances[payer] = self.store.balance(payer)
+        return balance
 
     def refresh_balances(self) -> None:
         """Forget cached balances so the next budget check reads the store."""
@@ -680,14 +674,7 @@ class Broker:
         if live is None or live.ready_us is None:
             return None
         running = [s for s in self.sessions.values() if s.payer == live.payer and s.ready_us]
-        rate = sum(s.price_per_second_micro for s in running)
-        deadlines = [live.quota_stop_us()]
-        balance = self._balances.get(live.payer)
-        if balance is None:
-            balance = self._balances[live.payer] = self.store.balance(live.payer)
-        if rate > 0:
-            weighted = sum(s.ready_us * s.price_per_second_micro for s in running)  # type: ignore[operator]
-            deadlines.append((balance * 1_000_000 + weighted) // rate)
+        deadlines = [live.quota_stop_us(), credit_runs_out_us(self._balance(live.payer), running)]
         known = [d for d in deadlines if d is not None]
         return min(known) if known else None
 
@@ -701,8 +688,13 @@ class Broker:
         return self.store.get_session(session_id)
 
 
-def _is_free(offer: OfferView, loads: dict[str, HostLoad]) -> bool:
-    return offer_is_free(offer, loads.get(offer.host))
+def credit_runs_out_us(balance_micro: int, running: list[LiveSession]) -> int | None:
+    """The instant the payer's running sessions' exact (unrounded) cost reaches its balance."""
+    rate = sum(s.price_per_second_micro for s in running)
+    if rate <= 0:
+        return None
+    weighted_start = sum((s.ready_us or 0) * s.price_per_second_micro for s in running)
+    return (balance_micro * 1_000_000 + weighted_start) // rate
 
 
 def _offer_view(offer: Any) -> OfferView:
