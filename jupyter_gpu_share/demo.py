@@ -105,7 +105,13 @@ def lab_answers(port: int, token: str) -> bool:
 
 
 def stop_all(processes: list[subprocess.Popen]) -> None:  # type: ignore[type-arg]
-    """SIGTERM every process, then SIGKILL what is left after 10 s."""
+    """SIGTERM every process, then SIGKILL what is left after 10 s.
+
+    A second Ctrl-C (or a terminal's SIGINT to the whole group) must not cut the clean-up
+    short and leave a traceback, so signals are ignored while it runs.
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     for process in reversed(processes):
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -68,6 +69,10 @@ KNOWN_MODELS: list[tuple[str, str, float, float]] = [
     (r"\bV100", "V100", 70.0, 125.0),
     (r"\bT4\b", "T4", 20.0, 65.0),
 ]
+
+
+class SelfTestInterrupted(RuntimeError):
+    """The self-test process was stopped by a signal (Ctrl-C, the agent stopping)."""
 
 
 def expected_range(model_name: str) -> dict[str, Any] | None:
@@ -600,6 +605,9 @@ class SelfTestRunner:
                 done = await self.measure()
             except asyncio.CancelledError:
                 raise
+            except SelfTestInterrupted as interrupted:
+                self.log.info("%s; measuring again later", interrupted)
+                done = False
             except Exception:
                 if self.yielded:
                     self.log.info("self-test stopped for a renter; measuring again later")
@@ -686,6 +694,9 @@ class SelfTestRunner:
         finally:
             code = self.process.returncode
             self.process = None
+        if code is not None and -code in (signal.SIGINT, signal.SIGTERM):
+            # A Ctrl-C or a stop reached the whole process group: not a failure of the GPU.
+            raise SelfTestInterrupted(f"self-test interrupted by signal {-code}")
         if code != 0:
             tail = err.decode("utf-8", "replace").strip().splitlines()[-3:]
             raise RuntimeError(f"self-test exited with code {code}: {' | '.join(tail)}")
