@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import struct
+from typing import ClassVar
 
 import pytest
 from tornado import httpclient, web
@@ -18,7 +19,7 @@ LIMIT = 64 * 1024 * 1024
 
 
 class Echo(fastws.BatchedWebSocketHandler):
-    closes: list[tuple[int | None, str | None]] = []
+    closes: ClassVar[list[tuple[int | None, str | None]]] = []
 
     @property
     def max_message_size(self) -> int:

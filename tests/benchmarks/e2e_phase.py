@@ -93,7 +93,9 @@ class E2EPhase:
         for name, cfgdir in (("stock", stock_cfg), ("nodelay", nodelay_cfg)):
             env = clean_env(JUPYTER_CONFIG_DIR=str(cfgdir))
             _, kg_urls[name] = procs.spawn_kernel_gateway(cluster, f"kg-{name}", env)
-        self.host_proc = cluster.start_host("bench-host", "3.6", "--max-kernels=32")
+        self.host_proc = cluster.start_host(
+            "bench-host", "3.6", "--max-kernels=32", "--share-gpus", "--no-selftest"
+        )
         procs.wait_server(self.user_url, self.user_tok)
         for name, cfgdir in (("stock", stock_cfg), ("nodelay", nodelay_cfg)):
             procs.wait_server(kg_urls[name], None, "/api")
@@ -395,7 +397,12 @@ class E2EPhase:
         if warm_supported:
             log("first execute from a warm pool")
             proc = self.cluster.start_host(
-                "bench-warm", "1.8", "--max-kernels=8", "--warm-kernels=1"
+                "bench-warm",
+                "1.8",
+                "--max-kernels=8",
+                "--warm-kernels=1",
+                "--share-gpus",
+                "--no-selftest",
             )
             await asyncio.sleep(cfg["warm_fill_seconds"])
             for i in range(cfg["cold_rounds"]):

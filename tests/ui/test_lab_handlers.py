@@ -18,7 +18,9 @@ pytestmark = [pytest.mark.e2e]
 def call(url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(
-        f"{url}/gpu-share/user/{path}", data=data, method=method,
+        f"{url}/gpu-share/user/{path}",
+        data=data,
+        method=method,
         headers={"Authorization": f"token {token}"},
     )
     try:
@@ -34,12 +36,19 @@ def test_preference_and_kernel_lookup(tmp_path: Path) -> None:
     cluster = Cluster(tmp_path / "c")
     try:
         url, token = cluster.start_user_server(cluster.account("ada", "user", 1_000_000))
-        status, answer = call(url, token, "POST", "preference",
-                              {"path": "a.ipynb", "offer_id": 3, "gpu_model": "T4"})
+        status, answer = call(
+            url, token, "POST", "preference", {"path": "a.ipynb", "offer_id": 3, "gpu_model": "T4"}
+        )
         assert status == 200, answer
         assert answer == {"path": "a.ipynb", "offer_id": 3, "gpu_model": "T4"}
-        for bad in ({"offer_id": -1}, {"offer_id": "3"}, {"offer_id": True}, [1],
-                    {"offer_id": 1, "gpu_model": 5}, {"offer_id": 1, "path": 7}):
+        for bad in (
+            {"offer_id": -1},
+            {"offer_id": "3"},
+            {"offer_id": True},
+            [1],
+            {"offer_id": 1, "gpu_model": 5},
+            {"offer_id": 1, "path": 7},
+        ):
             status, answer = call(url, token, "POST", "preference", bad)
             assert status == 400, (bad, answer)
             assert set(answer) >= {"message", "reason"}
@@ -67,9 +76,14 @@ def _start_culling_server(cluster: Cluster, token: str) -> tuple[str, str]:
     cluster.spawn(
         "user-server-cull",
         [
-            sys.executable, "-m", "jupyter_server", f"--port={port}",
-            "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0",
-            f"--IdentityProvider.token={server_token}", f"--ServerApp.root_dir={root}",
+            sys.executable,
+            "-m",
+            "jupyter_server",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            "--ServerApp.port_retries=0",
+            f"--IdentityProvider.token={server_token}",
+            f"--ServerApp.root_dir={root}",
             "--ServerApp.open_browser=False",
             "--MappingKernelManager.cull_idle_timeout=2",
             "--MappingKernelManager.cull_interval=1",
@@ -94,7 +108,9 @@ def api(url: str, token: str, method: str, path: str, body: Any = None) -> tuple
     """Call jupyter_server's own REST API (``/api/...``)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
-        f"{url}/api/{path}", data=data, method=method,
+        f"{url}/api/{path}",
+        data=data,
+        method=method,
         headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
     )
     try:
@@ -135,6 +151,7 @@ def test_culled_kernel_is_remembered(tmp_path: Path) -> None:
         assert answer["remote"] is True, answer
         session = answer["session"]
         assert session and session["host_id"] == "host-a", answer
+
         # The session ends with the kernel; the answer carries its final bill.
         def ended() -> bool:
             _, again = call(url, token, "GET", f"kernels/{kernel_id}")

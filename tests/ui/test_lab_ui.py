@@ -53,9 +53,7 @@ def _ensure_playwright() -> Path:
     return runner
 
 
-def _start_lab(
-    cluster: Cluster, user_token: str, workdir: Path, *extra: str
-) -> tuple[str, str]:
+def _start_lab(cluster: Cluster, user_token: str, workdir: Path, *extra: str) -> tuple[str, str]:
     port = free_port()
     token = secrets.token_hex(16)
     root = workdir / "notebooks"
@@ -73,9 +71,19 @@ def _start_lab(
     )
     cluster.spawn(
         "lab",
-        [sys.executable, "-m", "jupyterlab", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-         "--ServerApp.port_retries=0", "--no-browser", f"--IdentityProvider.token={token}",
-         f"--ServerApp.root_dir={root}", *ROOT_FLAG, *extra],
+        [
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            "--ServerApp.port_retries=0",
+            "--no-browser",
+            f"--IdentityProvider.token={token}",
+            f"--ServerApp.root_dir={root}",
+            *ROOT_FLAG,
+            *extra,
+        ],
         env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -96,7 +104,8 @@ def test_marketplace_meter_stop_bill_filter_host_lost(tmp_path: Path) -> None:
     listing = _jupyter("labextension", "list")
     assert "jupyter-gpu-share" in listing.stdout + listing.stderr, (
         "the lab extension is not installed: pip install -e . (it builds labextension/)\n"
-        + listing.stdout + listing.stderr
+        + listing.stdout
+        + listing.stderr
     )
     runner = _ensure_playwright()
     (tmp_path / "cluster").mkdir()
@@ -120,8 +129,13 @@ def test_marketplace_meter_stop_bill_filter_host_lost(tmp_path: Path) -> None:
             "CHROMIUM": CHROMIUM,
         }
         result = subprocess.run(
-            [str(runner), "test"], cwd=UI_TESTS, env=env, capture_output=True, text=True,
-            timeout=600, check=False,
+            [str(runner), "test"],
+            cwd=UI_TESTS,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         output = result.stdout + result.stderr
         assert result.returncode == 0, f"the UI tests failed:\n{output}"
@@ -150,7 +164,9 @@ def test_culled_banner(tmp_path: Path) -> None:
         user_token = cluster.account("ada", "user", 50_000_000)
         cluster.start_host("host-idle", "3.6")
         lab_url, lab_token = _start_lab(
-            cluster, user_token, tmp_path,
+            cluster,
+            user_token,
+            tmp_path,
             "--MappingKernelManager.cull_idle_timeout=6",
             "--MappingKernelManager.cull_interval=1",
             "--MappingKernelManager.cull_connected=True",
@@ -165,8 +181,13 @@ def test_culled_banner(tmp_path: Path) -> None:
         for name in ("LAB_URL", "STUDENT_LAB_URL", "TEACHER_LAB_URL"):
             env.pop(name, None)
         result = subprocess.run(
-            [str(runner), "test", "culled.spec.ts"], cwd=UI_TESTS, env=env,
-            capture_output=True, text=True, timeout=600, check=False,
+            [str(runner), "test", "culled.spec.ts"],
+            cwd=UI_TESTS,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         output = result.stdout + result.stderr
         assert result.returncode == 0, f"the UI test failed:\n{output}"

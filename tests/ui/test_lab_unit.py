@@ -23,8 +23,13 @@ def test_labextension_unit_tests() -> None:
     if not (LABEXTENSION / "node_modules" / ".bin" / "vitest").exists():
         subprocess.run([jlpm, "install"], cwd=LABEXTENSION, env=env, check=True)
     result = subprocess.run(
-        [jlpm, "test"], cwd=LABEXTENSION, env=env, capture_output=True, text=True,
-        timeout=300, check=False,
+        [jlpm, "test"],
+        cwd=LABEXTENSION,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -41,7 +46,12 @@ def test_labextension_lint() -> None:
     if not (LABEXTENSION / "node_modules" / ".bin" / "eslint").exists():
         subprocess.run([jlpm, "install"], cwd=LABEXTENSION, env=env, check=True)
     result = subprocess.run(
-        [jlpm, "lint:check"], cwd=LABEXTENSION, env=env, capture_output=True, text=True,
-        timeout=300, check=False,
+        [jlpm, "lint:check"],
+        cwd=LABEXTENSION,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
