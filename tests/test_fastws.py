@@ -1,11 +1,16 @@
-"""The batched websocket frame reader against real sockets on loopback."""
+"""Our websocket server ends against real sockets on loopback: the batched tornado reader,
+and the asyncio protocol the broker hands its connections to after the upgrade (plain and,
+falling back to tornado, over TLS)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
 from typing import ClassVar
 
 import pytest
@@ -35,26 +40,71 @@ class Echo(fastws.BatchedWebSocketHandler):
         Echo.closes.append((self.close_code, self.close_reason))
 
 
-async def serve() -> tuple[HTTPServer, int]:
+class ProtocolEcho(fastws.ProtocolWebSocketHandler):
+    """The same echo, served by a ServerEnd after the upgrade; batches echo in one write."""
+
+    closes: ClassVar[list[tuple[int | None, str | None]]] = []
+    batches: ClassVar[list[int]] = []
+
+    @property
+    def max_message_size(self) -> int:
+        return LIMIT
+
+    def on_messages(self, messages: list[tuple[int, bytes]]) -> None:
+        ProtocolEcho.batches.append(len(messages))
+        if (fastws.OP_TEXT, b"close please") in messages:
+            self.close(4002, "credit exhausted")
+            return
+        self.send_many(messages)
+
+    def on_message(self, message: str | bytes) -> None:  # over TLS only
+        if isinstance(message, str):
+            self.on_messages([(fastws.OP_TEXT, message.encode())])
+        else:
+            self.on_messages([(fastws.OP_BINARY, message)])
+
+    def on_close(self) -> None:
+        ProtocolEcho.closes.append((self.close_code, self.close_reason))
+
+
+HANDLERS = pytest.mark.parametrize("handler", [Echo, ProtocolEcho], ids=["batched", "protocol"])
+
+
+async def serve(
+    handler: type = Echo, ssl_options: ssl.SSLContext | None = None
+) -> tuple[HTTPServer, int]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
     sock.setblocking(False)
-    server = HTTPServer(web.Application([(r"/ws", Echo)]))
+    server = HTTPServer(web.Application([(r"/ws", handler)]), ssl_options=ssl_options)
     server.add_sockets([sock])
     return server, sock.getsockname()[1]
 
 
-async def client(port: int):
-    request = httpclient.HTTPRequest(f"ws://127.0.0.1:{port}/ws")
+async def client(port: int, scheme: str = "ws", end: bool = False, **kwargs):
+    request = httpclient.HTTPRequest(f"{scheme}://127.0.0.1:{port}/ws", **kwargs)
+    if end:
+        return await fastws.connect_end(request, LIMIT)
     return await fastws.connect(request, LIMIT)
 
 
-def test_bursts_big_messages_and_close_codes():
+async def send(ws, message: str | bytes) -> None:
+    written = ws.write_message(message, binary=isinstance(message, bytes))
+    if written is not None:  # tornado always; a ClientEnd only while its buffer drains
+        await written
+
+
+@HANDLERS
+@pytest.mark.parametrize("client_end", [False, True], ids=["tornado-client", "client-end"])
+def test_bursts_big_messages_and_close_codes(handler, client_end):
     async def run() -> None:
-        server, port = await serve()
-        ws = await client(port)
-        assert isinstance(ws.protocol, fastws.BatchedWebSocketProtocol)
+        server, port = await serve(handler)
+        ws = await client(port, end=client_end)
+        if client_end:
+            assert isinstance(ws, fastws.ClientEnd)
+        else:
+            assert isinstance(ws.protocol, fastws.BatchedWebSocketProtocol)
         # A burst of small frames arrives whole and in order (many per read).
         messages = [os.urandom(n % 300 + 1) for n in range(2000)]
         for message in messages:
@@ -70,16 +120,18 @@ def test_bursts_big_messages_and_close_codes():
             os.urandom(65535),
             os.urandom(65536),
         ):
-            await ws.write_message(message, binary=isinstance(message, bytes))
+            await send(ws, message)
             assert await ws.read_message() == message
         # One 50 MB message arrives whole, both ways.
         big = os.urandom(50 * 1024 * 1024)
-        await ws.write_message(big, binary=True)
+        await send(ws, big)
         assert await ws.read_message() == big
         # The server's close code and reason reach the client.
-        await ws.write_message("close please")
+        await send(ws, "close please")
         assert await ws.read_message() is None
         assert (ws.close_code, ws.close_reason) == (4002, "credit exhausted")
+        await asyncio.sleep(0.1)
+        assert handler.closes[-1][0] == 4002
         server.stop()
 
     asyncio.run(run())
@@ -99,9 +151,10 @@ def _frame(opcode: int, payload: bytes, final: bool = True) -> bytes:
     return head + mask + masked
 
 
-def test_fragments_pings_and_oversize_from_a_raw_client():
+@HANDLERS
+def test_fragments_pings_and_oversize_from_a_raw_client(handler):
     async def run() -> None:
-        server, port = await serve()
+        server, port = await serve(handler)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
             b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -132,13 +185,113 @@ def test_fragments_pings_and_oversize_from_a_raw_client():
     asyncio.run(run())
 
 
-def test_a_closed_connection_refuses_writes():
+@HANDLERS
+@pytest.mark.parametrize("client_end", [False, True], ids=["tornado-client", "client-end"])
+def test_a_closed_connection_refuses_writes(handler, client_end):
     async def run() -> None:
-        server, port = await serve()
-        ws = await client(port)
+        server, port = await serve(handler)
+        ws = await client(port, end=client_end)
         ws.close()
         with pytest.raises(WebSocketClosedError):
-            await ws.write_message(b"x", binary=True)
+            await send(ws, b"x")
+        server.stop()
+
+    asyncio.run(run())
+
+
+def test_the_protocol_end_echoes_a_burst_in_few_writes_and_sees_the_client_close():
+    async def run() -> None:
+        ProtocolEcho.batches.clear()
+        server, port = await serve(ProtocolEcho)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert b"101" in await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.05)  # the socket has been handed over
+        writer.write(b"".join(_frame(0x2, bytes([i])) for i in range(200)))
+        echoed = await reader.readexactly(200 * 3)
+        assert echoed == b"".join(b"\x82\x01" + bytes([i]) for i in range(200))
+        assert sum(ProtocolEcho.batches) == 200 and len(ProtocolEcho.batches) < 200
+        # A client's close frame is answered with the same code, and on_close sees it.
+        writer.write(_frame(0x8, struct.pack("!H", 1001) + b"bye"))
+        assert await reader.readexactly(4) == b"\x88\x02" + struct.pack("!H", 1001)
+        assert await reader.read() == b""  # then the server closes the connection
+        await asyncio.sleep(0.05)
+        assert ProtocolEcho.closes[-1] == (1001, "bye")
+        writer.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
+def test_a_slow_reader_pauses_its_peer_instead_of_growing_the_buffer():
+    ends: list[fastws.ServerEnd] = []
+    paused: list[bool] = []
+
+    class Slow(ProtocolEcho):
+        def on_taken_over(self) -> None:
+            ends.append(self.end)
+
+        def on_pause(self, end: fastws.ServerEnd, is_paused: bool) -> None:
+            paused.append(is_paused)
+
+    async def run() -> None:
+        server, port = await serve(Slow)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        assert b"101" in await reader.readuntil(b"\r\n\r\n")
+        while not ends:
+            await asyncio.sleep(0.01)
+        end = ends[0]
+        chunk = os.urandom(1024 * 1024)
+        # The client reads nothing: the socket buffers fill, then the end's write buffer.
+        sent = 0
+        while not paused and sent < 256:
+            end.send(fastws.OP_BINARY, chunk)
+            sent += 1
+            await asyncio.sleep(0)
+        assert paused == [True]
+        received = 0
+        while paused[-1] is True:
+            received += len(await reader.read(1024 * 1024))
+        assert paused[-1] is False and received > 0
+        writer.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
+def test_over_tls_tornado_keeps_the_connection(tmp_path):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def run() -> None:
+        server, port = await serve(ProtocolEcho, context)
+        plain = await client(port, "wss", validate_cert=False)
+        await plain.write_message(b"tornado client", binary=True)
+        assert await plain.read_message() == b"tornado client"
+        # connect_end keeps tornado's connection over TLS.
+        ws = await client(port, "wss", end=True, validate_cert=False)
+        assert not isinstance(ws, fastws.ClientEnd)
+        for message in (b"one", "two", os.urandom(3 * 1024 * 1024)):
+            await ws.write_message(message, binary=isinstance(message, bytes))
+            assert await ws.read_message() == message
+        await ws.write_message("close please")
+        assert await ws.read_message() is None
+        assert ws.close_code == 4002
         server.stop()
 
     asyncio.run(run())

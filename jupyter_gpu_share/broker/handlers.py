@@ -11,7 +11,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
-from ..fastws import BatchedWebSocketHandler
+from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd
 from ..ledger import earnings_by_day, price_per_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser
@@ -407,7 +407,7 @@ class EarningsHandler(BrokerAPIHandler):
         )
 
 
-class BrokerWebSocket(BatchedWebSocketHandler, JupyterHandler):
+class BrokerWebSocket(ProtocolWebSocketHandler, JupyterHandler):
     """An authenticated websocket with large messages and Nagle off."""
 
     auth_resource = AUTH_RESOURCE
@@ -503,14 +503,24 @@ class RelayHandler(BrokerWebSocket):
         self.side, self.session_id = side, session_id
         await super().get(session_id, side)
 
-    def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        super().open()
+    def on_taken_over(self) -> None:
         self.pair = self.broker.relays.pair(self.session_id)
         self.pair.attach(self.side, self)
 
-    def on_message(self, message: str | bytes) -> None:
-        if not self.pair.forward(self.side, message, isinstance(message, bytes)):
+    def on_messages(self, messages: list[tuple[int, bytes]]) -> None:
+        if not self.pair.forward(self.side, messages):
             self.close(CLOSE_BUFFER_FULL, "the other side is away and the relay buffer is full")
+
+    def on_message(self, message: str | bytes) -> None:  # over TLS, tornado reads the frames
+        if isinstance(message, str):
+            self.on_messages([(OP_TEXT, message.encode("utf-8"))])
+        else:
+            self.on_messages([(OP_BINARY, message)])
+
+    def on_pause(self, end: ServerEnd, paused: bool) -> None:
+        pair = getattr(self, "pair", None)
+        if pair is not None:
+            pair.backlogged(self.side, paused)
 
     def on_close(self) -> None:
         pair = getattr(self, "pair", None)

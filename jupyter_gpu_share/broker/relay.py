@@ -7,7 +7,6 @@ unchanged, to the other. Until both sides are present, messages wait in a bounde
 from __future__ import annotations
 
 import logging
-from collections import deque
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -25,10 +24,15 @@ CLOSE_BUFFER_FULL = 4006
 CLOSE_QUOTA_REACHED = 4007
 
 
+Message = tuple[int, bytes]  # (websocket opcode: 1 text, 2 binary; payload)
+
+
 class RelayEnd(Protocol):
     """The part of a websocket handler the relay uses."""
 
-    def write_message(self, message: bytes | str, binary: bool = False) -> object: ...
+    def send_many(self, messages: list[Message]) -> None: ...
+
+    def pause_reading(self, paused: bool) -> None: ...
 
     def close(self, code: int | None = None, reason: str | None = None) -> None: ...
 
@@ -40,7 +44,7 @@ class RelayPair:
         self.session_id = session_id
         self.max_buffer_bytes = max_buffer_bytes
         self.ends: dict[str, RelayEnd | None] = {USER: None, HOST: None}
-        self._waiting: dict[str, deque[tuple[bytes | str, bool]]] = {USER: deque(), HOST: deque()}
+        self._waiting: dict[str, list[Message]] = {USER: [], HOST: []}
         self._waiting_bytes = {USER: 0, HOST: 0}
         self.messages = 0
 
@@ -51,30 +55,37 @@ class RelayPair:
         if previous is not None and previous is not end:
             previous.close(CLOSE_REPLACED, "replaced by a new connection")
         waiting = self._waiting[side]
-        while waiting:
-            message, binary = waiting.popleft()
-            end.write_message(message, binary=binary)
+        if waiting:
+            self._waiting[side] = []
+            end.send_many(waiting)
         self._waiting_bytes[side] = 0
 
     def detach(self, side: str, end: RelayEnd) -> None:
         """Forget a side whose connection closed (it may reconnect)."""
         if self.ends[side] is end:
             self.ends[side] = None
+            self.backlogged(side, False)  # nothing waits for this side's buffer any more
 
-    def forward(self, from_side: str, message: bytes | str, binary: bool) -> bool:
-        """Copy one message to the other side; False when the buffer for an absent side is full."""
-        self.messages += 1
+    def forward(self, from_side: str, messages: list[Message]) -> bool:
+        """Copy messages to the other side; False when the buffer for an absent side is full."""
+        self.messages += len(messages)
         to_side = OTHER_SIDE[from_side]
         peer = self.ends[to_side]
         if peer is not None:
-            peer.write_message(message, binary=binary)
+            peer.send_many(messages)
             return True
-        size = len(message)
-        if self._waiting_bytes[to_side] + size > self.max_buffer_bytes:
+        size = self._waiting_bytes[to_side] + sum(len(payload) for _, payload in messages)
+        if size > self.max_buffer_bytes:
             return False
-        self._waiting[to_side].append((message, binary))
-        self._waiting_bytes[to_side] += size
+        self._waiting[to_side].extend(messages)
+        self._waiting_bytes[to_side] = size
         return True
+
+    def backlogged(self, side: str, full: bool) -> None:
+        """``side``'s outgoing buffer is full (or drained): hold (or resume) the other side."""
+        other = self.ends[OTHER_SIDE[side]]
+        if other is not None:
+            other.pause_reading(full)
 
     def close(self, code: int, reason: str) -> None:
         """Close both sides with a code the bridge understands."""
@@ -83,7 +94,7 @@ class RelayPair:
                 end.close(code, reason)
             self.ends[side] = None
         for side in self._waiting:
-            self._waiting[side].clear()
+            self._waiting[side] = []
             self._waiting_bytes[side] = 0
 
 

@@ -87,10 +87,11 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _write(conn: WebSocketClientConnection, message: str | bytes, binary: bool = False) -> None:
+def _write(conn: fastws.RelayConnection, message: str | bytes, binary: bool = False) -> None:
     """Queue one websocket message in order; raise WebSocketClosedError if closed."""
     future = conn.write_message(message, binary=binary)
-    future.add_done_callback(_consume)
+    if future is not None:  # a ClientEnd returns a future only while its buffer drains
+        future.add_done_callback(_consume)
 
 
 def _error_message(err: HTTPClientError) -> str:
@@ -117,7 +118,7 @@ class HostSession:
         self.relay_path = relay_path
         self.state = "starting"  # -> "ready" -> "ended"
         self.kernel: RemoteKernel | GatewayKernel | None = None
-        self.relay: WebSocketClientConnection | None = None
+        self.relay: fastws.RelayConnection | None = None
         self.key: str | None = None
         self.warm_key: str | None = None
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -198,11 +199,11 @@ class HostSession:
 
     # -- relay --------------------------------------------------------------------------
 
-    async def _connect_relay(self) -> WebSocketClientConnection:
+    async def _connect_relay(self) -> fastws.RelayConnection:
         attempt = 0
         while True:
             try:
-                return await self.agent.connect_websocket(self.relay_path)
+                return await self.agent.connect_websocket(self.relay_path, relay=True)
             except HTTPClientError as err:
                 if err.code in _FATAL_RELAY_CODES:
                     raise RuntimeError(
@@ -718,14 +719,22 @@ class HostAgent(LoggingConfigurable):
             prefix = ""
         return urlunsplit((scheme, parts.netloc, prefix + path, "", ""))
 
-    async def connect_websocket(self, path: str) -> WebSocketClientConnection:
-        """Open a websocket to the broker with the host token and TCP_NODELAY."""
+    async def connect_websocket(self, path: str, relay: bool = False) -> Any:
+        """Open a websocket to the broker with the host token and TCP_NODELAY.
+
+        A relay (kernel traffic) is served by a :class:`fastws.ClientEnd` after the
+        handshake; the control channel stays on tornado's connection.
+        """
         request = HTTPRequest(
             self.websocket_url(path),
             headers={"Authorization": f"Bearer {self.token}"},
             connect_timeout=10,
             request_timeout=30,
         )
+        if relay:
+            return await fastws.connect_end(
+                request, self.max_message_size, ping_interval=self.ping_interval or None
+            )
         conn = await fastws.connect(
             request,
             self.max_message_size,

@@ -42,6 +42,13 @@ MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 WAIT_FOR_WRITES_ABOVE = 1024 * 1024
 
 
+async def _written(future: Any) -> None:
+    """Wait for a write where the connection says to (tornado always, a ClientEnd only
+    while its buffer drains)."""
+    if future is not None:
+        await future
+
+
 def _consume(future: asyncio.Future[Any]) -> None:
     """Retrieve a write's outcome (a closed relay is handled by the reader)."""
     if not future.cancelled():
@@ -120,7 +127,7 @@ class KernelBridge:
         self.ports: dict[str, int] = {}
         self.sockets: dict[int, zmq.asyncio.Socket] = {}
         self.hb: zmq.asyncio.Socket | None = None
-        self.ws: websocket.WebSocketClientConnection | None = None
+        self.ws: fastws.RelayConnection | None = None
         self.session_id: str | None = None
         self.ready = asyncio.Event()
         self.ended = asyncio.Event()
@@ -190,6 +197,8 @@ class KernelBridge:
                 written = ws.write_message(data, binary=True)
             except websocket.WebSocketClosedError:
                 continue
+            if written is None:
+                continue  # written at once (a ClientEnd under its buffer limit)
             if len(data) >= WAIT_FOR_WRITES_ABOVE:
                 # Back-pressure for big outputs; small ones are not worth a wait each.
                 with contextlib.suppress(websocket.WebSocketClosedError):
@@ -221,7 +230,7 @@ class KernelBridge:
         self.ws = await self._connect_relay()
         self._relay_task = asyncio.ensure_future(self._pump_from_relay())
 
-    async def _connect_relay(self) -> websocket.WebSocketClientConnection:
+    async def _connect_relay(self) -> fastws.RelayConnection:
         url, token, hello = self._relay
         request = httpclient.HTTPRequest(
             url,
@@ -229,13 +238,12 @@ class KernelBridge:
             connect_timeout=20,
             request_timeout=60,
         )
-        ws = await fastws.connect(request, MAX_MESSAGE_SIZE)
-        ws.protocol.set_nodelay(True)  # type: ignore[union-attr]
+        ws = await fastws.connect_end(request, MAX_MESSAGE_SIZE)
         # The host ignores a repeated hello with the same key (after a reconnect).
-        await ws.write_message(hello)
+        await _written(ws.write_message(hello))
         return ws
 
-    async def _reconnect(self) -> websocket.WebSocketClientConnection | None:
+    async def _reconnect(self) -> fastws.RelayConnection | None:
         """Reconnect after the broker went away (not after it ended the session)."""
         delay, deadline = 0.25, asyncio.get_running_loop().time() + self.reconnect_timeout
         while asyncio.get_running_loop().time() < deadline:
@@ -334,7 +342,7 @@ class KernelBridge:
         """Send a small JSON record (a signal) to the host over the relay."""
         if self.ws is not None and not self.ended.is_set():
             with contextlib.suppress(websocket.WebSocketClosedError):
-                await self.ws.write_message(json.dumps(record))
+                await _written(self.ws.write_message(json.dumps(record)))
 
     async def detach(self) -> None:
         """Drop the remote session but keep the local ports (a restart attaches a new one)."""

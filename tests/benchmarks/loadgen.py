@@ -58,10 +58,15 @@ def log(message: str) -> None:
     print(f"[loadgen {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_split(pid: int) -> tuple[float, float]:
+    """A process's CPU seconds so far: (in user space, in the kernel)."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_split(pid))
 
 
 def rss_mib(pid: int) -> float:
@@ -567,9 +572,10 @@ async def heartbeat_mode(args: argparse.Namespace) -> dict[str, Any]:
         while len([n for n in os.listdir(args.barrier) if n.startswith("ready-")]) < args.procs:
             await asyncio.sleep(0.1)
     await asyncio.sleep(interval + 2)  # every host has beaten at least once: steady state
-    sent0, cpu0, wall0 = sent, cpu_seconds(args.broker_pid), time.perf_counter()
+    sent0, split0, wall0 = sent, cpu_split(args.broker_pid), time.perf_counter()
     await asyncio.sleep(args.window)
-    sent1, cpu1, wall1 = sent, cpu_seconds(args.broker_pid), time.perf_counter()
+    sent1, split1, wall1 = sent, cpu_split(args.broker_pid), time.perf_counter()
+    cpu0, cpu1 = sum(split0), sum(split1)
     alive = sum(1 for c in conns if not c.closed)
     if args.profile_out and measuring:
         log("profiling the broker under the same load")
@@ -607,6 +613,7 @@ async def heartbeat_mode(args: argparse.Namespace) -> dict[str, Any]:
         "window_s": round(wall1 - wall0, 2),
         "heartbeats_in_window": sent1 - sent0,
         "broker_cpu_s": round(cpu1 - cpu0, 3),
+        "broker_kernel_cpu_s": round(split1[1] - split0[1], 3),
         "core_fraction": round((cpu1 - cpu0) / (wall1 - wall0), 4),
         "idle_core_fraction": None if idle_fraction is None else round(idle_fraction, 4),
         "broker_rss_mib": round(rss_mib(args.broker_pid), 1),

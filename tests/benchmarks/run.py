@@ -412,7 +412,8 @@ def details_text(details: dict[str, Any]) -> str:
             f"{hb['connect_s']} s, {hb['heartbeats_in_window']} heartbeats in {hb['window_s']} s"
             f" ({hb['heartbeat_rate_achieved']:.0%} of nominal; websocket pings every "
             f"{hb['ping_interval_s']} s), broker "
-            f"{hb['broker_cpu_s']} CPU s = {hb['core_fraction']} core, "
+            f"{hb['broker_cpu_s']} CPU s ({hb.get('broker_kernel_cpu_s')} s in the kernel) = "
+            f"{hb['core_fraction']} core, "
             f"RSS {hb['broker_rss_mib']} MiB"
         )
         if hb.get("broker_profile", {}).get("samples"):
