@@ -64,8 +64,12 @@ def _set_pragmas(engine: Engine, busy_timeout_ms: int) -> None:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
-            # Checkpoint less often: settlements rewrite the same balance pages, so a longer
-            # WAL folds many writes of a page into one copy back.
+            # NORMAL: a commit does not fsync; WAL data reaches the disk at checkpoints. That
+            # is durable across application crashes (what we promise); a power loss can undo
+            # the last commits. A Store checkpoints from a background thread (checkpoint.py);
+            # this autocheckpoint is the backstop, seldom with much left to copy. Its size:
+            # settlements rewrite the same balance pages, so a longer WAL folds many writes of
+            # a page into one copy back.
             cursor.execute("PRAGMA wal_autocheckpoint = 20000")
         finally:
             cursor.close()

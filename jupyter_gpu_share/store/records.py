@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 
 STARTING = "starting"
 RUNNING = "running"
@@ -34,8 +35,9 @@ def encode_gpu_indices(indices: tuple[int, ...]) -> str:
     return json.dumps(list(indices), separators=(",", ":"))
 
 
+@lru_cache(maxsize=1024)
 def decode_gpu_indices(text: str) -> tuple[int, ...]:
-    """Return the GPU indices stored as JSON text."""
+    """Return the GPU indices stored as JSON text (a few distinct texts, so cached)."""
     return tuple(json.loads(text))
 
 

@@ -3,7 +3,9 @@
 Every method is one database transaction and returns frozen records, never ORM objects.
 Writers on SQLite begin ``IMMEDIATE`` (see ``engine.py``); on PostgreSQL a session being
 settled is locked ``FOR UPDATE`` and account balances are updated in account-id order, so
-several broker replicas can share one database.
+several broker replicas can share one database. On SQLite, settlements and ledger postings
+run the same Core statements, compiled once, straight on the DBAPI cursor (``direct.py``),
+and a background thread checkpoints the WAL of a file database (``checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import weakref
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
+    Dialect,
     bindparam,
     func,
     insert,
@@ -39,7 +43,9 @@ from jupyter_gpu_share.ledger import Entry, billed_seconds, can_start, credit_en
 from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entries
 
 from . import models
+from .checkpoint import WalCheckpointer
 from .classes import ClassStore
+from .direct import DirectCursor, Prepared
 from .engine import make_engines
 from .hosts import HostStore
 from .records import (
@@ -151,7 +157,11 @@ _INSERT_SETTLEMENT = insert(transactions).values(
     memo=bindparam("memo"),
 )
 _INSERT_SETTLEMENTS = _INSERT_SETTLEMENT.returning(transactions.c.id, transactions.c.session_id)
-_INSERT_ENTRIES = insert(entries)
+_INSERT_ENTRIES = insert(entries).values(
+    transaction_id=bindparam("transaction_id"),
+    account_id=bindparam("account_id"),
+    amount_micro=bindparam("amount_micro"),
+)
 _ADD_TO_BALANCE = (
     update(accounts)
     .where(accounts.c.id == bindparam("target_id"))
@@ -166,6 +176,106 @@ _CHECKPOINT = (
     )
     .values(last_seen_us=bindparam("seen_us"))
 )
+
+
+class _CoreLedger:
+    """Runs the settlement and posting statements through ``Connection.execute``.
+
+    Used on PostgreSQL, where every statement is a round trip, so a batch of sessions
+    shares each statement, and session rows are locked FOR UPDATE in id order.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def __enter__(self) -> _CoreLedger:
+        return self
+
+    def __exit__(self, *_exc_info: object) -> None:
+        pass
+
+    def lock_sessions(self, session_ids: list[str]) -> list[Any]:
+        """Return the rows of the sessions (with party names), locked for the transaction."""
+        if len(session_ids) == 1:
+            return self._connection.execute(
+                _SELECT_SESSION_FOR_SETTLEMENT, {"session_id": session_ids[0]}
+            ).all()
+        return self._connection.execute(
+            _SELECT_SESSIONS_FOR_SETTLEMENT, {"session_ids": session_ids}
+        ).all()
+
+    def end_sessions(self, updates: list[dict[str, Any]]) -> None:
+        """Mark sessions ended with their bills."""
+        self._connection.execute(_END_SESSION, updates)
+
+    def insert_settlements(self, rows: list[dict[str, Any]]) -> dict[str, int]:
+        """Insert settlement transactions and return their ids by session id."""
+        if len(rows) == 1:
+            result = self._connection.execute(_INSERT_SETTLEMENT, rows[0])
+            return {rows[0]["session_id"]: result.inserted_primary_key[0]}
+        return {
+            row.session_id: row.id for row in self._connection.execute(_INSERT_SETTLEMENTS, rows)
+        }
+
+    def post(self, entry_rows: list[dict[str, int]], balance_rows: list[dict[str, int]]) -> None:
+        """Insert ledger entries and add deltas to cached balances."""
+        self._connection.execute(_INSERT_ENTRIES, entry_rows)
+        self._connection.execute(_ADD_TO_BALANCE, balance_rows)
+
+
+class _SQLiteStatements:
+    """The settlement and posting statements compiled for a SQLite writer's dialect."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.select_session = Prepared(_SELECT_SESSION_FOR_SETTLEMENT, dialect)
+        self.end_session = Prepared(_END_SESSION, dialect)
+        self.insert_settlement = Prepared(_INSERT_SETTLEMENT, dialect)
+        self.insert_entry = Prepared(_INSERT_ENTRIES, dialect)
+        self.add_to_balance = Prepared(_ADD_TO_BALANCE, dialect)
+
+
+class _SQLiteLedger:
+    """Runs the same statements as ``_CoreLedger`` on the SQLite writer's DBAPI cursor.
+
+    See ``direct.py``: a settlement takes ~0.25 ms instead of ~0.5 ms. SQLite is in-process,
+    so one statement per session costs no round trip, and the writer's BEGIN IMMEDIATE
+    already holds the database's only write lock, so rows need no FOR UPDATE.
+    """
+
+    def __init__(self, connection: Connection, statements: _SQLiteStatements) -> None:
+        self._cursor = DirectCursor(connection)
+        self._sql = statements
+
+    def __enter__(self) -> _SQLiteLedger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._cursor.__exit__(*exc_info)
+
+    def lock_sessions(self, session_ids: list[str]) -> list[Any]:
+        """Return the rows of the sessions (with party names)."""
+        return [
+            row
+            for session_id in session_ids
+            for row in self._cursor.rows(self._sql.select_session, {"session_id": session_id})
+        ]
+
+    def end_sessions(self, updates: list[dict[str, Any]]) -> None:
+        """Mark sessions ended with their bills."""
+        self._cursor.executemany(self._sql.end_session, updates)
+
+    def insert_settlements(self, rows: list[dict[str, Any]]) -> dict[str, int]:
+        """Insert settlement transactions and return their ids by session id."""
+        return {
+            row["session_id"]: self._cursor.execute(self._sql.insert_settlement, row)
+            for row in rows
+        }
+
+    def post(self, entry_rows: list[dict[str, int]], balance_rows: list[dict[str, int]]) -> None:
+        """Insert ledger entries and add deltas to cached balances."""
+        self._cursor.executemany(self._sql.insert_entry, entry_rows)
+        self._cursor.executemany(self._sql.add_to_balance, balance_rows)
 
 
 def migrations_config(url: str) -> Config:
@@ -226,9 +336,58 @@ def _session(row: Any) -> SessionRecord:
     )
 
 
+def _ended_session(
+    row: Any, ended_us: int, end_reason: str, seconds: int, amount_micro: int
+) -> SessionRecord:
+    """Return the record of an open session's row as it is once ended with this bill."""
+    return SessionRecord(
+        id=row.id,
+        renter=row.renter_name,
+        payer=row.payer_name,
+        host=row.host_name,
+        offer_id=row.offer_id,
+        price_per_second_micro=row.price_per_second_micro,
+        gpu_indices=decode_gpu_indices(row.gpu_indices),
+        state=ENDED,
+        created_us=row.created_us,
+        ready_us=row.ready_us,
+        last_seen_us=row.last_seen_us,
+        ended_us=ended_us,
+        end_reason=end_reason,
+        billed_seconds=seconds,
+        amount_micro=amount_micro,
+        class_name=row.class_name,
+    )
+
+
 def _check_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{name} must be an integer, not {value!r}")
+
+
+def _post_entries(
+    ledger: _CoreLedger | _SQLiteLedger,
+    postings: list[tuple[int, list[Entry], Mapping[str, int]]],
+) -> None:
+    """Insert transactions' entries and add them to the cached balances."""
+    entry_rows = []
+    deltas: dict[int, int] = {}
+    for transaction_id, lines, account_ids in postings:
+        for line in lines:
+            account_id = account_ids[line.account]
+            entry_rows.append(
+                {
+                    "transaction_id": transaction_id,
+                    "account_id": account_id,
+                    "amount_micro": line.amount_micro,
+                }
+            )
+            deltas[account_id] = deltas.get(account_id, 0) + line.amount_micro
+    # Account-id order, so concurrent transactions lock rows in the same order.
+    ledger.post(
+        entry_rows,
+        [{"target_id": account_id, "delta": deltas[account_id]} for account_id in sorted(deltas)],
+    )
 
 
 class Store(ClassStore, HostStore):
@@ -240,10 +399,19 @@ class Store(ClassStore, HostStore):
         self._writer, self._reader = make_engines(url, echo=echo)
         # Accounts are never renamed or deleted, so name -> id can be cached for good.
         self._account_ids: dict[str, int] = {}
+        self._sqlite: _SQLiteStatements | None = None
+        self._checkpointer: WalCheckpointer | None = None
         try:
+            if self._writer.dialect.name == "sqlite":
+                self._sqlite = _SQLiteStatements(self._writer.dialect)
             self._prepare_schema(upgrade)
             for name in SYSTEM_ACCOUNTS:
                 self.ensure_account(name, "system")
+            if self._sqlite is not None and self._reader is not self._writer:
+                # A file database: WAL checkpoints (and their fsyncs) off the callers' path.
+                self._checkpointer = WalCheckpointer(self._reader)
+                self._checkpointer.start()
+                weakref.finalize(self, self._checkpointer.stop)
         except BaseException:
             self.close()
             raise
@@ -257,7 +425,9 @@ class Store(ClassStore, HostStore):
         self.close()
 
     def close(self) -> None:
-        """Close every pooled connection."""
+        """Stop the WAL checkpoints and close every pooled connection."""
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
         self._writer.dispose()
         self._reader.dispose()
 
@@ -439,34 +609,21 @@ class Store(ClassStore, HostStore):
             ).one()
         return _account(row)
 
+    def _ledger(self, connection: Connection) -> _CoreLedger | _SQLiteLedger:
+        """Return the runner of settlement and posting statements for a writer connection."""
+        statements = self._sqlite
+        if statements is not None and connection.dialect is statements.dialect:
+            return _SQLiteLedger(connection, statements)
+        return _CoreLedger(connection)
+
     def _post(
         self,
         connection: Connection,
         postings: list[tuple[int, list[Entry], Mapping[str, int]]],
     ) -> None:
         """Insert transactions' entries and add them to the cached balances."""
-        entry_rows = []
-        deltas: dict[int, int] = {}
-        for transaction_id, lines, account_ids in postings:
-            for line in lines:
-                account_id = account_ids[line.account]
-                entry_rows.append(
-                    {
-                        "transaction_id": transaction_id,
-                        "account_id": account_id,
-                        "amount_micro": line.amount_micro,
-                    }
-                )
-                deltas[account_id] = deltas.get(account_id, 0) + line.amount_micro
-        connection.execute(_INSERT_ENTRIES, entry_rows)
-        # Account-id order, so concurrent transactions lock rows in the same order.
-        connection.execute(
-            _ADD_TO_BALANCE,
-            [
-                {"target_id": account_id, "delta": deltas[account_id]}
-                for account_id in sorted(deltas)
-            ],
-        )
+        with self._ledger(connection) as ledger:
+            _post_entries(ledger, postings)
 
     # -- offers -----------------------------------------------------------------------
 
@@ -751,96 +908,64 @@ class Store(ClassStore, HostStore):
         fee_bps: int,
         fee_account: str,
     ) -> list[SessionRecord]:
-        session_ids = list(dict.fromkeys(session_id for session_id, _, _ in wanted))
-        if len(session_ids) == 1:
-            rows = connection.execute(
-                _SELECT_SESSION_FOR_SETTLEMENT, {"session_id": session_ids[0]}
-            ).all()
-        else:
-            rows = connection.execute(
-                _SELECT_SESSIONS_FOR_SETTLEMENT, {"session_ids": session_ids}
-            ).all()
-        rows_by_id = {row.id: row for row in rows}
-        results: dict[str, SessionRecord] = {}
-        session_updates = []
-        postings = []
-        for session_id, ended_us, end_reason in wanted:
-            if session_id in results:
-                continue
-            row = rows_by_id.get(session_id)
-            if row is None:
-                raise NotFound(f"no session with id {session_id!r}")
-            record = _session(row)
-            if record.state == ENDED:
-                results[session_id] = record
-                continue
-            seconds = (
-                billed_seconds(record.ready_us, ended_us) if record.ready_us is not None else 0
-            )
-            amount = seconds * record.price_per_second_micro
-            lines = make_settlement_entries(record.payer, record.host, fee_account, amount, fee_bps)
-            session_updates.append(
-                {
-                    "session_id": session_id,
-                    "ended_us": ended_us,
-                    "end_reason": end_reason,
-                    "billed": seconds,
-                    "amount": amount,
-                }
-            )
-            if lines:
-                account_ids = {
-                    record.payer: row.payer_account_id,
-                    record.host: row.host_account_id,
-                    fee_account: self._account_id(connection, fee_account),
-                }
-                postings.append((session_id, lines, account_ids))
-            results[session_id] = replace(
-                record,
-                state=ENDED,
-                ended_us=ended_us,
-                end_reason=end_reason,
-                billed_seconds=seconds,
-                amount_micro=amount,
-            )
-        if session_updates:
-            connection.execute(_END_SESSION, session_updates)
-        if postings:
-            created_us = clock.now_us()
-            if len(postings) == 1:
-                session_id = postings[0][0]
-                transaction_ids = {
-                    session_id: connection.execute(
-                        _INSERT_SETTLEMENT,
+        session_ids = sorted(set(session_id for session_id, _, _ in wanted))
+        with self._ledger(connection) as ledger:
+            rows_by_id = {row.id: row for row in ledger.lock_sessions(session_ids)}
+            results: dict[str, SessionRecord] = {}
+            session_updates = []
+            postings = []
+            for session_id, ended_us, end_reason in wanted:
+                if session_id in results:
+                    continue
+                row = rows_by_id.get(session_id)
+                if row is None:
+                    raise NotFound(f"no session with id {session_id!r}")
+                if row.state == ENDED:
+                    results[session_id] = _session(row)
+                    continue
+                seconds = billed_seconds(row.ready_us, ended_us) if row.ready_us is not None else 0
+                amount = seconds * row.price_per_second_micro
+                lines = make_settlement_entries(
+                    row.payer_name, row.host_name, fee_account, amount, fee_bps
+                )
+                session_updates.append(
+                    {
+                        "session_id": session_id,
+                        "ended_us": ended_us,
+                        "end_reason": end_reason,
+                        "billed": seconds,
+                        "amount": amount,
+                    }
+                )
+                if lines:
+                    account_ids = {
+                        row.payer_name: row.payer_account_id,
+                        row.host_name: row.host_account_id,
+                        fee_account: self._account_id(connection, fee_account),
+                    }
+                    postings.append((session_id, lines, account_ids))
+                results[session_id] = _ended_session(row, ended_us, end_reason, seconds, amount)
+            if session_updates:
+                ledger.end_sessions(session_updates)
+            if postings:
+                created_us = clock.now_us()
+                transaction_ids = ledger.insert_settlements(
+                    [
                         {
                             "session_id": session_id,
                             "created_us": created_us,
                             "memo": f"session {session_id}",
-                        },
-                    ).inserted_primary_key[0]
-                }
-            else:
-                transaction_ids = {
-                    row.session_id: row.id
-                    for row in connection.execute(
-                        _INSERT_SETTLEMENTS,
-                        [
-                            {
-                                "session_id": session_id,
-                                "created_us": created_us,
-                                "memo": f"session {session_id}",
-                            }
-                            for session_id, _, _ in postings
-                        ],
-                    )
-                }
-            self._post(
-                connection,
-                [
-                    (transaction_ids[session_id], lines, account_ids)
-                    for session_id, lines, account_ids in postings
-                ],
-            )
+                        }
+                        for session_id, _, _ in postings
+                    ]
+                )
+                _post_entries(
+                    ledger,
+                    [
+                        (transaction_ids[session_id], lines, account_ids)
+                        for session_id, lines, account_ids in postings
+                    ],
+                )
         return [results[session_id] for session_id, _, _ in wanted]
 
     # -- checks -----------------------------------------------------------------------
