@@ -11,7 +11,6 @@ closing, pings, control frames, callbacks) is tornado's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 import struct
@@ -247,30 +246,9 @@ class FrameEnd(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
-        if self.coalescer is not None:
-            self.coalescer.remove(self)
         if not self._closed:
             self._closed = True
             self._lost()
-
-    sock: socket.socket | None = None  # set by adopt(): the socket the transport serves
-    coalescer: ReadCoalescer | None = None
-
-    def read_ready(self) -> None:
-        """Read what has arrived, for a :class:`ReadCoalescer` (the transport is paused)."""
-        if self.sock is None or self.transport is None or self._closed:
-            return
-        try:
-            data = self.sock.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self.transport.abort()
-            return
-        if not data:
-            self.transport.close()
-            return
-        self.data_received(data)
 
     def _deliver(self, messages: list[tuple[int, bytes]]) -> None:
         raise NotImplementedError
@@ -405,87 +383,9 @@ class FrameEnd(asyncio.Protocol):
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
         self._write(self._frame_out(OP_CLOSE, close_payload(code, reason)))
-        if self.coalescer is None:
-            self.transport.resume_reading()  # to see the client's close frame
+        self.transport.resume_reading()  # to see the client's close frame
         loop = asyncio.get_running_loop()
         self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
-
-
-class ReadCoalescer:
-    """Reads many quiet connections in one pass, at most once per ``interval`` seconds.
-
-    Host control channels carry a heartbeat every few seconds each; woken for every one,
-    the broker spends most of its CPU on the event loop's per-wakeup work rather than on
-    the heartbeats. The connections' transports are paused and their sockets watched by
-    one epoll set instead, and read in passes at most ``interval`` apart: data arriving
-    after a quiet spell is read at once, data arriving sooner waits for the next pass with
-    whatever else came in meanwhile. So a few hosts see no delay, and thousands see at
-    most ``interval`` on control messages; writes still go through each transport.
-    """
-
-    def __init__(self, interval: float) -> None:
-        import select
-
-        self.interval = interval
-        self._select = select
-        self._epoll = select.epoll()
-        self._ends: dict[int, FrameEnd] = {}
-        self._watching = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_pass = float("-inf")
-        self.passes = 0  # read passes so far (for tests and benchmarks)
-
-    def add(self, end: FrameEnd) -> None:
-        if end.sock is None or end.transport is None:
-            return
-        end.transport.pause_reading()
-        fd = end.sock.fileno()
-        self._epoll.register(fd, self._select.EPOLLIN | self._select.EPOLLRDHUP)
-        self._ends[fd] = end
-        end.coalescer = self
-        self._watch()
-
-    def remove(self, end: FrameEnd) -> None:
-        for fd, known in list(self._ends.items()):
-            if known is end:
-                del self._ends[fd]
-                with contextlib.suppress(OSError, ValueError):
-                    self._epoll.unregister(fd)
-        end.coalescer = None
-
-    def _watch(self) -> None:
-        if not self._watching and self._timer is None:
-            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._woken)
-            self._watching = True
-
-    def _woken(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._epoll.fileno())
-        self._watching = False
-        wait = self._last_pass + self.interval - loop.time()
-        if wait <= 0:
-            self._read_all()
-        else:
-            self._timer = loop.call_later(wait, self._read_all)
-
-    def _read_all(self) -> None:
-        self._timer = None
-        self._last_pass = asyncio.get_running_loop().time()
-        self.passes += 1
-        for fd, _events in self._epoll.poll(0):
-            end = self._ends.get(fd)
-            if end is not None:
-                end.read_ready()
-        if self._ends:
-            self._watch()
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._watching:
-            with contextlib.suppress(RuntimeError):
-                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
-        self._epoll.close()
 
 
 class ServerEnd(FrameEnd):
@@ -649,7 +549,6 @@ async def adopt(stream: Any, factory: Any) -> tuple[Any, bytes]:
     except BaseException:
         sock.close()
         raise
-    protocol.sock = sock
     return protocol, leftover
 
 
@@ -767,9 +666,6 @@ class ProtocolWebSocketHandler(WebSocketHandler):
         self.on_taken_over()
         if leftover:
             end.data_received(leftover)
-        coalescer = self.read_coalescer()
-        if coalescer is not None and self.end is not None:
-            coalescer.add(self.end)
 
     def _make_end(self) -> ServerEnd:
         return ServerEnd(self._messages, self._closed, self.max_message_size, self.on_pause)
@@ -783,10 +679,6 @@ class ProtocolWebSocketHandler(WebSocketHandler):
 
     def on_taken_over(self) -> None:
         """The connection is served by ``self.end``: messages can be written."""
-
-    def read_coalescer(self) -> ReadCoalescer | None:
-        """A coalescer to read this connection with others (None: read as data arrives)."""
-        return None
 
     def on_pause(self, end: ServerEnd, paused: bool) -> None:
         """This client's outgoing buffer is full (``paused``) or drained again."""

@@ -270,10 +270,8 @@ def test_a_slow_reader_pauses_its_peer_instead_of_growing_the_buffer():
 def test_over_tls_tornado_keeps_the_connection(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
-        ],
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
         check=True,
         capture_output=True,
     )
@@ -294,43 +292,6 @@ def test_over_tls_tornado_keeps_the_connection(tmp_path):
         await ws.write_message("close please")
         assert await ws.read_message() is None
         assert ws.close_code == 4002
-        server.stop()
-
-    asyncio.run(run())
-
-
-def test_a_read_coalescer_reads_many_quiet_connections_in_few_passes():
-    coalescer_box: list[fastws.ReadCoalescer] = []
-
-    class Coalesced(ProtocolEcho):
-        def read_coalescer(self) -> fastws.ReadCoalescer:
-            if not coalescer_box:
-                coalescer_box.append(fastws.ReadCoalescer(0.05))
-            return coalescer_box[0]
-
-    async def run() -> None:
-        ProtocolEcho.closes.clear()
-        server, port = await serve(Coalesced)
-        clients = [await client(port, end=True) for _ in range(20)]
-        await asyncio.sleep(0.1)
-        coalescer = coalescer_box[0]
-        before = coalescer.passes
-        for i, ws in enumerate(clients):
-            ws.write_message(f"beat {i}")
-        for i, ws in enumerate(clients):
-            assert await ws.read_message() == f"beat {i}"
-        assert 1 <= coalescer.passes - before <= 4  # not one wake-up per message
-        # Close frames and dropped connections are seen through the coalescer too.
-        clients[0].close(1000, "done")
-        clients[1].transport.abort()
-        for _ in range(50):
-            if len(ProtocolEcho.closes) >= 2:
-                break
-            await asyncio.sleep(0.02)
-        assert len(ProtocolEcho.closes) == 2 and (1000, "done") in ProtocolEcho.closes
-        assert len(coalescer._ends) == 18
-        for ws in clients[2:]:
-            ws.close()
         server.stop()
 
     asyncio.run(run())

@@ -9,7 +9,6 @@ from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Float, Int, Unicode, default, validate
 
-from ..fastws import ReadCoalescer
 from ..store import Store
 from .handlers import default_handlers
 from .service import Broker, BrokerSettings
@@ -118,14 +117,6 @@ class BrokerApp(ExtensionApp):
         config=True,
         help="Bytes the relay holds for one side of a session while the other side (re)connects.",
     )
-    control_read_interval = Float(
-        0.02,
-        config=True,
-        help="""Seconds the broker lets host control messages (heartbeats, kernel ready) gather
-        before reading them all in one pass; 0 reads each one as it arrives. With thousands
-        of hosts this keeps the broker's CPU per heartbeat low, for at most this much delay
-        on control messages (kernel traffic is never delayed).""",
-    )
     admin_token_file = Unicode(
         config=True,
         help=f"""Where the generated admin token is written (mode 0600) when {ADMIN_TOKEN_ENV}
@@ -166,11 +157,6 @@ class BrokerApp(ExtensionApp):
         self.settings.update(
             gpu_share_broker=self.broker,
             gpu_share_max_message_size=self.max_message_size,
-            gpu_share_control_coalescer=(
-                ReadCoalescer(self.control_read_interval)
-                if self.control_read_interval > 0
-                else None
-            ),
         )
 
     def _bootstrap_admin_token(self, store: Store) -> None:

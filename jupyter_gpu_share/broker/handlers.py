@@ -11,7 +11,7 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
 
-from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ReadCoalescer, ServerEnd
+from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd
 from ..ledger import earnings_by_day, price_per_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser
@@ -443,9 +443,6 @@ class HostControlHandler(BrokerWebSocket):
     """A host agent's outbound control channel."""
 
     host_name: str | None = None
-
-    def read_coalescer(self) -> ReadCoalescer | None:
-        return self.settings.get("gpu_share_control_coalescer")
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         account = self.authenticated_account()
