@@ -89,7 +89,7 @@ def test_budget_stops_the_kernel_when_credit_runs_out(make_cluster, monkeypatch)
 
     async def run() -> tuple[float, AsyncKernelManager]:
         km, ready_at = await start_remote_kernel()
-        running = cluster.session_of(token, "running")
+        running = eventually(lambda: cluster.session_of(token, "running"), 5, 0.02)
         # The broker says when it will stop the kernel, so the lab can save the notebook first.
         assert running["stops_at_us"] == running["started_us"] + 10_000_000
         deadline = time.monotonic() + 30

@@ -39,7 +39,8 @@ def test_host_earnings_reliability_and_telemetry(make_cluster, monkeypatch):
     async def rent(seconds: float) -> None:
         km = AsyncKernelManager(kernel_name="gpu-share")
         await km.start_kernel()
-        running = cluster.session_of(renter, "running")
+        # The broker hears "ready" on the host's control channel, the renter on the relay.
+        running = eventually(lambda: cluster.session_of(renter, "running"), 5, 0.02)
         assert running["host_telemetry"]["source"] == "cpu"
         await asyncio.sleep(seconds)
         await km.shutdown_kernel(now=True)

@@ -137,7 +137,7 @@ def test_torch_runs_on_the_rented_gpu_inside_the_sandbox(make_cluster, monkeypat
         async with client.async_setup_kernel():
             for index, cell in enumerate(nb.cells):
                 await client.async_execute_cell(cell, index)
-            session = cluster.session_of(token, "running")
+            session = eventually(lambda: cluster.session_of(token, "running"), 5, 0.02)
             session_telemetry.update(session["host_telemetry"] or {})
 
     import asyncio
