@@ -164,6 +164,7 @@ class HostSession:
             await self.agent.pause_idle()
             warm.owner = self
             self.kernel = warm.kernel
+            self.kernel.on_kernel_batch = self._from_kernel_batch
             await self.kernel.adopt(self.session_id)
             self.key = warm.key
             self.warm_key = warm.key
@@ -180,6 +181,8 @@ class HostSession:
                 self._from_kernel,
                 self._kernel_exited,
             )
+            if isinstance(self.kernel, RemoteKernel):
+                self.kernel.on_kernel_batch = self._from_kernel_batch
             await self.kernel.start()
         self.state = "ready"
         for data in self._inbox:
@@ -305,6 +308,21 @@ class HostSession:
 
     def _from_kernel(self, channel: int, frames: list[bytes]) -> None:
         self._to_relay(wire.encode(channel, frames), binary=True)
+
+    def _from_kernel_batch(self, channel: int, batch: list[list[Any]]) -> None:
+        """What the kernel sent on one channel since the last wake-up: one relay write."""
+        relay = self.relay
+        if len(batch) > 1 and isinstance(relay, fastws.ClientEnd) and not self._outbox:
+            try:
+                written = relay.write_many([wire.encode(channel, frames) for frames in batch])
+            except WebSocketClosedError:
+                pass
+            else:
+                if written is not None:
+                    written.add_done_callback(_consume)
+                return
+        for frames in batch:
+            self._from_kernel(channel, frames)
 
     def _to_relay(self, message: str | bytes, binary: bool = False) -> None:
         """Write to the relay in order; hold messages (bounded) while it reconnects."""

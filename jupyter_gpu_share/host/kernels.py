@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import zmq.asyncio
 from jupyter_client.connect import write_connection_file
 
 from .. import wire
+from ..zmqpump import SocketPump
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,6 @@ MessageCallback = Callable[[int, list[bytes]], None]
 ExitCallback = Callable[[int | None], None]
 
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-def _consume(future: asyncio.Future[Any]) -> None:
-    """Retrieve a send future's exception (a socket closed under it) so it is not logged."""
-    if not future.cancelled():
-        future.exception()
 
 
 class KernelStartError(RuntimeError):
@@ -141,7 +137,9 @@ class RemoteKernel:
         self._stopping = False
         self._exited = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
-        self._sockets: dict[int, zmq.asyncio.Socket] = {}
+        self._pumps: dict[int, SocketPump] = {}
+        # Set to take each wake-up's messages of one channel at once: (channel, [frames...]).
+        self.on_kernel_batch: Callable[[int, list[list[Any]]], None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._cleaned = False
 
@@ -254,7 +252,8 @@ class RemoteKernel:
             raise KernelStartError(f"the sandbox did not start{self._log_tail()}") from None
 
     def _connect_sockets(self, info: dict[str, Any]) -> None:
-        ctx = self._context = zmq.asyncio.Context()
+        self._context = zmq.asyncio.Context()
+        ctx = zmq.Context.shadow(self._context.underlying)  # plain sockets for the pumps
         ip = info["ip"]
         identity = b"gpu-share-" + secrets.token_hex(8).encode()
         plan = [
@@ -271,8 +270,7 @@ class RemoteKernel:
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
             sock.connect(f"tcp://{ip}:{port}")
-            self._sockets[channel] = sock
-            self._tasks.append(asyncio.ensure_future(self._pump(channel, sock)))
+            self._pumps[channel] = SocketPump(sock, functools.partial(self._received, channel))
 
     async def _wait_ready(self, info: dict[str, Any]) -> None:
         assert self._context is not None
@@ -336,19 +334,15 @@ class RemoteKernel:
             return ""
         return (": " + " | ".join(tail[-lines:])) if tail else ""
 
-    async def _pump(self, channel: int, sock: zmq.asyncio.Socket) -> None:
+    def _received(self, channel: int, batch: list[list[Any]]) -> None:
         """Forward everything the kernel emits on one socket, unchanged and in order."""
-        while True:
-            try:
-                frames = await sock.recv_multipart()
-            except (zmq.ZMQError, asyncio.CancelledError):
-                return
-            if channel == wire.IOPUB:
-                self._iopub_flowing.set()
-            try:
-                self.on_kernel_message(channel, frames)
-            except Exception:
-                self.log.exception("kernel message handler failed")
+        if channel == wire.IOPUB:
+            self._iopub_flowing.set()
+        if self.on_kernel_batch is not None:
+            self.on_kernel_batch(channel, batch)
+            return
+        for frames in batch:
+            self.on_kernel_message(channel, frames)
 
     async def _watch(self) -> None:
         assert self.process is not None
@@ -420,12 +414,11 @@ class RemoteKernel:
             channel = wire.CHANNELS[channel]
         if channel == wire.IOPUB:
             raise ValueError("nothing is sent to a kernel on iopub")
-        sock = self._sockets.get(channel)
-        if sock is None or sock.closed:
+        pump = self._pumps.get(channel)
+        if pump is None or pump.closed:
             raise RuntimeError("kernel channels are closed")
         # Zero-copy only pays for big messages; for small ones its bookkeeping costs more.
-        sent = sock.send_multipart(frames, copy=wire.total_size(frames) < wire.ZERO_COPY_ABOVE)
-        sent.add_done_callback(_consume)
+        pump.send(frames, copy=wire.total_size(frames) < wire.ZERO_COPY_ABOVE)
 
     # -- signals and stop ---------------------------------------------------------------
 
@@ -482,9 +475,9 @@ class RemoteKernel:
         for task in self._tasks:
             if task is not current:
                 task.cancel()
-        for sock in self._sockets.values():
-            sock.close(linger=0)
-        self._sockets.clear()
+        for pump in self._pumps.values():
+            pump.close(linger=0)
+        self._pumps.clear()
         if self._context is not None:
             self._context.term()
             self._context = None

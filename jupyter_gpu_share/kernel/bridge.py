@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import zmq.asyncio
 from tornado import httpclient, websocket
 
 from .. import fastws, wire
+from ..zmqpump import SocketPump
 
 log = logging.getLogger("jupyter_gpu_share.bridge")
 
@@ -125,8 +127,8 @@ class KernelBridge:
             self._ipc_dir = tempfile.mkdtemp(prefix="gpu-share-bridge-")
             self.ip = os.path.join(self._ipc_dir, "kernel")
         self.ports: dict[str, int] = {}
-        self.sockets: dict[int, zmq.asyncio.Socket] = {}
-        self.hb: zmq.asyncio.Socket | None = None
+        self.pumps: dict[int, SocketPump] = {}
+        self.hb: SocketPump | None = None
         self.ws: fastws.RelayConnection | None = None
         self.session_id: str | None = None
         self.ready = asyncio.Event()
@@ -143,7 +145,7 @@ class KernelBridge:
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
-    def _bind(self, sock: zmq.asyncio.Socket, number: int) -> int:
+    def _bind(self, sock: zmq.Socket, number: int) -> int:
         if self.transport == "ipc":
             # jupyter_client names ipc endpoints "<ip>-<port>".
             sock.bind(f"ipc://{self.ip}-{number}")
@@ -152,7 +154,7 @@ class KernelBridge:
 
     async def bind(self) -> dict[str, int]:
         """Bind the five kernel ports (loopback tcp or private ipc) and start the pumps."""
-        context = self.loop.context
+        context = zmq.Context.shadow(self.loop.context.underlying)
         kinds = {"shell": zmq.ROUTER, "iopub": zmq.PUB, "stdin": zmq.ROUTER, "control": zmq.ROUTER}
         for number, (name, kind) in enumerate(kinds.items(), start=1):
             sock = context.socket(kind)
@@ -160,59 +162,60 @@ class KernelBridge:
             if kind == zmq.ROUTER:
                 sock.router_handover = 1
             self.ports[f"{name}_port"] = self._bind(sock, number)
-            self.sockets[wire.CHANNELS[name]] = sock
+            channel = wire.CHANNELS[name]
+            receive = None if kind == zmq.PUB else functools.partial(self._to_relay, channel)
+            self.pumps[channel] = SocketPump(sock, receive)
         # A ROUTER, not a REP: a dead kernel's pings can go unanswered without wedging it.
-        self.hb = context.socket(zmq.ROUTER)
-        self.hb.linger = 0
-        self.ports["hb_port"] = self._bind(self.hb, len(kinds) + 1)
-        for channel in (wire.SHELL, wire.CONTROL, wire.STDIN):
-            self._tasks.append(asyncio.ensure_future(self._pump_to_relay(channel)))
-        self._tasks.append(asyncio.ensure_future(self._answer_heartbeats()))
+        hb = context.socket(zmq.ROUTER)
+        hb.linger = 0
+        self.ports["hb_port"] = self._bind(hb, len(kinds) + 1)
+        self.hb = SocketPump(hb, self._answer_heartbeats)
         return dict(self.ports)
 
     async def restore_endpoints(self) -> None:
         """Re-create ipc socket files (jupyter_client deletes them on every kernel cleanup)."""
         if self.transport != "ipc":
             return
-        for name, sock in [
-            *((n, self.sockets[wire.CHANNELS[n]]) for n in wire.CHANNELS),
+        for name, pump in [
+            *((n, self.pumps.get(wire.CHANNELS[n])) for n in wire.CHANNELS),
             ("hb", self.hb),
         ]:
-            if sock is None:
+            if pump is None:
                 continue
             endpoint = f"ipc://{self.ip}-{self.ports[f'{name}_port']}"
             if not os.path.exists(endpoint[len("ipc://") :]):
-                sock.unbind(endpoint)
-                sock.bind(endpoint)
+                pump.sock.unbind(endpoint)
+                pump.sock.bind(endpoint)
 
-    async def _pump_to_relay(self, channel: int) -> None:
-        sock = self.sockets[channel]
-        while True:
-            frames = await sock.recv_multipart(copy=True)
-            ws = self.ws
-            if ws is None or self.ended.is_set():
-                continue  # no kernel attached: the message has nowhere to go
-            data = wire.encode(channel, frames)
-            try:
-                written = ws.write_message(data, binary=True)
-            except websocket.WebSocketClosedError:
-                continue
-            if written is None:
-                continue  # written at once (a ClientEnd under its buffer limit)
-            if len(data) >= WAIT_FOR_WRITES_ABOVE:
-                # Back-pressure for big outputs; small ones are not worth a wait each.
-                with contextlib.suppress(websocket.WebSocketClosedError):
-                    await written
+    def _to_relay(self, channel: int, batch: list[list[Any]]) -> None:
+        """Copy what the user's server sent on one channel to the relay, in one write."""
+        ws = self.ws
+        if ws is None or self.ended.is_set():
+            return  # no kernel attached: the messages have nowhere to go
+        messages = [wire.encode(channel, frames) for frames in batch]
+        try:
+            if isinstance(ws, fastws.ClientEnd):
+                written = ws.write_many(messages)
             else:
-                written.add_done_callback(_consume)
+                for data in messages:
+                    written = ws.write_message(data, binary=True)
+        except websocket.WebSocketClosedError:
+            return
+        if written is None:
+            return  # written at once (a ClientEnd under its buffer limit)
+        if isinstance(ws, fastws.ClientEnd) or sum(map(len, messages)) >= WAIT_FOR_WRITES_ABOVE:
+            # Back-pressure: read no more from this channel until the relay has drained.
+            pump = self.pumps[channel]
+            pump.pause_reading(True)
+            written.add_done_callback(lambda future: (_consume(future), pump.pause_reading(False)))
+        else:
+            written.add_done_callback(_consume)
 
-    async def _answer_heartbeats(self) -> None:
-        assert self.hb is not None
-        while True:
-            ping = await self.hb.recv_multipart()
-            # Answer only while a live remote kernel is attached, so clients see a dead kernel.
-            if self.ws is not None and not self.ended.is_set():
-                await self.hb.send_multipart(ping)
+    def _answer_heartbeats(self, pings: list[list[Any]]) -> None:
+        # Answer only while a live remote kernel is attached, so clients see a dead kernel.
+        if self.ws is not None and not self.ended.is_set() and self.hb is not None:
+            for ping in pings:
+                self.hb.send(ping)
 
     async def attach(self, url: str, token: str, session_id: str, key: bytes, scheme: str) -> None:
         """Connect to a session's relay and hand the host the kernel's HMAC key."""
@@ -288,7 +291,9 @@ class KernelBridge:
                     continue
                 # Zero-copy only pays for big messages; for small ones it costs more.
                 copy = wire.total_size(frames) < wire.ZERO_COPY_ABOVE
-                await self.sockets[channel].send_multipart(frames, copy=copy)
+                pump = self.pumps.get(channel)
+                if pump is not None and not pump.closed:
+                    pump.send(frames, copy=copy)
             else:
                 self._on_control(json.loads(message))
 
@@ -365,9 +370,10 @@ class KernelBridge:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks = []
-        for sock in [*self.sockets.values(), self.hb]:
-            if sock is not None:
-                sock.close(linger=0)
-        self.sockets.clear()
+        for pump in [*self.pumps.values(), self.hb]:
+            if pump is not None:
+                pump.close(linger=0)
+        self.pumps.clear()
+        self.hb = None
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
