@@ -508,7 +508,7 @@ class ClientEnd(FrameEnd):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         message = self._queue.popleft()
-        self._queued_bytes -= len(message)
+        self._queued_bytes -= len(message) if isinstance(message, bytes) else len(message.encode())
         if self._reading_paused and self._queued_bytes < READ_QUEUE_BYTES // 2:
             self._reading_paused = False
             if self.transport is not None and not self._closed:

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 Frames = Sequence[Any]
 MAX_BATCH = 256
+WATCHDOG_SECONDS = 0.5
 
 
 class SocketPump:
@@ -49,6 +50,25 @@ class SocketPump:
         self._fd = sock.getsockopt(zmq.FD)
         self._loop.add_reader(self._fd, self._ready)
         self._schedule()  # anything that arrived before we watched
+        self.missed = 0  # times the watchdog found messages no wake-up had announced
+        self._watchdog = self._loop.call_later(WATCHDOG_SECONDS, self._watch)
+
+    def _watch(self) -> None:
+        """A slow safety net: ZMQ's descriptor reports edges, and one lost edge would
+        leave messages unread until the next one."""
+        if self.closed:
+            return
+        try:
+            events = self.sock.getsockopt(zmq.EVENTS)
+        except zmq.ZMQError:
+            return
+        if (events & zmq.POLLIN and self.on_messages is not None and not self.reading_paused) or (
+            self._out and events & zmq.POLLOUT
+        ):
+            self.missed += 1
+            log.warning("ZMQ socket had unannounced messages (%d so far)", self.missed)
+            self._schedule()
+        self._watchdog = self._loop.call_later(WATCHDOG_SECONDS, self._watch)
 
     def _schedule(self) -> None:
         if not self._scheduled and not self.closed:
@@ -131,5 +151,6 @@ class SocketPump:
         if self.closed:
             return
         self.closed = True
+        self._watchdog.cancel()
         self._loop.remove_reader(self._fd)
         self.sock.close(linger=linger)
