@@ -251,10 +251,10 @@ class FrameEnd(asyncio.Protocol):
             self._lost()
 
     def _deliver(self, messages: list[tuple[int, bytes]]) -> None:
-        raise NotImplementedError
+        """Take the messages of one read (ServerEnd: a callback; ClientEnd: a queue)."""
 
     def _lost(self) -> None:
-        raise NotImplementedError
+        """The connection is gone (after the close handshake, or dropped)."""
 
     def _frame_out(self, opcode: int, payload: bytes) -> bytes:
         return frame_header(opcode, len(payload)) + payload
