@@ -137,6 +137,17 @@ def test_bursts_big_messages_and_close_codes(handler, client_end):
     asyncio.run(run())
 
 
+async def raw_client(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A websocket client by hand: the upgrade, then whatever bytes a test writes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert b"101" in await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
 def _frame(opcode: int, payload: bytes, final: bool = True) -> bytes:
     mask = os.urandom(4)
     head = bytes([(0x80 if final else 0) | opcode])
@@ -155,12 +166,7 @@ def _frame(opcode: int, payload: bytes, final: bool = True) -> bytes:
 def test_fragments_pings_and_oversize_from_a_raw_client(handler):
     async def run() -> None:
         server, port = await serve(handler)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        assert b"101" in await reader.readuntil(b"\r\n\r\n")
+        reader, writer = await raw_client(port)
         # A fragmented binary message with a ping between the fragments, all in one write.
         writer.write(
             _frame(0x2, b"abc", final=False)
@@ -203,12 +209,7 @@ def test_the_protocol_end_echoes_a_burst_in_few_writes_and_sees_the_client_close
     async def run() -> None:
         ProtocolEcho.batches.clear()
         server, port = await serve(ProtocolEcho)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        assert b"101" in await reader.readuntil(b"\r\n\r\n")
+        reader, writer = await raw_client(port)
         await asyncio.sleep(0.05)  # the socket has been handed over
         writer.write(b"".join(_frame(0x2, bytes([i])) for i in range(200)))
         echoed = await reader.readexactly(200 * 3)
@@ -239,12 +240,7 @@ def test_a_slow_reader_pauses_its_peer_instead_of_growing_the_buffer():
 
     async def run() -> None:
         server, port = await serve(Slow)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        assert b"101" in await reader.readuntil(b"\r\n\r\n")
+        reader, writer = await raw_client(port)
         while not ends:
             await asyncio.sleep(0.01)
         end = ends[0]
@@ -270,8 +266,10 @@ def test_a_slow_reader_pauses_its_peer_instead_of_growing_the_buffer():
 def test_over_tls_tornado_keeps_the_connection(tmp_path):
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)),
+        ],
         check=True,
         capture_output=True,
     )

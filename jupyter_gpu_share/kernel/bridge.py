@@ -135,7 +135,6 @@ class KernelBridge:
         self.ended = asyncio.Event()
         self.end_reason: str | None = None
         self.exit_code: int | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
         self._relay_task: asyncio.Task[Any] | None = None
         self.on_status: Callable[[str], None] | None = None
         self.notices: list[str] = []
@@ -364,12 +363,6 @@ class KernelBridge:
     async def close(self) -> None:
         """Detach and close the local ports."""
         await self.detach()
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks = []
         for pump in [*self.pumps.values(), self.hb]:
             if pump is not None:
                 pump.close(linger=0)

@@ -340,23 +340,13 @@ def _ended_session(
     row: Any, ended_us: int, end_reason: str, seconds: int, amount_micro: int
 ) -> SessionRecord:
     """Return the record of an open session's row as it is once ended with this bill."""
-    return SessionRecord(
-        id=row.id,
-        renter=row.renter_name,
-        payer=row.payer_name,
-        host=row.host_name,
-        offer_id=row.offer_id,
-        price_per_second_micro=row.price_per_second_micro,
-        gpu_indices=decode_gpu_indices(row.gpu_indices),
+    return replace(
+        _session(row),
         state=ENDED,
-        created_us=row.created_us,
-        ready_us=row.ready_us,
-        last_seen_us=row.last_seen_us,
         ended_us=ended_us,
         end_reason=end_reason,
         billed_seconds=seconds,
         amount_micro=amount_micro,
-        class_name=row.class_name,
     )
 
 
