@@ -11,6 +11,7 @@ closing, pings, control frames, callbacks) is tornado's.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import struct
@@ -713,8 +714,6 @@ class ProtocolWebSocketHandler(WebSocketHandler):
         if self.end._close_sent:
             raise WebSocketClosedError()
         if isinstance(message, dict):
-            import json
-
             message = json.dumps(message)
         if isinstance(message, str):
             self.end.send(OP_BINARY if binary else OP_TEXT, message.encode("utf-8"))
