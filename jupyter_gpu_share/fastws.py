@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from tornado import httpclient, httputil
@@ -172,27 +173,136 @@ def connect(
 
 
 # ---------------------------------------------------------------------------------------
-# Server websockets as plain asyncio protocols, after tornado's upgrade.
+# Websockets as plain asyncio protocols, after tornado's upgrade.
 #
 # Even with batched reads, each message through a tornado IOStream costs a future, a
 # callback hop and a retried read; on the broker that is most of the CPU per relayed
 # message and per host heartbeat. After the handshake, the socket is handed to an asyncio
-# protocol: the event loop calls ``data_received`` with what arrived, every complete frame
-# in it is handled in that one call, and what goes out is written once per batch.
+# protocol: the event loop reads into our buffer, every complete frame in it is handled in
+# that one call, and what goes out is written once per batch.
+#
+# Large messages are never copied whole. Touching a fresh 20 MiB buffer costs more (page
+# faults) than copying into it, and the old path made five per relayed message. Now a
+# frame that has not fully arrived is read straight into a buffer of its own size (the
+# only large buffer on a receiving end), and a large message goes out in pieces of
+# ``CHUNK`` bytes, masked or unmasked piece by piece as the socket takes them, so the
+# broker forwards a host's 20 MiB output without building a second copy of it.
 
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 CLOSE_TIMEOUT = 5.0
-WRITE_HIGH_WATER = 4 * 1024 * 1024
+WRITE_HIGH_WATER = 4 * 1024 * 1024  # queued output above which the source is held
+READ_SIZE = 256 * 1024
+LARGE = 64 * 1024  # payloads from this size are read into their own buffer and written in pieces
+CHUNK = 256 * 1024  # a multiple of 4: every piece of a masked payload starts at mask phase 0
+UPFRONT = 32 * 1024 * 1024  # a larger frame's buffer grows as it arrives (a header costs nothing)
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+
+Buffer = bytes | bytearray | memoryview
 
 
-def frame_header(opcode: int, length: int) -> bytes:
-    """The header of one unmasked, final server frame."""
+class Masked:
+    """A large payload as a client sent it: still masked. The broker only forwards it, so
+    it is unmasked piece by piece on the way out instead of into a second buffer."""
+
+    __slots__ = ("data", "key")
+
+    def __init__(self, data: bytearray, key: bytes) -> None:
+        self.data = data
+        self.key = key
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def pieces(self) -> Iterator[bytes]:
+        view = memoryview(self.data)
+        for start in range(0, len(view), CHUNK):
+            yield _websocket_mask(self.key, bytes(view[start : start + CHUNK]))
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.pieces())
+
+
+Payload = Buffer | Masked | Sequence[Buffer]  # a sequence: parts, sent as one message
+
+
+def as_bytes(payload: Any) -> bytes:
+    """A received or queued payload as one bytes object."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, Masked):
+        return payload.tobytes()
+    if isinstance(payload, (list, tuple)):
+        return b"".join(payload)
+    return bytes(payload)
+
+
+def _nbytes(part: Any) -> int:
+    return part.nbytes if isinstance(part, memoryview) else len(part)
+
+
+def payload_length(payload: Any) -> int:
+    if isinstance(payload, (list, tuple)):
+        return sum(map(_nbytes, payload))
+    return _nbytes(payload)
+
+
+def _parts(payload: Any) -> Iterable[Any]:
+    if isinstance(payload, Masked):
+        return payload.pieces()
+    if isinstance(payload, (list, tuple)):
+        return payload
+    return (payload,)
+
+
+def _byte_view(part: Any) -> memoryview:
+    view = memoryview(part)
+    return view if view.itemsize == 1 and view.ndim == 1 else view.cast("B")
+
+
+def _frame_pieces(header: bytes, parts: Iterable[Any], key: bytes | None) -> Iterator[bytes]:
+    """One large frame as writes of ``CHUNK`` payload bytes: small parts joined, large
+    ones cut, each piece masked as it is made. Every piece but the last carries exactly
+    ``CHUNK`` payload bytes, so each starts at mask phase 0."""
+    prefix = header
+    group: list[Any] = []
+    room = CHUNK
+    for part in parts:
+        size = _nbytes(part)
+        offset = 0
+        if size > room:
+            view = _byte_view(part)
+            while size - offset >= room:
+                group.append(view[offset : offset + room])
+                offset += room
+                yield _piece(prefix, group, key)
+                prefix, group, room = b"", [], CHUNK
+            part = view[offset:]
+        if size > offset:
+            group.append(part)
+            room -= size - offset
+    if group:
+        yield _piece(prefix, group, key)
+
+
+def _piece(prefix: bytes, group: list[Any], key: bytes | None) -> bytes:
+    payload = b"".join(group)
+    if key is not None:
+        payload = _websocket_mask(key, payload)
+    return prefix + payload if prefix else payload
+
+
+def frame_header(opcode: int, length: int, mask: bytes | None = None) -> bytes:
+    """The header of one final frame (with its masking key, if any)."""
     first = 0x80 | opcode
+    masked = 0x80 if mask else 0
     if length < 126:
-        return bytes((first, length))
-    if length < 65536:
-        return struct.pack("!BBH", first, 126, length)
-    return struct.pack("!BBQ", first, 127, length)
+        header = bytes((first, masked | length))
+    elif length < 65536:
+        header = _HEAD16.pack(first, masked | 126, length)
+    else:
+        header = _HEAD64.pack(first, masked | 127, length)
+    return header + mask if mask else header
 
 
 def close_payload(code: int | None, reason: str | None) -> bytes:
@@ -201,12 +311,15 @@ def close_payload(code: int | None, reason: str | None) -> bytes:
     return struct.pack("!H", code) + (reason or "").encode("utf-8")[:123]
 
 
-class FrameEnd(asyncio.Protocol):
+class FrameEnd(asyncio.BufferedProtocol):
     """One end of a websocket after the handshake: frames in, messages out.
 
     Every complete message of one read goes to ``_deliver`` at once (opcode 1 text, 2
-    binary; fragments already joined); ``_lost`` runs once when the connection is gone.
-    Pings are answered here. Subclasses say whether incoming frames are masked.
+    binary; fragments already joined; a large payload as a ``bytearray``, or as
+    :class:`Masked` where it came masked); ``_lost`` runs once when the connection is
+    gone, and ``_backlog(True/False)`` when output queues beyond ``WRITE_HIGH_WATER`` and
+    when it has drained again. Pings are answered here. Subclasses say whether incoming
+    frames are masked, and outgoing ones are masked exactly when incoming ones are not.
     """
 
     MASKED_IN = True  # a server reads masked frames; a client reads unmasked ones
@@ -216,56 +329,106 @@ class FrameEnd(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.close_code: int | None = None
         self.close_reason: str | None = None
-        self._buffer = bytearray()
-        self._need = 0  # bytes the frame at the start of the buffer needs before parsing
-        self._fragments: bytearray | None = None
+        self._read = bytearray(READ_SIZE)
+        self._read_view = memoryview(self._read)
+        self._read_end = 0
+        self._large: bytearray | None = None  # the payload of a large frame still arriving
+        self._large_length = 0
+        self._large_filled = 0
+        self._large_frame: tuple[int, int, bytes | None] = (0, 0, None)  # first byte, op, key
+        self._fragments: list[Any] | None = None
         self._fragments_opcode = 0
+        self._fragments_bytes = 0
+        self._pending: deque[Any] = deque()  # pieces, or iterators of pieces, not yet written
+        self._pending_bytes = 0
+        self._socket_full = False
+        self._backlogged = False
+        self._close_when_sent = False
         self._close_sent = False
         self._closed = False
         self._close_timer: asyncio.TimerHandle | None = None
 
-    # asyncio.Protocol
+    # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # Our own queue holds what the socket cannot take; the transport buffers one piece.
+        self.transport.set_write_buffer_limits(high=CHUNK, low=0)
 
-    def data_received(self, data: bytes) -> None:
-        if self._buffer:
-            self._buffer += data
-            if len(self._buffer) < self._need:
-                return  # a large frame still arriving
-            data = bytes(self._buffer)
-            self._buffer.clear()
-        messages: list[tuple[int, bytes]] = []
-        used = self._parse(data, messages)
-        if used < len(data):
-            with memoryview(data) as view:
-                self._buffer += view[used:]
+    def get_buffer(self, sizehint: int) -> memoryview:
+        large = self._large
+        if large is not None:
+            if self._large_filled == len(large):  # a frame over UPFRONT bytes: grow it
+                large += bytes(min(len(large), self._large_length - len(large)))
+            return memoryview(large)[self._large_filled :]
+        return self._read_view[self._read_end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._heard()
+        messages: list[tuple[int, Any]] = []
+        if self._large is not None:
+            self._large_filled += nbytes
+            if self._large_filled < self._large_length:
+                return
+            self._finish_large(messages)
+        else:
+            self._read_end += nbytes
+            used = self._parse(messages)
+            left = self._read_end - used
+            if used and left:
+                self._read[:left] = self._read_view[used : self._read_end]
+            self._read_end = left
         if messages and not self._close_sent:
             self._deliver(messages)
+
+    def feed(self, data: bytes) -> None:
+        """Take bytes read before this protocol had the socket."""
+        view = memoryview(data)
+        while view.nbytes and not self._closed:
+            target = self.get_buffer(view.nbytes)
+            count = min(target.nbytes, view.nbytes)
+            target[:count] = view[:count]
+            del target
+            self.buffer_updated(count)
+            view = view[count:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._close_timer is not None:
             self._close_timer.cancel()
+        self._pending.clear()
+        self._pending_bytes = 0
         if not self._closed:
             self._closed = True
             self._lost()
 
-    def _deliver(self, messages: list[tuple[int, bytes]]) -> None:
+    def pause_writing(self) -> None:
+        self._socket_full = True
+
+    def resume_writing(self) -> None:
+        self._socket_full = False
+        self._feed()
+
+    # hooks
+    def _deliver(self, messages: list[tuple[int, Any]]) -> None:
         """Take the messages of one read (ServerEnd: a callback; ClientEnd: a queue)."""
 
     def _lost(self) -> None:
         """The connection is gone (after the close handshake, or dropped)."""
 
-    def _frame_out(self, opcode: int, payload: bytes) -> bytes:
-        return frame_header(opcode, len(payload)) + payload
+    def _backlog(self, backlogged: bool) -> None:
+        """Output is queued beyond ``WRITE_HIGH_WATER`` (True), or has drained (False)."""
 
-    # frames
-    def _parse(self, data: bytes, messages: list[tuple[int, bytes]]) -> int:
-        """Handle the complete frames at the start of ``data``; return the bytes used."""
+    def _heard(self) -> None:
+        """Bytes arrived."""
+
+    # frames in
+    def _parse(self, messages: list[tuple[int, Any]]) -> int:
+        """Handle the complete frames at the start of the read buffer; return the bytes used.
+
+        A large frame that has not fully arrived moves to its own buffer, which the
+        following reads fill directly.
+        """
+        data, view, size = self._read, self._read_view, self._read_end
         position = 0
-        size = len(data)
-        self._need = 2
         while size - position >= 2:
             first, second = data[position], data[position + 1]
             opcode = first & 0x0F
@@ -273,13 +436,11 @@ class FrameEnd(asyncio.Protocol):
             header = 2
             if length == 126:
                 if size - position < 4:
-                    self._need = 4
                     break
                 length = _SHORT.unpack_from(data, position + 2)[0]
                 header = 4
             elif length == 127:
                 if size - position < 10:
-                    self._need = 10
                     break
                 length = _LONG.unpack_from(data, position + 2)[0]
                 header = 10
@@ -289,26 +450,43 @@ class FrameEnd(asyncio.Protocol):
             if opcode & 0x8 and (length >= 126 or not first & 0x80):
                 self._fail(1002, "control frames are short and never fragmented")
                 return size
-            pending = len(self._fragments) if self._fragments is not None else 0
-            if length + pending > self.max_message_size:
+            if length + self._fragments_bytes > self.max_message_size:
                 self._fail(1009, "message too big")
                 return size
             mask_at = position + header
             start = mask_at + 4 if self.MASKED_IN else mask_at
             end = start + length
             if end > size:
-                self._need = end - position
-                break
+                if length >= LARGE and start <= size:
+                    key = bytes(view[mask_at:start]) if self.MASKED_IN else None
+                    self._begin_large(first, opcode, length, key, view[start:size])
+                    return size
+                break  # the rest of a small frame comes with the next read
             if self.MASKED_IN:
-                payload = _websocket_mask(data[mask_at:start], data[start:end])
+                payload = _websocket_mask(bytes(view[mask_at:start]), bytes(view[start:end]))
             else:
-                payload = data[start:end]
+                payload = bytes(view[start:end])
             position = end
             if not self._frame(first & 0x80, opcode, payload, messages):
                 return size
         return position
 
-    def _frame(self, final: int, opcode: int, payload: bytes, out: list[tuple[int, bytes]]) -> bool:
+    def _begin_large(
+        self, first: int, opcode: int, length: int, key: bytes | None, arrived: memoryview
+    ) -> None:
+        buffer = bytearray(min(length, max(UPFRONT, arrived.nbytes)))
+        buffer[: arrived.nbytes] = arrived
+        self._large, self._large_length, self._large_filled = buffer, length, arrived.nbytes
+        self._large_frame = (first, opcode, key)
+
+    def _finish_large(self, messages: list[tuple[int, Any]]) -> None:
+        first, opcode, key = self._large_frame
+        data = cast(bytearray, self._large)
+        self._large = None
+        payload: Any = data if key is None else Masked(data, key)
+        self._frame(first & 0x80, opcode, payload, messages)
+
+    def _frame(self, final: int, opcode: int, payload: Any, out: list[tuple[int, Any]]) -> bool:
         if opcode in (OP_TEXT, OP_BINARY):
             if self._fragments is not None:
                 self._fail(1002, "a new message inside a fragmented one")
@@ -316,59 +494,129 @@ class FrameEnd(asyncio.Protocol):
             if final:
                 out.append((opcode, payload))
             else:
-                self._fragments, self._fragments_opcode = bytearray(payload), opcode
+                self._fragments, self._fragments_opcode = [payload], opcode
+                self._fragments_bytes = len(payload)
             return True
         if opcode == OP_CONTINUATION:
             if self._fragments is None:
                 self._fail(1002, "a continuation frame with no message to continue")
                 return False
-            self._fragments += payload
+            self._fragments.append(payload)
+            self._fragments_bytes += len(payload)
             if final:
-                out.append((self._fragments_opcode, bytes(self._fragments)))
-                self._fragments = None
+                out.append((self._fragments_opcode, b"".join(map(as_bytes, self._fragments))))
+                self._fragments, self._fragments_bytes = None, 0
             return True
         if opcode == OP_PING:
-            self._write(self._frame_out(OP_PONG, payload))
+            self._send_control(OP_PONG, as_bytes(payload))
             return True
         if opcode == OP_PONG:
             return True
         if opcode == OP_CLOSE:
+            payload = as_bytes(payload)
             if len(payload) >= 2:
                 self.close_code = _SHORT.unpack_from(payload)[0]
                 self.close_reason = payload[2:].decode("utf-8", "replace")
             if not self._close_sent:
                 self._close_sent = True
-                self._write(self._frame_out(OP_CLOSE, close_payload(self.close_code, None)))
-            if self.transport is not None:
-                self.transport.close()
+                self._send_control(OP_CLOSE, close_payload(self.close_code, None))
+            self._close_when_sent = True
+            self._feed()
             return False
         self._fail(1002, f"unknown opcode {opcode}")
         return False
 
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
     def _fail(self, code: int, reason: str) -> None:
         self.close(code, reason)
 
-    # what the application calls
-    def send(self, opcode: int, payload: bytes) -> None:
-        """Write one message as one frame."""
-        if not self._close_sent:
-            self._write(self._frame_out(opcode, payload))
+    # frames out
+    def _mask(self) -> bytes | None:
+        return None if self.MASKED_IN else os.urandom(4)
 
-    def send_many(self, messages: list[tuple[int, bytes]]) -> None:
-        """Write several messages with one write."""
-        if self._close_sent:
+    def _send_control(self, opcode: int, payload: bytes) -> None:
+        key = self._mask()
+        body = _websocket_mask(key, payload) if key else payload
+        self._queue([frame_header(opcode, len(payload), key) + body])
+
+    def _queue(self, pieces: list[Any]) -> None:
+        """Write pieces (buffers, or iterators of buffers) after everything before them."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        if len(messages) == 1:
-            self._write(self._frame_out(*messages[0]))
+        for piece in pieces:
+            if not isinstance(piece, Iterator):  # an iterator's bytes are counted by its sender
+                self._pending_bytes += _nbytes(piece)
+            self._pending.append(piece)
+        self._feed()
+
+    def _feed(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
             return
-        self._write(b"".join([self._frame_out(opcode, payload) for opcode, payload in messages]))
+        pending = self._pending
+        while pending and not self._socket_full:
+            head = pending[0]
+            if isinstance(head, Iterator):
+                piece = next(head, None)
+                if piece is None:
+                    pending.popleft()
+                    continue
+            else:
+                piece = pending.popleft()
+            self._pending_bytes -= _nbytes(piece)
+            transport.write(piece)  # may pause writing, when the socket is full
+        if not pending:
+            self._pending_bytes = 0
+            if self._close_when_sent:
+                transport.close()
+                return
+        backlog = self._pending_bytes
+        if backlog > WRITE_HIGH_WATER and not self._backlogged:
+            self._backlogged = True
+            self._backlog(True)
+        elif backlog <= WRITE_HIGH_WATER // 4 and self._backlogged:
+            self._backlogged = False
+            self._backlog(False)
+
+    # what the application calls
+    def send(self, opcode: int, payload: Any) -> None:
+        """Write one message as one frame (``payload``: bytes-like, or a list of parts)."""
+        self.send_many([(opcode, payload)])
+
+    def send_many(self, messages: list[tuple[int, Any]]) -> None:
+        """Write several messages: small ones joined into one write, large ones in pieces."""
+        if self._close_sent or self.transport is None:
+            return
+        pieces: list[Any] = []
+        joined: list[Any] = []
+        for opcode, payload in messages:
+            length = payload_length(payload)
+            key = self._mask()
+            if length < LARGE:
+                joined.append(frame_header(opcode, length, key))
+                if key is not None:
+                    joined.append(_websocket_mask(key, as_bytes(payload)))
+                elif isinstance(payload, (list, tuple)):
+                    joined.extend(payload)
+                else:
+                    joined.append(payload)
+                continue
+            if joined:
+                pieces.append(b"".join(joined))
+                joined = []
+            header = frame_header(opcode, length, key)
+            pieces.append(_frame_pieces(header, _parts(payload), key))
+            self._pending_bytes += len(header) + length
+        if joined:
+            pieces.append(joined[0] if len(joined) == 1 else b"".join(joined))
+        if joined and len(pieces) == 1 and not self._pending and not self._socket_full:
+            if not self.transport.is_closing():
+                self.transport.write(pieces[0])  # the common case: one write, nothing queued
+            return
+        self._queue(pieces)
 
     def pause_reading(self, paused: bool) -> None:
-        """Stop (or resume) reading from this client, while its peer's buffer drains."""
+        """Stop (or resume) reading from this peer, while what it sends cannot go on."""
         if self.transport is None or self.transport.is_closing():
             return
         if paused:
@@ -377,14 +625,15 @@ class FrameEnd(asyncio.Protocol):
             self.transport.resume_reading()
 
     def close(self, code: int | None = 1000, reason: str | None = None) -> None:
-        """Send a close frame, then close the connection when the client answers (or soon)."""
+        """Send a close frame, then close the connection when the peer answers (or soon)."""
         if self.transport is None or self._close_sent:
             return
         self._close_sent = True
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-        self._write(self._frame_out(OP_CLOSE, close_payload(code, reason)))
-        self.transport.resume_reading()  # to see the client's close frame
+        self._send_control(OP_CLOSE, close_payload(code, reason))
+        if not self.transport.is_closing():
+            self.transport.resume_reading()  # to see the peer's close frame
         loop = asyncio.get_running_loop()
         self._close_timer = loop.call_later(CLOSE_TIMEOUT, self.transport.abort)
 
@@ -401,19 +650,15 @@ class ServerEnd(FrameEnd):
         self.on_closed = on_closed
         self.on_pause = on_pause
 
-    def _deliver(self, messages: list[tuple[int, bytes]]) -> None:
+    def _deliver(self, messages: list[tuple[int, Any]]) -> None:
         self.on_messages(self, messages)
 
     def _lost(self) -> None:
         self.on_closed(self, self.close_code, self.close_reason)
 
-    def pause_writing(self) -> None:
+    def _backlog(self, backlogged: bool) -> None:
         if self.on_pause is not None:
-            self.on_pause(self, True)
-
-    def resume_writing(self) -> None:
-        if self.on_pause is not None:
-            self.on_pause(self, False)
+            self.on_pause(self, backlogged)
 
 
 READ_QUEUE_BYTES = 16 * 1024 * 1024
@@ -421,12 +666,12 @@ READ_QUEUE_BYTES = 16 * 1024 * 1024
 
 class ClientEnd(FrameEnd):
     """The client side, with the part of tornado's ``WebSocketClientConnection`` we use:
-    ``await read_message()`` (None once closed), ``write_message``, ``close``,
-    ``close_code`` and ``close_reason``.
+    ``await read_message()`` (None once closed; a large binary message is a bytearray),
+    ``write_message``, ``close``, ``close_code`` and ``close_reason``.
 
     Messages of one read are queued together, so a reader drains a burst without a wait
-    per message. ``write_message`` writes at once and returns None, or, while the socket's
-    buffer is over its limit, a future that resolves when it has drained.
+    per message. ``write_message`` writes at once and returns None, or, while output is
+    queued beyond ``WRITE_HIGH_WATER``, a future that resolves when it has drained.
     """
 
     MASKED_IN = False
@@ -434,13 +679,13 @@ class ClientEnd(FrameEnd):
     def __init__(self, max_message_size: int, ping_interval: float | None = None) -> None:
         super().__init__(max_message_size)
         self.ping_interval = ping_interval
-        self._queue: deque[str | bytes] = deque()
+        self._queue_in: deque[str | bytes | bytearray] = deque()
         self._queued_bytes = 0
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._pinger: asyncio.TimerHandle | None = None
-        self._heard = True
+        self._heard_since_ping = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -450,32 +695,19 @@ class ClientEnd(FrameEnd):
     def _ping(self) -> None:
         if self._closed or self.transport is None:
             return
-        if not self._heard:  # nothing, not even a pong, for a whole interval
+        if not self._heard_since_ping:  # nothing, not even a pong, for a whole interval
             self.transport.abort()
             return
-        self._heard = False
-        self._write(self._frame_out(OP_PING, b""))
+        self._heard_since_ping = False
+        self._send_control(OP_PING, b"")
         self._pinger = asyncio.get_running_loop().call_later(self.ping_interval or 0, self._ping)
 
-    def data_received(self, data: bytes) -> None:
-        self._heard = True
-        super().data_received(data)
+    def _heard(self) -> None:
+        self._heard_since_ping = True
 
-    def _frame_out(self, opcode: int, payload: bytes) -> bytes:
-        mask = os.urandom(4)
-        length = len(payload)
-        first = 0x80 | opcode
-        if length < 126:
-            header = bytes((first, 0x80 | length))
-        elif length < 65536:
-            header = struct.pack("!BBH", first, 0xFE, length)
-        else:
-            header = struct.pack("!BBQ", first, 0xFF, length)
-        return header + mask + _websocket_mask(mask, payload)
-
-    def _deliver(self, messages: list[tuple[int, bytes]]) -> None:
+    def _deliver(self, messages: list[tuple[int, Any]]) -> None:
         for opcode, payload in messages:
-            self._queue.append(payload.decode("utf-8") if opcode == OP_TEXT else payload)
+            self._queue_in.append(payload.decode("utf-8") if opcode == OP_TEXT else payload)
             self._queued_bytes += len(payload)
         if self._queued_bytes > READ_QUEUE_BYTES and self.transport is not None:
             self._reading_paused = True  # the reader is behind: let TCP hold the sender
@@ -486,47 +718,48 @@ class ClientEnd(FrameEnd):
         if self._pinger is not None:
             self._pinger.cancel()
         self._wake()
-        self.resume_writing()
+        self._backlog(False)
 
     def _wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def pause_writing(self) -> None:
-        if self._drained is None:
-            self._drained = asyncio.get_running_loop().create_future()
-
-    def resume_writing(self) -> None:
+    def _backlog(self, backlogged: bool) -> None:
+        if backlogged:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            return
         drained, self._drained = self._drained, None
         if drained is not None and not drained.done():
             drained.set_result(None)
 
-    async def read_message(self) -> str | bytes | None:
-        while not self._queue:
+    async def read_message(self) -> str | bytes | bytearray | None:
+        while not self._queue_in:
             if self._closed:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
-        message = self._queue.popleft()
-        self._queued_bytes -= len(message) if isinstance(message, bytes) else len(message.encode())
+        message = self._queue_in.popleft()
+        self._queued_bytes -= len(message.encode()) if isinstance(message, str) else len(message)
         if self._reading_paused and self._queued_bytes < READ_QUEUE_BYTES // 2:
             self._reading_paused = False
             if self.transport is not None and not self._closed:
                 self.transport.resume_reading()
         return message
 
-    def write_message(self, message: str | bytes, binary: bool = False) -> Any:
+    def write_message(self, message: str | Buffer, binary: bool = False) -> Any:
         if self._close_sent or self._closed:
             raise WebSocketClosedError()
         if isinstance(message, str):
-            self._write(self._frame_out(OP_TEXT, message.encode("utf-8")))
+            self.send(OP_TEXT, message.encode("utf-8"))
         else:
-            self._write(self._frame_out(OP_BINARY if binary else OP_TEXT, message))
+            self.send(OP_BINARY if binary else OP_TEXT, message)
         return self._drained
 
-    def write_many(self, messages: list[bytes]) -> Any:
-        """Write binary messages with one write; like ``write_message`` otherwise."""
+    def write_many(self, messages: list[Any]) -> Any:
+        """Write binary messages (each bytes-like or a list of parts) in order, small ones
+        with one write; like ``write_message`` otherwise."""
         if self._close_sent or self._closed:
             raise WebSocketClosedError()
         self.send_many([(OP_BINARY, message) for message in messages])
@@ -590,7 +823,7 @@ class _HandOverClientProtocol(BatchedWebSocketProtocol):
             _stop_pinging(self)
         self.handed_over.set_result(end)
         if leftover:
-            end.data_received(leftover)
+            end.feed(leftover)
 
 
 class _HandOverClientConnection(WebSocketClientConnection):
@@ -673,12 +906,12 @@ class ProtocolWebSocketHandler(WebSocketHandler):
         self.end = end
         self.on_taken_over()
         if leftover:
-            end.data_received(leftover)
+            end.feed(leftover)
 
     def _make_end(self) -> ServerEnd:
         return ServerEnd(self._messages, self._closed, self.max_message_size, self.on_pause)
 
-    def _messages(self, end: ServerEnd, messages: list[tuple[int, bytes]]) -> None:
+    def _messages(self, end: ServerEnd, messages: list[tuple[int, Any]]) -> None:
         self.on_messages(messages)
 
     def _closed(self, end: ServerEnd, code: int | None, reason: str | None) -> None:
@@ -691,9 +924,10 @@ class ProtocolWebSocketHandler(WebSocketHandler):
     def on_pause(self, end: ServerEnd, paused: bool) -> None:
         """This client's outgoing buffer is full (``paused``) or drained again."""
 
-    def on_messages(self, messages: list[tuple[int, bytes]]) -> None:
+    def on_messages(self, messages: list[tuple[int, Any]]) -> None:
         for opcode, payload in messages:
-            self.on_message(payload.decode("utf-8") if opcode == OP_TEXT else payload)
+            data = as_bytes(payload)
+            self.on_message(data.decode("utf-8") if opcode == OP_TEXT else data)
 
     def send_many(self, messages: list[tuple[int, bytes]]) -> None:
         """Write several messages, with one write where the connection is ours."""
@@ -701,7 +935,7 @@ class ProtocolWebSocketHandler(WebSocketHandler):
             self.end.send_many(messages)
         elif self.ws_connection is not None and not self.ws_connection.is_closing():
             for opcode, payload in messages:
-                super().write_message(payload, binary=opcode == OP_BINARY)
+                super().write_message(as_bytes(payload), binary=opcode == OP_BINARY)
 
     def pause_reading(self, paused: bool) -> None:
         """Hold (or resume) reading from this client while a peer's buffer drains."""
@@ -716,9 +950,8 @@ class ProtocolWebSocketHandler(WebSocketHandler):
         if isinstance(message, dict):
             message = json.dumps(message)
         if isinstance(message, str):
-            self.end.send(OP_BINARY if binary else OP_TEXT, message.encode("utf-8"))
-        else:
-            self.end.send(OP_BINARY if binary else OP_TEXT, bytes(message))
+            message = message.encode("utf-8")
+        self.end.send(OP_BINARY if binary else OP_TEXT, message)
         return None
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:

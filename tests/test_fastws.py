@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import shutil
 import socket
 import ssl
@@ -16,6 +17,7 @@ from typing import ClassVar
 import pytest
 from tornado import httpclient, web
 from tornado.httpserver import HTTPServer
+from tornado.util import _websocket_mask
 from tornado.websocket import WebSocketClosedError
 
 from jupyter_gpu_share import fastws
@@ -293,3 +295,84 @@ def test_over_tls_tornado_keeps_the_connection(tmp_path):
         server.stop()
 
     asyncio.run(run())
+
+
+def test_frames_split_anywhere_arrive_whole():
+    """Frames of every size class, written in random slices: headers, masking keys and
+    large payloads split across reads (a large frame is read into its own buffer)."""
+
+    async def run() -> None:
+        server, port = await serve(ProtocolEcho)
+        reader, writer = await raw_client(port)
+        sizes = [0, 5, 125, 126, 4000, 65535, fastws.LARGE, 300_000, 5, 2 * fastws.CHUNK + 3]
+        payloads = [os.urandom(size) for size in sizes]
+        stream = b"".join(_frame(0x2, payload) for payload in payloads)
+        # A large message in fragments, with a ping between them.
+        pieces = [os.urandom(fastws.LARGE + 7), os.urandom(3), os.urandom(fastws.CHUNK)]
+        stream += _frame(0x2, pieces[0], final=False) + _frame(0x9, b"p")
+        stream += _frame(0x0, pieces[1], final=False) + _frame(0x0, pieces[2])
+        rng = random.Random(7)
+        position = 0
+        while position < len(stream):
+            step = rng.choice([1, 2, 3, 9, 14, 1000, 70_000])
+            writer.write(stream[position : position + step])
+            position += step
+            if rng.random() < 0.3:
+                await writer.drain()
+                await asyncio.sleep(0)
+        for payload in payloads:
+            assert await _read_server_frame(reader) == (0x2, payload)
+        assert await _read_server_frame(reader) == (0xA, b"p")
+        assert await _read_server_frame(reader) == (0x2, b"".join(pieces))
+        writer.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
+async def _read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    first, second = await reader.readexactly(2)
+    assert not second & 0x80, "a server's frames are not masked"
+    length = second & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif length == 127:
+        length = struct.unpack("!Q", await reader.readexactly(8))[0]
+    return first & 0x0F, await reader.readexactly(length)
+
+
+def test_a_message_of_parts_goes_out_as_one_frame_in_chunk_sized_writes():
+    """``write_many`` takes messages as lists of parts (bytes, bytearray, memoryview, any
+    size) and sends each as one frame; a large one is masked piece by piece."""
+
+    async def run() -> None:
+        server, port = await serve(ProtocolEcho)
+        ws = await client(port, end=True)
+        big = bytearray(os.urandom(3 * fastws.CHUNK + 5))
+        messages = [
+            [b"head", memoryview(big)[:10], b"", os.urandom(3)],
+            [os.urandom(7), big, memoryview(os.urandom(fastws.CHUNK))[1:], b"tail"],
+            [os.urandom(fastws.LARGE - 1)],
+        ]
+        written = ws.write_many(messages)
+        if written is not None:
+            await written
+        for parts in messages:
+            assert await ws.read_message() == b"".join(bytes(part) for part in parts)
+        ws.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_frame_pieces_are_chunk_sized_and_byte_exact(masked):
+    key = os.urandom(4) if masked else None
+    parts = [b"ab", os.urandom(300_000), b"", bytearray(os.urandom(fastws.CHUNK)), b"x" * 9]
+    payload = b"".join(bytes(part) for part in parts)
+    header = fastws.frame_header(fastws.OP_BINARY, len(payload), key)
+    pieces = list(fastws._frame_pieces(header, parts, key))
+    body = b"".join(pieces)[len(header) :]
+    assert body == (_websocket_mask(key, payload) if key else payload)
+    assert len(pieces[0]) == len(header) + fastws.CHUNK
+    assert all(len(piece) == fastws.CHUNK for piece in pieces[1:-1])

@@ -252,7 +252,7 @@ class HostSession:
                 self.log.exception("session %s: failed to handle a relay message", self.session_id)
 
     def _from_relay(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
+        if not isinstance(message, str):
             if self.state == "ready":
                 self._to_kernel(message)
             elif len(self._inbox) < 1024:
@@ -312,9 +312,9 @@ class HostSession:
     def _from_kernel_batch(self, channel: int, batch: list[list[Any]]) -> None:
         """What the kernel sent on one channel since the last wake-up: one relay write."""
         relay = self.relay
-        if len(batch) > 1 and isinstance(relay, fastws.ClientEnd) and not self._outbox:
+        if isinstance(relay, fastws.ClientEnd) and not self._outbox:
             try:
-                written = relay.write_many([wire.encode(channel, frames) for frames in batch])
+                written = relay.write_many([wire.encode_parts(channel, frames) for frames in batch])
             except WebSocketClosedError:
                 pass
             else:

@@ -117,9 +117,18 @@ class InlineLoop:
 class KernelBridge:
     """Local kernel ports for one kernel, relayed to whichever remote session is attached."""
 
-    def __init__(self, loop: BridgeLoop | InlineLoop, transport: str = "tcp"):
+    def __init__(
+        self,
+        loop: BridgeLoop | InlineLoop,
+        transport: str = "tcp",
+        context: zmq.Context[Any] | None = None,
+    ):
         self.loop = loop
         self.transport = transport
+        # With the context of the kernel manager that connects to it, each port is also
+        # bound in-process (inproc://), which costs no socket I/O and no copy.
+        self.context = context
+        self.inproc_urls: dict[str, str] = {}
         # tcp: the loopback address; ipc: the path prefix of the sockets, in a private folder.
         self.ip = "127.0.0.1"
         self._ipc_dir: str | None = None
@@ -151,9 +160,15 @@ class KernelBridge:
             return number
         return sock.bind_to_random_port(f"tcp://{self.ip}")
 
+    def _bind_inproc(self, sock: zmq.Socket, name: str) -> None:
+        if self.context is not None:
+            url = self.inproc_urls[name] = f"inproc://gpu-share-bridge-{id(self):x}-{name}"
+            sock.bind(url)
+
     async def bind(self) -> dict[str, int]:
-        """Bind the five kernel ports (loopback tcp or private ipc) and start the pumps."""
-        context = zmq.Context.shadow(self.loop.context.underlying)
+        """Bind the five kernel ports (loopback tcp or private ipc, and in-process where a
+        context was given) and start the pumps."""
+        context = zmq.Context.shadow((self.context or self.loop.context).underlying)
         kinds = {"shell": zmq.ROUTER, "iopub": zmq.PUB, "stdin": zmq.ROUTER, "control": zmq.ROUTER}
         for number, (name, kind) in enumerate(kinds.items(), start=1):
             sock = context.socket(kind)
@@ -161,6 +176,7 @@ class KernelBridge:
             if kind == zmq.ROUTER:
                 sock.router_handover = 1
             self.ports[f"{name}_port"] = self._bind(sock, number)
+            self._bind_inproc(sock, name)
             channel = wire.CHANNELS[name]
             receive = None if kind == zmq.PUB else functools.partial(self._to_relay, channel)
             self.pumps[channel] = SocketPump(sock, receive)
@@ -168,6 +184,7 @@ class KernelBridge:
         hb = context.socket(zmq.ROUTER)
         hb.linger = 0
         self.ports["hb_port"] = self._bind(hb, len(kinds) + 1)
+        self._bind_inproc(hb, "hb")
         self.hb = SocketPump(hb, self._answer_heartbeats)
         return dict(self.ports)
 
@@ -191,18 +208,18 @@ class KernelBridge:
         ws = self.ws
         if ws is None or self.ended.is_set():
             return  # no kernel attached: the messages have nowhere to go
-        messages = [wire.encode(channel, frames) for frames in batch]
         try:
             if isinstance(ws, fastws.ClientEnd):
-                written = ws.write_many(messages)
+                written = ws.write_many([wire.encode_parts(channel, frames) for frames in batch])
             else:
-                for data in messages:
-                    written = ws.write_message(data, binary=True)
+                for frames in batch:
+                    written = ws.write_message(wire.encode(channel, frames), binary=True)
         except websocket.WebSocketClosedError:
             return
         if written is None:
             return  # written at once (a ClientEnd under its buffer limit)
-        if isinstance(ws, fastws.ClientEnd) or sum(map(len, messages)) >= WAIT_FOR_WRITES_ABOVE:
+        size = sum(map(wire.total_size, batch))
+        if isinstance(ws, fastws.ClientEnd) or size >= WAIT_FOR_WRITES_ABOVE:
             # Back-pressure: read no more from this channel until the relay has drained.
             pump = self.pumps[channel]
             pump.pause_reading(True)
@@ -282,7 +299,7 @@ class KernelBridge:
                 )
                 ws = self.ws = await self._reconnect()
                 continue
-            if isinstance(message, bytes):
+            if not isinstance(message, str):
                 try:
                     channel, frames = wire.decode(message)
                 except wire.FrameError as error:

@@ -10,10 +10,13 @@ detaches, keeping the ports across a restart.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
+import zmq
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
@@ -74,6 +77,13 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         help="How the kernel manager reaches the local bridge: 'ipc' (Unix sockets in a private "
         "folder; a little faster) or 'tcp' on loopback.",
     )
+    in_process_channels = Bool(
+        True,
+        config=True,
+        help="In jupyter_server, connect the server's own kernel channels to the bridge "
+        "in-process (inproc://): no socket I/O or copy between them. Other clients use the "
+        "connection file's ports either way.",
+    )
     start_timeout = Float(
         180.0, config=True, help="Seconds to wait for a remote kernel to become ready."
     )
@@ -93,6 +103,23 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return InlineLoop.get()
         return BridgeLoop.get()
 
+    def _in_process(self, km: Any) -> bool:
+        """Whether the kernel manager's sockets can reach the bridge in-process: it runs on
+        jupyter_server's loop (so does the bridge), with a ZMQ context and jupyter_client's
+        one place that builds channel URLs."""
+        return (
+            self.in_process_channels
+            and isinstance(self._loop(), InlineLoop)
+            and isinstance(getattr(km, "context", None), zmq.Context)
+            and callable(getattr(km, "_make_url", None))
+            and getattr(km, "curve_publickey", None) is None
+        )
+
+    def _channel_url(self, make_url: Callable[[str], str], channel: str) -> str:
+        bridge = self.bridge
+        url = bridge.inproc_urls.get(channel) if bridge is not None else None
+        return url or make_url(channel)
+
     async def _broker(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return await self._loop().run(
             broker_request(self.broker_url, self.token, method, path, body)
@@ -107,13 +134,21 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
         km = self.parent
         if self.bridge is None:
-            self.bridge = KernelBridge(self._loop(), self.bridge_transport)
+            in_process = self._in_process(km)
+            self.bridge = KernelBridge(
+                self._loop(), self.bridge_transport, km.context if in_process else None
+            )
             self.bridge.on_status = lambda message: self.log.warning("gpu-share: %s", message)
             ports = await self._loop().run(self.bridge.bind())
             km.transport = self.bridge_transport
             km.ip = self.bridge.ip
             for name, port in ports.items():
                 setattr(km, name, port)
+            if in_process and not getattr(km, "_gpu_share_in_process", False):
+                # jupyter_server's own channels (the lab's websockets) connect in-process;
+                # the connection file keeps the ipc/tcp ports for every other client.
+                km._make_url = functools.partial(self._channel_url, km._make_url)
+                km._gpu_share_in_process = True
         km.write_connection_file()
         # A remote kernel that dies (host lost, budget spent) is not silently restarted on
         # another, maybe dearer, host: the lab offers the restart instead.

@@ -314,7 +314,7 @@ class FakeHost:
             if message is None:
                 self.relays.pop(sid, None)
                 return
-            if isinstance(message, bytes):
+            if not isinstance(message, str):
                 relay.write_message(message, binary=True)
 
 
@@ -347,7 +347,7 @@ class FakeRenter:
             message = await self.conn.read_message()
             if message is None:
                 raise RuntimeError(f"relay closed: {self.conn.close_code} {self.conn.close_reason}")
-            if isinstance(message, bytes):
+            if not isinstance(message, str):
                 return
 
 
