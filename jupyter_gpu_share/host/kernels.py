@@ -35,6 +35,14 @@ MessageCallback = Callable[[int, list[bytes]], None]
 ExitCallback = Callable[[int | None], None]
 
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
+IPC_PATH_MAX = 100  # a Unix socket's path must fit sockaddr_un (108 bytes on Linux)
+
+
+def channel_url(info: dict[str, Any], port: int) -> str:
+    """A kernel channel's ZMQ address, as jupyter_client builds it from connection info."""
+    if info.get("transport", "tcp") == "tcp":
+        return f"tcp://{info['ip']}:{port}"
+    return f"{info['transport']}://{info['ip']}-{port}"
 
 
 class KernelStartError(RuntimeError):
@@ -104,6 +112,7 @@ class RemoteKernel:
         sandbox: Sandbox | None = None,
         scratch_root: str | None = None,
         python: str = sys.executable,
+        transport: str = "ipc" if os.name == "posix" else "tcp",
         ready_timeout: float = 60.0,
         stop_grace: float = 5.0,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
@@ -120,6 +129,7 @@ class RemoteKernel:
         self.sandbox = sandbox or Sandbox()
         self.scratch_root = scratch_root or default_scratch_root()
         self.python = python
+        self.transport = transport
         self.ready_timeout = ready_timeout
         self.stop_grace = stop_grace
         self.on_kernel_message = on_kernel_message
@@ -170,8 +180,7 @@ class RemoteKernel:
         try:
             self.connection_file, info = write_connection_file(
                 os.path.join(self.runtime_dir, "kernel.json"),
-                ip="127.0.0.1",
-                transport="tcp",
+                **self._endpoints(),
                 key=self.key,
                 signature_scheme=self.signature_scheme,
             )
@@ -251,10 +260,19 @@ class RemoteKernel:
             await asyncio.sleep(0.2)  # let the log catch bwrap's complaint
             raise KernelStartError(f"the sandbox did not start{self._log_tail()}") from None
 
+    def _endpoints(self) -> dict[str, str]:
+        """Where the kernel listens: Unix sockets in a private folder (cheaper than loopback
+        TCP per message), or loopback TCP where the path would be too long for one."""
+        assert self.runtime_dir is not None
+        prefix = os.path.join(self.runtime_dir, "zmq", "kernel")
+        if self.transport == "ipc" and len(prefix) + 4 <= IPC_PATH_MAX:
+            os.mkdir(os.path.dirname(prefix), 0o700)
+            return {"transport": "ipc", "ip": prefix}
+        return {"transport": "tcp", "ip": "127.0.0.1"}
+
     def _connect_sockets(self, info: dict[str, Any]) -> None:
         self._context = zmq.asyncio.Context()
         ctx = zmq.Context.shadow(self._context.underlying)  # plain sockets for the pumps
-        ip = info["ip"]
         identity = b"gpu-share-" + secrets.token_hex(8).encode()
         plan = [
             (wire.SHELL, zmq.DEALER, info["shell_port"], identity),
@@ -269,14 +287,14 @@ class RemoteKernel:
                 sock.setsockopt(zmq.IDENTITY, ident)
             if kind == zmq.SUB:
                 sock.setsockopt(zmq.SUBSCRIBE, b"")
-            sock.connect(f"tcp://{ip}:{port}")
+            sock.connect(channel_url(info, port))
             self._pumps[channel] = SocketPump(sock, functools.partial(self._received, channel))
 
     async def _wait_ready(self, info: dict[str, Any]) -> None:
         assert self._context is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.ready_timeout
-        address = f"tcp://{info['ip']}:{info['hb_port']}"
+        address = channel_url(info, info["hb_port"])
         while True:
             if self._exited.is_set():
                 raise KernelStartError(
@@ -312,7 +330,7 @@ class RemoteKernel:
         session = Session(key=self.key, signature_scheme=self.signature_scheme)
         probe = self._context.socket(zmq.DEALER)
         probe.linger = 0
-        probe.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        probe.connect(channel_url(info, info["shell_port"]))
         loop = asyncio.get_running_loop()
         try:
             while not self._iopub_flowing.is_set() and loop.time() < deadline:
@@ -382,7 +400,7 @@ class RemoteKernel:
         session = Session(key=self.key, signature_scheme=self.signature_scheme)
         probe = self._context.socket(zmq.DEALER)
         probe.linger = 0
-        probe.connect(f"tcp://{info['ip']}:{info['shell_port']}")
+        probe.connect(channel_url(info, info["shell_port"]))
         code = f"import os as _os; _os.environ['GPU_SHARE_SESSION_ID'] = {session_id!r}; del _os"
         try:
             sent = session.send(

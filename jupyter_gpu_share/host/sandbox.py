@@ -21,6 +21,7 @@ for processes whose real user is root, so a process limit needs an unprivileged 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import resource
@@ -288,6 +289,22 @@ class BwrapSandbox(Sandbox):
         args += ["--proc", "/proc", "--dev", "/dev"]
         return args
 
+    @staticmethod
+    def _inner_connection_file(connection_file: str) -> tuple[str, list[str]]:
+        """The connection file as the kernel sees it, and the binds it needs. Unix sockets:
+        their folder is bound (writable) at SANDBOX_RUN/zmq, and the file names that path."""
+        with open(connection_file, encoding="utf-8") as handle:
+            info = json.load(handle)
+        if info.get("transport") != "ipc":
+            return connection_file, []
+        folder, name = os.path.split(info["ip"])
+        info["ip"] = f"{SANDBOX_RUN}/zmq/{name}"
+        inner = os.path.join(os.path.dirname(connection_file), "kernel-inner.json")
+        with open(inner, "w", encoding="utf-8") as handle:
+            json.dump(info, handle)
+        os.chmod(inner, 0o600)
+        return inner, ["--bind", folder, f"{SANDBOX_RUN}/zmq"]
+
     def plan(
         self,
         *,
@@ -314,7 +331,8 @@ class BwrapSandbox(Sandbox):
         args += ["--bind", scratch_dir, SANDBOX_HOME, "--bind", scratch_dir, "/tmp"]
         for path in self._ro_paths:
             args += ["--ro-bind", path, path]
-        args += ["--ro-bind", connection_file, inner_cf]
+        inner_file, socket_binds = self._inner_connection_file(connection_file)
+        args += [*socket_binds, "--ro-bind", inner_file, inner_cf]
         inner_env = dict(env)
         inner_env.pop("JPY_PARENT_PID", None)  # --die-with-parent does that job
         inner_env.update(

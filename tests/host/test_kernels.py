@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 import uuid
 
+import pytest
 from jupyter_client.session import Session
 
 from jupyter_gpu_share import wire
@@ -78,17 +80,25 @@ def test_environment_is_scrubbed() -> None:
     assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["PYTHONPATH"] == "/p"
 
 
-def test_kernel_runs_code_interrupts_and_stops(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("transport", ["ipc", "tcp"])
+def test_kernel_runs_code_interrupts_and_stops(tmp_path, monkeypatch, transport) -> None:
     monkeypatch.setenv("GPU_SHARE_TOKEN", "agent-secret-token")
 
     async def main() -> None:
         client = Client()
         kernel = RemoteKernel(
-            "sess-1", "host-7", KEY, client.on_message, scratch_root=str(tmp_path)
+            "sess-1",
+            "host-7",
+            KEY,
+            client.on_message,
+            scratch_root=str(tmp_path),
+            transport=transport,
         )
         await kernel.start()
         try:
             assert kernel.ready and kernel.alive
+            with open(kernel.connection_file) as handle:
+                assert json.load(handle)["transport"] == transport
             scratch = kernel.scratch_dir
             assert scratch and os.path.isdir(scratch)
             assert oct(os.stat(kernel.runtime_dir).st_mode & 0o777) == "0o700"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import resource
 import shutil
@@ -149,6 +150,17 @@ except OSError:
             assert out == "False False False False False False False 321 []\nread-only /usr\n"
             if os.geteuid() == 0:
                 assert await _run(b, kb, "import os; print(os.getuid())") == "65534\n"
+            # The agent reaches each kernel over Unix sockets in its own folder, which is
+            # all a kernel sees of the others' channels.
+            with open(ka.connection_file) as handle:
+                assert json.load(handle)["transport"] == "ipc"
+            out = await _run(
+                b,
+                kb,
+                "import os; print(sorted(os.listdir('/run/gpu-share/zmq')), "
+                f"os.path.exists({ka.runtime_dir!r}))",
+            )
+            assert out == str([f"kernel-{n}" for n in range(1, 6)]) + " False\n"
 
             # The memory limit turns a big allocation into MemoryError; the kernel lives on.
             out = await _run(
