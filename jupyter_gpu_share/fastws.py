@@ -427,7 +427,8 @@ class FrameEnd(asyncio.BufferedProtocol):
         A large frame that has not fully arrived moves to its own buffer, which the
         following reads fill directly.
         """
-        data, view, size = self._read, self._read_view, self._read_end
+        size = self._read_end
+        data = bytes(self._read_view[:size])  # slicing bytes is cheaper than a memoryview
         position = 0
         while size - position >= 2:
             first, second = data[position], data[position + 1]
@@ -458,14 +459,14 @@ class FrameEnd(asyncio.BufferedProtocol):
             end = start + length
             if end > size:
                 if length >= LARGE and start <= size:
-                    key = bytes(view[mask_at:start]) if self.MASKED_IN else None
-                    self._begin_large(first, opcode, length, key, view[start:size])
+                    key = data[mask_at:start] if self.MASKED_IN else None
+                    self._begin_large(first, opcode, length, key, memoryview(data)[start:])
                     return size
                 break  # the rest of a small frame comes with the next read
             if self.MASKED_IN:
-                payload = _websocket_mask(bytes(view[mask_at:start]), bytes(view[start:end]))
+                payload = _websocket_mask(data[mask_at:start], data[start:end])
             else:
-                payload = bytes(view[start:end])
+                payload = data[start:end]
             position = end
             if not self._frame(first & 0x80, opcode, payload, messages):
                 return size
