@@ -25,8 +25,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.connect import write_connection_file
 
-from .. import wire
-from ..zmqpump import SocketPump
+from .. import wire, zmtp
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -147,7 +146,7 @@ class RemoteKernel:
         self._stopping = False
         self._exited = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
-        self._pumps: dict[int, SocketPump] = {}
+        self._pumps: dict[int, zmtp.ZmtpChannel] = {}
         # Set to take each wake-up's messages of one channel at once: (channel, [frames...]).
         self.on_kernel_batch: Callable[[int, list[list[Any]]], None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -184,7 +183,7 @@ class RemoteKernel:
                 key=self.key,
                 signature_scheme=self.signature_scheme,
             )
-            self._connect_sockets(info)
+            self._context = zmq.asyncio.Context()  # for the start-up probes
             env = kernel_environment(
                 self.session_id,
                 self.host_id,
@@ -270,25 +269,23 @@ class RemoteKernel:
             return {"transport": "ipc", "ip": prefix}
         return {"transport": "tcp", "ip": "127.0.0.1"}
 
-    def _connect_sockets(self, info: dict[str, Any]) -> None:
-        self._context = zmq.asyncio.Context()
-        ctx = zmq.Context.shadow(self._context.underlying)  # plain sockets for the pumps
+    async def _connect_channels(self, info: dict[str, Any]) -> None:
+        """Open the four kernel channels (the kernel is listening once it answers its
+        heartbeat): the agent speaks ZMTP on them itself, without a ZMQ I/O thread."""
         identity = b"gpu-share-" + secrets.token_hex(8).encode()
         plan = [
-            (wire.SHELL, zmq.DEALER, info["shell_port"], identity),
-            (wire.CONTROL, zmq.DEALER, info["control_port"], None),
-            (wire.STDIN, zmq.DEALER, info["stdin_port"], identity),
-            (wire.IOPUB, zmq.SUB, info["iopub_port"], None),
+            (wire.SHELL, b"DEALER", info["shell_port"], identity),
+            (wire.CONTROL, b"DEALER", info["control_port"], None),
+            (wire.STDIN, b"DEALER", info["stdin_port"], identity),
+            (wire.IOPUB, b"SUB", info["iopub_port"], None),
         ]
         for channel, kind, port, ident in plan:
-            sock = ctx.socket(kind)
-            sock.linger = 0
-            if ident is not None:
-                sock.setsockopt(zmq.IDENTITY, ident)
-            if kind == zmq.SUB:
-                sock.setsockopt(zmq.SUBSCRIBE, b"")
-            sock.connect(channel_url(info, port))
-            self._pumps[channel] = SocketPump(sock, functools.partial(self._received, channel))
+            self._pumps[channel] = await zmtp.connect(
+                channel_url(info, port),
+                kind,
+                functools.partial(self._received, channel),
+                identity=ident,
+            )
 
     async def _wait_ready(self, info: dict[str, Any]) -> None:
         assert self._context is not None
@@ -316,6 +313,7 @@ class RemoteKernel:
                     break
             finally:
                 hb.close(linger=0)
+        await self._connect_channels(info)
         await self._wait_iopub(info, deadline)
 
     async def _wait_iopub(self, info: dict[str, Any], deadline: float) -> None:
@@ -435,8 +433,7 @@ class RemoteKernel:
         pump = self._pumps.get(channel)
         if pump is None or pump.closed:
             raise RuntimeError("kernel channels are closed")
-        # Zero-copy only pays for big messages; for small ones its bookkeeping costs more.
-        pump.send(frames, copy=wire.total_size(frames) < wire.ZERO_COPY_ABOVE)
+        pump.send(frames)
 
     # -- signals and stop ---------------------------------------------------------------
 
