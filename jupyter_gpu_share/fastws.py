@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, cast
 
 from tornado import httpclient, httputil
@@ -29,6 +30,8 @@ from tornado.websocket import (
     WebSocketProtocol,
     WebSocketProtocol13,
 )
+
+log = logging.getLogger(__name__)
 
 READ_CHUNK = 256 * 1024
 _YIELD_EVERY_BYTES = 1024 * 1024
@@ -687,6 +690,7 @@ class ClientEnd(FrameEnd):
         self._drained: asyncio.Future[None] | None = None
         self._pinger: asyncio.TimerHandle | None = None
         self._heard_since_ping = True
+        self._handler: Callable[[Any], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -706,7 +710,32 @@ class ClientEnd(FrameEnd):
     def _heard(self) -> None:
         self._heard_since_ping = True
 
+    def deliver_to(self, handler: Callable[[str | bytes | bytearray], None]) -> None:
+        """Hand every message to ``handler`` as it is read, in this read's callback, instead
+        of queueing it for ``read_message`` (which then only reports the close, with None).
+        Saves a task wake-up per read; messages already queued go first."""
+        self._handler = handler
+        while self._queue_in:
+            message = self._queue_in.popleft()
+            self._call(handler, message)
+        self._queued_bytes = 0
+        if self._reading_paused and self.transport is not None and not self._closed:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    @staticmethod
+    def _call(handler: Callable[[Any], None], message: Any) -> None:
+        try:
+            handler(message)
+        except Exception:
+            log.exception("handling a websocket message failed")
+
     def _deliver(self, messages: list[tuple[int, Any]]) -> None:
+        handler = self._handler
+        if handler is not None:
+            for opcode, payload in messages:
+                self._call(handler, payload.decode("utf-8") if opcode == OP_TEXT else payload)
+            return
         for opcode, payload in messages:
             self._queue_in.append(payload.decode("utf-8") if opcode == OP_TEXT else payload)
             self._queued_bytes += len(payload)

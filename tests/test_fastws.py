@@ -376,3 +376,27 @@ def test_frame_pieces_are_chunk_sized_and_byte_exact(masked):
     assert body == (_websocket_mask(key, payload) if key else payload)
     assert len(pieces[0]) == len(header) + fastws.CHUNK
     assert all(len(piece) == fastws.CHUNK for piece in pieces[1:-1])
+
+
+def test_deliver_to_hands_messages_over_in_order_and_read_message_reports_the_close():
+    async def run() -> None:
+        server, port = await serve(ProtocolEcho)
+        ws = await client(port, end=True)
+        for n in range(3):
+            ws.write_message(b"early %d" % n, binary=True)
+        while len(ws._queue_in) < 3:  # echoed and queued before a handler is set
+            await asyncio.sleep(0.01)
+        got: list[str | bytes | bytearray] = []
+        ws.deliver_to(got.append)
+        assert got == [b"early 0", b"early 1", b"early 2"]
+        ws.write_message("text")
+        ws.write_message(b"late", binary=True)
+        while len(got) < 5:
+            await asyncio.sleep(0.01)
+        assert got[3:] == ["text", b"late"] and not ws._queue_in
+        await send(ws, "close please")
+        assert await ws.read_message() is None  # nothing queued: only the close
+        assert ws.close_code == 4002
+        server.stop()
+
+    asyncio.run(run())

@@ -229,6 +229,8 @@ class HostSession:
     async def _read_relay(self) -> None:
         while not self._closing:
             conn = self.relay
+            if isinstance(conn, fastws.ClientEnd):
+                conn.deliver_to(self._handle_relay_message)  # read_message: the close only
             message = await conn.read_message() if conn is not None else None
             if message is None:
                 if self._closing:
@@ -246,10 +248,13 @@ class HostSession:
                     return
                 self._flush_outbox()
                 continue
-            try:
-                self._from_relay(message)
-            except Exception:
-                self.log.exception("session %s: failed to handle a relay message", self.session_id)
+            self._handle_relay_message(message)
+
+    def _handle_relay_message(self, message: str | bytes | bytearray) -> None:
+        try:
+            self._from_relay(message)
+        except Exception:
+            self.log.exception("session %s: failed to handle a relay message", self.session_id)
 
     def _from_relay(self, message: str | bytes) -> None:
         if not isinstance(message, str):

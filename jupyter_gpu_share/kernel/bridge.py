@@ -285,6 +285,8 @@ class KernelBridge:
     async def _pump_from_relay(self) -> None:
         ws = self.ws
         while ws is not None and ws is self.ws:
+            if isinstance(ws, fastws.ClientEnd):
+                ws.deliver_to(self._from_relay)  # read_message now only reports the close
             message = await ws.read_message()
             if message is None:
                 if ws is not self.ws:
@@ -299,19 +301,23 @@ class KernelBridge:
                 )
                 ws = self.ws = await self._reconnect()
                 continue
-            if not isinstance(message, str):
-                try:
-                    channel, frames = wire.decode(message)
-                except wire.FrameError as error:
-                    log.warning("dropping a malformed relay message: %s", error)
-                    continue
-                # Zero-copy only pays for big messages; for small ones it costs more.
-                copy = wire.total_size(frames) < wire.ZERO_COPY_ABOVE
-                pump = self.pumps.get(channel)
-                if pump is not None and not pump.closed:
-                    pump.send(frames, copy=copy)
-            else:
-                self._on_control(json.loads(message))
+            self._from_relay(message)
+
+    def _from_relay(self, message: str | bytes | bytearray) -> None:
+        """One message from the host: kernel frames to their local port, or a record."""
+        if isinstance(message, str):
+            self._on_control(json.loads(message))
+            return
+        try:
+            channel, frames = wire.decode(message)
+        except wire.FrameError as error:
+            log.warning("dropping a malformed relay message: %s", error)
+            return
+        # Zero-copy only pays for big messages; for small ones it costs more.
+        copy = wire.total_size(frames) < wire.ZERO_COPY_ABOVE
+        pump = self.pumps.get(channel)
+        if pump is not None and not pump.closed:
+            pump.send(frames, copy=copy)
 
     def _on_control(self, record: dict[str, Any]) -> None:
         kind = record.get("type")
