@@ -202,6 +202,42 @@ _HEAD16 = struct.Struct("!BBH")
 _HEAD64 = struct.Struct("!BBQ")
 
 Buffer = bytes | bytearray | memoryview
+FIRST_READ_SIZE = 4 * 1024
+
+
+class ReadBuffer:
+    """Bytes read but not parsed yet, for a ``BufferedProtocol``. It starts at a few KiB (an
+    idle connection, of which a broker holds thousands, keeps no more) and doubles, up to
+    ``READ_SIZE``, whenever a read fills all the room it was offered."""
+
+    def __init__(self) -> None:
+        self.data = bytearray(FIRST_READ_SIZE)
+        self.end = 0  # bytes held
+        self._offered = 0
+        self._filled_all = False
+
+    def room(self) -> memoryview:
+        """Where the next read goes (asyncio's ``get_buffer``)."""
+        size = len(self.data)
+        if size < READ_SIZE and (self.end == size or self._filled_all):
+            grown = bytearray(min(READ_SIZE, 2 * size))
+            grown[: self.end] = memoryview(self.data)[: self.end]
+            self.data = grown
+        self._offered = len(self.data) - self.end
+        return memoryview(self.data)[self.end :]
+
+    def filled(self, nbytes: int) -> bytes:
+        """Count a read in; return everything held, as bytes to parse."""
+        self._filled_all = nbytes == self._offered
+        self.end += nbytes
+        return bytes(memoryview(self.data)[: self.end])
+
+    def keep_from(self, used: int) -> None:
+        """Drop the first ``used`` bytes (parsed); keep the rest for the next read."""
+        left = self.end - used
+        if used and left:
+            self.data[:left] = memoryview(self.data)[used : self.end]
+        self.end = left
 
 
 class Masked:
@@ -308,6 +344,12 @@ def frame_header(opcode: int, length: int, mask: bytes | None = None) -> bytes:
     return header + mask if mask else header
 
 
+_SHORT_HEADERS = {
+    opcode: [bytes((0x80 | opcode, length)) for length in range(126)]
+    for opcode in (0x0, 0x1, 0x2, 0x8, 0x9, 0xA)
+}
+
+
 def close_payload(code: int | None, reason: str | None) -> bytes:
     if code is None:
         return b""
@@ -332,9 +374,7 @@ class FrameEnd(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.close_code: int | None = None
         self.close_reason: str | None = None
-        self._read = bytearray(READ_SIZE)
-        self._read_view = memoryview(self._read)
-        self._read_end = 0
+        self._read = ReadBuffer()
         self._large: bytearray | None = None  # the payload of a large frame still arriving
         self._large_length = 0
         self._large_filled = 0
@@ -363,7 +403,7 @@ class FrameEnd(asyncio.BufferedProtocol):
             if self._large_filled == len(large):  # a frame over UPFRONT bytes: grow it
                 large += bytes(min(len(large), self._large_length - len(large)))
             return memoryview(large)[self._large_filled :]
-        return self._read_view[self._read_end :]
+        return self._read.room()
 
     def buffer_updated(self, nbytes: int) -> None:
         self._heard()
@@ -374,12 +414,8 @@ class FrameEnd(asyncio.BufferedProtocol):
                 return
             self._finish_large(messages)
         else:
-            self._read_end += nbytes
-            used = self._parse(messages)
-            left = self._read_end - used
-            if used and left:
-                self._read[:left] = self._read_view[used : self._read_end]
-            self._read_end = left
+            data = self._read.filled(nbytes)
+            self._read.keep_from(self._parse(data, messages))
         if messages and not self._close_sent:
             self._deliver(messages)
 
@@ -424,14 +460,13 @@ class FrameEnd(asyncio.BufferedProtocol):
         """Bytes arrived."""
 
     # frames in
-    def _parse(self, messages: list[tuple[int, Any]]) -> int:
+    def _parse(self, data: bytes, messages: list[tuple[int, Any]]) -> int:
         """Handle the complete frames at the start of the read buffer; return the bytes used.
 
         A large frame that has not fully arrived moves to its own buffer, which the
         following reads fill directly.
         """
-        size = self._read_end
-        data = bytes(self._read_view[:size])  # slicing bytes is cheaper than a memoryview
+        size = len(data)
         position = 0
         while size - position >= 2:
             first, second = data[position], data[position + 1]
@@ -591,32 +626,42 @@ class FrameEnd(asyncio.BufferedProtocol):
         """Write several messages: small ones joined into one write, large ones in pieces."""
         if self._close_sent or self.transport is None:
             return
-        pieces: list[Any] = []
         joined: list[Any] = []
+        pieces: list[Any] | None = None  # only once a large message is among them
+        masking = not self.MASKED_IN
         for opcode, payload in messages:
-            length = payload_length(payload)
-            key = self._mask()
+            length = len(payload) if type(payload) is bytes else payload_length(payload)
+            key = os.urandom(4) if masking else None
             if length < LARGE:
-                joined.append(frame_header(opcode, length, key))
                 if key is not None:
+                    joined.append(frame_header(opcode, length, key))
                     joined.append(_websocket_mask(key, as_bytes(payload)))
-                elif isinstance(payload, (list, tuple)):
+                    continue
+                if length < 126:
+                    joined.append(_SHORT_HEADERS[opcode][length])
+                else:
+                    joined.append(_HEAD16.pack(0x80 | opcode, 126, length))
+                if isinstance(payload, (list, tuple)):
                     joined.extend(payload)
                 else:
                     joined.append(payload)
                 continue
+            if pieces is None:
+                pieces = []
             if joined:
                 pieces.append(b"".join(joined))
                 joined = []
             header = frame_header(opcode, length, key)
             pieces.append(_frame_pieces(header, _parts(payload), key))
             self._pending_bytes += len(header) + length
+        if pieces is None:
+            if not self._pending and not self._socket_full:
+                if not self.transport.is_closing():
+                    self.transport.write(b"".join(joined))  # the common case: one write
+                return
+            pieces = []
         if joined:
-            pieces.append(joined[0] if len(joined) == 1 else b"".join(joined))
-        if joined and len(pieces) == 1 and not self._pending and not self._socket_full:
-            if not self.transport.is_closing():
-                self.transport.write(pieces[0])  # the common case: one write, nothing queued
-            return
+            pieces.append(b"".join(joined))
         self._queue(pieces)
 
     def pause_reading(self, paused: bool) -> None:

@@ -21,6 +21,8 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
+from .fastws import ReadBuffer
+
 log = logging.getLogger(__name__)
 
 # signature (0xFF, 8 bytes of padding, 0x7F), version 3.0, mechanism NULL, as-server 0, filler
@@ -28,7 +30,6 @@ GREETING = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0")
 GREETING_SIZE = 64
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
 PEERS = {b"DEALER": {b"ROUTER", b"DEALER"}, b"SUB": {b"PUB", b"XPUB"}}
-READ_SIZE = 256 * 1024
 LARGE = 64 * 1024  # frame bodies from this size are read into (and written from) their own buffer
 MAX_FRAME = 512 * 1024 * 1024
 _LONG_SIZE = struct.Struct("!Q")
@@ -99,9 +100,7 @@ class ZmtpChannel(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
-        self._read = bytearray(READ_SIZE)
-        self._read_view = memoryview(self._read)
-        self._read_end = 0
+        self._read = ReadBuffer()
         self._large: bytearray | None = None
         self._large_filled = 0
         self._large_flags = 0
@@ -116,7 +115,7 @@ class ZmtpChannel(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._large is not None:
             return memoryview(self._large)[self._large_filled :]
-        return self._read_view[self._read_end :]
+        return self._read.room()
 
     def buffer_updated(self, nbytes: int) -> None:
         batch: list[list[Any]] = []
@@ -128,12 +127,8 @@ class ZmtpChannel(asyncio.BufferedProtocol):
                 body, self._large = self._large, None
                 self._frame(self._large_flags, body, batch)
             else:
-                self._read_end += nbytes
-                used = self._parse(batch)
-                left = self._read_end - used
-                if used and left:
-                    self._read[:left] = self._read_view[used : self._read_end]
-                self._read_end = left
+                data = self._read.filled(nbytes)
+                self._read.keep_from(self._parse(data, batch))
         except ZmtpError as error:
             log.warning("kernel channel closed: %s", error)
             self.close()
@@ -152,9 +147,8 @@ class ZmtpChannel(asyncio.BufferedProtocol):
             self.on_lost(exc)
 
     # frames in
-    def _parse(self, batch: list[list[Any]]) -> int:
-        size = self._read_end
-        data = bytes(self._read_view[:size])
+    def _parse(self, data: bytes, batch: list[list[Any]]) -> int:
+        size = len(data)
         position = 0
         if not self._greeted:
             if size < GREETING_SIZE:

@@ -33,7 +33,7 @@ def test_dealer_talks_to_a_router(transport: str, tmp_path: Any) -> None:
         channel = await zmtp.connect(
             url, b"DEALER", lambda batch: [got.put_nowait(m) for m in batch], identity=b"me"
         )
-        big = os.urandom(3 * zmtp.READ_SIZE + 11)
+        big = os.urandom(3 * 256 * 1024 + 11)
         messages = [
             [b"<IDS|MSG>", b"sig", b"{}", b""],
             [b"x" * 255, b"y" * 256, big, memoryview(os.urandom(zmtp.LARGE))],
