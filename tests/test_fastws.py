@@ -400,3 +400,24 @@ def test_deliver_to_hands_messages_over_in_order_and_read_message_reports_the_cl
         server.stop()
 
     asyncio.run(run())
+
+
+def test_a_read_buffer_starts_small_grows_when_filled_and_keeps_what_is_unparsed():
+    buffer = fastws.ReadBuffer()
+    room = buffer.room()
+    assert len(room) == fastws.FIRST_READ_SIZE  # what an idle connection holds
+    room[:10] = b"0123456789"
+    del room
+    assert buffer.filled(10) == b"0123456789"
+    buffer.keep_from(4)  # 6 bytes left unparsed
+    kept = b"456789"
+    for _ in range(12):  # every read fills all the room it is offered
+        room = buffer.room()
+        offered = len(room)
+        room[:] = b"x" * offered
+        del room
+        data = buffer.filled(offered)
+        assert data == kept + b"x" * offered
+        buffer.keep_from(len(data) - 6)
+        kept = data[-6:]
+    assert len(buffer.data) == fastws.READ_SIZE  # doubled up to the cap, no further
