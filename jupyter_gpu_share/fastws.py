@@ -17,7 +17,7 @@ import os
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 from tornado import httpclient, httputil
@@ -262,9 +262,6 @@ class Masked:
         return b"".join(self.pieces())
 
 
-Payload = Buffer | Masked | Sequence[Buffer]  # a sequence: parts, sent as one message
-
-
 def as_bytes(payload: Any) -> bytes:
     """A received or queued payload as one bytes object."""
     if isinstance(payload, bytes):
@@ -309,18 +306,16 @@ def _frame_pieces(header: bytes, parts: Iterable[Any], key: bytes | None) -> Ite
     for part in parts:
         size = _nbytes(part)
         offset = 0
-        if size > room:
-            view = _byte_view(part)
-            while size - offset >= room:
-                group.append(view[offset : offset + room])
-                offset += room
-                yield _piece(prefix, group, key)
-                prefix, group, room = b"", [], CHUNK
-            part = view[offset:]
-        if size > offset:
-            group.append(part)
+        view = _byte_view(part) if size >= room else None
+        while size - offset >= room:  # the part fills the piece being made
+            group.append(cast(memoryview, view)[offset : offset + room])
+            offset += room
+            yield _piece(prefix, group, key)
+            prefix, group, room = b"", [], CHUNK
+        if offset < size:
+            group.append(part if view is None else view[offset:])
             room -= size - offset
-    if group:
+    if group or prefix:
         yield _piece(prefix, group, key)
 
 
