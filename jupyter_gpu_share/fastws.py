@@ -240,6 +240,32 @@ class ReadBuffer:
         self.end = left
 
 
+class LargeFrame:
+    """The body of one large frame, read straight into a buffer of its own. Up to
+    ``UPFRONT`` bytes are allocated at once; a longer body's buffer grows as it arrives, so
+    a header announcing a huge frame costs nothing until its bytes come."""
+
+    def __init__(self, length: int, arrived: Any, tag: Any = None) -> None:
+        arrived = memoryview(arrived)
+        self.length = length
+        self.tag = tag  # what the reader needs once the body is whole (flags, key, ...)
+        self.data = bytearray(min(length, max(UPFRONT, arrived.nbytes)))
+        self.data[: arrived.nbytes] = arrived
+        self.filled = arrived.nbytes
+
+    def room(self) -> memoryview:
+        """Where the next read goes (asyncio's ``get_buffer``)."""
+        data = self.data
+        if self.filled == len(data):
+            data += bytes(min(len(data), self.length - len(data)))
+        return memoryview(data)[self.filled :]
+
+    def add(self, nbytes: int) -> bool:
+        """Count a read in; True once the body is whole."""
+        self.filled += nbytes
+        return self.filled >= self.length
+
+
 class Masked:
     """A large payload as a client sent it: still masked. The broker only forwards it, so
     it is unmasked piece by piece on the way out instead of into a second buffer."""
@@ -370,10 +396,7 @@ class FrameEnd(asyncio.BufferedProtocol):
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self._read = ReadBuffer()
-        self._large: bytearray | None = None  # the payload of a large frame still arriving
-        self._large_length = 0
-        self._large_filled = 0
-        self._large_frame: tuple[int, int, bytes | None] = (0, 0, None)  # first byte, op, key
+        self._large: LargeFrame | None = None  # tagged (first byte, opcode, masking key)
         self._fragments: list[Any] | None = None
         self._fragments_opcode = 0
         self._fragments_bytes = 0
@@ -393,19 +416,15 @@ class FrameEnd(asyncio.BufferedProtocol):
         self.transport.set_write_buffer_limits(high=CHUNK, low=0)
 
     def get_buffer(self, sizehint: int) -> memoryview:
-        large = self._large
-        if large is not None:
-            if self._large_filled == len(large):  # a frame over UPFRONT bytes: grow it
-                large += bytes(min(len(large), self._large_length - len(large)))
-            return memoryview(large)[self._large_filled :]
+        if self._large is not None:
+            return self._large.room()
         return self._read.room()
 
     def buffer_updated(self, nbytes: int) -> None:
         self._heard()
         messages: list[tuple[int, Any]] = []
         if self._large is not None:
-            self._large_filled += nbytes
-            if self._large_filled < self._large_length:
+            if not self._large.add(nbytes):
                 return
             self._finish_large(messages)
         else:
@@ -493,7 +512,7 @@ class FrameEnd(asyncio.BufferedProtocol):
             if end > size:
                 if length >= LARGE and start <= size:
                     key = data[mask_at:start] if self.MASKED_IN else None
-                    self._begin_large(first, opcode, length, key, memoryview(data)[start:])
+                    self._large = LargeFrame(length, data[start:], (first, opcode, key))
                     return size
                 break  # the rest of a small frame comes with the next read
             if self.MASKED_IN:
@@ -505,18 +524,10 @@ class FrameEnd(asyncio.BufferedProtocol):
                 return size
         return position
 
-    def _begin_large(
-        self, first: int, opcode: int, length: int, key: bytes | None, arrived: memoryview
-    ) -> None:
-        buffer = bytearray(min(length, max(UPFRONT, arrived.nbytes)))
-        buffer[: arrived.nbytes] = arrived
-        self._large, self._large_length, self._large_filled = buffer, length, arrived.nbytes
-        self._large_frame = (first, opcode, key)
-
     def _finish_large(self, messages: list[tuple[int, Any]]) -> None:
-        first, opcode, key = self._large_frame
-        data = cast(bytearray, self._large)
-        self._large = None
+        large, self._large = cast(LargeFrame, self._large), None
+        first, opcode, key = large.tag
+        data = large.data
         payload: Any = data if key is None else Masked(data, key)
         self._frame(first & 0x80, opcode, payload, messages)
 

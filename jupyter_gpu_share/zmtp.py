@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
-from .fastws import ReadBuffer
+from .fastws import LargeFrame, ReadBuffer
 
 log = logging.getLogger(__name__)
 
@@ -100,9 +100,7 @@ class ZmtpChannel(asyncio.BufferedProtocol):
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.closed = False
         self._read = ReadBuffer()
-        self._large: bytearray | None = None
-        self._large_filled = 0
-        self._large_flags = 0
+        self._large: LargeFrame | None = None  # tagged with the frame's flags
         self._greeted = False
         self._parts: list[Any] = []
 
@@ -113,18 +111,17 @@ class ZmtpChannel(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._large is not None:
-            return memoryview(self._large)[self._large_filled :]
+            return self._large.room()
         return self._read.room()
 
     def buffer_updated(self, nbytes: int) -> None:
         batch: list[list[Any]] = []
         try:
             if self._large is not None:
-                self._large_filled += nbytes
-                if self._large_filled < len(self._large):
+                if not self._large.add(nbytes):
                     return
-                body, self._large = self._large, None
-                self._frame(self._large_flags, body, batch)
+                large, self._large = self._large, None
+                self._frame(large.tag, large.data, batch)
             else:
                 data = self._read.filled(nbytes)
                 self._read.keep_from(self._parse(data, batch))
@@ -171,9 +168,7 @@ class ZmtpChannel(asyncio.BufferedProtocol):
             end = start + length
             if end > size:
                 if length >= LARGE:  # read the rest straight into the frame's own buffer
-                    body = bytearray(length)
-                    body[: size - start] = data[start:]
-                    self._large, self._large_filled, self._large_flags = body, size - start, flags
+                    self._large = LargeFrame(length, data[start:], flags)
                     return size
                 break
             position = end
