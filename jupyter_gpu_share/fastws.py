@@ -408,12 +408,17 @@ class FrameEnd(asyncio.BufferedProtocol):
         self._close_sent = False
         self._closed = False
         self._close_timer: asyncio.TimerHandle | None = None
+        self.early = b""  # bytes read before this protocol had the socket (see adopt)
 
     # asyncio.BufferedProtocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         # Our own queue holds what the socket cannot take; the transport buffers one piece.
         self.transport.set_write_buffer_limits(high=CHUNK, low=0)
+        self._started()
+        early, self.early = self.early, b""
+        if early:  # before any read: some event loops (uvloop) read as soon as they can
+            self.feed(early)
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._large is not None:
@@ -461,6 +466,9 @@ class FrameEnd(asyncio.BufferedProtocol):
         self._feed()
 
     # hooks
+    def _started(self) -> None:
+        """The transport is ours; no byte has been read yet."""
+
     def _deliver(self, messages: list[tuple[int, Any]]) -> None:
         """Take the messages of one read (ServerEnd: a callback; ClientEnd: a queue)."""
 
@@ -698,12 +706,22 @@ class ServerEnd(FrameEnd):
     ``on_closed(end, code, reason)`` the end, ``on_pause(end, paused)`` back-pressure."""
 
     def __init__(
-        self, on_messages: Any, on_closed: Any, max_message_size: int, on_pause: Any = None
+        self,
+        on_messages: Any,
+        on_closed: Any,
+        max_message_size: int,
+        on_pause: Any = None,
+        on_started: Any = None,
     ) -> None:
         super().__init__(max_message_size)
         self.on_messages = on_messages
         self.on_closed = on_closed
         self.on_pause = on_pause
+        self.on_started = on_started
+
+    def _started(self) -> None:
+        if self.on_started is not None:
+            self.on_started(self)
 
     def _deliver(self, messages: list[tuple[int, Any]]) -> None:
         self.on_messages(self, messages)
@@ -852,26 +870,32 @@ class ClientEnd(FrameEnd):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
 
 
-async def adopt(stream: Any, factory: Any) -> tuple[Any, bytes]:
+async def adopt(stream: Any, factory: Any) -> Any:
     """Move a connected websocket from a tornado IOStream to an asyncio protocol.
 
-    Returns the protocol and the bytes tornado had already read past the handshake. The
-    socket is duplicated, tornado's copy closed (its descriptor unregistered), and the
-    duplicate given to the event loop, so no byte is lost or read twice.
+    The socket is duplicated, tornado's copy closed (its descriptor unregistered), and the
+    duplicate given to the event loop, so no byte is lost or read twice: the bytes tornado
+    had already read past the handshake are the protocol's first, before any read.
     """
     await stream.write(b"")  # what tornado still had to write (the handshake) is out
     leftover = bytes(stream._read_buffer)
     duplicate = os.dup(stream.socket.fileno())
     stream.close()
     sock = socket.socket(fileno=duplicate)
+
+    def make() -> Any:
+        protocol = factory()
+        protocol.early = leftover
+        return protocol
+
     try:
         _transport, protocol = await asyncio.get_running_loop().connect_accepted_socket(
-            factory, sock=sock
+            make, sock=sock
         )
     except BaseException:
         sock.close()
         raise
-    return protocol, leftover
+    return protocol
 
 
 def _stop_pinging(protocol: WebSocketProtocol13) -> None:
@@ -893,7 +917,7 @@ class _HandOverClientProtocol(BatchedWebSocketProtocol):
             await super()._receive_frame_loop()
             return
         try:
-            end, leftover = await adopt(
+            end = await adopt(
                 self.stream,
                 lambda: ClientEnd(self.params.max_message_size, self.params.ping_interval),
             )
@@ -903,8 +927,6 @@ class _HandOverClientProtocol(BatchedWebSocketProtocol):
         finally:
             _stop_pinging(self)
         self.handed_over.set_result(end)
-        if leftover:
-            end.feed(leftover)
 
 
 class _HandOverClientConnection(WebSocketClientConnection):
@@ -980,17 +1002,18 @@ class ProtocolWebSocketHandler(WebSocketHandler):
 
     async def _take_over(self, stream: Any) -> None:
         try:
-            end, leftover = await adopt(stream, self._make_end)
+            await adopt(stream, self._make_end)
         except (StreamClosedError, OSError):
             self.on_ws_connection_close(None, None)
-            return
-        self.end = end
-        self.on_taken_over()
-        if leftover:
-            end.feed(leftover)
 
     def _make_end(self) -> ServerEnd:
-        return ServerEnd(self._messages, self._closed, self.max_message_size, self.on_pause)
+        return ServerEnd(
+            self._messages, self._closed, self.max_message_size, self.on_pause, self._started
+        )
+
+    def _started(self, end: ServerEnd) -> None:
+        self.end = end
+        self.on_taken_over()
 
     def _messages(self, end: ServerEnd, messages: list[tuple[int, Any]]) -> None:
         self.on_messages(messages)

@@ -421,3 +421,40 @@ def test_a_read_buffer_starts_small_grows_when_filled_and_keeps_what_is_unparsed
         buffer.keep_from(len(data) - 6)
         kept = data[-6:]
     assert len(buffer.data) == fastws.READ_SIZE  # doubled up to the cap, no further
+
+
+def _loops() -> list:
+    loops = [pytest.param(asyncio.run, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:
+        loops.append(pytest.param(None, id="uvloop", marks=pytest.mark.skip("needs uvloop")))
+    else:
+        loops.append(pytest.param(uvloop.run, id="uvloop"))
+    return loops
+
+
+@pytest.mark.parametrize("run_loop", _loops())
+def test_frames_written_with_the_upgrade_arrive_first_and_in_order(run_loop):
+    """Bytes tornado read past the handshake come before anything the new end reads itself,
+    also where the loop reads as soon as the socket is handed over (uvloop)."""
+
+    async def run() -> None:
+        ProtocolEcho.batches.clear()
+        server, port = await serve(ProtocolEcho)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        upgrade = (
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        early = b"".join(_frame(0x2, bytes([i])) for i in range(50))
+        writer.write(upgrade + early)  # tornado reads these frames with the request
+        assert b"101" in await reader.readuntil(b"\r\n\r\n")
+        # These arrive while the socket is being handed over.
+        writer.write(b"".join(_frame(0x2, bytes([i])) for i in range(50, 100)))
+        echoed = await asyncio.wait_for(reader.readexactly(100 * 3), 10)
+        assert echoed == b"".join(b"\x82\x01" + bytes([i]) for i in range(100))
+        writer.close()
+        server.stop()
+
+    run_loop(run())
