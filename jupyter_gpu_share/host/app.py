@@ -11,6 +11,7 @@ from jupyter_core.application import JupyterApp, base_aliases, base_flags
 from traitlets import Bool, Unicode
 
 from .. import __version__
+from ..heap import freeze_startup_objects
 from .agent import NO_SANDBOX_WARNING, AgentAuthError, AgentConfigError, HostAgent
 
 aliases: dict[str, Any] = dict(base_aliases)
@@ -152,6 +153,7 @@ class HostAgentApp(JupyterApp):
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, agent.request_stop)
+        freeze_startup_objects()
         try:
             await agent.run()
         finally:
