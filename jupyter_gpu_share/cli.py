@@ -517,8 +517,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run_server_verb(verb: str, argv: list[str]) -> int:
     if verb == "broker":
         from .broker.app import BrokerApp
+        from .loops import EventLoopError
 
-        BrokerApp.launch_instance(argv)
+        try:
+            BrokerApp.launch_instance(argv)
+        except EventLoopError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            return 1
     elif verb == "host":
         from .host.app import HostAgentApp
 

@@ -65,7 +65,10 @@ class E2EPhase:
         (self.workdir / "e2e").mkdir(parents=True, exist_ok=True)
         log("starting broker")
         cluster = self.cluster = Cluster(
-            self.workdir / "e2e", heartbeat_interval=5.0, checkpoint_interval=5.0
+            self.workdir / "e2e",
+            heartbeat_interval=5.0,
+            checkpoint_interval=5.0,
+            **self.cfg.get("broker_traits", {}),
         )
         self.user_token = cluster.account("bench-user", "user", USER_CREDIT)
         log("starting host agent, user server, kernel gateways")

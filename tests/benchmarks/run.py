@@ -162,7 +162,11 @@ def relay_phase(
     log("relay: a lone broker relaying echo kernels")
     (workdir / "relay").mkdir()
     cluster = Cluster(
-        workdir / "relay", minimum_start_seconds=0, heartbeat_interval=5.0, checkpoint_interval=5.0
+        workdir / "relay",
+        minimum_start_seconds=0,
+        heartbeat_interval=5.0,
+        checkpoint_interval=5.0,
+        **cfg.get("broker_traits", {}),
     )
     pyspy = pyspy_path() if cfg["profile_load"] else None
     profile_out = workdir / "relay-broker-profile.txt"
@@ -232,7 +236,9 @@ def heartbeat_phase(
         tokens.append(store.issue_token(f"hb-{i}"))
     store.close()
     (hbdir / "tokens.txt").write_text("\n".join(tokens))
-    cluster = Cluster(hbdir, heartbeat_interval=10.0, checkpoint_interval=5.0)
+    cluster = Cluster(
+        hbdir, heartbeat_interval=10.0, checkpoint_interval=5.0, **cfg.get("broker_traits", {})
+    )
     pyspy = pyspy_path() if cfg["profile_load"] else None
     profile_out = workdir / "heartbeat-broker-profile.txt"
     profile_args = ["--profile-out", str(profile_out), "--pyspy", pyspy] if pyspy else []
@@ -473,9 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         help="websocket ping interval of the simulated hosts (the agent's is 60 s; 0: none)",
     )
     parser.add_argument(
-        "--uvloop",
-        action="store_true",
-        help="experiment: run the lone brokers (relay, heartbeat) under uvloop",
+        "--broker-event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="the brokers' event loop (BrokerApp.event_loop): auto is uvloop where installed",
     )
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, profiles)"
@@ -488,17 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     phases = [p.strip() for p in args.only.split(",") if p.strip()]
     procs.raise_fd_limit()
     machine = procs.machine()
-    if args.uvloop:
-        import tests.e2e.harness as harness
-
-        harness.CLI = [sys.executable, "-m", "tests.benchmarks.uvloop_cli"]
-        os.environ["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p
-        )
-        if "e2e" in phases:
-            raise SystemExit(
-                "--uvloop is for the relay and heartbeat phases only (--only relay,heartbeat)"
-            )
+    cfg["broker_traits"] = {"event_loop": args.broker_event_loop}
     workdir = Path(tempfile.mkdtemp(prefix="gpu-share-bench-"))
     started = time.perf_counter()
     results: dict[str, Any] = {}

@@ -22,6 +22,16 @@ from jupyter_gpu_share.ledger import MICRO
 
 from .harness import clean_env, eventually
 
+
+def loop_in_use_by_default() -> str:
+    """What ``--event-loop=auto`` gives here: uvloop where it is installed."""
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
 pytestmark = pytest.mark.e2e
 
 HOSTS = ("host-a", "host-b")
@@ -42,8 +52,9 @@ def stream_text(cell: nbformat.NotebookNode) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
 
-def test_nbclient_runs_a_notebook_on_a_host(make_cluster, monkeypatch):
-    cluster = make_cluster()
+@pytest.mark.parametrize("event_loop", ["auto", "asyncio"])
+def test_nbclient_runs_a_notebook_on_a_host(make_cluster, monkeypatch, event_loop):
+    cluster = make_cluster(event_loop=event_loop)
     for name in HOSTS:
         cluster.start_host(name)
     token = cluster.account("nina", "user", 50 * MICRO)
@@ -69,6 +80,8 @@ def test_nbclient_runs_a_notebook_on_a_host(make_cluster, monkeypatch):
     assert session["host_id"] == host
     assert session["billed_seconds"] >= 1
     assert session["amount_micro"] == session["billed_seconds"] * session["price_per_second_micro"]
+    expected_loop = "asyncio" if event_loop == "asyncio" else loop_in_use_by_default()
+    assert f"{expected_loop} event loop" in cluster.broker.output()
 
 
 def _execute_request(code: str, session: str) -> dict[str, Any]:
