@@ -22,6 +22,11 @@ from tornado.websocket import WebSocketClosedError
 
 from jupyter_gpu_share import fastws
 
+try:
+    import uvloop
+except ImportError:  # a dependency everywhere but Windows
+    uvloop = None
+
 LIMIT = 64 * 1024 * 1024
 
 
@@ -423,18 +428,17 @@ def test_a_read_buffer_starts_small_grows_when_filled_and_keeps_what_is_unparsed
     assert len(buffer.data) == fastws.READ_SIZE  # doubled up to the cap, no further
 
 
-def _loops() -> list:
-    loops = [pytest.param(asyncio.run, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:
-        loops.append(pytest.param(None, id="uvloop", marks=pytest.mark.skip("needs uvloop")))
-    else:
-        loops.append(pytest.param(uvloop.run, id="uvloop"))
-    return loops
+LOOPS = [
+    pytest.param(asyncio.run, id="asyncio"),
+    pytest.param(
+        getattr(uvloop, "run", None),
+        id="uvloop",
+        marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed"),
+    ),
+]
 
 
-@pytest.mark.parametrize("run_loop", _loops())
+@pytest.mark.parametrize("run_loop", LOOPS)
 def test_frames_written_with_the_upgrade_arrive_first_and_in_order(run_loop):
     """Bytes tornado read past the handshake come before anything the new end reads itself,
     also where the loop reads as soon as the socket is handed over (uvloop)."""
