@@ -250,8 +250,9 @@ def run_demo(argv: list[str]) -> int:
             say(f"JupyterLab: {lab_url}")
             say(
                 "pick the 'Python 3 (shared GPU)' kernel; "
-                "`jupyter gpu-share sessions` shows the bill"
+                "`jupyter gpu-share sessions` in a JupyterLab terminal shows the bill"
             )
+            say(f"elsewhere: export GPU_SHARE_BROKER_URL={broker_url} GPU_SHARE_TOKEN={user_token}")
         say("press Ctrl-C to stop everything")
         while all(process.poll() is None for process in processes):
             time.sleep(0.5)
