@@ -37,6 +37,8 @@ from urllib.parse import urlsplit
 
 from tornado import httpclient, websocket
 
+from jupyter_gpu_share import fastws
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 API = "/gpu-share/api"
 TELEMETRY = {
@@ -59,14 +61,24 @@ def log(message: str) -> None:
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
-    """A process's CPU seconds so far: (in user space, in the kernel)."""
+    """A process's CPU seconds so far: (in user space, in the kernel), in clock ticks."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def cpu_seconds(pid: int) -> float:
-    return sum(cpu_split(pid))
+    """A process's CPU seconds so far, summed over its threads, to the nanosecond where the
+    kernel keeps scheduler statistics: /proc/PID/stat counts 10 ms ticks, too coarse for a
+    window of a few seconds."""
+    total_ns = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                total_ns += int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended between the listing and the read
+    return total_ns / 1e9 if total_ns else sum(cpu_split(pid))
 
 
 def rss_mib(pid: int) -> float:
@@ -121,6 +133,19 @@ async def connect(
         request, max_message_size=256 * 1024 * 1024, ping_interval=ping_interval
     )
     conn.protocol.set_nodelay(True)  # type: ignore[union-attr]
+    return conn
+
+
+async def connect_relay(url: str, token: str) -> fastws.ClientEnd:
+    """A relay websocket as the bridge and the host agent open it (``fastws.connect_end``):
+    tornado's handshake, then an asyncio protocol, so the load costs the load process
+    little and the broker, not this process, sets the pace."""
+    request = httpclient.HTTPRequest(
+        url, headers={"Authorization": f"Bearer {token}"}, connect_timeout=60, request_timeout=120
+    )
+    conn = await fastws.connect_end(request, max_message_size=256 * 1024 * 1024)
+    if not isinstance(conn, fastws.ClientEnd):
+        raise RuntimeError("the benchmark's broker is on loopback, without TLS")
     return conn
 
 
@@ -259,7 +284,7 @@ class FakeHost:
     def __init__(self, base: str, token: str, max_kernels: int):
         self.base, self.token, self.max_kernels = base, token, max_kernels
         self.control: websocket.WebSocketClientConnection | None = None
-        self.relays: dict[str, websocket.WebSocketClientConnection] = {}
+        self.relays: dict[str, fastws.ClientEnd] = {}
         self.interval = 5.0
         self.tasks: list[asyncio.Task[Any]] = []
         self.failures: list[str] = []
@@ -300,7 +325,7 @@ class FakeHost:
     async def _start_kernel(self, record: dict[str, Any]) -> None:
         sid = record["session_id"]
         try:
-            relay = await connect(ws_url(self.base, record["relay_path"]), self.token)
+            relay = await connect_relay(ws_url(self.base, record["relay_path"]), self.token)
         except Exception as error:
             self.failures.append(f"{sid}: {error}")
             return
@@ -308,14 +333,15 @@ class FakeHost:
         ready = json.dumps({"type": "kernel_ready", "session_id": sid})
         assert self.control is not None
         await self.control.write_message(ready)
-        await relay.write_message(ready)
-        while True:
-            message = await relay.read_message()
-            if message is None:
-                self.relays.pop(sid, None)
-                return
+        relay.write_message(ready)
+
+        def echo(message: str | bytes | bytearray) -> None:
             if not isinstance(message, str):
                 relay.write_message(message, binary=True)
+
+        relay.deliver_to(echo)
+        await relay.read_message()  # None: the relay closed
+        self.relays.pop(sid, None)
 
 
 class FakeRenter:
@@ -323,32 +349,59 @@ class FakeRenter:
 
     def __init__(self, api: Api, base: str, token: str):
         self.api, self.base, self.token = api, base, token
-        self.conn: websocket.WebSocketClientConnection | None = None
+        self.conn: fastws.ClientEnd | None = None
         self.session_id = ""
+        self.on_reply: Any = None  # called with no argument when the next binary message comes
+        self.closed: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         session = await self.api.call(self.token, "POST", "/sessions", {})
         self.session_id = session["id"]
-        self.conn = await connect(ws_url(self.base, session["relay_path"]), self.token)
-        await self.conn.write_message(
+        self.conn = conn = await connect_relay(ws_url(self.base, session["relay_path"]), self.token)
+        conn.write_message(
             json.dumps({"type": "hello", "key": "k" * 32, "signature_scheme": "hmac-sha256"})
         )
         while True:
-            message = await self.conn.read_message()
+            message = await conn.read_message()
             if message is None:
-                raise RuntimeError(f"relay closed before kernel_ready: {self.conn.close_reason}")
+                raise RuntimeError(f"relay closed before kernel_ready: {conn.close_reason}")
             if isinstance(message, str) and json.loads(message).get("type") == "kernel_ready":
-                return
+                break
+        conn.deliver_to(self._received)
+        self.closed = asyncio.ensure_future(self._watch_close())
+
+    async def _watch_close(self) -> None:
+        assert self.conn is not None
+        await self.conn.read_message()  # None: closed
+        self._reply_with(RuntimeError(f"relay closed: {self.conn.close_code}"))
+
+    def _received(self, message: str | bytes | bytearray) -> None:
+        if not isinstance(message, str):
+            self._reply_with(None)
+
+    def _reply_with(self, error: BaseException | None) -> None:
+        callback, self.on_reply = self.on_reply, None
+        if callback is not None:
+            callback(error)
+
+    def send(self, payload: bytes) -> None:
+        assert self.conn is not None
+        self.conn.write_message(payload, binary=True)
 
     async def ping(self, payload: bytes) -> None:
-        assert self.conn is not None
-        await self.conn.write_message(payload, binary=True)
-        while True:
-            message = await self.conn.read_message()
-            if message is None:
-                raise RuntimeError(f"relay closed: {self.conn.close_code} {self.conn.close_reason}")
-            if not isinstance(message, str):
+        answered: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def reply(error: BaseException | None) -> None:
+            if answered.done():
                 return
+            if error is None:
+                answered.set_result(None)
+            else:
+                answered.set_exception(error)
+
+        self.on_reply = reply
+        self.send(payload)
+        await answered
 
 
 async def bounded(coros: list[Any], limit: int) -> list[Any]:
@@ -364,20 +417,43 @@ async def bounded(coros: list[Any], limit: int) -> list[Any]:
 async def measure_relay(
     renters: list[FakeRenter], payload: bytes, round_trips: int, broker_pid: int
 ) -> dict[str, Any]:
-    """Every renter ping-pongs until ``round_trips`` are made in all; broker CPU per message."""
+    """Every renter ping-pongs until ``round_trips`` are made in all; broker CPU per message.
+
+    Each reply sends the renter's next ping from the read callback itself, without a task
+    switch, so the load process spends little per message."""
     remaining = round_trips
     latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+    in_flight = 0
 
-    async def worker(renter: FakeRenter) -> None:
-        nonlocal remaining
-        while remaining > 0:
-            remaining -= 1
-            started = time.perf_counter()
-            await renter.ping(payload)
+    def fire(renter: FakeRenter) -> None:
+        nonlocal remaining, in_flight
+        remaining -= 1
+        in_flight += 1
+        started = time.perf_counter()
+
+        def reply(error: BaseException | None) -> None:
+            nonlocal in_flight
+            in_flight -= 1
+            if error is not None:
+                if not finished.done():
+                    finished.set_exception(error)
+                return
             latencies.append(time.perf_counter() - started)
+            if remaining > 0:
+                fire(renter)
+            elif in_flight == 0 and not finished.done():
+                finished.set_result(None)
+
+        renter.on_reply = reply
+        renter.send(payload)
 
     cpu0, wall0 = cpu_seconds(broker_pid), time.perf_counter()
-    await asyncio.gather(*(worker(r) for r in renters))
+    for renter in renters:
+        if remaining > 0:
+            fire(renter)
+    await finished
     cpu1, wall1 = cpu_seconds(broker_pid), time.perf_counter()
     messages = 2 * len(latencies)  # each round trip is relayed twice: user->host, host->user
     latencies.sort()
