@@ -345,11 +345,16 @@ def _frame_pieces(header: bytes, parts: Iterable[Any], key: bytes | None) -> Ite
         yield _piece(prefix, group, key)
 
 
-def _piece(prefix: bytes, group: list[Any], key: bytes | None) -> bytes:
-    payload = b"".join(group)
+def _piece(prefix: bytes, group: list[Any], key: bytes | None) -> Any:
+    """One write: bytes, or a list of buffers for ``writelines`` (uvloop hands them to
+    ``writev`` as they are; asyncio joins them once), so the frame header is not copied
+    in front of a large payload."""
     if key is not None:
-        payload = _websocket_mask(key, payload)
-    return prefix + payload if prefix else payload
+        payload = _websocket_mask(key, b"".join(group))
+        return [prefix, payload] if prefix else payload
+    if prefix:
+        return [prefix, *group]
+    return group[0] if len(group) == 1 else group
 
 
 def frame_header(opcode: int, length: int, mask: bytes | None = None) -> bytes:
@@ -616,8 +621,12 @@ class FrameEnd(asyncio.BufferedProtocol):
                     continue
             else:
                 piece = pending.popleft()
-            self._pending_bytes -= _nbytes(piece)
-            transport.write(piece)  # may pause writing, when the socket is full
+            if type(piece) is list:
+                self._pending_bytes -= payload_length(piece)
+                transport.writelines(piece)  # may pause writing, when the socket is full
+            else:
+                self._pending_bytes -= _nbytes(piece)
+                transport.write(piece)
         if not pending:
             self._pending_bytes = 0
             if self._close_when_sent:

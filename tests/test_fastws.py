@@ -74,6 +74,16 @@ class ProtocolEcho(fastws.ProtocolWebSocketHandler):
         ProtocolEcho.closes.append((self.close_code, self.close_reason))
 
 
+LOOPS = [
+    pytest.param(asyncio.run, id="asyncio"),
+    pytest.param(
+        getattr(uvloop, "run", None),
+        id="uvloop",
+        marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed"),
+    ),
+]
+
+
 HANDLERS = pytest.mark.parametrize("handler", [Echo, ProtocolEcho], ids=["batched", "protocol"])
 
 
@@ -346,9 +356,11 @@ async def _read_server_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return first & 0x0F, await reader.readexactly(length)
 
 
-def test_a_message_of_parts_goes_out_as_one_frame_in_chunk_sized_writes():
+@pytest.mark.parametrize("run_loop", LOOPS)
+def test_a_message_of_parts_goes_out_as_one_frame_in_chunk_sized_writes(run_loop):
     """``write_many`` takes messages as lists of parts (bytes, bytearray, memoryview, any
-    size) and sends each as one frame; a large one is masked piece by piece."""
+    size) and sends each as one frame; a large one is masked piece by piece. The echo
+    sends them back unmasked, header and parts as one ``writelines`` (uvloop: writev)."""
 
     async def run() -> None:
         server, port = await serve(ProtocolEcho)
@@ -367,7 +379,7 @@ def test_a_message_of_parts_goes_out_as_one_frame_in_chunk_sized_writes():
         ws.close()
         server.stop()
 
-    asyncio.run(run())
+    run_loop(run())
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -376,7 +388,8 @@ def test_frame_pieces_are_chunk_sized_and_byte_exact(masked):
     parts = [b"ab", os.urandom(300_000), b"", bytearray(os.urandom(fastws.CHUNK)), b"x" * 9]
     payload = b"".join(bytes(part) for part in parts)
     header = fastws.frame_header(fastws.OP_BINARY, len(payload), key)
-    pieces = list(fastws._frame_pieces(header, parts, key))
+    # A write is a buffer, or a list of buffers for writelines (the header not copied).
+    pieces = [fastws.as_bytes(piece) for piece in fastws._frame_pieces(header, parts, key)]
     body = b"".join(pieces)[len(header) :]
     assert body == (_websocket_mask(key, payload) if key else payload)
     assert len(pieces[0]) == len(header) + fastws.CHUNK
@@ -426,16 +439,6 @@ def test_a_read_buffer_starts_small_grows_when_filled_and_keeps_what_is_unparsed
         buffer.keep_from(len(data) - 6)
         kept = data[-6:]
     assert len(buffer.data) == fastws.READ_SIZE  # doubled up to the cap, no further
-
-
-LOOPS = [
-    pytest.param(asyncio.run, id="asyncio"),
-    pytest.param(
-        getattr(uvloop, "run", None),
-        id="uvloop",
-        marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed"),
-    ),
-]
 
 
 @pytest.mark.parametrize("run_loop", LOOPS)
