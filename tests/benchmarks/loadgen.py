@@ -39,6 +39,8 @@ from tornado import httpclient, websocket
 
 from jupyter_gpu_share import fastws
 
+from .procs import cpu_seconds
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 API = "/gpu-share/api"
 TELEMETRY = {
@@ -65,20 +67,6 @@ def cpu_split(pid: int) -> tuple[float, float]:
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
-
-
-def cpu_seconds(pid: int) -> float:
-    """A process's CPU seconds so far, summed over its threads, to the nanosecond where the
-    kernel keeps scheduler statistics: /proc/PID/stat counts 10 ms ticks, too coarse for a
-    window of a few seconds."""
-    total_ns = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
-                total_ns += int(handle.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue  # a thread that ended between the listing and the read
-    return total_ns / 1e9 if total_ns else sum(cpu_split(pid))
 
 
 def rss_mib(pid: int) -> float:

@@ -55,7 +55,18 @@ def raise_fd_limit() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of one process (all its threads) from /proc."""
+    """CPU seconds of one process so far, summed over its threads, to the nanosecond where
+    the kernel keeps scheduler statistics (/proc/PID/stat counts 10 ms ticks, too coarse
+    for a window of a few seconds or a per-message figure)."""
+    total_ns = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as handle:
+                total_ns += int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # a thread that ended between the listing and the read
+    if total_ns:
+        return total_ns / 1e9
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK

@@ -40,7 +40,7 @@ QUICK = {
     "profile_seconds": 6,
     "always_profile": False,
     "stdout_mb": 50,
-    "throughput_rounds": 3,
+    "throughput_rounds": 5,
     "cold_rounds": 2,
     "warm_fill_seconds": 3,
     "profile_load": False,
@@ -60,7 +60,7 @@ FULL = {
     "profile_seconds": 12,
     "always_profile": False,
     "stdout_mb": 50,
-    "throughput_rounds": 5,
+    "throughput_rounds": 7,
     "cold_rounds": 5,
     "warm_fill_seconds": 6,
     "profile_load": True,
@@ -102,6 +102,8 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("gateway_mode_nodelay_added_ms", "(TCP_NODELAY)", None),
     ("stdout_throughput_ratio", ">= 0.8", lambda v, r: v >= 0.8),
     ("display_throughput_ratio", ">= 0.8", lambda v, r: v >= 0.8),
+    ("stdout_throughput_ratio_cpu_bound", "(CPU allows)", None),
+    ("display_throughput_ratio_cpu_bound", "(CPU allows)", None),
     ("single_50mb_message_ok", "true", lambda v, r: v is True),
     ("gateway_single_50mb_message_ok", "(gateway)", None),
     ("first_execute_cold_ratio", "", None),
@@ -377,6 +379,20 @@ def details_text(details: dict[str, Any]) -> str:
     tp = details.get("throughput_mb_s")
     if tp:
         out.append("throughput MB/s (median): " + ", ".join(f"{k} {fmt(v)}" for k, v in tp.items()))
+        for kind in ("stdout", "display"):
+            by_round = details.get(f"{kind}_throughput_ratios_by_round")
+            if by_round:
+                out.append(
+                    f"  {kind} ratio by round: {', '.join(fmt(v) for v in by_round)}; "
+                    f"ratio of medians {fmt(details.get(f'{kind}_throughput_ratio_of_medians'))}"
+                )
+    transfer = details.get("cpu_ms_per_transfer")
+    if transfer:
+        out.append(
+            "CPU ms per transfer (50 MB stdout, one 20 MiB display), by process, median of rounds:"
+        )
+        for side, by in transfer.items():
+            out.append(f"  {side:15} " + ", ".join(f"{k} {fmt(v)}" for k, v in by.items()))
     big = details.get("single_50mb_message")
     if big:
         out.append(
