@@ -34,7 +34,7 @@ HEARTBEAT_TARGET_HOSTS = 10_000
 
 QUICK = {
     "rtt_warmup": 5,
-    "rtt_rounds": 120,
+    "rtt_rounds": 300,
     "rtt_rounds_stock_gateway": 40,
     "cpu_rounds": 100,
     "profile_seconds": 6,
