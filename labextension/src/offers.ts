@@ -93,6 +93,26 @@ export function formatSpeed(speed: GPUShare.ISpeed | null | undefined): string {
   return `${threeDigits(score)} TFLOPS fp16`;
 }
 
+/**
+ * What the Speed cell says without a score, and its tooltip: the host had nothing to
+ * measure with (its reason), or its self-test has not reported yet.
+ */
+export function unmeasuredSpeed(speed: GPUShare.ISpeed | null | undefined): {
+  text: string;
+  title: string;
+} {
+  if (speed?.not_measured) {
+    return {
+      text: 'not measured',
+      title: `The host could not run its self-test: ${speed.not_measured}`
+    };
+  }
+  return {
+    text: 'not measured yet',
+    title: "The host's self-test has not reported yet"
+  };
+}
+
 /** "flagged: <reason>" when the self-test flagged the offer, else ''. */
 export function speedWarning(
   speed: GPUShare.ISpeed | null | undefined

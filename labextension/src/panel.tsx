@@ -20,6 +20,7 @@ import {
   pricePerSpeed,
   sortOffers,
   speedWarning,
+  unmeasuredSpeed,
   useLabel
 } from './offers';
 import { GPUShare, IGPUShareModel } from './tokens';
@@ -58,6 +59,7 @@ function OfferCard(props: {
   const load = offerLoad(offer);
   const speed = formatSpeed(offer.speed);
   const warning = speedWarning(offer.speed);
+  const unmeasured = unmeasuredSpeed(offer.speed);
   const perSpeed = pricePerSpeed(offer);
   const reliability = formatReliability(offer.reliability);
   const cpu = isCpuOffer(offer);
@@ -104,10 +106,10 @@ function OfferCard(props: {
                 (offer.speed?.measured_at
                   ? `; measured ${offer.speed.measured_at}`
                   : '')
-              : "The host's self-test has not reported yet"
+              : unmeasured.title
           }
         >
-          {speed || 'not measured yet'}
+          {speed || unmeasured.text}
         </dd>
         <dt>Host</dt>
         <dd className="jp-GPUShare-offer-host">{offer.host_id}</dd>

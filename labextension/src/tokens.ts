@@ -37,6 +37,8 @@ export namespace GPUShare {
     memory_bandwidth_gbs?: number | null;
     flagged?: boolean;
     flag_reason?: string | null;
+    /** Why nothing was measured (e.g. numpy missing on a CPU host), when so. */
+    not_measured?: string | null;
     measured_at?: string | null;
     [key: string]: unknown;
   }

@@ -11,6 +11,7 @@ import {
   sortOffers,
   speedScore,
   speedWarning,
+  unmeasuredSpeed,
   useLabel
 } from '../src/offers';
 import type { GPUShare } from '../src/tokens';
@@ -101,6 +102,19 @@ describe('offer card texts', () => {
     );
     expect(formatSpeed(speed({ score: null }))).toBe('');
     expect(formatSpeed(null)).toBe('');
+  });
+  it('says why a speed was not measured, or that it is not measured yet', () => {
+    const reason = 'numpy is not installed';
+    expect(
+      unmeasuredSpeed(speed({ score: null, kind: 'cpu', not_measured: reason }))
+    ).toEqual({
+      text: 'not measured',
+      title: `The host could not run its self-test: ${reason}`
+    });
+    expect(unmeasuredSpeed(null).text).toBe('not measured yet');
+    expect(unmeasuredSpeed(speed({ score: null })).text).toBe(
+      'not measured yet'
+    );
   });
   it('warns about a flagged self-test', () => {
     expect(

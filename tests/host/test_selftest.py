@@ -54,6 +54,21 @@ def test_without_a_gpu_library_the_cpu_is_measured(monkeypatch) -> None:
         run_selftest(None, backend="opencl")
 
 
+def test_without_numpy_a_cpu_is_not_measured_and_not_flagged(monkeypatch) -> None:
+    """A host without numpy has nothing to measure with: its offer says so, and is not
+    flagged as if its hardware had disappointed (the demo's host, in a bare virtualenv)."""
+    monkeypatch.setitem(sys.modules, "numpy", None)  # import numpy raises ImportError
+    [result] = run_selftest([])
+    assert result["kind"] == "cpu" and result["score"] is None
+    assert result["flagged"] is False and result["flag_reason"] is None
+    assert result["not_measured"].startswith("numpy is not installed")
+    assert "jupyter-gpu-share[host]" in result["not_measured"]
+    assert "cpu: not measured: numpy is not installed" in format_table([result])
+    offers = [{"gpu_model": "CPU", "gpu_indices": []}]
+    attach_benchmarks(offers, {"cpu": result})
+    assert offers[0]["benchmark"]["not_measured"] == result["not_measured"]
+
+
 def test_expected_range() -> None:
     assert expected_range("NVIDIA H100 80GB HBM3")["model"] == "H100"
     assert expected_range("NVIDIA H100 PCIe")["model"] == "H100 PCIe"
