@@ -577,7 +577,9 @@ class Broker:
         if live.ready_us is None:
             self.end_session(session_id, END_START_FAILED, message=message or reason)
         else:
-            self.end_session(session_id, END_KERNEL, message=message or reason)
+            # "exited" (code 0) says no more than END_KERNEL does; "died" does.
+            detail = message or ("" if reason == "exited" else reason)
+            self.end_session(session_id, END_KERNEL, message=detail)
 
     def end_session(
         self,

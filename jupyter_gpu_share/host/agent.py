@@ -365,7 +365,8 @@ class HostSession:
                 {
                     "type": "kernel_ended",
                     "session_id": self.session_id,
-                    "reason": "died",
+                    # Code 0: the kernel ended itself, as a shutdown_request asks.
+                    "reason": "exited" if exit_code == 0 else "died",
                     "exit_code": exit_code,
                 }
             )

@@ -369,7 +369,10 @@ class RemoteKernel:
         self._exited.set()
         if self._stopping or not self.ready:
             return  # stop() or a failed start() cleans up and reports
-        self.log.warning("kernel for session %s died with exit code %s", self.session_id, code)
+        if code == 0:  # a shutdown_request from the renter ends the kernel this way
+            self.log.info("kernel for session %s exited", self.session_id)
+        else:
+            self.log.warning("kernel for session %s died with exit code %s", self.session_id, code)
         await self._cleanup()
         if self.on_exit is not None:
             try:

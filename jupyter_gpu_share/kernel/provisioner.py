@@ -26,6 +26,15 @@ from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, web
 from .bridge import BridgeLoop, InlineLoop, KernelBridge
 from .extension import take_preference
 
+EXPECTED_ENDS = ("stopped", "kernel exited", "detached")
+
+
+def unexpected_end(reason: str | None) -> bool:
+    """Whether a remote kernel's end belongs in the server log as an error: not a stop, a
+    detach, or a kernel that exited by itself (a shutdown_request ends it so). The broker
+    adds the host's detail after a colon: "kernel exited: died"."""
+    return reason is not None and reason.split(":", 1)[0] not in EXPECTED_ENDS
+
 
 class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Start the kernel on a host found by the gpu-share broker and bridge it here."""
@@ -242,12 +251,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Wait for the remote kernel to end."""
         while (status := await self.poll()) is None:
             await asyncio.sleep(0.1)
-        if self.bridge is not None and self.bridge.end_reason not in (
-            None,
-            "stopped",
-            "kernel exited",
-            "detached",
-        ):
+        if self.bridge is not None and unexpected_end(self.bridge.end_reason):
             self.log.error("gpu-share: kernel %s ended: %s", self.kernel_id, self.bridge.end_reason)
         return status
 

@@ -234,6 +234,13 @@ def test_agent_serves_sessions_and_survives_a_broker_restart(tmp_path) -> None:
             relay_end = await broker.next_relay_text("s1", "kernel_ended")
             assert relay_end["exit_code"] == 3
             assert agent.sessions == {}
+
+            # A kernel that ends itself with code 0 (as a shutdown_request asks) exited.
+            renter5 = await start_session(broker, "s5")
+            renter5.submit("import os; os._exit(0)")
+            ended = await broker.next_control("kernel_ended")
+            assert (ended["session_id"], ended["reason"], ended["exit_code"]) == ("s5", "exited", 0)
+            assert agent.sessions == {}
             assert os.listdir(tmp_path / "scratch") == []
         finally:
             await agent.stop()
