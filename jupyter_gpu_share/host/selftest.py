@@ -654,17 +654,18 @@ class SelfTestRunner:
                 result["advertised_model"] = gpu.model
             key = "cpu" if index is None else str(index)
             agent.benchmarks[key] = result
+            label = "CPU" if index is None else f"GPU {index}"
             if result.get("not_measured"):
                 self.log.info(
                     "self-test %s (%s): not measured: %s",
-                    "CPU" if index is None else f"GPU {index}",
+                    label,
                     result.get("device"),
                     result["not_measured"],
                 )
                 continue
             self.log.info(
                 "self-test %s (%s): score %s%s",
-                "CPU" if index is None else f"GPU {index}",
+                label,
                 result.get("device"),
                 result.get("score"),
                 f"; FLAGGED: {result['flag_reason']}" if result.get("flagged") else "",

@@ -26,14 +26,15 @@ from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, web
 from .bridge import BridgeLoop, InlineLoop, KernelBridge
 from .extension import take_preference
 
-EXPECTED_ENDS = ("stopped", "kernel exited", "detached")
+# A stop, a detach, or a kernel that ended itself with code 0 (as a shutdown_request asks):
+# "kernel exited" when the broker's close arrives first, "exited" when the host's record
+# does. A crash reads "kernel exited: died" or "died", and is an error.
+EXPECTED_ENDS = frozenset({"stopped", "detached", "kernel exited", "exited"})
 
 
 def unexpected_end(reason: str | None) -> bool:
-    """Whether a remote kernel's end belongs in the server log as an error: not a stop, a
-    detach, or a kernel that exited by itself (a shutdown_request ends it so). The broker
-    adds the host's detail after a colon: "kernel exited: died"."""
-    return reason is not None and reason.split(":", 1)[0] not in EXPECTED_ENDS
+    """Whether a remote kernel's end belongs in the server log as an error."""
+    return reason is not None and reason not in EXPECTED_ENDS
 
 
 class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]

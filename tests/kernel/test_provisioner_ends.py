@@ -13,8 +13,10 @@ from jupyter_gpu_share.kernel.provisioner import unexpected_end
         (None, False),  # still running, or ended without a word
         ("stopped", False),
         ("detached", False),
-        ("kernel exited", False),
-        ("kernel exited: died", False),  # a shutdown_request: the host says the kernel died
+        ("kernel exited", False),  # code 0, as after a shutdown_request: the broker's close
+        ("exited", False),  # the same, when the host's record arrives before the close
+        ("kernel exited: died", True),  # a crash
+        ("died", True),
         ("host lost", True),
         ("credit exhausted: the renter's credit ran out", True),
         ("the broker was unreachable for 60 s", True),
