@@ -344,7 +344,7 @@ class E2EPhase:
                     )
         med = {k: median(v) for k, v in rates.items()}
         self.details["throughput_mb_s"] = {k: rnd(v, 1) for k, v in med.items()}
-        cores = os.cpu_count() or 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         breakdown: dict[str, dict[str, float | None]] = {}
         for key, rounds in cpu_ms.items():
             by = {k: median([r[k] for r in rounds]) for k in rounds[0]}

@@ -339,8 +339,8 @@ class FakeRenter:
         self.api, self.base, self.token = api, base, token
         self.conn: fastws.ClientEnd | None = None
         self.session_id = ""
-        self.on_reply: Any = None  # called with no argument when the next binary message comes
-        self.closed: asyncio.Future[None] | None = None
+        self.on_reply: Any = None  # called with None at the next binary message, or an error
+        self._close_watch: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         session = await self.api.call(self.token, "POST", "/sessions", {})
@@ -356,7 +356,7 @@ class FakeRenter:
             if isinstance(message, str) and json.loads(message).get("type") == "kernel_ready":
                 break
         conn.deliver_to(self._received)
-        self.closed = asyncio.ensure_future(self._watch_close())
+        self._close_watch = asyncio.ensure_future(self._watch_close())
 
     async def _watch_close(self) -> None:
         assert self.conn is not None
@@ -441,6 +441,8 @@ async def measure_relay(
     for renter in renters:
         if remaining > 0:
             fire(renter)
+    if not in_flight:
+        finished.set_result(None)  # nothing to measure
     await finished
     cpu1, wall1 = cpu_seconds(broker_pid), time.perf_counter()
     messages = 2 * len(latencies)  # each round trip is relayed twice: user->host, host->user
