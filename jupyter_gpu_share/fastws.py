@@ -322,7 +322,7 @@ def _byte_view(part: Any) -> memoryview:
     return view if view.itemsize == 1 and view.ndim == 1 else view.cast("B")
 
 
-def _frame_pieces(header: bytes, parts: Iterable[Any], key: bytes | None) -> Iterator[bytes]:
+def _frame_pieces(header: bytes, parts: Iterable[Any], key: bytes | None) -> Iterator[Any]:
     """One large frame as writes of ``CHUNK`` payload bytes: small parts joined, large
     ones cut, each piece masked as it is made. Every piece but the last carries exactly
     ``CHUNK`` payload bytes, so each starts at mask phase 0."""
