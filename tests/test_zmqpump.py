@@ -9,10 +9,17 @@ import zmq
 from jupyter_gpu_share.zmqpump import SocketPump
 
 
-def pair(ctx: zmq.Context) -> tuple[zmq.Socket, zmq.Socket]:
+def pair(ctx: zmq.Context, hwm: int | None = None) -> tuple[zmq.Socket, zmq.Socket]:
+    """A connected ROUTER and DEALER; with ``hwm``, both queues and the kernel's socket
+    buffers are small, so that a burst fills them whatever ZMQ's I/O threads manage."""
     router = ctx.socket(zmq.ROUTER)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     dealer = ctx.socket(zmq.DEALER)
+    if hwm is not None:
+        for sock in (router, dealer):
+            sock.sndhwm = sock.rcvhwm = hwm
+            sock.setsockopt(zmq.SNDBUF, 4096)
+            sock.setsockopt(zmq.RCVBUF, 4096)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
     dealer.setsockopt(zmq.IDENTITY, b"d")
     dealer.connect(f"tcp://127.0.0.1:{port}")
     for sock in (router, dealer):
@@ -63,15 +70,16 @@ def test_ping_pong_never_stalls_and_bursts_arrive_in_order_and_in_batches():
 def test_sends_over_the_high_water_mark_wait_in_order_and_reading_can_pause():
     async def run() -> None:
         ctx = zmq.Context()
-        router, dealer = pair(ctx)
-        dealer.sndhwm = 10
+        router, dealer = pair(ctx, hwm=10)
+        # 64-byte messages: 5000 of them are far more than the queues and buffers hold.
+        messages = [b"%064d" % i for i in range(5000)]
         got: list[bytes] = []
         server = SocketPump(router, lambda batch: got.extend(f[1] for f in batch))
         server.pause_reading(True)
         client = SocketPump(dealer, None)
         await asyncio.sleep(0.2)
-        for i in range(5000):
-            client.send([str(i).encode()])
+        for message in messages:
+            client.send([message])
         assert client.waiting > 0  # the socket was full: queued, not dropped, not blocking
         await asyncio.sleep(0.3)
         assert got == []  # paused
@@ -80,7 +88,7 @@ def test_sends_over_the_high_water_mark_wait_in_order_and_reading_can_pause():
             if len(got) == 5000:
                 break
             await asyncio.sleep(0.02)
-        assert got == [str(i).encode() for i in range(5000)] and client.waiting == 0
+        assert got == messages and client.waiting == 0
         server.close()
         client.close()
         ctx.term()
