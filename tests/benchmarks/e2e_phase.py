@@ -24,7 +24,14 @@ from tests.e2e.harness import Cluster, clean_env
 from . import procs
 from .kernelws import DirectKernelClient, RelayKernelClient, ServerKernelClient
 from .profiles import pyspy_path, summarise_profile
-from .stats import median, percentile, ratio, rnd
+from .stats import (
+    median,
+    median_difference_interval,
+    paired_median_difference,
+    percentile,
+    ratio,
+    rnd,
+)
 
 TRIVIAL = "x = 1"
 USER_CREDIT = 10**15
@@ -160,6 +167,11 @@ class E2EPhase:
         r["execute_rtt_median_ratio"] = rnd(ratio(med["remote"], med["local_server"]))
         r["execute_rtt_p99_ratio"] = rnd(ratio(p99["remote"], p99["local_server"]))
         r["execute_rtt_added_ms"] = rnd(med["remote"] - med["local_server"])
+        low, high = median_difference_interval(ms["remote"], ms["local_server"])
+        self.details["execute_rtt_added_ms_ci95"] = [rnd(low), rnd(high)]
+        self.details["execute_rtt_added_ms_paired"] = rnd(
+            paired_median_difference(ms["remote"], ms["local_server"])
+        )
         r["local_floor_rtt_ms"] = rnd(med["local_floor"])
         r["local_server_rtt_ms"] = rnd(med["local_server"])
         r["remote_rtt_ms"] = rnd(med["remote"])

@@ -34,7 +34,7 @@ HEARTBEAT_TARGET_HOSTS = 10_000
 
 QUICK = {
     "rtt_warmup": 5,
-    "rtt_rounds": 300,
+    "rtt_rounds": 600,
     "rtt_rounds_stock_gateway": 40,
     "cpu_rounds": 100,
     "profile_seconds": 6,
@@ -54,7 +54,7 @@ QUICK = {
 }
 FULL = {
     "rtt_warmup": 20,
-    "rtt_rounds": 600,
+    "rtt_rounds": 1500,
     "rtt_rounds_stock_gateway": 100,
     "cpu_rounds": 300,
     "profile_seconds": 12,
@@ -371,6 +371,13 @@ def details_text(details: dict[str, Any]) -> str:
                 f"  {name:36} {fmt(d['median']):>7} {fmt(d['p90']):>6} {fmt(d['p99']):>6}"
                 f" {fmt(d['min']):>6} {d['n']:>4}"
             )
+    interval = details.get("execute_rtt_added_ms_ci95")
+    if interval:
+        out.append(
+            f"  added ms, remote over local_server: 95 % bootstrap interval {fmt(interval[0])}"
+            f" to {fmt(interval[1])}; median of paired rounds "
+            f"{fmt(details.get('execute_rtt_added_ms_paired'))}"
+        )
     cpu = details.get("cpu_ms_per_execute")
     if cpu:
         out.append("CPU ms per trivial execute, by process:")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
 
 
@@ -33,3 +34,33 @@ def rnd(value: float | None, digits: int = 3) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return round(value, digits)
+
+
+def median_difference_interval(
+    a: Sequence[float],
+    b: Sequence[float],
+    confidence: float = 0.95,
+    resamples: int = 1000,
+    seed: int = 1,
+) -> tuple[float, float]:
+    """A bootstrap interval for ``median(a) - median(b)``: how far the same code, measured
+    again on the same machine, could put the difference. Each side is resampled on its own
+    (a percentile bootstrap); ``seed`` makes the interval repeatable for the same samples."""
+    if not a or not b:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    differences = sorted(
+        median(rng.choices(a, k=len(a))) - median(rng.choices(b, k=len(b)))
+        for _ in range(resamples)
+    )
+    tail = (1 - confidence) / 2 * 100
+    return percentile(differences, tail), percentile(differences, 100 - tail)
+
+
+def paired_median_difference(a: Sequence[float], b: Sequence[float]) -> float:
+    """The median of ``a[i] - b[i]``: the difference within each round of an interleaved
+    run, so a slow spell of the machine that hits both sides of a round cancels out."""
+    pairs = min(len(a), len(b))
+    if not pairs:
+        return math.nan
+    return median([a[i] - b[i] for i in range(pairs)])
