@@ -22,12 +22,16 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 NO_RATE_LIMIT = ["--ZMQChannelsWebsocketConnection.limit_rate=False"]
 
 # Turns Nagle off on every tornado socket of the process (server and client side), as the
-# issue's "gateway mode with TCP_NODELAY" figure assumes. Loaded as a config file.
+# issue's "gateway mode with TCP_NODELAY" figure assumes. Loaded as a config file. Setting
+# the option once is not enough: tornado's HTTP1Connection.finish() turns Nagle back on
+# ("the stream's default state for the next request") after every response, the websocket
+# handshake's included, so set_nodelay(False) is made to keep it off.
 NODELAY_EVERYWHERE = """
 import socket
 import tornado.iostream
 
 _original_init = tornado.iostream.IOStream.__init__
+_original_set_nodelay = tornado.iostream.IOStream.set_nodelay
 
 
 def _init_with_nodelay(self, sock, *args, **kwargs):
@@ -38,7 +42,12 @@ def _init_with_nodelay(self, sock, *args, **kwargs):
         pass
 
 
+def _always_nodelay(self, value):
+    _original_set_nodelay(self, True)
+
+
 tornado.iostream.IOStream.__init__ = _init_with_nodelay
+tornado.iostream.IOStream.set_nodelay = _always_nodelay
 """
 
 WITHOUT_GPU_SHARE_EXTENSION = """
