@@ -40,7 +40,7 @@ QUICK = {
     "profile_seconds": 6,
     "always_profile": False,
     "stdout_mb": 50,
-    "throughput_rounds": 5,
+    "throughput_rounds": 7,
     "cold_rounds": 2,
     "warm_fill_seconds": 3,
     "profile_load": False,
