@@ -24,8 +24,8 @@ NO_RATE_LIMIT = ["--ZMQChannelsWebsocketConnection.limit_rate=False"]
 # Turns Nagle off on every tornado socket of the process (server and client side), as the
 # issue's "gateway mode with TCP_NODELAY" figure assumes. Loaded as a config file. Setting
 # the option once is not enough: tornado's HTTP1Connection.finish() turns Nagle back on
-# ("the stream's default state for the next request") after every response, the websocket
-# handshake's included, so set_nodelay(False) is made to keep it off.
+# after every response, the websocket handshake's included, to leave the stream in its
+# default state for the next request; so set_nodelay(False) is made to keep it off.
 NODELAY_EVERYWHERE = """
 import socket
 import tornado.iostream

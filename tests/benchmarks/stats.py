@@ -49,10 +49,10 @@ def median_difference_interval(
     if not a or not b:
         return math.nan, math.nan
     rng = random.Random(seed)
-    differences = sorted(
+    differences = [
         median(rng.choices(a, k=len(a))) - median(rng.choices(b, k=len(b)))
         for _ in range(resamples)
-    )
+    ]
     tail = (1 - confidence) / 2 * 100
     return percentile(differences, tail), percentile(differences, 100 - tail)
 
