@@ -39,9 +39,8 @@ from tornado import httpclient, websocket
 
 from jupyter_gpu_share import fastws
 
-from .procs import cpu_seconds
+from .procs import cpu_seconds, cpu_split
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 API = "/gpu-share/api"
 TELEMETRY = {
     "source": "cpu",
@@ -60,13 +59,6 @@ TELEMETRY = {
 
 def log(message: str) -> None:
     print(f"[loadgen {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_split(pid: int) -> tuple[float, float]:
-    """A process's CPU seconds so far: (in user space, in the kernel), in clock ticks."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_mib(pid: int) -> float:

@@ -76,9 +76,15 @@ def cpu_seconds(pid: int) -> float:
             continue  # a thread that ended between the listing and the read
     if total_ns:
         return total_ns / 1e9
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid: int) -> tuple[float, float]:
+    """A process's CPU seconds so far, (in user space, in the kernel), counted in clock
+    ticks (the only place the kernel splits them)."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def cpu_seconds_tree(pid: int) -> float:
