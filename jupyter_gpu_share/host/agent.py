@@ -483,6 +483,15 @@ class HostAgent(LoggingConfigurable):
 
     max_open_files = Int(4096, help="RLIMIT_NOFILE for kernels (0: inherit).").tag(config=True)
 
+    network = Enum(
+        ["host", "none"],
+        "host",
+        help="The network of each sandboxed kernel: 'none' (a namespace of its own with only "
+        "its loopback: the host's loopback services, LAN and the internet are out of reach) "
+        "or 'host' (shared with this machine, today's default; a public-internet-only "
+        "network is being built, see docs/design-notes.md).",
+    ).tag(config=True)
+
     sandbox_ro_paths = List(
         Unicode(),
         help="Extra host paths mounted read-only in the sandbox (e.g. a CUDA toolkit in /opt).",
@@ -685,7 +694,7 @@ class HostAgent(LoggingConfigurable):
                 max_open_files=self.max_open_files,
                 memory_rlimit=self.memory_limit_kind,
             )
-            sandbox = make_sandbox(self.sandbox, limits, self.sandbox_ro_paths)
+            sandbox = make_sandbox(self.sandbox, limits, self.sandbox_ro_paths, self.network)
             sandbox.check()
         except (ValueError, SandboxError) as err:
             raise AgentConfigError(str(err)) from None

@@ -9,8 +9,10 @@ connection file. :class:`BwrapSandbox` builds a bubblewrap command line:
 - the session's scratch directory, writable, as ``$HOME`` (``/home/renter``) and ``/tmp``;
   nothing else of the host's home or of the agent's scratch root (other sessions) is mounted;
 - ``/proc``, a minimal ``/dev`` plus only the rented ``/dev/nvidiaN`` and the NVIDIA control
-  devices; new PID, IPC and UTS namespaces; the network namespace is shared so the kernel's
-  loopback ZMQ ports reach the agent;
+  devices; new PID, IPC and UTS namespaces; with ``network="none"`` a network namespace of
+  its own too (only its own loopback: the host's loopback services, LAN and the internet are
+  out of reach; the channels are Unix sockets, which need no network); by default
+  (``"host"``) the host's network is shared (see ``network.py`` for the public-only one);
 - a cleared environment with only the kernel's variables; when the agent runs as root, the
   kernel runs as ``nobody`` (65534) inside a user namespace, with every capability dropped.
 
@@ -227,8 +229,14 @@ class BwrapSandbox(Sandbox):
         bwrap: str | None = None,
         extra_ro_paths: Sequence[str] = (),
         python: str = sys.executable,
+        network: str = "host",
     ) -> None:
         super().__init__(limits)
+        if network not in ("host", "none"):
+            raise ValueError(f"network must be 'host' or 'none', not {network!r}")
+        # "none": the kernel's own network namespace with only its loopback (the host's
+        # loopback, LAN and internet are out of reach); its channels are Unix sockets.
+        self.network = network
         self.bwrap = bwrap or shutil.which("bwrap") or ""
         self.extra_ro_paths = [os.path.abspath(p) for p in extra_ro_paths]
         self.python = python
@@ -269,6 +277,8 @@ class BwrapSandbox(Sandbox):
             "--die-with-parent",
             "--new-session",
         ]
+        if self.network == "none":
+            args.append("--unshare-net")
         if self.as_root:
             # Root outside: run as nobody in a user namespace, with no capabilities.
             args += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
@@ -290,12 +300,19 @@ class BwrapSandbox(Sandbox):
         return args
 
     @staticmethod
-    def _inner_connection_file(connection_file: str) -> tuple[str, list[str]]:
+    def _inner_connection_file(
+        connection_file: str, network: str = "host"
+    ) -> tuple[str, list[str]]:
         """The connection file as the kernel sees it, and the binds it needs. Unix sockets:
         their folder is bound (writable) at SANDBOX_RUN/zmq, and the file names that path."""
         with open(connection_file, encoding="utf-8") as handle:
             info = json.load(handle)
         if info.get("transport") != "ipc":
+            if network != "host":
+                raise SandboxError(
+                    "a kernel with its own network needs Unix-socket channels: choose a "
+                    "shorter scratch root (the socket path must fit 100 bytes)"
+                )
             return connection_file, []
         folder, name = os.path.split(info["ip"])
         info["ip"] = f"{SANDBOX_RUN}/zmq/{name}"
@@ -331,7 +348,7 @@ class BwrapSandbox(Sandbox):
         args += ["--bind", scratch_dir, SANDBOX_HOME, "--bind", scratch_dir, "/tmp"]
         for path in self._ro_paths:
             args += ["--ro-bind", path, path]
-        inner_file, socket_binds = self._inner_connection_file(connection_file)
+        inner_file, socket_binds = self._inner_connection_file(connection_file, self.network)
         args += [*socket_binds, "--ro-bind", inner_file, inner_cf]
         inner_env = dict(env)
         inner_env.pop("JPY_PARENT_PID", None)  # --die-with-parent does that job
@@ -363,10 +380,11 @@ def make_sandbox(
     kind: str,
     limits: ResourceLimits | None = None,
     extra_ro_paths: Sequence[str] = (),
+    network: str = "host",
 ) -> Sandbox:
     """Build the sandbox ``kind`` ("bwrap" or "none")."""
     if kind == "bwrap":
-        return BwrapSandbox(limits, extra_ro_paths=extra_ro_paths)
+        return BwrapSandbox(limits, extra_ro_paths=extra_ro_paths, network=network)
     if kind == "none":
         return Sandbox(limits)
     raise ValueError(f"unknown sandbox {kind!r}: use 'bwrap' or 'none'")

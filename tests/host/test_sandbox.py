@@ -219,3 +219,51 @@ def test_data_limit_and_unsandboxed_limits(tmp_path) -> None:
                 await kernel.stop()
 
     asyncio.run(main())
+
+
+@needs_bwrap
+def test_kernel_without_network_cannot_reach_the_hosts_loopback(tmp_path) -> None:
+    """network='none': a listener on the host's 127.0.0.1 is out of reach, the host's
+    sockets are not listed, and the kernel still runs cells over its Unix sockets."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    port = server.getsockname()[1]
+    sandbox = BwrapSandbox(network="none")
+    sandbox.check()
+    with pytest.raises(ValueError):
+        BwrapSandbox(network="everywhere")
+
+    async def main() -> None:
+        client = Client()
+        kernel = RemoteKernel(
+            "s", "h", KEY, client.on_message, sandbox=sandbox, scratch_root=str(tmp_path)
+        )
+        await kernel.start()
+        try:
+            await _warm(client, kernel)
+            out = await _run(
+                client,
+                kernel,
+                "import socket\ns = socket.socket(); s.settimeout(2)\n"
+                f"try:\n    s.connect(('127.0.0.1', {port})); print('CONNECTED')\n"
+                "except OSError as e:\n    print('refused')\n"
+                "print(len(open('/proc/net/tcp').read().splitlines()))",
+            )
+            assert out.splitlines()[0] == "refused", out
+            assert int(out.splitlines()[1]) <= 2, out  # the header, at most one own socket
+        finally:
+            await kernel.stop()
+            server.close()
+
+    asyncio.run(main())
+
+
+@needs_bwrap
+def test_agent_network_setting_reaches_the_sandbox() -> None:
+    agent = HostAgent(broker_url="http://127.0.0.1:1", token="t", network="none")
+    agent.check_config()
+    assert isinstance(agent.sandbox_impl, BwrapSandbox) and agent.sandbox_impl.network == "none"
+    assert "--unshare-net" in agent.sandbox_impl._namespace_args()
