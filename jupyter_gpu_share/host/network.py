@@ -370,13 +370,6 @@ def pasta_argv(pasta: str, spec: GuardSpec, log_file: str) -> list[str]:
     ]
 
 
-def resolv_conf(spec: GuardSpec | None) -> str:
-    """The kernel's /etc/resolv.conf: the namespace's resolver, or none without a network."""
-    if spec is None:
-        return "# no network in this sandbox\n"
-    return f"nameserver {spec.gateway}\noptions edns0\n"
-
-
 def missing_tools(policy: NetworkPolicy) -> list[str]:
     """The programs this policy needs that are not on PATH, as Debian package hints."""
     if not policy.needs_stack:
