@@ -274,7 +274,9 @@ def route_batch(spec: GuardSpec) -> str:
     lines = [f"route replace prohibit {net}" for net in spec.blocked]
     if spec.mode == "allowlist":
         lines.append("route del default")
-        lines += [f"route replace {net} via {spec.gateway} dev {INNER_IFNAME}" for net in spec.allow]
+        lines += [
+            f"route replace {net} via {spec.gateway} dev {INNER_IFNAME}" for net in spec.allow
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -375,4 +377,6 @@ def missing_tools(policy: NetworkPolicy) -> list[str]:
     if not policy.needs_stack:
         return []
     need = {"pasta": "passt", "ip": "iproute2", "nft": "nftables"}
-    return [f"{tool} (apt-get install {pkg})" for tool, pkg in need.items() if not shutil.which(tool)]
+    return [
+        f"{tool} (apt-get install {pkg})" for tool, pkg in need.items() if not shutil.which(tool)
+    ]

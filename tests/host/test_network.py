@@ -64,8 +64,18 @@ def test_blocked_covers_private_ranges_and_the_hosts_own() -> None:
     def is_blocked(addr: str) -> bool:
         return any(ipaddress.IPv4Address(addr) in net for net in blocked)
 
-    for addr in ("127.0.0.1", "10.1.2.3", "172.20.0.1", "192.168.1.1", "169.254.169.254",
-                 "100.64.0.1", "224.0.0.251", "203.0.113.9", "203.0.113.200", "8.8.4.4"):
+    for addr in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.20.0.1",
+        "192.168.1.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "224.0.0.251",
+        "203.0.113.9",
+        "203.0.113.200",
+        "8.8.4.4",
+    ):
         assert is_blocked(addr), addr
     for addr in ("1.1.1.1", "151.101.0.223", "8.8.8.8"):
         assert not is_blocked(addr), addr
@@ -155,37 +165,75 @@ def test_kernel_namespace_reaches_nothing_of_the_host() -> None:
     tmp_path = pathlib.Path(tempfile.mkdtemp(prefix="gpu-share-net-"))  # reachable by 65533
     os.chmod(tmp_path, 0o755)
     # the chain runs as another uid, which may not read the venv's interpreter under /root
-    python = sys.executable if os.geteuid() != 0 else (shutil.which("python3", path="/usr/bin")
-                                                       or pytest.skip("no /usr/bin/python3"))
+    python = (
+        sys.executable
+        if os.geteuid() != 0
+        else (shutil.which("python3", path="/usr/bin") or pytest.skip("no /usr/bin/python3"))
+    )
     shutil.copy(netguard.__file__, tmp_path / "netguard.py")
     if not os.path.exists("/dev/net/tun") or os.stat("/dev/net/tun").st_mode & 0o006 != 0o006:
         pytest.skip("/dev/net/tun is missing or not open to other users (stock mode is 0666)")
     host = read_host_networks()
-    host_addr = next((str(a.network_address) for a in host.addresses
-                      if not a.network_address.is_loopback), "127.0.0.1")
+    host_addr = next(
+        (str(a.network_address) for a in host.addresses if not a.network_address.is_loopback),
+        "127.0.0.1",
+    )
     spec = guard_spec(parse_network("public", connections_per_minute=600), host)
     guard_file = tmp_path / "guard.json"
-    guard_file.write_text(json.dumps({
-        "ifname": "eth0", "address": spec.address, "routes": route_batch(spec),
-        "prohibit_count": len(spec.blocked), "nft": nft_ruleset(spec), "rlimits": [],
-    }))
+    guard_file.write_text(
+        json.dumps(
+            {
+                "ifname": "eth0",
+                "address": spec.address,
+                "routes": route_batch(spec),
+                "prohibit_count": len(spec.blocked),
+                "nft": nft_ruleset(spec),
+                "rlimits": [],
+            }
+        )
+    )
     server, _thread = _listener()
     port = server.getsockname()[1]
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     os.chmod(tmp_path, 0o755)
     bwrap = [
-        "bwrap", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
-        "--unshare-pid", "--die-with-parent", "--ro-bind", "/", "/", "--proc", "/proc",
-        "--dev", "/dev", "--",
+        "bwrap",
+        "--unshare-user",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--cap-drop",
+        "ALL",
+        "--unshare-pid",
+        "--die-with-parent",
+        "--ro-bind",
+        "/",
+        "/",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--",
     ]
     checks = (
         "ip -4 route get 1.1.1.1; ip -4 route get 10.0.0.1 2>&1; "
         "ip route add 10.0.0.0/8 dev eth0 2>&1; nft flush ruleset 2>&1; "
         f"{python} -I {probe} {port} {spec.gateway} {host_addr}"
     )
-    argv = [*pasta_argv("pasta", spec, str(tmp_path / "pasta.log")), python, "-I",
-            str(tmp_path / "netguard.py"), str(guard_file), "--", *bwrap, "sh", "-c", checks]
+    argv = [
+        *pasta_argv("pasta", spec, str(tmp_path / "pasta.log")),
+        python,
+        "-I",
+        str(tmp_path / "netguard.py"),
+        str(guard_file),
+        "--",
+        *bwrap,
+        "sh",
+        "-c",
+        checks,
+    ]
     preexec = None
     if os.geteuid() == 0:  # pasta refuses root: the chain starts as an unprivileged uid
         os.chmod(guard_file, 0o644)
@@ -195,9 +243,11 @@ def test_kernel_namespace_reaches_nothing_of_the_host() -> None:
             os.setgroups([])
             os.setresgid(65533, 65533, 65533)
             os.setresuid(65533, 65533, 65533)
+
     try:
-        done = subprocess.run(argv, capture_output=True, timeout=60, preexec_fn=preexec,
-                              cwd="/", check=False)
+        done = subprocess.run(
+            argv, capture_output=True, timeout=60, preexec_fn=preexec, cwd="/", check=False
+        )
     finally:
         server.close()
         shutil.rmtree(tmp_path, ignore_errors=True)
@@ -217,13 +267,35 @@ def test_kernel_namespace_reaches_nothing_of_the_host() -> None:
 def test_netguard_fails_closed(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A guard that cannot set its rules never starts the kernel."""
     bad = tmp_path / "guard.json"
-    bad.write_text(json.dumps({"ifname": "lo", "address": "127.0.0.1",
-                               "routes": "route add bogus\n", "prohibit_count": 1,
-                               "nft": "", "rlimits": []}))
+    bad.write_text(
+        json.dumps(
+            {
+                "ifname": "lo",
+                "address": "127.0.0.1",
+                "routes": "route add bogus\n",
+                "prohibit_count": 1,
+                "nft": "",
+                "rlimits": [],
+            }
+        )
+    )
     done = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--net", sys.executable, "-I",
-         netguard.__file__, str(bad), "--", "echo", "KERNEL-STARTED"],
-        capture_output=True, timeout=30, check=False,
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--net",
+            sys.executable,
+            "-I",
+            netguard.__file__,
+            str(bad),
+            "--",
+            "echo",
+            "KERNEL-STARTED",
+        ],
+        capture_output=True,
+        timeout=30,
+        check=False,
     )
     assert done.returncode == netguard.EXIT_FAILED
     assert b"KERNEL-STARTED" not in done.stdout
