@@ -87,6 +87,7 @@ def cmd_offers(args: argparse.Namespace) -> None:
             **o,
             "price": f"{format_credits(o['price_per_hour_micro'])}/h",
             "memory": f"{o['gpu_memory_mib']} MiB",
+            "network": (o.get("sandbox") or {}).get("network") or "-",
         }
         for o in offers
     ]
@@ -100,6 +101,7 @@ def cmd_offers(args: argparse.Namespace) -> None:
                 ("gpu_count", "COUNT"),
                 ("memory", "MEMORY"),
                 ("price", "PRICE"),
+                ("network", "NETWORK"),
                 ("state", "STATE"),
             ],
         )

@@ -15,6 +15,7 @@ from ..heap import freeze_startup_objects
 from ..loops import EVENT_LOOPS, choice_in_argv, install_event_loop, loop_in_use
 from ..store import Store
 from .handlers import default_handlers
+from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .service import Broker, BrokerSettings
 
 ADMIN_TOKEN_ENV = "GPU_SHARE_ADMIN_TOKEN"
@@ -132,6 +133,28 @@ class BrokerApp(ExtensionApp):
         config=True,
         help="Bytes the relay holds for one side of a session while the other side (re)connects.",
     )
+    host_hello_max_bytes = Int(
+        HELLO_MAX_BYTES,
+        config=True,
+        help="""Largest hello a host may send, in bytes (its GPUs, offers with their self-tests
+        and sandboxes, its sessions). A larger one is refused and the connection closed; so is
+        any control message over the larger of this and host_heartbeat_max_bytes, unread.""",
+    )
+    host_heartbeat_max_bytes = Int(
+        HEARTBEAT_MAX_BYTES,
+        config=True,
+        help="""Largest heartbeat (or other control message but hello) a host may send, in
+        bytes. A larger heartbeat is refused with an error to the host and its telemetry is
+        not kept: renters see telemetry in every GET /offers, so it stays small.""",
+    )
+
+    @validate("host_hello_max_bytes", "host_heartbeat_max_bytes")
+    def _valid_host_cap(self, proposal: dict) -> int:
+        value = proposal["value"]
+        if not 4096 <= value <= 64 * 1024 * 1024:
+            raise ValueError(f"{proposal['trait'].name} must be from 4096 to 67108864 bytes")
+        return value
+
     admin_token_file = Unicode(
         config=True,
         help=f"""Where the generated admin token is written (mode 0600) when {ADMIN_TOKEN_ENV}
@@ -181,6 +204,8 @@ class BrokerApp(ExtensionApp):
             budget_check_interval=self.budget_check_interval,
             checkpoint_interval=self.checkpoint_interval,
             relay_buffer_bytes=self.relay_buffer_bytes,
+            host_hello_max_bytes=self.host_hello_max_bytes,
+            host_heartbeat_max_bytes=self.host_heartbeat_max_bytes,
         )
         self.broker = Broker(store, settings, admin_token=admin_token)
         self.settings.update(

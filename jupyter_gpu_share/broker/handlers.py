@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from datetime import datetime, timezone
@@ -10,11 +11,20 @@ from typing import Any
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler, JupyterHandler
 from tornado import web
+from tornado.websocket import WebSocketClosedError
 
-from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd
+from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd, as_bytes
 from ..ledger import earnings_by_day, price_per_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser
+from .host_messages import (
+    HostMessageError,
+    message_kind,
+    parse_control,
+    validate_heartbeat,
+    validate_hello,
+    validate_session_report,
+)
 from .matching import NoMatch, SessionRequest, offer_is_free
 from .openapi import openapi_document
 from .relay import CLOSE_BUFFER_FULL, USER
@@ -171,6 +181,8 @@ def offer_model(broker: Broker, offer: Any, loads: dict[str, Any]) -> dict[str, 
         "reliability": offer.reliability,
         "shared": offer.shared,
         "speed": link.benchmarks.get(offer.id) if link is not None else None,
+        # How the host isolates renters (its network above all), as the host says it does.
+        "sandbox": link.sandboxes.get(offer.id) if link is not None else None,
     }
 
 
@@ -439,10 +451,48 @@ class BrokerWebSocket(ProtocolWebSocketHandler, JupyterHandler):
         return user  # type: ignore[return-value]
 
 
-class HostControlHandler(BrokerWebSocket):
-    """A host agent's outbound control channel."""
+CLOSE_BAD_MESSAGE = 4400  # a hello that breaks the rules, or a message that is not JSON
+
+
+class _ControlEnd(ServerEnd):
+    """A host's control connection: a message over the size cap is refused in words."""
 
     host_name: str | None = None
+
+    def _fail(self, code: int, reason: str) -> None:
+        if code == 1009 and not self._close_sent:
+            limit = self.max_message_size
+            refusal = f"refused control message over {limit} bytes; closing the connection"
+            self.send(OP_TEXT, json.dumps({"type": "error", "message": refusal}).encode())
+            log.warning("host %s: %s", self.host_name, refusal)
+            reason = f"control message over {limit} bytes"
+        super()._fail(code, reason)
+
+
+class HostControlHandler(BrokerWebSocket):
+    """A host agent's outbound control channel.
+
+    Each message is parsed under a size cap and checked field by field
+    (``host_messages``); a refused one gets an ``error`` message back and one log line.
+    A bad hello closes the connection; a bad heartbeat still says the host is alive, but
+    its telemetry is dropped.
+    """
+
+    host_name: str | None = None
+    _closing = False
+
+    @property
+    def max_message_size(self) -> int:
+        """The largest frame read at all: the larger of the hello and heartbeat caps."""
+        limits = self.broker.settings
+        return max(limits.host_hello_max_bytes, limits.host_heartbeat_max_bytes)
+
+    def _make_end(self) -> ServerEnd:
+        end = _ControlEnd(
+            self._messages, self._closed, self.max_message_size, self.on_pause, self._started
+        )
+        end.host_name = self.host_name
+        return end
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         account = self.authenticated_account()
@@ -451,35 +501,67 @@ class HostControlHandler(BrokerWebSocket):
         self.host_name = account.name
         await super().get(*args, **kwargs)
 
+    def on_messages(self, messages: list[tuple[int, Any]]) -> None:
+        for _, payload in messages:  # text or binary: parse_control decodes UTF-8 itself
+            self.on_message(as_bytes(payload))
+
+    def _refuse(self, kind: str, error: HostMessageError | str) -> None:
+        """Tell the host why its message was refused, and log it in one line."""
+        message = f"refused {kind} message: {error}"
+        log.warning("host %s: %s", self.host_name, message)
+        with contextlib.suppress(WebSocketClosedError):
+            self.write_message(json.dumps({"type": "error", "message": message}))
+
+    def close(self, code: int | None = None, reason: str | None = None) -> None:
+        self._closing = True  # what the host sent after the message that closed it is ignored
+        super().close(code, reason)
+
     def on_message(self, message: str | bytes) -> None:
-        try:
-            data = json.loads(message)
-            kind = data["type"]
-        except (ValueError, KeyError, TypeError):
-            self.close(4400, "control messages are JSON objects with a 'type'")
-            return
         name = self.host_name
-        assert name is not None
+        if name is None or self._closing:
+            return
+        settings = self.broker.settings
+        hard_cap = max(settings.host_hello_max_bytes, settings.host_heartbeat_max_bytes)
+        try:
+            data = parse_control(message, hard_cap)
+        except HostMessageError as error:
+            self._refuse("control", error)
+            self.close(CLOSE_BAD_MESSAGE, "control messages are JSON objects with a 'type'")
+            return
+        kind = message_kind(data)
+        # A str comes from tornado's own reading (over TLS), which decoded valid UTF-8.
+        size = len(message) if isinstance(message, bytes) else len(message.encode())
         try:
             if kind == "hello":
-                self.broker.host_connected(name, self, data)
-            elif kind == "heartbeat":
-                self.broker.heartbeat(name, data.get("telemetry"))
+                if size > settings.host_hello_max_bytes:
+                    raise HostMessageError(
+                        f"{size} bytes is over the {settings.host_hello_max_bytes} limit"
+                    )
+                self.broker.host_connected(name, self, validate_hello(data))
+                return
+            if size > settings.host_heartbeat_max_bytes:
+                raise HostMessageError(
+                    f"{size} bytes is over the {settings.host_heartbeat_max_bytes} limit"
+                )
+            if kind == "heartbeat":
+                self.broker.heartbeat(name, validate_heartbeat(data))
             elif kind == "kernel_ready":
-                self.broker.kernel_ready(name, str(data["session_id"]))
+                self.broker.kernel_ready(name, validate_session_report(data)["session_id"])
             elif kind in ("kernel_ended", "kernel_failed"):
+                report = validate_session_report(data)
                 self.broker.kernel_ended(
-                    name,
-                    str(data["session_id"]),
-                    str(data.get("reason", kind)),
-                    str(data.get("message", "")),
+                    name, report["session_id"], report["reason"], report["message"]
                 )
             else:
                 log.debug("host %s sent an unknown control message %r", name, kind)
+        except HostMessageError as error:
+            self._refuse(kind, error)
+            if kind == "hello":
+                self.close(CLOSE_BAD_MESSAGE, "refused hello")
+            elif kind == "heartbeat":
+                self.broker.heartbeat(name, None)  # alive, but its telemetry is not kept
         except (KeyError, ValueError, TypeError) as error:
-            self.write_message(
-                json.dumps({"type": "error", "message": f"bad {kind} message: {error}"})
-            )
+            self._refuse(kind, f"{type(error).__name__}: {str(error)[:200]}")
 
     def on_close(self) -> None:
         if self.host_name is not None:

@@ -59,7 +59,84 @@ _SCHEMAS: dict[str, Any] = {
             "price_per_second_micro": {"type": "integer", "minimum": 0},
             "price_per_hour_micro": {"type": "integer", "minimum": 0},
             "state": {"type": "string", "enum": ["free", "busy"]},
-            "telemetry": {"type": "object"},
+            "telemetry": _ref("Telemetry"),
+            "reliability": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+            "shared": {"type": "boolean", "description": "several renters may use the GPU"},
+            "speed": {
+                "type": ["object", "null"],
+                "description": "the host's self-test of this offer (score, TFLOPS, flagged)",
+            },
+            "sandbox": {
+                "oneOf": [_ref("Sandbox"), {"type": "null"}],
+                "description": "how the host isolates renters' kernels, as the host reports it; "
+                "null when the host does not say",
+            },
+        },
+    },
+    "Telemetry": {
+        "type": "object",
+        "description": "the host's last heartbeat, checked by the broker; other keys are dropped",
+        "properties": {
+            "source": {"type": "string", "enum": ["nvml", "cpu"]},
+            "kernels": {"type": "integer", "minimum": 0},
+            "gpus": {
+                "type": "array",
+                "maxItems": 64,
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer", "minimum": 0},
+                        "utilization_pct": {"type": ["integer", "null"]},
+                        "memory_used_mib": {"type": ["integer", "null"]},
+                        "memory_total_mib": {"type": ["integer", "null"]},
+                        "temperature_c": {"type": ["number", "null"]},
+                        "power_w": {"type": ["number", "null"]},
+                        "error": {"type": "string"},
+                    },
+                },
+            },
+            "cpu": {
+                "type": "object",
+                "properties": {
+                    name: {"type": ["number", "null"]}
+                    for name in (
+                        "cpu_count",
+                        "load_1m",
+                        "load_5m",
+                        "load_15m",
+                        "memory_total_mib",
+                        "memory_available_mib",
+                        "memory_used_mib",
+                    )
+                },
+            },
+        },
+    },
+    "Sandbox": {
+        "type": "object",
+        "required": ["kind", "network"],
+        "properties": {
+            "kind": {"type": "string", "enum": ["bwrap", "none"]},
+            "network": {
+                "type": "string",
+                "enum": ["none", "public", "allowlist", "host"],
+                "description": "none: no network; public: the internet only, never the host's "
+                "loopback or LAN; allowlist: only the host's list; host: the host's own network",
+            },
+            "uid": {"type": "string", "enum": ["dedicated", "agent"]},
+            "limits": {
+                "type": "object",
+                "properties": {
+                    "memory_mib": {"type": ["integer", "null"], "minimum": 0},
+                    "max_processes": {"type": ["integer", "null"], "minimum": 0},
+                    "cpu": {"type": ["number", "null"], "minimum": 0},
+                    "scratch_mib": {"type": ["integer", "null"], "minimum": 0},
+                    "bandwidth_kbit": {"type": ["integer", "null"], "minimum": 0},
+                    "connections_per_minute": {"type": ["integer", "null"], "minimum": 0},
+                },
+            },
+            "enforced": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
+            "unenforced": {"type": "array", "items": {"type": "string"}, "maxItems": 16},
         },
     },
     "SessionRequest": {

@@ -26,6 +26,7 @@ from ..classes import (
 from ..clock import now_us
 from ..ledger import billed_seconds, session_amount
 from ..store import NotFound, Store
+from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .matching import (
     HostLoad,
     NoMatch,
@@ -114,6 +115,7 @@ class HostLink:
     presence_id: int | None = None
     connected_us: int = 0
     benchmarks: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sandboxes: dict[int, dict[str, Any]] = field(default_factory=dict)  # by offer id
 
     def send(self, message: dict[str, Any]) -> None:
         """Send a control message if the host is connected."""
@@ -179,6 +181,8 @@ class BrokerSettings:
     budget_check_interval: float = 0.25
     checkpoint_interval: float = 5.0
     relay_buffer_bytes: int = 64 * 1024 * 1024
+    host_hello_max_bytes: int = HELLO_MAX_BYTES
+    host_heartbeat_max_bytes: int = HEARTBEAT_MAX_BYTES
 
 
 class Broker:
@@ -262,7 +266,10 @@ class Broker:
     # -- hosts ------------------------------------------------------------------------------
 
     def host_connected(self, name: str, channel: ControlChannel, hello: dict[str, Any]) -> HostLink:
-        """Register a host's offers after its hello, and reconcile the sessions it still runs."""
+        """Register a host's offers after its hello, and reconcile the sessions it still runs.
+
+        ``hello`` is a validated one (``host_messages.validate_hello``).
+        """
         from ..store import OfferSpec
 
         specs = [
@@ -277,10 +284,13 @@ class Broker:
         ]
         offers = self.store.replace_offers(name, specs)
         benchmarks: dict[int, dict[str, Any]] = {}
+        sandboxes: dict[int, dict[str, Any]] = {}
         shared: set[int] = set()
         for offer, wanted in zip(offers, hello.get("offers", []), strict=False):
             if isinstance(wanted.get("benchmark"), dict):
                 benchmarks[offer.id] = wanted["benchmark"]
+            if isinstance(wanted.get("sandbox"), dict):
+                sandboxes[offer.id] = wanted["sandbox"]
             if wanted.get("shared") is True:
                 shared.add(offer.id)
         previous = self.hosts.get(name)
@@ -310,6 +320,7 @@ class Broker:
             else self.store.open_presence(name, connected_us, schedule),
             connected_us=connected_us,
             benchmarks=benchmarks,
+            sandboxes=sandboxes,
         )
         self._host_schedules[name] = (schedule, int(hello.get("utc_offset_s") or 0))
         self._reliability.pop(name, None)
@@ -347,7 +358,7 @@ class Broker:
             )
 
     def heartbeat(self, name: str, telemetry: dict[str, Any] | None) -> None:
-        """Record a host's heartbeat."""
+        """Record a host's heartbeat (``telemetry``: validated, or None to keep the last)."""
         link = self.hosts.get(name)
         if link is not None:
             link.last_heartbeat_us = now_us()

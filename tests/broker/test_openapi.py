@@ -20,3 +20,29 @@ def test_every_rest_route_is_documented():
             continue
         example = re.sub(r"\(\?P<\w+>[^)]*\)", "x.ipynb", pattern)
         assert any(d.match(example) for d in documented), f"{pattern} is not documented"
+
+
+def test_every_offer_field_is_documented_with_the_sandbox():
+    from types import SimpleNamespace
+
+    from jupyter_gpu_share.broker.handlers import offer_model
+    from jupyter_gpu_share.broker.matching import OfferView
+    from jupyter_gpu_share.broker.service import HostLink
+
+    sandbox = {"kind": "bwrap", "network": "public", "limits": {"memory_mib": 1024}}
+    link = HostLink("h", 1, [], None, 0, sandboxes={7: sandbox})
+    broker = SimpleNamespace(hosts={"h": link})
+    model = offer_model(broker, OfferView(7, "h", "CPU", 0, 0, 1), {})  # type: ignore[arg-type]
+    assert model["sandbox"] == sandbox
+    schemas = openapi_document()["components"]["schemas"]
+    assert set(model) <= set(schemas["Offer"]["properties"])
+    documented = schemas["Sandbox"]["properties"]
+    assert documented["network"]["enum"] == ["none", "public", "allowlist", "host"]
+    assert set(documented["limits"]["properties"]) == {
+        "memory_mib",
+        "max_processes",
+        "cpu",
+        "scratch_mib",
+        "bandwidth_kbit",
+        "connections_per_minute",
+    }
