@@ -34,6 +34,7 @@ from .kernels import RemoteKernel, default_scratch_root
 from .sandbox import ResourceLimits, Sandbox, SandboxError, make_sandbox
 from .schedule import Schedule, parse_schedule
 from .selftest import SelfTestRunner, attach_benchmarks
+from .tokens import TokenFileError, read_token_file
 from .warm import WarmKernel, WarmPool
 
 CONTROL_PATH = "/gpu-share/api/hosts/connect"
@@ -429,7 +430,17 @@ class HostAgent(LoggingConfigurable):
     ).tag(config=True)
 
     token = Unicode(
-        help="Host token issued by the broker. Defaults to $GPU_SHARE_TOKEN. Never logged."
+        help="Host token issued by the broker. Defaults to $GPU_SHARE_TOKEN. Never logged. "
+        "On the command line (--token) `ps` shows it to every local user: prefer token_file "
+        "or the environment."
+    ).tag(config=True)
+
+    token_file = Unicode(
+        "",
+        help="File holding the host token (--token-file PATH), read at start. It must be a "
+        "regular file that only its owner can read or write (chmod 600 PATH). When set, it "
+        "takes the place of $GPU_SHARE_TOKEN. Example: umask 077; echo TOKEN > "
+        "~/.gpu-share-token; jupyter gpu-share host --token-file ~/.gpu-share-token",
     ).tag(config=True)
 
     price_per_hour = Unicode(
@@ -578,7 +589,15 @@ class HostAgent(LoggingConfigurable):
 
     gateway_token = Unicode(
         help="Auth token of the gateway (sent as 'Authorization: token ...'). "
-        "Defaults to $GPU_SHARE_GATEWAY_TOKEN. Never logged."
+        "Defaults to $GPU_SHARE_GATEWAY_TOKEN. Never logged. Prefer gateway_token_file or the "
+        "environment to --gateway-token, which `ps` shows to every local user."
+    ).tag(config=True)
+
+    gateway_token_file = Unicode(
+        "",
+        help="File holding the gateway's token (--gateway-token-file PATH), read at start; "
+        "a regular file of mode 0600, as token_file. When set, it takes the place of "
+        "$GPU_SHARE_GATEWAY_TOKEN.",
     ).tag(config=True)
 
     gateway_kernel_name = Unicode("python3", help="Kernel spec name to start on the gateway.").tag(
@@ -652,8 +671,11 @@ class HostAgent(LoggingConfigurable):
         """Raise AgentConfigError when the settings cannot work."""
         if not self.broker_url:
             raise AgentConfigError("no broker URL: pass --broker URL or set GPU_SHARE_BROKER_URL")
+        self._read_token_files()
         if not self.token:
-            raise AgentConfigError("no host token: pass --token T or set GPU_SHARE_TOKEN")
+            raise AgentConfigError(
+                "no host token: pass --token-file PATH (mode 0600) or set GPU_SHARE_TOKEN"
+            )
         per_hour = parse_price_per_hour(self.price_per_hour)
         self.price_per_second_micro = price_per_second_from_hour(per_hour)
         prices = {}
@@ -685,6 +707,16 @@ class HostAgent(LoggingConfigurable):
                 IdleWorkload(self.idle_command)
             except ValueError as err:  # shlex: "No closing quotation"
                 raise AgentConfigError(f"idle_command: {err}") from None
+
+    def _read_token_files(self) -> None:
+        """Take the tokens from token_file and gateway_token_file, where they are set."""
+        try:
+            if self.token_file:
+                self.token = read_token_file(self.token_file, "host token")
+            if self.gateway_token_file:
+                self.gateway_token = read_token_file(self.gateway_token_file, "gateway token")
+        except TokenFileError as err:
+            raise AgentConfigError(str(err)) from None
 
     def _make_sandbox(self) -> Sandbox:
         try:
@@ -888,7 +920,11 @@ class HostAgent(LoggingConfigurable):
                 while True:
                     message = await conn.read_message()
                     if message is None:
-                        self.log.warning("control connection closed (code %s)", conn.close_code)
+                        self.log.warning(
+                            "control connection closed (code %s%s)",
+                            conn.close_code,
+                            f": {conn.close_reason}" if conn.close_reason else "",
+                        )
                         return True
                     if isinstance(message, str):
                         try:
@@ -953,6 +989,8 @@ class HostAgent(LoggingConfigurable):
                 session.kernel.interrupt()
         elif kind == "welcome":
             self.host_id = str(record.get("host_id", self.host_id))
+        elif kind == "error":  # the broker refused one of our messages, and says why
+            self.log.warning("broker: %s", str(record.get("message"))[:1000])
         else:
             self.log.debug("ignored control message %r", kind)
 

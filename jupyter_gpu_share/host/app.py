@@ -13,12 +13,27 @@ from traitlets import Bool, Unicode
 from .. import __version__
 from ..heap import freeze_startup_objects
 from .agent import NO_SANDBOX_WARNING, AgentAuthError, AgentConfigError, HostAgent
+from .tokens import argv_warning
+
+# Secrets that may be given on the command line: (trait, its file trait, option, file option,
+# environment variable).
+ARGV_SECRETS = (
+    ("token", "token_file", "--token", "--token-file", "GPU_SHARE_TOKEN"),
+    (
+        "gateway_token",
+        "gateway_token_file",
+        "--gateway-token",
+        "--gateway-token-file",
+        "GPU_SHARE_GATEWAY_TOKEN",
+    ),
+)
 
 aliases: dict[str, Any] = dict(base_aliases)
 aliases.update(
     {
         "broker": "HostAgent.broker_url",
         "token": "HostAgent.token",
+        "token-file": "HostAgent.token_file",
         "price-per-hour": "HostAgent.price_per_hour",
         "gpus": "HostAgentApp.gpu_list",
         "max-kernels": "HostAgent.max_kernels",
@@ -36,6 +51,7 @@ aliases.update(
         "idle-stop-grace": "HostAgent.idle_stop_grace",
         "gateway-url": "HostAgent.gateway_url",
         "gateway-token": "HostAgent.gateway_token",
+        "gateway-token-file": "HostAgent.gateway_token_file",
         "gateway-kernel-name": "HostAgent.gateway_kernel_name",
         "selftest-interval": "HostAgent.selftest_interval",
     }
@@ -72,7 +88,11 @@ class HostAgentApp(JupyterApp):
         "(or its CPU when there is none) and run renters' kernels on them."
     )
     version = __version__
-    examples = "jupyter gpu-share host --broker https://broker.example:8888 --token $TOKEN"
+    examples = """
+        umask 077; echo "$HOST_TOKEN" > ~/.gpu-share-token
+        jupyter gpu-share host --broker https://broker.example:8888 --token-file ~/.gpu-share-token
+        GPU_SHARE_TOKEN=... jupyter gpu-share host --broker https://broker.example:8888
+    """
     aliases: ClassVar[dict[str, Any]] = aliases
     flags: ClassVar[dict[str, Any]] = flags
     classes: ClassVar[list[type]] = [HostAgent]
@@ -95,6 +115,17 @@ class HostAgentApp(JupyterApp):
                 self._fail(f"--gpus takes a comma list of GPU indices, not {self.gpu_list!r}")
             self.config.HostAgent.gpus = indices
         self.agent = HostAgent(parent=self, log=self.log)
+        self._check_argv_secrets()
+
+    def _check_argv_secrets(self) -> None:
+        """Warn about a token given on the command line; refuse it together with its file."""
+        given = self.cli_config.get("HostAgent", {})
+        for trait, file_trait, option, file_option, env in ARGV_SECRETS:
+            if trait not in given:
+                continue
+            if file_trait in given:
+                self._fail(f"give {file_option} or {option}, not both")
+            self.log.warning(argv_warning(option, file_option, env))
 
     def _fail(self, message: str, code: int = 2) -> None:
         print(f"{self.name}: error: {message}", file=sys.stderr, flush=True)

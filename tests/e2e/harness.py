@@ -59,6 +59,7 @@ class Process:
         self.log_path = logdir / f"{name}.log"
         self._log = self.log_path.open("wb")
         self.popen = subprocess.Popen(args, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.token: str | None = None  # a host's token, for tests that look for it
 
     @property
     def pid(self) -> int:
@@ -134,9 +135,23 @@ class Cluster:
             self.admin.request("POST", f"/accounts/{name}/credit", {"amount_micro": credits_micro})
         return self.admin.request("POST", f"/accounts/{name}/tokens")["token"]
 
-    def start_host(self, name: str, price_per_hour: str = "3.6", *extra: str) -> Process:
-        """Start a host agent and wait until its offer is online."""
+    def start_host(
+        self, name: str, price_per_hour: str = "3.6", *extra: str, token_file: bool = False
+    ) -> Process:
+        """Start a host agent and wait until its offer is online.
+
+        Its token is never on the command line: in GPU_SHARE_TOKEN, or with ``token_file``
+        in a file of mode 0600 named by --token-file.
+        """
         token = self.account(name, "host")
+        env = clean_env(GPU_SHARE_TOKEN=token)
+        if token_file:
+            path = self.workdir / f"{name}.token"
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(token + "\n")
+            extra = ("--token-file", str(path), *extra)
+            env = clean_env()
         process = self.spawn(
             f"host-{name}",
             [
@@ -150,8 +165,9 @@ class Cluster:
                 f"--scratch-root={self.workdir / ('scratch-' + name)}",
                 *extra,
             ],
-            clean_env(GPU_SHARE_TOKEN=token),
+            env,
         )
+        process.token = token
         eventually(
             lambda: any(o["host_id"] == name for o in self.admin.request("GET", "/offers")),
             60,

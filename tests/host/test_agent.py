@@ -363,10 +363,13 @@ def test_app_cli(tmp_path) -> None:
             assert err.strip().count("\n") == 0 and "no broker URL" in err
             assert "Traceback" not in err
 
+            # A throwaway token: no test puts a real one on a command line.
             code, out, err = await _run_app("--broker", broker.url, "--token", "wrong", env=_env())
             assert code == 1, err
             assert "refused the host token" in err and "Traceback" not in err
             assert "wrong" not in err  # the token never shows up in the logs
+            assert "`ps` shows it to every local user" in err  # and --token says where it is
+            assert "--token-file PATH" in err and "GPU_SHARE_TOKEN" in err
 
             scratch = str(tmp_path / "s")
             code, out, err = await _run_app(
