@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -27,17 +28,23 @@ from traitlets.config import LoggingConfigurable
 
 from .. import __version__, fastws, wire
 from ..ledger import format_credits, parse_credits, price_per_second_from_hour
+from .cgroups import CgroupLimits, cleanup_stale
 from .gateway import GatewayKernel
 from .idle import IdleWorkload
 from .inventory import Inventory
 from .kernels import RemoteKernel, default_scratch_root
-from .sandbox import ResourceLimits, Sandbox, SandboxError, make_sandbox
+from .leftovers import AgentAlreadyRunning, RunDir, clean_leftovers, run_dir_path
+from .network import NetworkPolicy, parse_network
+from .sandbox import ResourceLimits, Sandbox, SandboxError, cgroup_prefix, make_sandbox
 from .schedule import Schedule, parse_schedule
 from .selftest import SelfTestRunner, attach_benchmarks
 from .tokens import TokenFileError, read_token_file
+from .uids import DEFAULT_RANGE as DEFAULT_UID_RANGE
+from .uids import UidError, UidPool, parse_range
 from .warm import WarmKernel, WarmPool
 
 CONTROL_PATH = "/gpu-share/api/hosts/connect"
+RUN_ROOT = "/run/jupyter-gpu-share"
 RELAY_MARK = "/gpu-share/api/relay/"
 MAX_RELAY_BUFFER = 64 * 1024 * 1024  # bytes held for a relay while it reconnects
 _FATAL_RELAY_CODES = {401, 403, 404, 410}
@@ -50,6 +57,23 @@ NO_SANDBOX_WARNING = (
 def local_now() -> datetime:
     """The host's wall clock, in its time zone."""
     return datetime.now().astimezone()
+
+
+def run_dir_root(scratch_root: str) -> str:
+    """Where the agent of a scratch root keeps its lock, kernel records and runtime folders.
+
+    Short, so the kernels' Unix socket paths fit (100 bytes) whatever the scratch root: as
+    root under /run, else in $XDG_RUNTIME_DIR when it is this user's, else in the scratch
+    root itself.
+    """
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(scratch_root))).hexdigest()[:8]
+    if os.geteuid() == 0:
+        return os.path.join(RUN_ROOT, digest)
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    with contextlib.suppress(OSError):
+        if runtime and os.stat(runtime).st_uid == os.geteuid():
+            return os.path.join(runtime, "jupyter-gpu-share", digest)
+    return run_dir_path(scratch_root)
 
 
 def _utc_offset_s(moment: datetime) -> int:
@@ -362,15 +386,17 @@ class HostSession:
     def _kernel_exited(self, exit_code: int | None) -> None:
         if self.state == "ready" and not self._closing:
             self._closing = True
-            self._end(
-                {
-                    "type": "kernel_ended",
-                    "session_id": self.session_id,
-                    # Code 0: the kernel ended itself, as a shutdown_request asks.
-                    "reason": "exited" if exit_code == 0 else "died",
-                    "exit_code": exit_code,
-                }
-            )
+            record: dict[str, Any] = {
+                "type": "kernel_ended",
+                "session_id": self.session_id,
+                # Code 0: the kernel ended itself, as a shutdown_request asks.
+                "reason": "exited" if exit_code == 0 else "died",
+                "exit_code": exit_code,
+            }
+            why = getattr(self.kernel, "stop_reason", None)
+            if why:  # the host's limit stopped it: out of memory, scratch over its quota
+                record.update(reason="host_limit", message=f"stopped by the host: {why}")
+            self._end(record)
 
     def send_status(self, message: str) -> None:
         """Tell the renter something through the relay (a text ``status`` record)."""
@@ -475,7 +501,10 @@ class HostAgent(LoggingConfigurable):
     ).tag(config=True)
 
     memory_limit_mib = Int(
-        0, help="Memory limit per kernel process in MiB (0: none); see memory_limit_kind."
+        0,
+        help="Memory limit per kernel in MiB (0: none): a cgroup memory limit where the "
+        "machine has one (it counts shared memory and /dev/shm too), and the rlimit of "
+        "memory_limit_kind per process.",
     ).tag(config=True)
 
     memory_limit_kind = Enum(
@@ -488,19 +517,54 @@ class HostAgent(LoggingConfigurable):
 
     max_processes = Int(
         1024,
-        help="RLIMIT_NPROC for kernels (0: none). Linux counts it per user and does not "
-        "enforce it for root: run the agent as an unprivileged user for it to hold.",
+        help="Processes and threads per kernel (0: none): a cgroup pids limit where the "
+        "machine has one, and RLIMIT_NPROC (counted per uid: each kernel has its own uid "
+        "when the agent runs as root, see kernel_uids).",
     ).tag(config=True)
 
     max_open_files = Int(4096, help="RLIMIT_NOFILE for kernels (0: inherit).").tag(config=True)
 
-    network = Enum(
-        ["host", "none"],
-        "host",
-        help="The network of each sandboxed kernel: 'none' (a namespace of its own with only "
-        "its loopback: the host's loopback services, LAN and the internet are out of reach) "
-        "or 'host' (shared with this machine, today's default; a public-internet-only "
-        "network is being built, see docs/design-notes.md).",
+    network = Unicode(
+        "public",
+        help="""What each sandboxed kernel's own network reaches: 'public' (the default: the
+        public internet only, through pasta from the passt package; never this host's
+        loopback services, its LAN, link-local or cloud metadata, or any private range),
+        'none' (only its own loopback), a comma-separated allow-list of addresses, networks
+        and host names (e.g. 'pypi.org,files.pythonhosted.org'; names resolved at start), or
+        'host' (shared with this machine: only for renters you trust). Renters see it in the
+        marketplace.""",
+    ).tag(config=True)
+
+    network_bandwidth_kbit = Int(
+        100_000,
+        help="Bandwidth of each kernel's network, each way, in kbit/s (0: no limit).",
+    ).tag(config=True)
+
+    network_connections_per_minute = Int(
+        600,
+        help="New outbound connections a kernel may open per minute (0: no limit); keeps a "
+        "renter from using this host for scans or spam.",
+    ).tag(config=True)
+
+    kernel_uids = Unicode(
+        "auto",
+        help=f"""The host uids kernels run as. 'auto': when the agent runs as root, each kernel
+        gets a uid of its own from {DEFAULT_UID_RANGE} (no account, no /etc/subuid range of
+        any user may hold them), so process limits hold and an escaped kernel owns nothing;
+        as another user, kernels run as that user. 'FIRST-LAST': that range (the agent must
+        run as root). 'agent': always this agent's uid (root stays root outside the
+        sandbox's user namespace: not recommended).""",
+    ).tag(config=True)
+
+    scratch_quota_mib = Int(
+        10240,
+        help="Disk each kernel may fill in its scratch folder, in MiB (0: no limit). Checked "
+        "every 2 s; a kernel over it is stopped and the renter is told why.",
+    ).tag(config=True)
+
+    cpu_limit = Float(
+        0.0,
+        help="CPUs each kernel may use (a cgroup CPU quota, e.g. 2.5; 0: no limit).",
     ).tag(config=True)
 
     sandbox_ro_paths = List(
@@ -536,6 +600,14 @@ class HostAgent(LoggingConfigurable):
 
     idle_stop_grace = Float(
         10.0, help="Seconds the idle command gets after SIGTERM before SIGKILL."
+    ).tag(config=True)
+
+    idle_sandbox = Bool(
+        True,
+        help="Run the idle command in the kernels' sandbox (their network, a uid of its own, "
+        "their limits; its home is <scratch_root>/idle, kept between runs, with the "
+        "command's own folder read-only). False: it runs as this agent's user, with its "
+        "files and network.",
     ).tag(config=True)
 
     gpus = List(Int(), help="GPU indices to offer; empty offers every GPU NVML finds.").tag(
@@ -658,6 +730,7 @@ class HostAgent(LoggingConfigurable):
         self._tasks: set[asyncio.Task[Any]] = set()
         self.model_prices_micro: dict[str, int] = {}
         self.sandbox_impl: Sandbox | None = None
+        self.run_dir: RunDir | None = None
         self.schedule_impl: Schedule | None = None
         self.idle: IdleWorkload | None = None
         self.warm_pool: WarmPool | None = None
@@ -726,11 +799,41 @@ class HostAgent(LoggingConfigurable):
                 max_open_files=self.max_open_files,
                 memory_rlimit=self.memory_limit_kind,
             )
-            sandbox = make_sandbox(self.sandbox, limits, self.sandbox_ro_paths, self.network)
+            network: str | NetworkPolicy = self.network.strip()
+            if network != "host":
+                network = parse_network(
+                    str(network),
+                    bandwidth_kbit=self.network_bandwidth_kbit,
+                    connections_per_minute=self.network_connections_per_minute,
+                )
+            sandbox = make_sandbox(
+                self.sandbox,
+                limits,
+                self.sandbox_ro_paths,
+                network,
+                uid_pool=self._uid_pool() if self.sandbox == "bwrap" else None,
+                cgroup_limits=CgroupLimits(
+                    memory_mib=self.memory_limit_mib,
+                    max_processes=self.max_processes,
+                    cpu=self.cpu_limit,
+                ),
+            )
             sandbox.check()
-        except (ValueError, SandboxError) as err:
+        except (ValueError, SandboxError, UidError) as err:
             raise AgentConfigError(str(err)) from None
         return sandbox
+
+    def _uid_pool(self) -> UidPool | None:
+        """The kernels' uids (see kernel_uids), or None to run them as the agent's uid."""
+        setting = self.kernel_uids.strip()
+        if setting == "agent":
+            return None
+        if setting == "auto":
+            return UidPool(parse_range(DEFAULT_UID_RANGE)) if os.geteuid() == 0 else None
+        uids = parse_range(setting)
+        if os.geteuid() != 0:
+            raise UidError(f"kernel_uids {setting}: the agent must run as root to use them")
+        return UidPool(uids)
 
     @property
     def price_label(self) -> str:
@@ -823,6 +926,7 @@ class HostAgent(LoggingConfigurable):
             "gpus": [gpu.to_json() for gpu in self.inventory.gpus],
             "offers": offers,
             "max_kernels": self.max_kernels,
+            **({"sandbox": self.sandbox_impl.describe()} if self.sandbox_impl else {}),
             "sessions": [sid for sid, s in self.sessions.items() if s.state != "ended"],
             # For the broker's reliability score: uptime is measured inside these windows.
             "schedule": self.schedule,
@@ -843,6 +947,7 @@ class HostAgent(LoggingConfigurable):
             self.price_per_second_micro,
         )
         self._log_sandbox()
+        await self._clean_previous_run()
         if self.selftest:
             self.selftest_runner = SelfTestRunner(self, self.selftest_interval * 3600)
             self._spawn(self.selftest_runner.run())
@@ -859,9 +964,20 @@ class HostAgent(LoggingConfigurable):
                 self.warm_pool.fill(tuple(offer["gpu_indices"]))
             self.log.info("keeping %d warm kernel(s) per offer", self.warm_kernels)
         if self.idle_command.strip():
+            sandboxed = self.idle_sandbox and self.sandbox_impl is not None
             self.idle = IdleWorkload(
-                self.idle_command, stop_grace=self.idle_stop_grace, logger=self.log
+                self.idle_command,
+                stop_grace=self.idle_stop_grace,
+                logger=self.log,
+                sandbox=self.sandbox_impl if sandboxed else None,
+                work_dir=os.path.join(self.scratch_root, "idle"),
+                gpu_minors=[
+                    gpu.index if gpu.minor_number is None else gpu.minor_number
+                    for gpu in self.inventory.gpus
+                ],
             )
+            if not sandboxed:
+                self.log.warning("the idle command runs unsandboxed, as this agent's user")
             await self.idle.start()
         attempt = 0
         try:
@@ -1090,6 +1206,8 @@ class HostAgent(LoggingConfigurable):
             ready_timeout=self.kernel_start_timeout,
             stop_grace=self.kernel_stop_grace,
             logger=self.log,
+            run_dir=self.run_dir,
+            scratch_quota_mib=self.scratch_quota_mib if self.sandbox_impl is not None else 0,
         )
 
     async def _start_warm(self, warm: WarmKernel) -> None:
@@ -1138,19 +1256,40 @@ class HostAgent(LoggingConfigurable):
         if sandbox is None or sandbox.kind == "none":
             self.log.warning(NO_SANDBOX_WARNING)
             return
+        enforced, missing = sandbox.enforcement()
         limits = sandbox.limits
         self.log.info(
-            "kernels run in a %s sandbox (memory %s, processes %s, open files %s)",
+            "kernels run in a %s sandbox (%s; memory %s, processes %s, open files %s)",
             sandbox.kind,
-            f"{limits.memory_mib} MiB ({limits.memory_rlimit})" if limits.memory_mib else "-",
+            ", ".join(enforced),
+            f"{limits.memory_mib} MiB" if limits.memory_mib else "-",
             limits.max_processes or "-",
             limits.max_open_files or "-",
         )
-        if limits.max_processes and os.geteuid() == 0:
-            self.log.warning(
-                "the agent runs as root: Linux does not enforce max_processes for root-owned "
-                "processes; run the agent as an unprivileged user for a process limit"
-            )
+        for name, reason in missing.items():
+            self.log.warning("NOT ENFORCED: %s: %s", name, reason)
+
+    async def _clean_previous_run(self) -> None:
+        """Take this scratch root for this agent, and clear what a crashed one left in it:
+        kernels still running, their scratch folders and connection files (with keys)."""
+        if self.gateway_url:
+            return
+        self.run_dir = RunDir(run_dir_root(self.scratch_root))
+        os.makedirs(self.scratch_root, mode=0o700, exist_ok=True)
+        try:
+            self.run_dir.acquire()
+        except AgentAlreadyRunning as err:
+            self.run_dir = None
+            raise AgentConfigError(str(err)) from None
+        report = await asyncio.get_running_loop().run_in_executor(
+            None, clean_leftovers, self.run_dir, self.scratch_root, self.log
+        )
+        stale = await asyncio.get_running_loop().run_in_executor(
+            None, cleanup_stale, cgroup_prefix(self.scratch_root)
+        )
+        if report or stale:
+            extra = f", {len(stale)} stale cgroup(s)" if stale else ""
+            self.log.warning("%s%s", report.summary(), extra)
 
     async def pause_idle(self) -> None:
         """Stop the idle command before a renter's kernel starts."""
@@ -1262,3 +1401,6 @@ class HostAgent(LoggingConfigurable):
             await self.idle.stop()
         if self.inventory is not None:
             self.inventory.close()
+        if self.run_dir is not None:
+            self.run_dir.close()
+            self.run_dir = None

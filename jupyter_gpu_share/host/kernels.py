@@ -26,7 +26,9 @@ import zmq.asyncio
 from jupyter_client.connect import write_connection_file
 
 from .. import wire, zmtp
-from .sandbox import Sandbox
+from .leftovers import RunDir
+from .quota import ScratchWatchdog
+from .sandbox import LaunchPlan, Sandbox, outer_pid, read_child_pid
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class RemoteKernel:
         ready_timeout: float = 60.0,
         stop_grace: float = 5.0,
         logger: logging.Logger | logging.LoggerAdapter | None = None,
+        run_dir: RunDir | None = None,
+        scratch_quota_mib: int = 0,
     ) -> None:
         self.session_id = session_id
         self.host_id = host_id
@@ -135,6 +139,14 @@ class RemoteKernel:
         self._iopub_flowing = asyncio.Event()
         self.on_exit = on_exit
         self.log = logger or log
+        # with one, the runtime folder lives in it and the kernel is recorded there
+        self.run_dir = run_dir
+        self.scratch_quota_mib = scratch_quota_mib
+        # Why the host stopped the kernel, for the renter: "out of memory (limit 1024 MiB)",
+        # "scratch folder over its 10240 MiB quota (...)". None: it ended by itself.
+        self.stop_reason: str | None = None
+        self._plan: LaunchPlan | None = None
+        self._watchdog: ScratchWatchdog | None = None
 
         self.process: asyncio.subprocess.Process | None = None
         self.group: int | None = None  # the process group that holds the kernel
@@ -151,6 +163,7 @@ class RemoteKernel:
         self.on_kernel_batch: Callable[[int, list[list[Any]]], None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._cleaned = False
+        self._clean = asyncio.Event()  # set once the clean-up in progress has finished
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -173,7 +186,10 @@ class RemoteKernel:
         """Launch the kernel and wait until it answers its heartbeat."""
         os.makedirs(self.scratch_root, mode=0o700, exist_ok=True)
         name = safe_name(self.session_id)
-        self.runtime_dir = tempfile.mkdtemp(prefix=f"gpu-share-{name}-")  # 0700
+        if self.run_dir is not None:
+            self.runtime_dir = self.run_dir.make_runtime_dir()  # 0700, a short path
+        else:
+            self.runtime_dir = tempfile.mkdtemp(prefix=f"gpu-share-{name}-")  # 0700
         self.scratch_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch_root)
         os.chmod(self.scratch_dir, 0o700)
         try:
@@ -199,6 +215,7 @@ class RemoteKernel:
                 env=env,
                 gpu_minors=self.gpu_minors,
             )
+            self._plan = plan
             stderr_path = os.path.join(self.runtime_dir, "kernel.log")
             try:
                 with open(stderr_path, "wb") as stderr:
@@ -221,9 +238,11 @@ class RemoteKernel:
                 for fd in plan.pass_fds:
                     os.close(fd)
             self.group = self.process.pid
+            self._record()
             self._tasks.append(asyncio.ensure_future(self._watch()))
             if plan.info_fd is not None:
-                self.group = await self._sandbox_child(plan.info_fd)
+                self.group = await self._sandbox_child(plan.info_fd, plan.child_pid_depth)
+                self._record()
             self.log.info(
                 "kernel for session %s started (pid %s, %s, gpus [%s])",
                 self.session_id,
@@ -232,32 +251,48 @@ class RemoteKernel:
                 ",".join(map(str, self.gpu_indices)),
             )
             await self._wait_ready(info)
+            if self.scratch_quota_mib:
+                self._watchdog = ScratchWatchdog(
+                    self.scratch_dir, self.scratch_quota_mib, on_exceeded=self._over_quota
+                )
+                self._watchdog.start()
         except BaseException:
             await self.stop()
             raise
         self.ready = True
 
-    async def _sandbox_child(self, info_fd: int) -> int:
+    def _over_quota(self, reason: str) -> None:
+        """The scratch folder outgrew its quota: stop the kernel, and say why."""
+        if self._stopping or not self.alive:
+            return
+        self.stop_reason = reason
+        self.log.warning("stopping the kernel for session %s: %s", self.session_id, reason)
+        self.signal(signal.SIGKILL)
+
+    def _record(self) -> None:
+        """Write this kernel's record in the run folder, for a clean-up after a crash."""
+        if self.run_dir is None or self.runtime_dir is None or self.process is None:
+            return
+        self.run_dir.record(
+            os.path.basename(self.runtime_dir),
+            session_id=self.session_id,
+            pids=[self.process.pid, self.group or self.process.pid],
+            runtime_dir=self.runtime_dir,
+            scratch_dir=self.scratch_dir,
+        )
+
+    async def _sandbox_child(self, info_fd: int, depth: int = 0) -> int:
         """Read bwrap's --info-fd JSON; return the pid (and process group) of its child."""
-
-        def read_all() -> bytes:
-            chunks = []
-            try:
-                while True:
-                    chunk = os.read(info_fd, 4096)
-                    if not chunk:
-                        return b"".join(chunks)
-                    chunks.append(chunk)
-            finally:
-                os.close(info_fd)
-
         loop = asyncio.get_running_loop()
-        raw = await asyncio.wait_for(loop.run_in_executor(None, read_all), self.ready_timeout)
-        try:
-            return int(json.loads(raw)["child-pid"])
-        except (ValueError, KeyError, TypeError):
+        child = await asyncio.wait_for(
+            loop.run_in_executor(None, read_child_pid, info_fd), self.ready_timeout
+        )
+        if child is not None and depth and self.process is not None:
+            child = await loop.run_in_executor(None, outer_pid, self.process.pid, child, depth)
+        if child is None:
             await asyncio.sleep(0.2)  # let the log catch bwrap's complaint
-            raise KernelStartError(f"the sandbox did not start{self._log_tail()}") from None
+            raise KernelStartError(f"the sandbox did not start{self._log_tail()}")
+        return child
 
     def _endpoints(self) -> dict[str, str]:
         """Where the kernel listens: Unix sockets in a private folder (cheaper than loopback
@@ -366,6 +401,9 @@ class RemoteKernel:
         if self.sandboxed and code is not None and 128 < code <= 128 + 64:
             code = -(code - 128)  # bwrap reports a child killed by signal N as 128 + N
         self.exit_code = code
+        plan = self._plan
+        if self.stop_reason is None and code != 0 and plan is not None and plan.stop_reason:
+            self.stop_reason = plan.stop_reason()
         self._exited.set()
         if self._stopping or not self.ready:
             return  # stop() or a failed start() cleans up and reports
@@ -483,8 +521,15 @@ class RemoteKernel:
 
     async def _cleanup(self) -> None:
         if self._cleaned:
+            await self._clean.wait()  # a clean-up under way (it awaits the cgroup, the uid)
             return
         self._cleaned = True
+        try:
+            await self._clean_up()
+        finally:
+            self._clean.set()
+
+    async def _clean_up(self) -> None:
         if self.process is not None:
             for group in {self.process.pid, self.group or self.process.pid}:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -499,6 +544,15 @@ class RemoteKernel:
         if self._context is not None:
             self._context.term()
             self._context = None
+        if self._watchdog is not None:
+            await self._watchdog.stop()
+            self._watchdog = None
+        plan, self._plan = self._plan, None
+        if plan is not None and plan.release is not None:
+            # the cgroup's last processes, then its folders; then the uid is free again
+            await asyncio.get_running_loop().run_in_executor(None, plan.release)
         for path in (self.scratch_dir, self.runtime_dir):
             if path:
                 shutil.rmtree(path, ignore_errors=True)
+        if self.run_dir is not None and self.runtime_dir is not None:
+            self.run_dir.forget(os.path.basename(self.runtime_dir))

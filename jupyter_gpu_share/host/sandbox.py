@@ -23,10 +23,12 @@ for processes whose real user is root, so a process limit needs an unprivileged 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import resource
+import secrets
 import shutil
 import site
 import subprocess
@@ -35,10 +37,28 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 
+from . import netguard
+from .cgroups import CgroupError, CgroupLimits, CgroupSupport, KernelCgroup, detect
+from .network import (
+    INNER_IFNAME,
+    GuardSpec,
+    NetworkConfigError,
+    NetworkPolicy,
+    guard_spec,
+    missing_tools,
+    nft_ruleset,
+    parse_network,
+    pasta_argv,
+    read_host_networks,
+    route_batch,
+)
+from .uids import UidError, UidLease, UidPool
+
 log = logging.getLogger(__name__)
 
 SANDBOX_HOME = "/home/renter"
 SANDBOX_RUN = "/run/gpu-share"
+CGROUP_PREFIX = "k-"
 NOBODY = 65534
 NVIDIA_CONTROL_DEVICES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools")
 INSTALL_HINT = (
@@ -109,6 +129,11 @@ class ResourceLimits:
         limits = self.rlimits()
         if not limits:
             return None
+        return self.apply_function(limits)
+
+    @staticmethod
+    def apply_function(limits: Sequence[tuple[int, int]]) -> Callable[[], None]:
+        """A function that sets these ``(resource, value)`` limits in the calling process."""
 
         def apply() -> None:
             for which, value in limits:
@@ -131,6 +156,10 @@ class LaunchPlan:
     pass_fds: tuple[int, ...] = ()
     info_fd: int | None = None  # read end of bwrap's --info-fd pipe (the parent owns it)
     sandboxed: bool = False
+    release: Callable[[], None] | None = None  # gives back what the kernel held (its uid)
+    uid: int | None = None  # the kernel's own uid on the host, where it has one
+    stop_reason: Callable[[], str | None] | None = None  # e.g. "out of memory (limit ...)"
+    child_pid_depth: int = 0  # pid namespaces between us and bwrap (1 with pasta)
 
 
 def kernel_argv(python: str, connection_file: str) -> list[str]:
@@ -198,6 +227,24 @@ class Sandbox:
     def check(self) -> None:
         """Raise SandboxError when this sandbox cannot run here."""
 
+    def enforcement(self) -> tuple[list[str], dict[str, str]]:
+        """What holds for each kernel, and what is not enforced with the reason why."""
+        return [], {"sandbox": "kernels run as this agent's user, with the host's files"}
+
+    def describe(self) -> dict[str, object]:
+        """The sandbox as renters see it in the marketplace (see broker/host_messages.py)."""
+        return {
+            "kind": "none",
+            "network": "host",
+            "uid": "agent",
+            "limits": {
+                "memory_mib": self.limits.memory_mib or None,
+                "max_processes": self.limits.max_processes or None,
+            },
+            "enforced": [],
+            "unenforced": ["sandbox"],
+        }
+
     def plan(
         self,
         *,
@@ -229,21 +276,47 @@ class BwrapSandbox(Sandbox):
         bwrap: str | None = None,
         extra_ro_paths: Sequence[str] = (),
         python: str = sys.executable,
-        network: str = "host",
+        network: str | NetworkPolicy = "host",
+        uid_pool: UidPool | None = None,
+        shm_mib: int = 0,
+        cgroup_limits: CgroupLimits | None = None,
+        cgroups: CgroupSupport | None = None,
     ) -> None:
         super().__init__(limits)
-        if network not in ("host", "none"):
-            raise ValueError(f"network must be 'host' or 'none', not {network!r}")
-        # "none": the kernel's own network namespace with only its loopback (the host's
-        # loopback, LAN and internet are out of reach); its channels are Unix sockets.
-        self.network = network
+        if isinstance(network, str) and network != "host":
+            try:
+                network = parse_network(network)
+            except NetworkConfigError as err:
+                raise ValueError(str(err)) from None
+        # "host": shared with the machine; a NetworkPolicy: a namespace of the kernel's own,
+        # with only its loopback ("none") or a pasta stack whose refusals netguard sets up.
+        self.policy: NetworkPolicy | None = None if network == "host" else network
+        self.network = "host" if self.policy is None else self.policy.mode
         self.bwrap = bwrap or shutil.which("bwrap") or ""
+        self.pasta = shutil.which("pasta") or ""
         self.extra_ro_paths = [os.path.abspath(p) for p in extra_ro_paths]
         self.python = python
         self.as_root = os.geteuid() == 0
-        self.uid = NOBODY if self.as_root else os.getuid()
-        self.gid = NOBODY if self.as_root else os.getgid()
+        self.uid_pool = uid_pool
+        self.shm_mib = shm_mib or self.limits.memory_mib  # /dev/shm: at most the memory limit
         self._ro_paths = _prune_nested(python_paths(python) + self.extra_ro_paths)
+        self._guard_python = ""
+        # The memory (shmem and tmpfs included), process and CPU limits that hold for root
+        # too; without cgroup support they are not enforced, and describe() says so.
+        self.cgroup_limits = cgroup_limits or CgroupLimits()
+        self.cgroups = cgroups
+        if self.cgroup_limits.requested() and self.cgroups is None:
+            self.cgroups = detect()
+
+    @property
+    def stack(self) -> bool:
+        """Tell whether kernels reach the network through pasta."""
+        return self.policy is not None and self.policy.needs_stack
+
+    @property
+    def own_uid(self) -> bool:
+        """Tell whether each kernel runs as a uid of its own (an agent that runs as root)."""
+        return self.uid_pool is not None
 
     @staticmethod
     def available() -> bool:
@@ -251,12 +324,49 @@ class BwrapSandbox(Sandbox):
         return shutil.which("bwrap") is not None
 
     def check(self) -> None:
-        """Raise SandboxError unless bwrap is installed and can build a sandbox here."""
+        """Raise SandboxError unless bwrap (and pasta, uids) can build a sandbox here."""
         if not self.bwrap or not os.access(self.bwrap, os.X_OK):
             raise SandboxError(INSTALL_HINT)
+        if self.stack:
+            missing = missing_tools(self.policy) if self.policy else []
+            if missing:
+                raise SandboxError(
+                    "a kernel network needs " + ", ".join(missing) + "; or pass --network none"
+                )
+            if self.as_root and not self.own_uid:
+                raise SandboxError(
+                    "pasta does not run as root: a kernel network needs kernel uids "
+                    "(HostAgent.kernel_uids) when the agent runs as root"
+                )
+            if not _usable_by_others("/dev/net/tun", os.R_OK | os.W_OK) and self.own_uid:
+                raise SandboxError(
+                    "/dev/net/tun is not open to other users (its stock mode is 0666: "
+                    "chmod 666 /dev/net/tun), so pasta cannot start a kernel network"
+                )
+            self._guard_python = self._find_guard_python()
+            try:
+                read_host_networks()
+            except (OSError, NetworkConfigError) as err:
+                raise SandboxError(f"cannot read this host's networks: {err}") from None
+        if self.uid_pool is not None:
+            try:
+                self.uid_pool.check()
+            except UidError as err:
+                raise SandboxError(str(err)) from None
+            hidden = [p for p in self._ro_paths if not _usable_by_others(p, os.R_OK | os.X_OK)]
+            if hidden:
+                raise SandboxError(
+                    f"kernels run as uids of their own, and the kernels' Python ({hidden[0]}) "
+                    "is not readable by other users: make it readable (e.g. chmod o+x on the "
+                    "folder that hides it) or install the agent in a Python that other users "
+                    "can read (python3 -m venv /opt/gpu-share)"
+                )
         argv = [self.bwrap, *self._namespace_args(), *self._system_args(), "--", "true"]
+        preexec = self._switch_user(self.uid_pool.uids.start) if self.uid_pool else None
         try:
-            done = subprocess.run(argv, capture_output=True, timeout=20, check=False)
+            done = subprocess.run(
+                argv, capture_output=True, timeout=20, check=False, preexec_fn=preexec, cwd="/"
+            )
         except (OSError, subprocess.TimeoutExpired) as err:
             raise SandboxError(f"bwrap could not run: {err}") from None
         if done.returncode != 0:
@@ -266,6 +376,30 @@ class BwrapSandbox(Sandbox):
                 f" ({detail[-1] if detail else f'exit code {done.returncode}'}); "
                 "allow user namespaces or pass --no-sandbox"
             )
+
+    def _find_guard_python(self) -> str:
+        """A Python that netguard can run as the kernel's uid (it needs the stdlib only)."""
+        candidates = [os.path.realpath(sys.executable), "/usr/bin/python3"]
+        for path in candidates:
+            if os.path.exists(path) and (
+                not self.own_uid or _usable_by_others(path, os.R_OK | os.X_OK)
+            ):
+                return path
+        raise SandboxError(
+            "a kernel network needs a Python that other users can run (/usr/bin/python3)"
+        )
+
+    @staticmethod
+    def _switch_user(uid: int, gid: int | None = None) -> Callable[[], None]:
+        """A preexec that drops the child to ``uid`` for good (groups, real, saved ids)."""
+        gid = uid if gid is None else gid
+
+        def switch() -> None:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+
+        return switch
 
     def _namespace_args(self) -> list[str]:
         args = [
@@ -277,15 +411,15 @@ class BwrapSandbox(Sandbox):
             "--die-with-parent",
             "--new-session",
         ]
-        if self.network == "none":
-            args.append("--unshare-net")
-        if self.as_root:
-            # Root outside: run as nobody in a user namespace, with no capabilities.
-            args += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
-            args += ["--cap-drop", "ALL"]
+        if self.policy is not None and not self.stack:
+            args.append("--unshare-net")  # only its own loopback
+        # The kernel is nobody in a user namespace of its own, with no capability and no
+        # way to make another namespace (in which it would be root again).
+        args += ["--unshare-user", "--uid", str(NOBODY), "--gid", str(NOBODY)]
+        args += ["--cap-drop", "ALL", "--disable-userns"]
         return args
 
-    def _system_args(self) -> list[str]:
+    def _system_args(self, resolv_conf: str | None = None) -> list[str]:
         args: list[str] = []
         for path in SYSTEM_DIRS:
             if os.path.islink(path):
@@ -294,9 +428,18 @@ class BwrapSandbox(Sandbox):
                 args += ["--ro-bind", path, path]
         for name in ETC_ENTRIES:
             path = os.path.join("/etc", name)
+            if name == "resolv.conf" and self.policy is not None:
+                continue  # the kernel's own resolver, or none
             if os.path.lexists(path) and os.path.exists(path):
                 args += ["--ro-bind", path, path]
+        if resolv_conf:
+            args += ["--ro-bind", resolv_conf, "/etc/resolv.conf"]
         args += ["--proc", "/proc", "--dev", "/dev"]
+        # /dev/shm is memory: bounded, and the rest of /dev and the root are read-only, so
+        # the scratch folder is the only place a kernel can write to disk.
+        if self.shm_mib:
+            args += ["--size", str(self.shm_mib * 1024 * 1024)]
+        args += ["--tmpfs", "/dev/shm", "--remount-ro", "/dev"]
         return args
 
     @staticmethod
@@ -332,13 +475,66 @@ class BwrapSandbox(Sandbox):
         env: dict[str, str],
         gpu_minors: Sequence[int] = (),
     ) -> LaunchPlan:
-        """Return the bwrap command line that runs the kernel."""
-        passwd, group = _passwd(self.uid, self.gid)
+        """Return the command line that runs the kernel: [pasta, netguard,] bwrap, kernel."""
+        inner_file, socket_binds = self._inner_connection_file(connection_file, self.network)
+        inner_cf = f"{SANDBOX_RUN}/kernel.json"
+        return self.plan_command(
+            kernel_argv(python, inner_cf),
+            scratch_dir=scratch_dir,
+            runtime_dir=runtime_dir,
+            env=env,
+            gpu_minors=gpu_minors,
+            binds=[*socket_binds, "--ro-bind", inner_file, inner_cf],
+            path_first=os.path.dirname(python),
+        )
+
+    def plan_command(
+        self,
+        argv: Sequence[str],
+        *,
+        scratch_dir: str,
+        runtime_dir: str,
+        env: dict[str, str],
+        gpu_minors: Sequence[int] = (),
+        binds: Sequence[str] = (),
+        path_first: str = "",
+    ) -> LaunchPlan:
+        """Return how to run ``argv`` in this sandbox (a kernel, or the host's idle command),
+        with the scratch folder as its home and the same network, uid and limits."""
+        lease = self.uid_pool.acquire() if self.uid_pool is not None else None
+        try:
+            return self._plan(
+                lease, list(argv), scratch_dir, runtime_dir, env, gpu_minors, binds, path_first
+            )
+        except BaseException:
+            if lease is not None:
+                lease.release()
+            raise
+
+    def _plan(
+        self,
+        lease: UidLease | None,
+        command: list[str],
+        scratch_dir: str,
+        runtime_dir: str,
+        env: dict[str, str],
+        gpu_minors: Sequence[int],
+        binds: Sequence[str],
+        path_first: str,
+    ) -> LaunchPlan:
+        passwd, group = _passwd(NOBODY, NOBODY)
         for name, text in (("passwd", passwd), ("group", group)):
             with open(os.path.join(runtime_dir, name), "w", encoding="ascii") as fh:
                 fh.write(text)
-        inner_cf = f"{SANDBOX_RUN}/kernel.json"
-        args = [self.bwrap, *self._namespace_args(), *self._system_args()]
+        guard: GuardSpec | None = None
+        resolv_conf = None
+        if self.stack:
+            assert self.policy is not None
+            guard = guard_spec(self.policy, read_host_networks())
+            resolv_conf = os.path.join(runtime_dir, "resolv.conf")
+            with open(resolv_conf, "w", encoding="ascii") as fh:
+                fh.write(f"nameserver {guard.gateway}\noptions timeout:2 attempts:2\n")
+        args = [self.bwrap, *self._namespace_args(), *self._system_args(resolv_conf)]
         args += ["--ro-bind", os.path.join(runtime_dir, "passwd"), "/etc/passwd"]
         args += ["--ro-bind", os.path.join(runtime_dir, "group"), "/etc/group"]
         for device in gpu_device_paths(gpu_minors):
@@ -348,43 +544,292 @@ class BwrapSandbox(Sandbox):
         args += ["--bind", scratch_dir, SANDBOX_HOME, "--bind", scratch_dir, "/tmp"]
         for path in self._ro_paths:
             args += ["--ro-bind", path, path]
-        inner_file, socket_binds = self._inner_connection_file(connection_file, self.network)
-        args += [*socket_binds, "--ro-bind", inner_file, inner_cf]
+        args += list(binds)
         inner_env = dict(env)
         inner_env.pop("JPY_PARENT_PID", None)  # --die-with-parent does that job
         inner_env.update(
             HOME=SANDBOX_HOME,
             TMPDIR="/tmp",
-            USER="nobody" if self.as_root else "renter",
-            LOGNAME="nobody" if self.as_root else "renter",
-            PATH=os.pathsep.join([os.path.dirname(python), "/usr/local/bin", "/usr/bin", "/bin"]),
+            USER="nobody",
+            LOGNAME="nobody",
+            PATH=os.pathsep.join(
+                [p for p in (path_first, "/usr/local/bin", "/usr/bin", "/bin") if p]
+            ),
         )
-        args += ["--chdir", SANDBOX_HOME, "--clearenv"]
+        args += ["--remount-ro", "/", "--chdir", SANDBOX_HOME, "--clearenv"]
         for name, value in sorted(inner_env.items()):
             args += ["--setenv", name, value]
         read_fd, write_fd = os.pipe()
         os.set_inheritable(write_fd, True)
-        args += ["--info-fd", str(write_fd), "--", *kernel_argv(python, inner_cf)]
+        args += ["--info-fd", str(write_fd), "--", *command]
+        rlimits = self.limits.rlimits()
+        if guard is not None:
+            # pasta runs first, unlimited (its sockets are the kernel's connections);
+            # netguard sets the kernel's limits once the namespace is ready.
+            spec_file = os.path.join(runtime_dir, "guard.json")
+            with open(spec_file, "w", encoding="utf-8") as fh:
+                json.dump(guard_file_spec(guard, rlimits), fh)
+            script = os.path.join(runtime_dir, "netguard.py")
+            shutil.copyfile(netguard.__file__, script)
+            chain = pasta_argv(self.pasta, guard, os.path.join(runtime_dir, "pasta.log"))
+            args = [
+                *chain,
+                self._guard_python or self._find_guard_python(),
+                "-I",
+                script,
+                spec_file,
+                "--",
+                *args,
+            ]
+            rlimits = []
+        if lease is not None:
+            # Everything the chain opens as the kernel's uid: its folders, its files.
+            for folder in (os.path.dirname(scratch_dir), os.path.dirname(runtime_dir)):
+                _allow_traverse(folder)
+                if not _usable_by_others(folder, os.X_OK):
+                    raise SandboxError(
+                        f"kernels run as uids of their own, and {folder} lies in a folder "
+                        "other users cannot pass through: choose a scratch root under /tmp "
+                        "or /var/lib"
+                    )
+            for path in [*_tree(runtime_dir), scratch_dir]:
+                os.lchown(path, lease.uid, lease.gid)
+        cgroup = self._kernel_cgroup(cgroup_prefix(os.path.dirname(scratch_dir)))
+        steps = [cgroup.preexec()] if cgroup is not None and cgroup.paths else []
+        if lease is not None:
+            steps.append(self._switch_user(lease.uid, lease.gid))
+        preexec = _child_setup(steps, rlimits)
+
+        def release() -> None:
+            if cgroup is not None:
+                cgroup.kill()
+                if not cgroup.remove():
+                    log.warning("could not remove the kernel's cgroup %s", cgroup.paths)
+            if lease is not None:
+                lease.release()
+
         return LaunchPlan(
             argv=args,
             env={"PATH": os.environ.get("PATH", os.defpath)},
             cwd="/",
-            preexec=self.limits.preexec(),
+            preexec=preexec,
             pass_fds=(write_fd,),
             info_fd=read_fd,
             sandboxed=True,
+            release=release,
+            uid=lease.uid if lease is not None else None,
+            stop_reason=cgroup.oom_reason if cgroup is not None else None,
+            child_pid_depth=1 if guard is not None else 0,
         )
+
+    def _kernel_cgroup(self, prefix: str) -> KernelCgroup | None:
+        """A cgroup of its own for the next kernel, with its limits (None: none asked)."""
+        if not self.cgroup_limits.requested() or self.cgroups is None:
+            return None
+        if not self.cgroups.usable:
+            return None
+        try:
+            return KernelCgroup.create(
+                f"{prefix}{secrets.token_hex(6)}", self.cgroup_limits, self.cgroups
+            )
+        except (OSError, CgroupError) as err:
+            raise SandboxError(f"cannot create the kernel's cgroup: {err}") from None
+
+    def enforcement(self) -> tuple[list[str], dict[str, str]]:
+        """What holds for each kernel, and what is not enforced with the reason why."""
+        enforced = ["bubblewrap", "read-only root", "no capabilities"]
+        missing: dict[str, str] = {}
+        if self.policy is not None:
+            enforced.append(f"network {self.network}")
+        else:
+            missing["network"] = "kernels share this host's network (network = 'host')"
+        if self.own_uid:
+            enforced.append("uid of its own")
+        elif self.as_root:
+            missing["uid"] = "kernels run as root outside their user namespace (kernel_uids)"
+        else:
+            enforced.append("agent's uid")
+        support = self.cgroups
+        for name in self.cgroup_limits.requested():
+            if support is not None and name in support.usable:
+                enforced.append(f"cgroup {name}")
+            else:
+                reason = support.reason(name) if support is not None else "no cgroup support"
+                missing[f"cgroup {name}"] = reason or "not available"
+        return enforced, missing
+
+    def describe(self) -> dict[str, object]:
+        """The sandbox as renters see it in the marketplace (see broker/host_messages.py)."""
+        enforced, missing = self.enforcement()
+        limits = {
+            "memory_mib": self.cgroup_limits.memory_mib or self.limits.memory_mib or None,
+            "max_processes": self.cgroup_limits.max_processes or self.limits.max_processes or None,
+            "cpu": self.cgroup_limits.cpu or None,
+        }
+        if self.policy is not None and self.stack:
+            limits["bandwidth_kbit"] = self.policy.bandwidth_kbit or None
+            limits["connections_per_minute"] = self.policy.connections_per_minute or None
+        return {
+            "kind": self.kind,
+            "network": self.network,
+            "uid": "dedicated" if self.own_uid else "agent",
+            "limits": limits,
+            "enforced": enforced[:16],
+            "unenforced": list(missing)[:16],
+        }
+
+
+def cgroup_prefix(scratch_root: str) -> str:
+    """The first part of the names of the cgroups of kernels with this scratch root: one
+    agent holds a scratch root (leftovers.RunDir), so at start it may clear what has it."""
+    digest = hashlib.sha256(os.fsencode(os.path.realpath(scratch_root))).hexdigest()
+    return f"{CGROUP_PREFIX}{digest[:8]}-"
+
+
+def read_child_pid(info_fd: int) -> int | None:
+    """Read bwrap's ``--info-fd`` JSON from ``info_fd`` (closing it): its child's pid.
+
+    Blocking; run it in a thread. It stops at the first whole JSON object: pasta, between
+    the agent and bwrap, holds its copy of the pipe open for the kernel's life, so the end
+    of the pipe comes only when the kernel is gone. None: the sandbox never started.
+    """
+    data = b""
+    try:
+        while len(data) < 65536:
+            chunk = os.read(info_fd, 4096)
+            if not chunk:
+                break
+            data += chunk
+            try:
+                return int(json.loads(data)["child-pid"])
+            except ValueError:
+                continue  # not all of it yet
+            except (KeyError, TypeError):
+                return None
+        return None
+    finally:
+        os.close(info_fd)
+
+
+def _status_fields(pid: int) -> tuple[int, list[int]] | None:
+    """A process's parent and its pids from our pid namespace inward (``NSpid``)."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as handle:
+            text = handle.read(8192).decode("ascii", "replace")
+    except OSError:
+        return None
+    ppid, nspids = -1, [pid]
+    for line in text.splitlines():
+        if line.startswith("PPid:"):
+            ppid = int(line.split()[1])
+        elif line.startswith("NSpid:"):
+            nspids = [int(v) for v in line.split()[1:]]
+    return ppid, nspids
+
+
+def outer_pid(ancestor: int, inner: int, depth: int) -> int | None:
+    """The pid, as this agent sees it, of the descendant of ``ancestor`` whose pid is
+    ``inner`` ``depth`` pid namespaces in (pasta starts bwrap in a pid namespace of its
+    own, so bwrap's --info-fd names its child by the pid it has there). None: not found."""
+    parents: dict[int, int] = {}
+    nspids: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _status_fields(int(name))
+            if fields is not None:
+                parents[int(name)], nspids[int(name)] = fields
+    for pid, ids in nspids.items():
+        if len(ids) > depth and ids[depth] == inner:
+            up = parents.get(pid, -1)
+            for _ in range(64):  # it must descend from ancestor: never another's process
+                if up == ancestor:
+                    return pid
+                if up <= 1:
+                    break
+                up = parents.get(up, -1)
+    return None
+
+
+def guard_file_spec(guard: GuardSpec, rlimits: Sequence[tuple[int, int]]) -> dict[str, object]:
+    """What netguard reads: the interface, routes, refusals, rules and the kernel's limits."""
+    return {
+        "ifname": INNER_IFNAME,
+        "address": guard.address,
+        "routes": route_batch(guard),
+        "prohibit_count": len(guard.blocked),
+        "nft": nft_ruleset(guard),
+        "rlimits": [list(pair) for pair in rlimits],
+    }
+
+
+def _child_setup(
+    steps: Sequence[Callable[[], None]], rlimits: Sequence[tuple[int, int]]
+) -> Callable[[], None] | None:
+    """One preexec: join the cgroup, drop to the kernel's uid, then set its limits."""
+    if not steps and not rlimits:
+        return None
+    todo = (*steps, ResourceLimits.apply_function(rlimits))
+
+    def setup() -> None:
+        for step in todo:
+            step()
+
+    return setup
+
+
+def _tree(top: str) -> list[str]:
+    """A folder and everything under it (not following links)."""
+    out = [top]
+    for root, dirs, files in os.walk(top):
+        out += [os.path.join(root, name) for name in dirs + files]
+    return out
+
+
+def _allow_traverse(folder: str) -> None:
+    """Let other users pass through one of the agent's own folders (not list or read it)."""
+    info = os.stat(folder)
+    if info.st_uid == os.geteuid() and not info.st_mode & 0o001:
+        os.chmod(folder, (info.st_mode & 0o7777) | 0o111)
+
+
+def _usable_by_others(path: str, mode: int) -> bool:
+    """Tell whether a user with no group in common could reach ``path`` with ``mode``."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for depth in range(1, len(parts)):
+        folder = os.sep.join(parts[:depth]) or os.sep
+        try:
+            if not os.stat(folder).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    try:
+        st_mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    need = (0o004 if mode & os.R_OK else 0) | (0o002 if mode & os.W_OK else 0)
+    if mode & os.X_OK:
+        need |= 0o001
+    return st_mode & need == need
 
 
 def make_sandbox(
     kind: str,
     limits: ResourceLimits | None = None,
     extra_ro_paths: Sequence[str] = (),
-    network: str = "host",
+    network: str | NetworkPolicy = "host",
+    uid_pool: UidPool | None = None,
+    cgroup_limits: CgroupLimits | None = None,
 ) -> Sandbox:
     """Build the sandbox ``kind`` ("bwrap" or "none")."""
     if kind == "bwrap":
-        return BwrapSandbox(limits, extra_ro_paths=extra_ro_paths, network=network)
+        return BwrapSandbox(
+            limits,
+            extra_ro_paths=extra_ro_paths,
+            network=network,
+            uid_pool=uid_pool,
+            cgroup_limits=cgroup_limits,
+        )
     if kind == "none":
         return Sandbox(limits)
     raise ValueError(f"unknown sandbox {kind!r}: use 'bwrap' or 'none'")

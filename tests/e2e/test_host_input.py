@@ -273,6 +273,12 @@ def test_a_host_started_with_a_token_file_connects_with_no_token_in_argv(make_cl
     )[0]
     assert offer["telemetry"]["source"] == "cpu" and offer["speed"]["kind"] == "cpu"
     assert "refused" not in cluster.broker.output() and "broker:" not in host.output()
+    # A real agent's sandbox, as renters see it: its own network (public by default), and
+    # a uid of its own per kernel when the agent runs as root.
+    sandbox = offer["sandbox"]
+    assert sandbox["kind"] == "bwrap" and sandbox["network"] == "public", sandbox
+    assert sandbox["uid"] == ("dedicated" if os.geteuid() == 0 else "agent"), sandbox
+    assert "network" not in sandbox["unenforced"], sandbox
 
 
 def host_cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
