@@ -288,3 +288,67 @@ def test_finding_3_root_and_dev_are_read_only(scratch_root, uid_pool) -> None:
             await kernel.stop()
 
     asyncio.run(main())
+
+
+def test_finding_4_scratch_quota_stops_the_kernel_and_says_why(scratch_root, uid_pool) -> None:
+    """60 MiB written into a scratch folder with a 20 MiB quota: the kernel is stopped, the
+    reason names the quota, and the folder is gone with it."""
+    sandbox = BwrapSandbox(network="none", uid_pool=uid_pool)
+    sandbox.check()
+
+    async def main() -> None:
+        client = Client()
+        kernel = RemoteKernel(
+            "s",
+            "h",
+            KEY,
+            client.on_message,
+            sandbox=sandbox,
+            scratch_root=scratch_root,
+            scratch_quota_mib=20,
+        )
+        await kernel.start()
+        try:
+            await _warm(client, kernel)
+            client.execute(
+                kernel,
+                "import os, time\nwith open('fill', 'wb') as f:\n"
+                "    for _ in range(60):\n        f.write(os.urandom(1 << 20)); f.flush()\n"
+                "time.sleep(60)",
+            )
+            await asyncio.wait_for(kernel.wait(), 30)
+            assert kernel.stop_reason is not None and "20 MiB quota" in kernel.stop_reason
+        finally:
+            await kernel.stop()
+        assert kernel.scratch_dir is not None and not os.path.exists(kernel.scratch_dir)
+
+    asyncio.run(main())
+
+
+def test_finding_1_an_allow_list_reaches_only_its_addresses(scratch_root, uid_pool) -> None:
+    """--network 192.0.2.77: a route to that address through pasta, none to anything else
+    (the public internet included), and still none to the host."""
+    _needs_pasta()
+    sandbox = BwrapSandbox(network="203.0.113.77", uid_pool=uid_pool)
+    sandbox.check()
+    ip = shutil.which("ip")
+
+    async def main() -> None:
+        client = Client()
+        kernel = _kernel(sandbox, scratch_root, client)
+        await kernel.start()
+        try:
+            await _warm(client, kernel)
+            out = await _run(
+                client,
+                kernel,
+                "import subprocess\nfor a in ('203.0.113.77', '1.1.1.1', '127.0.0.2'):\n"
+                f"    r = subprocess.run(['{ip}', '-4', 'route', 'get', a],"
+                " capture_output=True, text=True)\n"
+                "    print(a, 'via' in r.stdout and 'prohibit' not in r.stdout)\n",
+            )
+            assert out.split("\n")[:3] == ["203.0.113.77 True", "1.1.1.1 False", "127.0.0.2 False"]
+        finally:
+            await kernel.stop()
+
+    asyncio.run(main())
