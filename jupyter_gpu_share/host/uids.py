@@ -170,6 +170,7 @@ class UidPool:
         """Lend a free uid; raise UidError when every uid of the range is in use."""
         busy = running_uids()
         count = len(self.uids)
+        os.makedirs(self.lock_dir, mode=0o700, exist_ok=True)
         for step in range(count):
             uid = self.uids[(self._next + step) % count]
             if uid in busy:

@@ -139,13 +139,23 @@ CRASHING_AGENT = textwrap.dedent(
     from jupyter_gpu_share.host.sandbox import make_sandbox
 
     scratch, key, sandbox = sys.argv[1:4]
-    run_dir = RunDir.for_scratch_root(scratch)
+    if sandbox == "public":  # the agent's own chain as root: pasta, a uid of its own
+        from jupyter_gpu_share.host.agent import run_dir_root
+        from jupyter_gpu_share.host.sandbox import BwrapSandbox
+        from jupyter_gpu_share.host.uids import UidPool, parse_range
+        run_dir = RunDir(run_dir_root(scratch))
+        pool = UidPool(parse_range("1900100200-1900100209"), scratch + "-uids")
+        box = BwrapSandbox(network="public", uid_pool=pool)
+        box.check()
+    else:
+        run_dir = RunDir.for_scratch_root(scratch)
+        box = make_sandbox(sandbox)
     run_dir.acquire()
 
     async def main():
         kernel = RemoteKernel(
             "crash-sess", "h", key, lambda c, f: None, scratch_root=scratch, run_dir=run_dir,
-            sandbox=make_sandbox(sandbox),
+            sandbox=box,
         )
         await kernel.start()
         session = Session(key=key.encode(), signature_scheme="hmac-sha256")
@@ -252,6 +262,47 @@ def test_clean_up_after_a_killed_agent(tmp_path, sandbox) -> None:
         for pid in (kernel, child):
             if pid and running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("bwrap") is None or shutil.which("pasta") is None,
+    reason="the agent's root chain needs root, bwrap and pasta",
+)
+def test_agent_start_cleans_up_after_a_killed_agent_with_a_kernel_network(tmp_path) -> None:
+    """As root with the default network, pasta and the kernel outlive a killed agent (pasta
+    does not die with its parent): the next agent's start kills them and removes the key."""
+    from jupyter_gpu_share.host.agent import HostAgent
+
+    scratch = str(tmp_path / "scratch")
+    agent = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_AGENT, scratch, KEY, "public"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = agent.stdout.readline()
+        assert line, "the agent subprocess did not start its kernel"
+        info = json.loads(line)
+        agent.send_signal(signal.SIGKILL)
+        agent.wait(10)
+        assert running(info["kernel"])  # pasta, and the kernel under it, live on
+        assert os.path.isfile(info["connection_file"])
+
+        async def start() -> None:
+            host = HostAgent(broker_url="http://127.0.0.1:1", token="t", scratch_root=scratch)
+            await host._clean_previous_run()
+            assert host.run_dir is not None
+            host.run_dir.close()
+
+        asyncio.run(start())
+        assert wait_until(lambda: not running(info["kernel"]), 5)
+        assert not os.path.exists(info["connection_file"])
+        assert not os.path.exists(info["scratch_dir"])
+    finally:
+        reap(agent)
+        if running(info["kernel"]):
+            os.kill(info["kernel"], signal.SIGKILL)
 
 
 def test_kernel_with_run_dir_records_and_forgets() -> None:
