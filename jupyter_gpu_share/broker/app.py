@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,6 +76,28 @@ class BrokerApp(ExtensionApp):
         existing one on an older schema is refused unless this is True (take a backup, then run
         `jupyter gpu-share broker --upgrade-db`).""",
     )
+
+    db_busy_timeout_ms = Int(
+        30_000,
+        config=True,
+        help="""How long a store call waits for a SQLite database another process has locked,
+        in ms. Past it, a stop is kept as pending (billed to the instant it was asked,
+        settled when the store answers) and other writes answer 503 with Retry-After.""",
+    )
+
+    stop_journal = Unicode(
+        config=True,
+        help="""File where stops the store could not settle yet are kept (fsynced) until
+        they are, so a restarted broker bills them to the instant they were asked. Default:
+        beside a SQLite database (<db>.stops), else in the Jupyter data dir per database.""",
+    )
+
+    @default("stop_journal")
+    def _stop_journal_default(self) -> str:
+        if self.db_url.startswith("sqlite:///") and self.db_url != "sqlite:///:memory:":
+            return self.db_url.removeprefix("sqlite:///") + ".stops"
+        digest = hashlib.sha256(self.db_url.encode()).hexdigest()[:12]
+        return str(Path(jupyter_data_dir()) / "gpu_share" / f"stops-{digest}.jsonl")
 
     platform_fee_bps = Int(
         1000,
@@ -181,7 +204,7 @@ class BrokerApp(ExtensionApp):
         """Open the store, bootstrap the admin token and create the broker."""
         if self.db_url.startswith("sqlite:///"):
             Path(self.db_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        store = Store(self.db_url, upgrade=self.upgrade_db)
+        store = Store(self.db_url, upgrade=self.upgrade_db, busy_timeout_ms=self.db_busy_timeout_ms)
         admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         if admin_token is None:
             self._bootstrap_admin_token(store)
@@ -206,6 +229,7 @@ class BrokerApp(ExtensionApp):
             relay_buffer_bytes=self.relay_buffer_bytes,
             host_hello_max_bytes=self.host_hello_max_bytes,
             host_heartbeat_max_bytes=self.host_heartbeat_max_bytes,
+            stop_journal=self.stop_journal or None,
         )
         self.broker = Broker(store, settings, admin_token=admin_token)
         self.settings.update(

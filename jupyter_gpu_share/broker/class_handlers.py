@@ -200,7 +200,21 @@ class StopStudentHandler(ClassHandlerBase):
     def post(self, name: str, student: str) -> None:
         self.require_teacher(name)
         ended = self.broker.stop_student(name, student)
-        self.write_json({"student": student, "stopped_sessions": [r.id for r in ended]})
+        # A stop the store could not settle yet (None) is pending, billed to now all the same.
+        stopping = [
+            live.id
+            for live in self.broker.sessions.values()
+            if live.class_name == name
+            and live.renter == student
+            and live.id in self.broker.pending_stops
+        ]
+        self.write_json(
+            {
+                "student": student,
+                "stopped_sessions": [r.id for r in ended if r is not None],
+                "stopping_sessions": stopping,
+            }
+        )
 
 
 class NotebooksHandler(ClassHandlerBase):

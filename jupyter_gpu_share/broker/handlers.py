@@ -15,7 +15,7 @@ from tornado.websocket import WebSocketClosedError
 
 from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd, as_bytes
 from ..ledger import earnings_by_day, price_per_hour
-from ..store import Conflict, InsufficientFunds, NotFound, StoreError
+from ..store import Conflict, InsufficientFunds, NotFound, StoreError, StoreUnavailable
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser
 from .host_messages import (
     HostMessageError,
@@ -97,7 +97,12 @@ class BrokerAPIHandler(APIHandler):
                 )
             )
             return
-        mapped = _as_http_error(e)
+        if isinstance(e, StoreUnavailable):  # locked, gone, disk full: nothing was changed
+            log.warning("%s %s: store unavailable: %s", self.request.method, self.request.path, e)
+            self.set_header("Retry-After", "2")
+            mapped = web.HTTPError(503, "the broker's database is busy; try again shortly")
+        else:
+            mapped = _as_http_error(e)
         if mapped is not None:
             self.send_error(mapped.status_code, exc_info=(type(mapped), mapped, None))
             return
@@ -187,11 +192,16 @@ def offer_model(broker: Broker, offer: Any, loads: dict[str, Any]) -> dict[str, 
 
 
 def session_model(broker: Broker, record: Any) -> dict[str, Any]:
-    """The JSON of a session, with its cost so far while it runs."""
-    live = record.state in LIVE_STATES
+    """The JSON of a session, with its cost so far while it runs.
+
+    A session whose stop is waiting for the store is "stopping": its cost is fixed at the
+    instant the stop was asked, which is what it will be billed.
+    """
+    stopping = broker.stopping_cost(record.id) if record.state in LIVE_STATES else None
+    live = record.state in LIVE_STATES and stopping is None
     return {
         "id": record.id,
-        "state": record.state,
+        "state": "stopping" if stopping is not None else record.state,
         "renter": record.renter,
         "payer": record.payer,
         "host_id": record.host,
@@ -207,7 +217,13 @@ def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         "end_reason": record.end_reason,
         "billed_seconds": record.billed_seconds,
         "amount_micro": record.amount_micro,
-        "cost_so_far_micro": broker.cost_so_far(record.id) if live else (record.amount_micro or 0),
+        "cost_so_far_micro": (
+            stopping
+            if stopping is not None
+            else broker.cost_so_far(record.id)
+            if live
+            else (record.amount_micro or 0)
+        ),
         "relay_path": f"{API}/relay/{record.id}/user" if live else None,
         "class": record.class_name,
         "host_telemetry": _telemetry_of(broker, record) if live else None,
@@ -381,8 +397,11 @@ class SessionHandler(BrokerAPIHandler):
             raise web.HTTPError(
                 403, "a host ends sessions by stopping the kernel, not through the API"
             )
-        record = self.broker.stop_session(record.id)
-        self.write_json(session_model(self.broker, record))
+        ended = self.broker.stop_session(record.id)
+        if ended is None:  # the kernel is stopped; the settlement waits for the store
+            self.write_json(session_model(self.broker, record), status=202)
+            return
+        self.write_json(session_model(self.broker, ended))
 
 
 class EarningsHandler(BrokerAPIHandler):

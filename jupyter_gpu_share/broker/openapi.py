@@ -173,7 +173,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["id", "state", "host_id"],
         "properties": {
             "id": {"type": "string"},
-            "state": {"type": "string", "enum": ["starting", "running", "ended"]},
+            "state": {"type": "string", "enum": ["starting", "running", "stopping", "ended"]},
             "host_id": {"type": "string"},
             "offer_id": {"type": "integer"},
             "price_per_hour_micro": {"type": "integer"},
@@ -297,7 +297,15 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {
                     "summary": "Stop a session; billing ends now",
                     "parameters": [sid_param],
-                    "responses": {"200": _json(_ref("Session"), "ended and settled"), **_ERRORS},
+                    "responses": {
+                        "200": _json(_ref("Session"), "ended and settled"),
+                        "202": _json(
+                            _ref("Session"),
+                            "stopping: the kernel is stopped and billing ended now; the "
+                            "settlement waits for the database and is retried until it commits",
+                        ),
+                        **_ERRORS,
+                    },
                 },
             },
             "/gpu-share/api/earnings": {

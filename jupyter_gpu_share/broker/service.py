@@ -25,7 +25,7 @@ from ..classes import (
 )
 from ..clock import now_us
 from ..ledger import billed_seconds, session_amount
-from ..store import NotFound, Store
+from ..store import NotFound, Store, StoreUnavailable, unavailable
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .matching import (
     HostLoad,
@@ -46,6 +46,7 @@ from .relay import (
     Relays,
 )
 from .reliability import MIN_OBSERVED_S, WINDOW_DAYS, Reliability, reliability, uptime_fraction
+from .stops import PendingStop, StopJournal
 
 log = logging.getLogger("jupyter_gpu_share.broker")
 
@@ -183,6 +184,7 @@ class BrokerSettings:
     relay_buffer_bytes: int = 64 * 1024 * 1024
     host_hello_max_bytes: int = HELLO_MAX_BYTES
     host_heartbeat_max_bytes: int = HEARTBEAT_MAX_BYTES
+    stop_journal: str | None = None  # where pending stops are kept (None: memory only)
 
 
 class Broker:
@@ -202,6 +204,9 @@ class Broker:
         self._presence_touched_us = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._started_us = now_us()
+        # Stops the store could not settle yet, by session id (see end_session, stops.py).
+        self.pending_stops: dict[str, PendingStop] = {}
+        self.journal = StopJournal(settings.stop_journal)
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -223,10 +228,20 @@ class Broker:
 
     def start(self) -> None:
         """Load unfinished sessions from the store and start the background loops."""
+        for stop in self.journal.load():
+            self.pending_stops.setdefault(stop.session_id, stop)
         for record in self.store.list_sessions(states=LIVE_STATES):
             self.sessions[record.id] = LiveSession.from_record(record)
             if record.class_name is not None:
                 self._attach_quota(self.sessions[record.id], exclude_running=True)
+        # Stops a previous broker could not settle: at the instants they were asked.
+        if self.pending_stops:
+            log.info("settling %d stop(s) from the stop journal", len(self.pending_stops))
+            for stop in list(self.pending_stops.values()):
+                if stop.session_id not in self.sessions:  # settled already (another broker)
+                    self.pending_stops.pop(stop.session_id)
+            self.settle_pending()
+            self.journal.rewrite(list(self.pending_stops.values()))
         if self.sessions:
             log.info("resuming %d unfinished sessions; waiting for their hosts", len(self.sessions))
         loop = asyncio.get_running_loop()
@@ -243,6 +258,7 @@ class Broker:
                 )
             ),
             loop.create_task(self._every(self.settings.checkpoint_interval, self.checkpoint)),
+            loop.create_task(self._every(STOP_RETRY_INTERVAL, self.settle_pending)),
         ]
 
     async def stop(self) -> None:
@@ -260,8 +276,11 @@ class Broker:
             await asyncio.sleep(interval)
             try:
                 job()
-            except Exception:
-                log.exception("background job %s failed", job.__name__)
+            except Exception as error:
+                if unavailable(error):  # the store is locked or down: the next tick retries
+                    log.warning("%s: the store did not answer: %s", job.__name__, error)
+                else:
+                    log.exception("background job %s failed", job.__name__)
 
     # -- hosts ------------------------------------------------------------------------------
 
@@ -583,8 +602,8 @@ class Broker:
     def kernel_ended(self, host: str, session_id: str, reason: str, message: str = "") -> None:
         """End a session whose kernel stopped or failed on the host."""
         live = self.sessions.get(session_id)
-        if live is None or live.host != host:
-            return
+        if live is None or live.host != host or session_id in self.pending_stops:
+            return  # unknown, someone else's, or stopped by us and waiting for the store
         if live.ready_us is None:
             self.end_session(session_id, END_START_FAILED, message=message or reason)
         else:
@@ -600,21 +619,44 @@ class Broker:
         ended_us: int | None = None,
         message: str = "",
     ) -> Any:
-        """Settle a session once, tell its host to stop the kernel and close its relay."""
-        live = self.sessions.pop(session_id, None)
+        """Settle a session once, tell its host to stop the kernel and close its relay.
+
+        Returns the ended record, or None when the store could not settle it now: then the
+        session stays known as "stopping", billed to this instant whenever the settlement
+        commits (retried every second, and after a restart from the stop journal).
+        """
+        live = self.sessions.get(session_id)
+        pending = self.pending_stops.get(session_id)
+        if pending is not None:  # the first ask fixes the instant and the reason
+            ended_us, end_reason, message = pending.ended_us, pending.end_reason, pending.message
         if ended_us is None:
             ended_us = now_us()
         if live is not None and live.ready_us is not None:
             ended_us = max(ended_us, live.ready_us)
-        record = self.store.end_session(
-            session_id, ended_us, end_reason, self.settings.platform_fee_bps
-        )
+        try:
+            record = self.store.end_session(
+                session_id, ended_us, end_reason, self.settings.platform_fee_bps
+            )
+        except StoreUnavailable as error:
+            if pending is None:
+                self._defer_stop(live, PendingStop(session_id, ended_us, end_reason, message))
+                log.warning(
+                    "session %s: stop (%s) not settled yet, retrying: %s",
+                    session_id,
+                    end_reason,
+                    error,
+                )
+            return None
+        # Only now, with the settlement committed, does the session leave the broker.
+        self.sessions.pop(session_id, None)
+        if self.pending_stops.pop(session_id, None) is not None:
+            self.journal.rewrite(list(self.pending_stops.values()))
+            log.info("session %s: deferred stop settled", session_id)
         if live is not None:
             self._balances.pop(live.payer, None)
             self._reliability.pop(live.host, None)
-            link = self.hosts.get(live.host)
-            if link is not None and end_reason != END_KERNEL:
-                link.send({"type": "stop_kernel", "session_id": session_id, "reason": end_reason})
+            if pending is None:
+                self._stop_kernel(live, end_reason)
             log.info(
                 "session %s ended (%s): %s s, %s micro",
                 session_id,
@@ -626,8 +668,40 @@ class Broker:
         self.relays.close(session_id, CLOSE_CODES.get(end_reason, CLOSE_STOPPED), reason_text[:120])
         return record
 
+    def _stop_kernel(self, live: LiveSession, end_reason: str) -> None:
+        link = self.hosts.get(live.host)
+        if link is not None and end_reason != END_KERNEL:
+            link.send({"type": "stop_kernel", "session_id": live.id, "reason": end_reason})
+
+    def _defer_stop(self, live: LiveSession | None, stop: PendingStop) -> None:
+        """Keep a stop the store could not settle: on disk first, then stop the kernel (the
+        renter pays to the instant asked, whenever the settlement commits)."""
+        self.journal.add(stop)
+        self.pending_stops[stop.session_id] = stop
+        if live is not None:
+            self._stop_kernel(live, stop.end_reason)
+        reason_text = stop.end_reason if not stop.message else f"{stop.end_reason}: {stop.message}"
+        self.relays.close(
+            stop.session_id, CLOSE_CODES.get(stop.end_reason, CLOSE_STOPPED), reason_text[:120]
+        )
+
+    def settle_pending(self) -> None:
+        """Retry the stops the store could not settle (each at the instant it was asked)."""
+        for stop in list(self.pending_stops.values()):
+            if self.end_session(stop.session_id, stop.end_reason) is None:
+                return  # the store is still down: try again at the next tick
+
+    def stopping_cost(self, session_id: str) -> int | None:
+        """What a session whose stop is pending will be billed (None: not stopping)."""
+        stop = self.pending_stops.get(session_id)
+        live = self.sessions.get(session_id)
+        if stop is None:
+            return None
+        return 0 if live is None else live.cost_at(stop.ended_us)
+
     def stop_session(self, session_id: str) -> Any:
-        """Stop a session at the renter's request; billing ends now."""
+        """Stop a session at the renter's request; billing ends now (None: the settlement
+        is pending, see end_session)."""
         if session_id not in self.sessions:
             return self.store.get_session(session_id)
         return self.end_session(session_id, END_STOPPED)
@@ -637,7 +711,7 @@ class Broker:
         now = now_us()
         by_payer: dict[str, list[LiveSession]] = {}
         for live in self.sessions.values():
-            if live.ready_us is not None:
+            if live.ready_us is not None and live.id not in self.pending_stops:
                 by_payer.setdefault(live.payer, []).append(live)
         for payer, running in by_payer.items():
             exhausted_us = credit_runs_out_us(self._balance(payer), running)
@@ -647,6 +721,8 @@ class Broker:
                 self.end_session(live.id, END_CREDIT, ended_us=min(now, exhausted_us))
         for live in list(self.sessions.values()):
             stop_at = live.quota_stop_us()
+            if live.id in self.pending_stops:
+                continue
             if stop_at is not None and stop_at <= now:
                 self.end_session(live.id, END_QUOTA, ended_us=stop_at)
 
@@ -705,6 +781,9 @@ class Broker:
     def session_record(self, session_id: str) -> Any:
         """The stored session, or NotFound."""
         return self.store.get_session(session_id)
+
+
+STOP_RETRY_INTERVAL = 1.0  # seconds between settlement retries of pending stops
 
 
 def liveness_check_interval(heartbeat_interval: float, heartbeat_timeout: float) -> float:

@@ -16,6 +16,7 @@ from .records import (
     OfferSpec,
     SessionRecord,
     StoreError,
+    StoreUnavailable,
     StudentUsage,
 )
 from .store import FEE_ACCOUNT, MINT_ACCOUNT, Store, migrations_config
@@ -36,7 +37,16 @@ __all__ = [
     "SessionRecord",
     "Store",
     "StoreError",
+    "StoreUnavailable",
     "StudentUsage",
     "class_account_name",
     "migrations_config",
 ]
+
+
+def unavailable(error: BaseException) -> bool:
+    """Tell whether an error means the database did not answer (locked, gone, disk full),
+    as opposed to a mistake in what was asked."""
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(error, (StoreUnavailable, OperationalError))

@@ -18,6 +18,10 @@ class StoreError(Exception):
     """The store cannot do what was asked."""
 
 
+class StoreUnavailable(StoreError):
+    """The database did not answer in time (locked, gone, disk full): try again later."""
+
+
 class NotFound(StoreError):
     """A named account, offer or session does not exist."""
 

@@ -36,7 +36,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from jupyter_gpu_share import clock
 from jupyter_gpu_share.ledger import Entry, billed_seconds, can_start, credit_entries
@@ -46,7 +46,7 @@ from . import models
 from .checkpoint import WalCheckpointer
 from .classes import ClassStore
 from .direct import DirectCursor, Prepared
-from .engine import make_engines
+from .engine import DEFAULT_BUSY_TIMEOUT_MS, make_engines
 from .hosts import HostStore
 from .records import (
     ENDED,
@@ -60,6 +60,7 @@ from .records import (
     OfferSpec,
     SessionRecord,
     StoreError,
+    StoreUnavailable,
     decode_gpu_indices,
     encode_gpu_indices,
 )
@@ -383,10 +384,17 @@ def _post_entries(
 class Store(ClassStore, HostStore):
     """Durable state of the broker on SQLite or PostgreSQL."""
 
-    def __init__(self, url: str, *, upgrade: bool = False, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        upgrade: bool = False,
+        echo: bool = False,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ) -> None:
         """Open the database at ``url``; migrate it when fresh, or when ``upgrade`` is set."""
         self.url = url
-        self._writer, self._reader = make_engines(url, echo=echo)
+        self._writer, self._reader = make_engines(url, echo=echo, busy_timeout_ms=busy_timeout_ms)
         # Accounts are never renamed or deleted, so name -> id can be cached for good.
         self._account_ids: dict[str, int] = {}
         self._sqlite: _SQLiteStatements | None = None
@@ -882,6 +890,10 @@ class Store(ClassStore, HostStore):
         try:
             with self._writer.begin() as connection:
                 return self._settle(connection, wanted, fee_bps, fee_account)
+        except OperationalError as exc:
+            # Locked past the busy timeout, the server gone, the disk full: nothing of the
+            # transaction was committed, so the caller may settle the same ending again.
+            raise StoreUnavailable(f"could not settle now: {exc.orig}") from exc
         except IntegrityError as exc:
             # Another broker replica settled some of them first: its settlements stand.
             if len(wanted) > 1:
