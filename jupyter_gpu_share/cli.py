@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -13,6 +14,8 @@ from .ledger import format_credits, parse_positive_credits
 
 PROG = "jupyter gpu-share"
 SERVER_VERBS = ("broker", "host", "demo")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400, "y": 365 * 86_400}
+MAX_TOKEN_LIFETIME_S = 10 * DURATION_UNITS["y"]
 
 
 class CommandError(Exception):
@@ -47,12 +50,90 @@ def _client(args: argparse.Namespace) -> BrokerClient:
     return BrokerClient(args.broker, args.token)
 
 
+def parse_duration(text: str) -> int:
+    """Parse a duration such as 30s, 15m, 12h, 30d, 2w or 1y (365 days) as seconds."""
+    match = re.fullmatch(r"\s*(\d{1,12})\s*([smhdwy])\s*", text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration such as 30s, 12h, 30d or 1y")
+    seconds = int(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError(f"duration must be more than zero: {text!r}")
+    return seconds
+
+
+def format_duration(seconds: int) -> str:
+    """Write seconds in the largest unit of parse_duration that divides them (86400: 1d)."""
+    for unit in "ywdhm":
+        if seconds % DURATION_UNITS[unit] == 0 and seconds >= DURATION_UNITS[unit]:
+            return f"{seconds // DURATION_UNITS[unit]}{unit}"
+    return f"{seconds}s"
+
+
+def token_lifetime(text: str) -> int:
+    """Parse --expires-in: a duration from 1 s to 10 years, or an argparse error."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if seconds > MAX_TOKEN_LIFETIME_S:
+        raise argparse.ArgumentTypeError(f"{text!r} is longer than 10 years")
+    return seconds
+
+
+def _when(iso: str | None, missing: str = "never") -> str:
+    """An ISO time as a short UTC date and minute, for tables."""
+    if not iso:
+        return missing
+    from datetime import datetime, timezone
+
+    moment = datetime.fromisoformat(iso).astimezone(timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M UTC")
+
+
 def cmd_admin_token(args: argparse.Namespace) -> None:
     client = _client(args)
     account = client.request("POST", "/accounts", {"name": args.name, "role": args.role})
-    issued = client.request("POST", f"/accounts/{account['name']}/tokens")
-    print(f"token for {issued['name']} ({issued['role']}); it is shown only once:")
+    body = None if args.expires_in is None else {"expires_in_s": args.expires_in}
+    issued = client.request("POST", f"/accounts/{account['name']}/tokens", body)
+    lifetime = (
+        "until revoked" if args.expires_in is None else f"for {format_duration(args.expires_in)}"
+    )
+    named = f"token {issued['id']}" if issued.get("id") else "token"
+    print(f"{named} for {issued['name']} ({issued['role']}), valid {lifetime}; shown only once:")
     print(issued["token"])
+
+
+def cmd_admin_tokens(args: argparse.Namespace) -> None:
+    listed = _client(args).request("GET", f"/accounts/{args.name}/tokens")
+    if args.json:
+        print(json.dumps(listed))
+        return
+    rows = [
+        {
+            **t,
+            "created": _when(t["created_at"]),
+            "expires": _when(t["expires_at"]),
+            "used": _when(t["last_used_at"]),
+        }
+        for t in listed
+    ]
+    print(
+        _table(
+            rows,
+            [
+                ("id", "ID"),
+                ("created", "CREATED"),
+                ("expires", "EXPIRES"),
+                ("used", "LAST USED"),
+                ("state", "STATE"),
+            ],
+        )
+    )
+
+
+def cmd_admin_revoke(args: argparse.Namespace) -> None:
+    answer = _client(args).request("DELETE", f"/accounts/{args.name}/tokens")
+    print(f"revoked {answer['revoked']} token(s) of {answer['name']}")
 
 
 def cmd_admin_credit(args: argparse.Namespace) -> None:
@@ -471,7 +552,24 @@ def build_parser() -> OneLineParser:
     )
     token.add_argument("--role", required=True, choices=["user", "host", "teacher", "admin"])
     token.add_argument("--name", required=True)
+    token.add_argument(
+        "--expires-in",
+        type=token_lifetime,
+        metavar="DURATION",
+        help="the token stops working after this long: 30s, 12h, 30d, 2w, 1y (default: never)",
+    )
     token.set_defaults(run=cmd_admin_token)
+    tokens = admin_verbs.add_parser(
+        "tokens", parents=[common], help="an account's tokens: id, times, state (no secrets)"
+    )
+    tokens.add_argument("name")
+    tokens.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    tokens.set_defaults(run=cmd_admin_tokens)
+    revoke = admin_verbs.add_parser(
+        "revoke", parents=[common], help="revoke every token of an account, at once"
+    )
+    revoke.add_argument("name")
+    revoke.set_defaults(run=cmd_admin_revoke)
     credit = admin_verbs.add_parser("credit", parents=[common], help="add credits to an account")
     credit.add_argument("name")
     credit.add_argument("amount", help="credits, a decimal such as 12.5")
@@ -499,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args_list and args_list[0] in SERVER_VERBS:
         return _run_server_verb(args_list[0], args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args = parser.parse_args(join_token_values(args_list))
     if args.version:
         from ._version import __version__
 
@@ -514,6 +612,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def join_token_values(argv: list[str]) -> list[str]:
+    """Write ``--token VALUE`` as ``--token=VALUE``: argparse takes an older token that begins
+    with "-" for an option, and the README's ``--token <token>`` form must keep working."""
+    joined: list[str] = []
+    values = iter(argv)
+    for arg in values:
+        if arg == "--token":
+            value = next(values, None)
+            joined.append(arg if value is None else f"--token={value}")
+        elif arg == "--":
+            joined.extend([arg, *values])
+        else:
+            joined.append(arg)
+    return joined
 
 
 def _run_server_verb(verb: str, argv: list[str]) -> int:

@@ -15,6 +15,7 @@ from traitlets import Bool, Enum, Float, Int, Unicode, default, validate
 from ..heap import freeze_startup_objects
 from ..loops import EVENT_LOOPS, choice_in_argv, install_event_loop, loop_in_use
 from ..store import Store
+from ..store.classes import MAX_NOTEBOOK_BYTES
 from .handlers import default_handlers
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .service import Broker, BrokerSettings
@@ -42,6 +43,11 @@ class BrokerApp(ExtensionApp):
         "identity_provider_class": "jupyter_gpu_share.broker.auth.BrokerIdentityProvider",
         "authorizer_class": "jupyter_gpu_share.broker.auth.BrokerAuthorizer",
         "open_browser": False,
+        # tornado refuses a larger body by its Content-Length, before reading any of it
+        # (jupyter_server's default, 512 MiB, let an anonymous caller take 500 MiB of RAM);
+        # the largest body the broker takes is a class notebook (16 MiB).
+        "max_body_size": MAX_NOTEBOOK_BYTES + 1024 * 1024,
+        "max_buffer_size": MAX_NOTEBOOK_BYTES + 1024 * 1024,
     }
 
     aliases = {  # noqa: RUF012
@@ -98,6 +104,47 @@ class BrokerApp(ExtensionApp):
             return self.db_url.removeprefix("sqlite:///") + ".stops"
         digest = hashlib.sha256(self.db_url.encode()).hexdigest()[:12]
         return str(Path(jupyter_data_dir()) / "gpu_share" / f"stops-{digest}.jsonl")
+
+    host_hello_timeout = Float(
+        30.0,
+        config=True,
+        help="Seconds a host's control connection may stay open before its hello; then it "
+        "is closed (4408).",
+    )
+
+    orphan_grace_s = Float(
+        600.0,
+        config=True,
+        help="""Seconds a running session may have no renter connected before it is stopped
+        ("client gone"): a client that died must not bill until the credit runs out. A renter
+        may ask for longer when starting it (keep_alive_s), up to orphan_max_keep_alive_s.""",
+    )
+
+    orphan_max_keep_alive_s = Float(
+        3600.0,
+        config=True,
+        help="The longest keep_alive_s a renter may ask for a session (seconds).",
+    )
+
+    max_classes_per_teacher = Int(
+        100, config=True, help="Classes a teacher token may create (an admin's are not counted)."
+    )
+
+    max_students_per_teacher = Int(
+        5000,
+        config=True,
+        help="Distinct students a teacher may enrol over all their classes: enrolling creates "
+        "accounts, and a teacher token must not mint them without bound.",
+    )
+
+    requests_per_minute = Int(
+        1200,
+        config=True,
+        help="""API requests each token may make a minute on average (0: no limit); past it,
+        429 with Retry-After. request_burst requests may come at once.""",
+    )
+
+    request_burst = Int(300, config=True, help="Requests a token may make at once (see above).")
 
     platform_fee_bps = Int(
         1000,
@@ -230,6 +277,13 @@ class BrokerApp(ExtensionApp):
             host_hello_max_bytes=self.host_hello_max_bytes,
             host_heartbeat_max_bytes=self.host_heartbeat_max_bytes,
             stop_journal=self.stop_journal or None,
+            host_hello_timeout=self.host_hello_timeout,
+            orphan_grace_s=self.orphan_grace_s,
+            orphan_max_keep_alive_s=self.orphan_max_keep_alive_s,
+            max_classes_per_teacher=self.max_classes_per_teacher,
+            max_students_per_teacher=self.max_students_per_teacher,
+            requests_per_minute=self.requests_per_minute,
+            request_burst=self.request_burst,
         )
         self.broker = Broker(store, settings, admin_token=admin_token)
         self.settings.update(

@@ -98,6 +98,13 @@ class ClassesHandler(ClassHandlerBase):
         body = self.json_body()
         name = str_field(body, "name", required=True)
         teacher = self.account.name
+        if self.account.role == "teacher":
+            classes, _ = self.broker.store.teacher_counts(teacher)
+            limit = self.broker.settings.max_classes_per_teacher
+            if classes >= limit:
+                raise web.HTTPError(
+                    403, f"a teacher may have at most {limit} classes; ask an admin"
+                )
         if self.account.role == "admin":
             teacher = str_field(body, "teacher", required=True)
             owner = self.broker.store.get_account(teacher)
@@ -175,6 +182,16 @@ class StudentsHandler(ClassHandlerBase):
             raise web.HTTPError(400, "'students' must be a non-empty list of user names")
         if len(students) > MAX_STUDENTS_PER_CALL:
             raise web.HTTPError(400, f"at most {MAX_STUDENTS_PER_CALL} students per call")
+        if self.account.role == "teacher":
+            # Enrolling creates accounts: a teacher token must not mint them without bound.
+            _, enrolled = self.broker.store.teacher_counts(self.account.name)
+            limit = self.broker.settings.max_students_per_teacher
+            if enrolled + len(set(students)) > limit:
+                raise web.HTTPError(
+                    403,
+                    f"a teacher may have at most {limit} students in all ({enrolled} now); "
+                    "ask an admin",
+                )
         tokens = self.broker.store.add_students(name, students)
         self.write_json(
             {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -16,7 +17,7 @@ from tornado.websocket import WebSocketClosedError
 from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd, as_bytes
 from ..ledger import earnings_by_day, price_per_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError, StoreUnavailable
-from .auth import AUTH_RESOURCE, ROLES, BrokerUser
+from .auth import AUTH_RESOURCE, ROLES, BrokerUser, bearer_token
 from .host_messages import (
     HostMessageError,
     message_kind,
@@ -34,6 +35,9 @@ log = logging.getLogger("jupyter_gpu_share.broker")
 
 API = "/gpu-share/api"
 MAX_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32
+INT64_MAX = 2**63 - 1  # the ledger's integers are 64-bit in both databases
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
 class BrokerAPIHandler(APIHandler):
@@ -52,8 +56,35 @@ class BrokerAPIHandler(APIHandler):
     async def prepare(self) -> None:  # type: ignore[override]
         await super().prepare()
         if self.current_user is None:
-            self.set_header("WWW-Authenticate", 'Bearer realm="gpu-share"')
-            raise web.HTTPError(401, "missing or invalid token: send 'Authorization: Bearer TOKEN'")
+            self._unauthorized()
+        wait = self.broker.rate_limited(self.account.name)
+        if wait is not None:
+            raise HeaderedError(
+                429, f"too many requests for this token: retry in {wait} s", {"Retry-After": wait}
+            )
+
+    def _unauthorized(self) -> None:
+        raise HeaderedError(
+            401,
+            "missing or invalid token: send 'Authorization: Bearer TOKEN'",
+            {"WWW-Authenticate": 'Bearer realm="gpu-share"'},
+        )
+
+    def check_xsrf_cookie(self) -> None:
+        """Bearer-token clients carry no cookies to forge; a write with no token is a 401
+        (who are you), not a 403 about a missing _xsrf argument."""
+        if bearer_token(self) is None:
+            self._unauthorized()
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """jupyter_server's JSON error, with ``Allow`` on a 405 (RFC 9110) and the headers
+        an error carries (tornado clears the ones set before it was raised)."""
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(allowed_methods(type(self))))
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        for name, value in getattr(error, "headers", {}).items():
+            self.set_header(name, value)
+        super().write_error(status_code, **kwargs)
 
     def require_role(self, *roles: str) -> None:
         """Refuse the request unless the caller has one of ``roles``."""
@@ -70,10 +101,14 @@ class BrokerAPIHandler(APIHandler):
             return {}
         try:
             body = json.loads(self.request.body)
-        except ValueError as error:
-            raise web.HTTPError(400, f"malformed JSON body: {error}") from None
+        except RecursionError:
+            raise web.HTTPError(400, f"JSON body nested deeper than {MAX_JSON_DEPTH}") from None
+        except ValueError as error:  # also an integer of more than 4300 digits
+            raise web.HTTPError(400, f"malformed JSON body: {str(error)[:200]}") from None
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the JSON body must be an object")
+        if json_depth(body) > MAX_JSON_DEPTH:
+            raise web.HTTPError(400, f"JSON body nested deeper than {MAX_JSON_DEPTH}")
         return body
 
     def write_json(self, value: Any, status: int = 200) -> None:
@@ -99,14 +134,23 @@ class BrokerAPIHandler(APIHandler):
             return
         if isinstance(e, StoreUnavailable):  # locked, gone, disk full: nothing was changed
             log.warning("%s %s: store unavailable: %s", self.request.method, self.request.path, e)
-            self.set_header("Retry-After", "2")
-            mapped = web.HTTPError(503, "the broker's database is busy; try again shortly")
+            mapped = HeaderedError(
+                503, "the broker's database is busy; try again shortly", {"Retry-After": 2}
+            )
         else:
             mapped = _as_http_error(e)
         if mapped is not None:
             self.send_error(mapped.status_code, exc_info=(type(mapped), mapped, None))
             return
         super()._handle_request_exception(e)
+
+
+class HeaderedError(web.HTTPError):
+    """An HTTP error with response headers of its own (WWW-Authenticate, Retry-After)."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, Any]) -> None:
+        super().__init__(status, message)
+        self.headers = {name: str(value) for name, value in headers.items()}
 
 
 def _as_http_error(error: BaseException) -> web.HTTPError | None:
@@ -124,9 +168,15 @@ def _as_http_error(error: BaseException) -> web.HTTPError | None:
 
 
 def int_field(
-    body: dict[str, Any], name: str, *, minimum: int | None = None, required: bool = False
+    body: dict[str, Any],
+    name: str,
+    *,
+    minimum: int | None = None,
+    maximum: int = INT64_MAX,
+    required: bool = False,
 ) -> int | None:
-    """Read an integer field of a JSON body, answering 400 on a wrong type or range."""
+    """Read an integer field of a JSON body, answering 400 on a wrong type or range (never
+    past a 64-bit integer: the ledger's columns are BIGINT)."""
     value = body.get(name)
     if value is None:
         if required:
@@ -136,7 +186,35 @@ def int_field(
         raise web.HTTPError(400, f"'{name}' must be an integer")
     if minimum is not None and value < minimum:
         raise web.HTTPError(400, f"'{name}' must be at least {minimum}")
+    if value > maximum:
+        raise web.HTTPError(400, f"'{name}' must be at most {maximum}")
     return value
+
+
+def json_depth(value: Any) -> int:
+    """How deep containers nest in a parsed JSON value (a scalar is 0), without recursion."""
+    depth, level = 0, [value]
+    while True:
+        inner = []
+        for item in level:
+            if isinstance(item, dict):
+                inner.extend(item.values())
+            elif isinstance(item, list):
+                inner.extend(item)
+        if not any(isinstance(item, (dict, list)) for item in level):
+            return depth
+        depth += 1
+        level = inner
+
+
+def allowed_methods(handler_class: type[web.RequestHandler]) -> list[str]:
+    """The HTTP methods a handler class implements."""
+    return [
+        method
+        for method in HTTP_METHODS
+        if getattr(handler_class, method.lower(), None)
+        is not getattr(web.RequestHandler, method.lower())
+    ]
 
 
 def str_field(body: dict[str, Any], name: str, *, required: bool = False) -> str | None:
@@ -287,15 +365,59 @@ class AccountsHandler(BrokerAPIHandler):
 
 
 class TokensHandler(BrokerAPIHandler):
-    @web.authenticated
-    @authorized
-    def post(self, name: str) -> None:
+    """An account's tokens (admin): issue one (optionally expiring), list them, revoke all."""
+
+    def _existing_account(self, name: str) -> Any:
         self.require_role("admin")
         account = self.broker.store.get_account(name)
         if account is None:
             raise web.HTTPError(404, f"no account named {name!r}")
-        token = self.broker.store.issue_token(name)
-        self.write_json({"name": account.name, "role": account.role, "token": token}, 201)
+        return account
+
+    @staticmethod
+    def token_model(record: Any) -> dict[str, Any]:
+        """The JSON of a token: its public id, times and state, never the secret."""
+        return {
+            "id": record.id,
+            "state": record.state,
+            "created_at": iso_from_us(record.created_us),
+            "expires_at": iso_from_us(record.expires_us),
+            "last_used_at": iso_from_us(record.last_used_us),
+            "revoked_at": iso_from_us(record.revoked_us),
+        }
+
+    @web.authenticated
+    @authorized
+    def get(self, name: str) -> None:
+        account = self._existing_account(name)
+        self.write_json([self.token_model(t) for t in self.broker.store.list_tokens(account.name)])
+
+    @web.authenticated
+    @authorized
+    def post(self, name: str) -> None:
+        from ..store.store import token_digest
+
+        account = self._existing_account(name)
+        # 1 s to 10 years (the store refuses longer: a ValueError, answered 400).
+        expires_in_s = int_field(self.json_body(), "expires_in_s", minimum=1)
+        token = self.broker.store.issue_token(account.name, expires_in_s=expires_in_s)
+        self.write_json(
+            {
+                "name": account.name,
+                "role": account.role,
+                "token": token,
+                "id": token_digest(token)[:8],
+                "expires_in_s": expires_in_s,
+            },
+            201,
+        )
+
+    @web.authenticated
+    @authorized
+    def delete(self, name: str) -> None:
+        account = self._existing_account(name)
+        revoked = self.broker.store.revoke_tokens(account.name)
+        self.write_json({"name": account.name, "revoked": revoked})
 
 
 class CreditHandler(BrokerAPIHandler):
@@ -362,7 +484,14 @@ class SessionsHandler(BrokerAPIHandler):
             max_price_per_second_micro=None if max_price_hour is None else max_price_hour // 3600,
         )
         class_name = str_field(body, "class")
-        record = self.broker.start_session(self.account.name, request, class_name)
+        # How long it may run with no client connected (a long cell, the laptop closed).
+        keep_alive = int_field(
+            body,
+            "keep_alive_s",
+            minimum=1,
+            maximum=int(self.broker.settings.orphan_max_keep_alive_s),
+        )
+        record = self.broker.start_session(self.account.name, request, class_name, keep_alive)
         self.set_header("Location", f"{self.base_url.rstrip('/')}{API}/sessions/{record.id}")
         self.write_json(session_model(self.broker, record), 201)
 
@@ -471,6 +600,7 @@ class BrokerWebSocket(ProtocolWebSocketHandler, JupyterHandler):
 
 
 CLOSE_BAD_MESSAGE = 4400  # a hello that breaks the rules, or a message that is not JSON
+CLOSE_NO_HELLO = 4408  # authenticated, but no hello in time
 
 
 class _ControlEnd(ServerEnd):
@@ -499,6 +629,7 @@ class HostControlHandler(BrokerWebSocket):
 
     host_name: str | None = None
     _closing = False
+    _hello_seen = False
 
     @property
     def max_message_size(self) -> int:
@@ -557,6 +688,7 @@ class HostControlHandler(BrokerWebSocket):
                         f"{size} bytes is over the {settings.host_hello_max_bytes} limit"
                     )
                 self.broker.host_connected(name, self, validate_hello(data))
+                self._hello_seen = True
                 return
             if size > settings.host_heartbeat_max_bytes:
                 raise HostMessageError(
@@ -582,7 +714,21 @@ class HostControlHandler(BrokerWebSocket):
         except (KeyError, ValueError, TypeError) as error:
             self._refuse(kind, f"{type(error).__name__}: {str(error)[:200]}")
 
+    def on_taken_over(self) -> None:
+        # A host that authenticates and then says nothing holds a socket for nothing.
+        timeout = self.broker.settings.host_hello_timeout
+        self._hello_timer = asyncio.get_running_loop().call_later(timeout, self._no_hello)
+
+    def _no_hello(self) -> None:
+        if not self._hello_seen and not self._closing:
+            limit = self.broker.settings.host_hello_timeout
+            log.warning("host %s sent no hello within %g s; closing", self.host_name, limit)
+            self.close(CLOSE_NO_HELLO, f"no hello within {limit:g} s")
+
     def on_close(self) -> None:
+        timer = getattr(self, "_hello_timer", None)
+        if timer is not None:
+            timer.cancel()
         if self.host_name is not None:
             self.broker.host_disconnected(self.host_name, self)
 

@@ -40,6 +40,18 @@ _SCHEMAS: dict[str, Any] = {
             "created_at": {"type": "string", "format": "date-time"},
         },
     },
+    "Token": {
+        "type": "object",
+        "required": ["id", "state", "created_at"],
+        "properties": {
+            "id": {"type": "string", "description": "first 8 hex digits of the token's SHA-256"},
+            "state": {"type": "string", "enum": ["active", "expired", "revoked"]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "expires_at": {"type": ["string", "null"], "format": "date-time"},
+            "last_used_at": {"type": ["string", "null"], "format": "date-time"},
+            "revoked_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    },
     "Offer": {
         "type": "object",
         "required": [
@@ -148,6 +160,12 @@ _SCHEMAS: dict[str, Any] = {
             "max_price_per_hour_micro": {"type": "integer", "minimum": 0},
             "min_reliability": {"type": "number", "minimum": 0, "maximum": 1},
             "class": {"type": "string", "description": "run on this class's pool, charged to it"},
+            "keep_alive_s": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "seconds it may run with no client connected before it is "
+                "stopped as 'client gone' (default and maximum: the broker's settings)",
+            },
         },
     },
     "Class": {
@@ -236,14 +254,47 @@ def openapi_document() -> dict[str, Any]:
                 }
             },
             "/gpu-share/api/accounts/{name}/tokens": {
-                "post": {
-                    "summary": "Issue a new token for an account (admin)",
+                "get": {
+                    "summary": "List an account's tokens: ids, times, states, no secrets (admin)",
                     "parameters": [name_param],
                     "responses": {
-                        "201": _json({"type": "object"}, "the token, shown once"),
+                        "200": _json({"type": "array", "items": _ref("Token")}, "the tokens"),
                         **_ERRORS,
                     },
-                }
+                },
+                "post": {
+                    "summary": "Issue a new token for an account, optionally expiring (admin)",
+                    "parameters": [name_param],
+                    "requestBody": _json(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "expires_in_s": {
+                                    "type": "integer",
+                                    "minimum": 1,
+                                    "maximum": 10 * 365 * 86_400,
+                                    "description": "lifetime in seconds; absent: until revoked",
+                                }
+                            },
+                        },
+                        "optional lifetime",
+                    ),
+                    "responses": {
+                        "201": _json({"type": "object"}, "the token (gs_...), shown once"),
+                        **_ERRORS,
+                    },
+                },
+                "delete": {
+                    "summary": "Revoke every active token of an account (admin)",
+                    "parameters": [name_param],
+                    "responses": {
+                        "200": _json(
+                            {"type": "object", "properties": {"revoked": {"type": "integer"}}},
+                            "how many tokens were revoked",
+                        ),
+                        **_ERRORS,
+                    },
+                },
             },
             "/gpu-share/api/accounts/{name}/credit": {
                 "post": {

@@ -7,6 +7,7 @@ unchanged, to the other. Until both sides are present, messages wait in a bounde
 from __future__ import annotations
 
 import logging
+import time
 from typing import Protocol
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ CLOSE_START_FAILED = 4004
 CLOSE_REPLACED = 4005
 CLOSE_BUFFER_FULL = 4006
 CLOSE_QUOTA_REACHED = 4007
+CLOSE_CLIENT_GONE = 4008
 
 
 Message = tuple[int, bytes]  # (websocket opcode: 1 text, 2 binary; payload)
@@ -47,11 +49,15 @@ class RelayPair:
         self._waiting: dict[str, list[Message]] = {USER: [], HOST: []}
         self._waiting_bytes = {USER: 0, HOST: 0}
         self.messages = 0
+        # Since when (time.monotonic) each side has had no connection; None: connected.
+        now = time.monotonic()
+        self.absent_since: dict[str, float | None] = {USER: now, HOST: now}
 
     def attach(self, side: str, end: RelayEnd) -> None:
         """Connect one side, replacing a stale connection, and flush what waited for it."""
         previous = self.ends[side]
         self.ends[side] = end
+        self.absent_since[side] = None
         if previous is not None and previous is not end:
             previous.close(CLOSE_REPLACED, "replaced by a new connection")
         waiting = self._waiting[side]
@@ -64,6 +70,7 @@ class RelayPair:
         """Forget a side whose connection closed (it may reconnect)."""
         if self.ends[side] is end:
             self.ends[side] = None
+            self.absent_since[side] = time.monotonic()
             self.backlogged(side, False)  # nothing waits for this side's buffer any more
 
     def forward(self, from_side: str, messages: list[Message]) -> bool:

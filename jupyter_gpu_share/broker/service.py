@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -36,13 +37,16 @@ from .matching import (
     offer_fits,
     offer_is_free,
 )
+from .ratelimit import RateLimiter
 from .relay import (
+    CLOSE_CLIENT_GONE,
     CLOSE_CREDIT_EXHAUSTED,
     CLOSE_HOST_LOST,
     CLOSE_KERNEL_ENDED,
     CLOSE_QUOTA_REACHED,
     CLOSE_START_FAILED,
     CLOSE_STOPPED,
+    USER,
     Relays,
 )
 from .reliability import MIN_OBSERVED_S, WINDOW_DAYS, Reliability, reliability, uptime_fraction
@@ -59,6 +63,7 @@ END_KERNEL = "kernel exited"
 END_START_FAILED = "start failed"
 END_QUOTA = "quota reached"
 END_TEACHER = "stopped by the teacher"
+END_CLIENT_GONE = "client gone"
 
 CLOSE_CODES = {
     END_STOPPED: CLOSE_STOPPED,
@@ -68,6 +73,7 @@ CLOSE_CODES = {
     END_START_FAILED: CLOSE_START_FAILED,
     END_QUOTA: CLOSE_QUOTA_REACHED,
     END_TEACHER: CLOSE_STOPPED,
+    END_CLIENT_GONE: CLOSE_CLIENT_GONE,
 }
 RETRY_AFTER_SECONDS = 5
 PRESENCE_INTERVAL_S = 60
@@ -139,6 +145,7 @@ class LiveSession:
     class_name: str | None = None
     quota: Quota | None = None
     used_before: Used | None = None
+    keep_alive_s: float | None = None  # with no renter connected (None: the broker's grace)
 
     @classmethod
     def from_record(cls, record: Any) -> LiveSession:
@@ -185,6 +192,13 @@ class BrokerSettings:
     host_hello_max_bytes: int = HELLO_MAX_BYTES
     host_heartbeat_max_bytes: int = HEARTBEAT_MAX_BYTES
     stop_journal: str | None = None  # where pending stops are kept (None: memory only)
+    host_hello_timeout: float = 30.0  # seconds from a host's upgrade to its hello
+    orphan_grace_s: float = 600.0  # a session with no renter connected this long is stopped
+    orphan_max_keep_alive_s: float = 3600.0  # the longest keep-alive a renter may ask
+    max_classes_per_teacher: int = 100
+    max_students_per_teacher: int = 5000
+    requests_per_minute: int = 1200  # per account (0: no limit)
+    request_burst: int = 300
 
 
 class Broker:
@@ -207,8 +221,13 @@ class Broker:
         # Stops the store could not settle yet, by session id (see end_session, stops.py).
         self.pending_stops: dict[str, PendingStop] = {}
         self.journal = StopJournal(settings.stop_journal)
+        self.rate_limiter = RateLimiter(settings.requests_per_minute, settings.request_burst)
 
     # -- accounts -------------------------------------------------------------------------
+
+    def rate_limited(self, account_name: str) -> int | None:
+        """None when the account may make an API request now, else the seconds to wait."""
+        return self.rate_limiter.check(account_name, time.monotonic())
 
     def authenticate(self, token: str) -> Any:
         """Return the account a token belongs to, or None."""
@@ -408,6 +427,7 @@ class Broker:
                 record = self.store.get_session(live.id)
                 ended = record.last_seen_us or live.ready_us or live.created_us
                 self.end_session(live.id, END_HOST_LOST, ended_us=ended)
+        self.reap_orphans()
         # Kernels that never became ready.
         start_timeout_us = int(self.settings.start_timeout * 1_000_000)
         for live in list(self.sessions.values()):
@@ -415,6 +435,27 @@ class Broker:
                 self.end_session(
                     live.id, END_START_FAILED, message="the host did not start the kernel in time"
                 )
+
+    def reap_orphans(self) -> None:
+        """Stop running sessions whose renter has been gone longer than its keep-alive (the
+        renter's client died, or closed its laptop): they would bill until the credit ran out."""
+        now = time.monotonic()
+        for live in list(self.sessions.values()):
+            if live.ready_us is None or live.id in self.pending_stops:
+                continue
+            pair = self.relays.pairs.get(live.id)
+            since = pair.absent_since[USER] if pair is not None else None
+            if pair is None:
+                # No relay yet in this process (a broker restart): count from now on.
+                self.relays.pair(live.id)
+                continue
+            limit = live.keep_alive_s if live.keep_alive_s is not None else None
+            if limit is None:
+                limit = self.settings.orphan_grace_s
+            if since is not None and now - since > limit:
+                gone = now - since
+                log.info("session %s: no renter connected for %.0f s; stopping", live.id, gone)
+                self.end_session(live.id, END_CLIENT_GONE, message=f"no client for {limit:g} s")
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -466,9 +507,24 @@ class Broker:
         return result
 
     def start_session(
-        self, renter: str, request: SessionRequest, class_name: str | None = None
+        self,
+        renter: str,
+        request: SessionRequest,
+        class_name: str | None = None,
+        keep_alive_s: float | None = None,
     ) -> Any:
-        """Match an offer, check funds, record the session and ask its host to start a kernel."""
+        """Match an offer, check funds, record the session and ask its host to start a kernel.
+
+        ``keep_alive_s``: how long the session may run with no renter connected (a long cell
+        with the laptop closed); at most orphan_max_keep_alive_s, else orphan_grace_s.
+        """
+        record = self._start(renter, request, class_name)
+        live = self.sessions.get(record.id)
+        if live is not None and keep_alive_s is not None:
+            live.keep_alive_s = min(float(keep_alive_s), self.settings.orphan_max_keep_alive_s)
+        return record
+
+    def _start(self, renter: str, request: SessionRequest, class_name: str | None) -> Any:
         if class_name is not None:
             return self._start_class_session(renter, request, class_name)
         balance = self.store.balance(renter)

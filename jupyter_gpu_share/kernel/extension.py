@@ -41,6 +41,27 @@ from .kernelspecs import install_class_kernelspec
 
 AUTH_RESOURCE = "gpu-share"
 
+# The broker token this server took out of its environment (see take_token_from_environment).
+_TAKEN: dict[str, str] = {}
+
+
+def take_token_from_environment() -> str:
+    """Move GPU_SHARE_TOKEN out of os.environ into this module and return it ('' if unset).
+
+    Every local kernel (and terminal) a jupyter_server starts inherits os.environ, so a
+    notebook's code could read the user's broker token; gpu-share kernels and the
+    /gpu-share/user/ routes read it from here instead (:func:`taken_token`).
+    """
+    token = os.environ.pop(TOKEN_ENV, "")
+    if token:
+        _TAKEN[TOKEN_ENV] = token
+    return taken_token()
+
+
+def taken_token() -> str:
+    """Return the broker token this server took out of its environment, or ''."""
+    return _TAKEN.get(TOKEN_ENV, "")
+
 
 class GPUShareUser(LoggingConfigurable):
     """The user's broker and token (read by the server, never sent to the browser)."""
@@ -51,11 +72,15 @@ class GPUShareUser(LoggingConfigurable):
     def _broker_url_default(self) -> str:
         return os.environ.get(BROKER_URL_ENV, "")
 
-    token = Unicode(config=True, help=f"The user's broker token. Environment: {TOKEN_ENV}.")
+    token = Unicode(
+        config=True,
+        help=f"""The user's broker token. Environment: {TOKEN_ENV}, which the server takes
+        out of its environment at start so its local kernels and terminals never inherit it.""",
+    )
 
     @default("token")
     def _token_default(self) -> str:
-        return os.environ.get(TOKEN_ENV, "")
+        return os.environ.get(TOKEN_ENV) or taken_token()
 
     @property
     def configured(self) -> bool:
@@ -442,7 +467,8 @@ def _turn_off_nagle_on_kernel_websockets() -> None:
 
 
 def _load_jupyter_server_extension(serverapp: Any) -> None:
-    """Register the /gpu-share/user/ routes and the websocket fix."""
+    """Register the /gpu-share/user/ routes and the websocket fix; hide the broker token."""
+    take_token_from_environment()
     user_side = GPUShareUser(parent=serverapp)
     web_app = serverapp.web_app
     web_app.settings["gpu_share_user"] = user_side

@@ -24,7 +24,7 @@ from traitlets import Bool, Enum, Float, Int, Unicode, default
 
 from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, websocket_url
 from .bridge import BridgeLoop, InlineLoop, KernelBridge
-from .extension import take_preference
+from .extension import take_preference, taken_token
 
 # A stop, a detach, or a kernel that ended itself with code 0 (as a shutdown_request asks):
 # "kernel exited" when the broker's close arrives first, "exited" when the host's record
@@ -49,11 +49,15 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _broker_url_default(self) -> str:
         return os.environ.get(BROKER_URL_ENV, "")
 
-    token = Unicode(config=True, help=f"The renter's broker token. Environment: {TOKEN_ENV}.")
+    token = Unicode(
+        config=True,
+        help=f"""The renter's broker token. Environment: {TOKEN_ENV} (in a jupyter_server
+        with the gpu-share extension, as the server took it out of its environment).""",
+    )
 
     @default("token")
     def _token_default(self) -> str:
-        return os.environ.get(TOKEN_ENV, "")
+        return os.environ.get(TOKEN_ENV) or taken_token()
 
     gpu_model = Unicode(
         "",

@@ -18,6 +18,7 @@ from .records import (
     StoreError,
     StoreUnavailable,
     StudentUsage,
+    TokenRecord,
 )
 from .store import FEE_ACCOUNT, MINT_ACCOUNT, Store, migrations_config
 
@@ -39,6 +40,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StudentUsage",
+    "TokenRecord",
     "class_account_name",
     "migrations_config",
 ]

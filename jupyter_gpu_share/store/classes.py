@@ -215,6 +215,24 @@ class ClassStore:
         with self._reader.connect() as connection:
             return connection.execute(query).scalar()
 
+    def teacher_counts(self, teacher: str) -> tuple[int, int]:
+        """How many classes ``teacher`` teaches, and how many distinct students they have."""
+        teaching = (
+            select(members.c.class_id)
+            .join(accounts, accounts.c.id == members.c.account_id)
+            .where(accounts.c.name == teacher, members.c.role == "teacher")
+        )
+        with self._reader.connect() as connection:
+            class_count = connection.execute(
+                select(func.count()).select_from(teaching.subquery())
+            ).scalar_one()
+            students = connection.execute(
+                select(func.count(func.distinct(members.c.account_id))).where(
+                    members.c.role == "student", members.c.class_id.in_(teaching)
+                )
+            ).scalar_one()
+        return int(class_count), int(students)
+
     def add_students(self, name: str, students: Iterable[str]) -> dict[str, str | None]:
         """Enrol students, creating user accounts that do not exist yet.
 

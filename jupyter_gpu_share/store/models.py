@@ -62,7 +62,11 @@ class Account(Base):
 
 
 class Token(Base):
-    """An API token, stored as its first characters and its SHA-256 digest."""
+    """An API token, stored as its SHA-256 digest and a short lookup prefix, never in clear.
+
+    ``prefix`` is the digest's first 8 hex digits (the token's public id); tokens issued
+    before migration 0004 keep their own first 8 characters there, so they still match.
+    """
 
     __tablename__ = "tokens"
 
@@ -74,6 +78,8 @@ class Token(Base):
     sha256: Mapped[str] = mapped_column(String(64))
     created_us: Mapped[int] = mapped_column(BigInteger)
     last_used_us: Mapped[int | None] = mapped_column(BigInteger)
+    expires_us: Mapped[int | None] = mapped_column(BigInteger)
+    revoked_us: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Offer(Base):

@@ -56,6 +56,24 @@ class Account:
     balance_micro: int
 
 
+TOKEN_ACTIVE = "active"
+TOKEN_EXPIRED = "expired"
+TOKEN_REVOKED = "revoked"
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """What the store tells about a token: its public id and times, never the secret."""
+
+    id: str  # the first 8 hex digits of the token's SHA-256 digest
+    account: str
+    created_us: int
+    expires_us: int | None
+    last_used_us: int | None
+    revoked_us: int | None
+    state: str  # active, expired or revoked
+
+
 @dataclass(frozen=True)
 class OfferSpec:
     """What a host offers: some of its GPUs (none for a CPU-only offer) at a per-second price."""

@@ -52,6 +52,9 @@ from .records import (
     ENDED,
     RUNNING,
     STARTING,
+    TOKEN_ACTIVE,
+    TOKEN_EXPIRED,
+    TOKEN_REVOKED,
     Account,
     Conflict,
     InsufficientFunds,
@@ -61,6 +64,7 @@ from .records import (
     SessionRecord,
     StoreError,
     StoreUnavailable,
+    TokenRecord,
     decode_gpu_indices,
     encode_gpu_indices,
 )
@@ -72,7 +76,9 @@ SYSTEM_ACCOUNTS = (FEE_ACCOUNT, MINT_ACCOUNT)
 OUT_OF_DATE = "database schema is out of date; run: jupyter gpu-share broker --upgrade-db"
 
 TOKEN_PREFIX_LENGTH = 8
+TOKEN_MARK = "gs_"  # every token issued begins so: recognisable, and never with "-"
 MAX_TOKEN_LENGTH = 512
+MAX_TOKEN_LIFETIME_S = 10 * 365 * 86_400
 LAST_USED_RESOLUTION_US = 60_000_000
 MAX_END_REASON_LENGTH = 255
 MAX_MEMO_LENGTH = 1000
@@ -122,6 +128,8 @@ _AUTHENTICATE = (
         tokens.c.id.label("token_id"),
         tokens.c.sha256,
         tokens.c.last_used_us,
+        tokens.c.expires_us,
+        tokens.c.revoked_us,
         accounts.c.id,
         accounts.c.name,
         accounts.c.role,
@@ -129,7 +137,7 @@ _AUTHENTICATE = (
         accounts.c.balance_micro,
     )
     .join_from(tokens, accounts, tokens.c.account_id == accounts.c.id)
-    .where(tokens.c.prefix == bindparam("prefix"))
+    .where(tokens.c.prefix.in_(bindparam("prefixes", expanding=True)))
 )
 _TOUCH_TOKEN = (
     update(tokens)
@@ -292,6 +300,30 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def new_token() -> str:
+    """Return a new random token: ``gs_`` and 43 URL-safe characters (256 bits)."""
+    return TOKEN_MARK + secrets.token_urlsafe(32)
+
+
+def token_state(row: Any, now_us: int) -> str:
+    """Return whether a token row is active, expired or revoked at ``now_us``."""
+    if row.revoked_us is not None:
+        return TOKEN_REVOKED
+    if row.expires_us is not None and row.expires_us <= now_us:
+        return TOKEN_EXPIRED
+    return TOKEN_ACTIVE
+
+
+def check_token_lifetime(expires_in_s: object) -> None:
+    """Refuse a token lifetime that is not a whole number of seconds from 1 s to 10 years."""
+    _check_int("expires_in_s", expires_in_s)
+    if not 1 <= expires_in_s <= MAX_TOKEN_LIFETIME_S:  # type: ignore[operator]
+        raise ValueError(
+            f"expires_in_s must be from 1 to {MAX_TOKEN_LIFETIME_S} seconds (10 years), "
+            f"not {expires_in_s}"
+        )
+
+
 def _account(row: Any) -> Account:
     return Account(
         id=row.id,
@@ -349,6 +381,10 @@ def _ended_session(
         billed_seconds=seconds,
         amount_micro=amount_micro,
     )
+
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
 
 
 def _check_int(name: str, value: object) -> None:
@@ -532,23 +568,32 @@ class Store(ClassStore, HostStore):
 
     # -- tokens -----------------------------------------------------------------------
 
-    def issue_token(self, account_name: str) -> str:
-        """Make a new token for an account and return it; only its digest is kept."""
-        token = secrets.token_urlsafe(32)
+    def issue_token(self, account_name: str, expires_in_s: int | None = None) -> str:
+        """Make a new token for an account, valid for ``expires_in_s`` seconds (None: until
+        revoked), and return it; only its digest is kept."""
+        if expires_in_s is not None:
+            check_token_lifetime(expires_in_s)
+        token = new_token()
+        digest = token_digest(token)
+        created_us = clock.now_us()
         with self._writer.begin() as connection:
             account_id = self._account_id(connection, account_name)
             connection.execute(
                 insert(tokens).values(
                     account_id=account_id,
-                    prefix=token[:TOKEN_PREFIX_LENGTH],
-                    sha256=token_digest(token),
-                    created_us=clock.now_us(),
+                    prefix=digest[:TOKEN_PREFIX_LENGTH],
+                    sha256=digest,
+                    created_us=created_us,
+                    expires_us=(
+                        None if expires_in_s is None else created_us + expires_in_s * 1_000_000
+                    ),
                 )
             )
         return token
 
     def authenticate(self, token: str) -> Account | None:
-        """Return the account a token belongs to, or None for an unknown token."""
+        """Return the account a token belongs to, or None for an unknown, expired or revoked
+        token. Nothing is cached: a revoked token is refused from the next call on."""
         if (
             not isinstance(token, str)
             or not TOKEN_PREFIX_LENGTH < len(token) <= MAX_TOKEN_LENGTH
@@ -556,16 +601,18 @@ class Store(ClassStore, HostStore):
         ):
             return None
         digest = token_digest(token)
+        # New tokens are found by their digest's prefix, those issued before 0004 by their own.
+        prefixes = sorted({digest[:TOKEN_PREFIX_LENGTH], token[:TOKEN_PREFIX_LENGTH]})
         with self._reader.connect() as connection:
-            rows = connection.execute(_AUTHENTICATE, {"prefix": token[:TOKEN_PREFIX_LENGTH]}).all()
+            rows = connection.execute(_AUTHENTICATE, {"prefixes": prefixes}).all()
         match = None
         for row in rows:
             # Compare every candidate, in constant time, so timing tells nothing.
             if hmac.compare_digest(row.sha256, digest):
                 match = row
-        if match is None:
-            return None
         used_us = clock.now_us()
+        if match is None or token_state(match, used_us) != TOKEN_ACTIVE:
+            return None
         stale_before = used_us - LAST_USED_RESOLUTION_US
         if match.last_used_us is None or match.last_used_us < stale_before:
             with self._writer.begin() as connection:
@@ -574,6 +621,45 @@ class Store(ClassStore, HostStore):
                     {"token_id": match.token_id, "used_us": used_us, "stale_before": stale_before},
                 )
         return _account(match)
+
+    def list_tokens(self, account_name: str) -> list[TokenRecord]:
+        """Return an account's tokens, oldest first, named by public ids (never the secrets)."""
+        with self._reader.connect() as connection:
+            account_id = self._account_id(connection, account_name)
+            rows = connection.execute(
+                select(tokens)
+                .where(tokens.c.account_id == account_id)
+                .order_by(tokens.c.created_us, tokens.c.id)
+            ).all()
+        now_us = clock.now_us()
+        return [
+            TokenRecord(
+                id=row.sha256[:TOKEN_PREFIX_LENGTH],
+                account=account_name,
+                created_us=row.created_us,
+                expires_us=row.expires_us,
+                last_used_us=row.last_used_us,
+                revoked_us=row.revoked_us,
+                state=token_state(row, now_us),
+            )
+            for row in rows
+        ]
+
+    def revoke_tokens(self, account_name: str) -> int:
+        """Revoke every active token of an account; return how many were revoked."""
+        now_us = clock.now_us()
+        with self._writer.begin() as connection:
+            account_id = self._account_id(connection, account_name)
+            result = connection.execute(
+                update(tokens)
+                .where(
+                    tokens.c.account_id == account_id,
+                    tokens.c.revoked_us.is_(None),
+                    or_(tokens.c.expires_us.is_(None), tokens.c.expires_us > now_us),
+                )
+                .values(revoked_us=now_us)
+            )
+        return result.rowcount
 
     # -- credit -----------------------------------------------------------------------
 
@@ -589,6 +675,17 @@ class Store(ClassStore, HostStore):
                 MINT_ACCOUNT: self._account_id(connection, MINT_ACCOUNT),
                 account_name: self._account_id(connection, account_name),
             }
+            # Balances are 64-bit integers: a credit that would carry one past them (or the
+            # mint's below) is refused, never stored as a float.
+            for name, delta in ((account_name, amount_micro), (MINT_ACCOUNT, -amount_micro)):
+                current = connection.execute(
+                    select(accounts.c.balance_micro).where(accounts.c.id == account_ids[name])
+                ).scalar_one()
+                if not INT64_MIN <= int(current) + delta <= INT64_MAX:
+                    raise Conflict(
+                        f"crediting {amount_micro} would take the balance of {name!r} past "
+                        "a 64-bit integer"
+                    )
             transaction_id = connection.execute(
                 insert(transactions).values(kind="credit", created_us=clock.now_us(), memo=memo)
             ).inserted_primary_key[0]

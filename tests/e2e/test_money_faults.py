@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import math
 import sqlite3
+import subprocess
+import sys
 import time
 
 import pytest
@@ -18,7 +20,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_gpu_share.ledger import MICRO
 from jupyter_gpu_share.store import Store
 
-from .harness import eventually
+from .harness import clean_env, eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -128,3 +130,42 @@ def test_a_broker_killed_while_a_stop_waits_bills_it_to_the_ask(make_cluster, mo
         await km.shutdown_kernel(now=True)
 
     asyncio.run(run())
+
+
+CLIENT = """
+import asyncio, sys, time
+from jupyter_client.manager import AsyncKernelManager
+
+async def main():
+    km = AsyncKernelManager(kernel_name="gpu-share")
+    await km.start_kernel()
+    print("ready", flush=True)
+    await asyncio.sleep(300)
+
+asyncio.run(main())
+"""
+
+
+def test_a_session_whose_client_died_is_stopped_as_client_gone(make_cluster, monkeypatch):
+    """Finding 2: a renter whose client process died paid until the credit ran out."""
+    cluster = make_cluster(orphan_grace_s=3)
+    cluster.start_host("orphanhost", "3.6")
+    token = cluster.account("vanished", "user", 100 * MICRO)
+    env = clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token)
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert client.stdout is not None and client.stdout.readline().strip() == "ready"
+        session = eventually(lambda: cluster.session_of(token, "running"), 30, what="a session")
+        client.kill()  # no goodbye: its relay connection just drops
+        client.wait(10)
+        killed_at = time.time()
+    finally:
+        if client.poll() is None:
+            client.kill()
+    ended = eventually(lambda: cluster.session_of(token, "ended"), 30, what="the reaping")
+    assert ended["id"] == session["id"] and ended["end_reason"] == "client gone", ended
+    late = ended["ended_us"] / 1e6 - killed_at
+    assert 2.0 < late < 3 + 5, late  # the grace, then the next liveness check
+    assert ended["amount_micro"] == ended["billed_seconds"] * PRICE_PER_SECOND

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 from collections.abc import Iterator
 
@@ -65,7 +66,7 @@ def test_migrations_create_the_models_schema(store: Store, database: Engine) -> 
             connection, opts={"version_table": VERSION_TABLE, "compare_type": True}
         )
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_heads() == ("0003",)
+        assert context.get_current_heads() == ("0004",)
 
 
 def test_upgrade_from_0001_keeps_data_and_adds_classes(store_url: str, store: Store) -> None:
@@ -171,12 +172,123 @@ def test_ensure_account_rejects_bad_roles(store: Store) -> None:
 
 def test_tokens_are_stored_hashed(store: Store, database: Engine) -> None:
     token = store.issue_token("alice")
-    assert len(token) >= 43  # 32 random bytes
+    assert token.startswith("gs_") and len(token) == 3 + 43  # 32 random bytes
+    digest = hashlib.sha256(token.encode()).hexdigest()
     with database.connect() as connection:
         rows = connection.execute(text("SELECT prefix, sha256 FROM tokens")).all()
-    assert rows == [(token[:8], hashlib.sha256(token.encode()).hexdigest())]
+    # Named by its digest's first hex digits: no character of the secret is stored.
+    assert rows == [(digest[:8], digest)]
+    assert token[3:11] not in "".join(rows[0])
     assert store.authenticate(token).name == "alice"
     assert store.issue_token("alice") != token
+
+
+def test_tokens_never_begin_with_a_dash(store: Store) -> None:
+    issued = [store.issue_token("alice") for _ in range(300)]
+    assert all(t.startswith("gs_") and re.fullmatch(r"gs_[A-Za-z0-9_-]{43}", t) for t in issued)
+    assert all(store.authenticate(t).name == "alice" for t in issued[:20])
+
+
+def test_tokens_issued_before_0004_keep_working(store_url: str, store: Store) -> None:
+    command.downgrade(migrations_config(store_url), "0003")
+    legacy = "-" + "a" * 42  # the old form: any token_urlsafe(32), a leading dash included
+    engine = make_engine(store_url)
+    try:
+        with engine.begin() as connection:
+            alice = connection.execute(text("SELECT id FROM accounts WHERE name = 'alice'"))
+            connection.execute(
+                text(
+                    "INSERT INTO tokens (account_id, prefix, sha256, created_us) "
+                    "VALUES (:account_id, :prefix, :sha256, :created_us)"
+                ),
+                {
+                    "account_id": alice.scalar_one(),
+                    "prefix": legacy[:8],
+                    "sha256": hashlib.sha256(legacy.encode()).hexdigest(),
+                    "created_us": T0,
+                },
+            )
+    finally:
+        engine.dispose()
+    with Store(store_url, upgrade=True) as upgraded:
+        assert upgraded.authenticate(legacy).name == "alice"
+        (record,) = upgraded.list_tokens("alice")
+        assert record.state == "active" and record.expires_us is None
+        assert upgraded.revoke_tokens("alice") == 1
+        assert upgraded.authenticate(legacy) is None
+
+
+def test_tokens_expire(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [T0]
+    monkeypatch.setattr(store_module.clock, "now_us", lambda: now[0])
+    short = store.issue_token("alice", expires_in_s=60)
+    forever = store.issue_token("alice")
+    now[0] = T0 + 59 * SECOND
+    assert store.authenticate(short).name == "alice"
+    now[0] = T0 + 60 * SECOND
+    assert store.authenticate(short) is None
+    assert store.authenticate(forever).name == "alice"
+    states = [(t.expires_us, t.state) for t in store.list_tokens("alice")]
+    assert states == [(T0 + 60 * SECOND, "expired"), (None, "active")]
+
+
+@pytest.mark.parametrize("lifetime", [0, -1, True, 1.5, "60", 10 * 365 * 86_400 + 1, 2**63])
+def test_issue_token_rejects_bad_lifetimes(store: Store, lifetime: object) -> None:
+    with pytest.raises(ValueError, match="expires_in_s"):
+        store.issue_token("alice", expires_in_s=lifetime)  # type: ignore[arg-type]
+    assert store.list_tokens("alice") == []
+    assert store.authenticate(store.issue_token("alice", expires_in_s=10 * 365 * 86_400))
+
+
+def test_revoke_tokens_refuses_every_token_of_the_account_at_once(store: Store) -> None:
+    first, second = store.issue_token("alice"), store.issue_token("alice", expires_in_s=3600)
+    other = store.issue_token("bob")
+    assert store.authenticate(first) and store.authenticate(second)
+    assert store.revoke_tokens("alice") == 2
+    assert store.authenticate(first) is None
+    assert store.authenticate(second) is None
+    assert store.authenticate(other).name == "bob"
+    assert store.revoke_tokens("alice") == 0
+    assert [t.state for t in store.list_tokens("alice")] == ["revoked", "revoked"]
+    assert all(t.revoked_us is not None for t in store.list_tokens("alice"))
+    newer = store.issue_token("alice")  # revoking is not a ban: a new token works
+    assert store.authenticate(newer).name == "alice"
+    with pytest.raises(NotFound):
+        store.revoke_tokens("nobody")
+
+
+def test_list_tokens_names_tokens_without_their_secrets(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [T0]
+    monkeypatch.setattr(store_module.clock, "now_us", lambda: now[0])
+    token = store.issue_token("alice", expires_in_s=86_400)
+    now[0] = T0 + 5 * SECOND
+    store.authenticate(token)
+    (record,) = store.list_tokens("alice")
+    assert record.id == hashlib.sha256(token.encode()).hexdigest()[:8]
+    assert (record.account, record.created_us, record.last_used_us) == ("alice", T0, now[0])
+    assert record.expires_us == T0 + 86_400 * SECOND and record.revoked_us is None
+    assert record.state == "active"
+    assert token not in repr(record) and token[3:11] not in repr(record)
+    assert store.list_tokens("bob") == []
+    with pytest.raises(NotFound):
+        store.list_tokens("nobody")
+
+
+def test_downgrading_0004_drops_tokens_it_cannot_limit(store_url: str, store: Store) -> None:
+    kept = store.issue_token("alice")
+    store.issue_token("alice", expires_in_s=60)
+    store.issue_token("bob")
+    store.revoke_tokens("bob")
+    command.downgrade(migrations_config(store_url), "0003")
+    engine = make_engine(store_url)
+    try:
+        with engine.connect() as connection:
+            digests = connection.execute(text("SELECT sha256 FROM tokens")).scalars().all()
+    finally:
+        engine.dispose()
+    assert digests == [hashlib.sha256(kept.encode()).hexdigest()]
 
 
 def test_authenticate_rejects_wrong_tokens(store: Store) -> None:
