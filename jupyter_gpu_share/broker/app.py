@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -13,11 +15,13 @@ from jupyter_server.extension.application import ExtensionApp
 from traitlets import Bool, Enum, Float, Int, Unicode, default, validate
 
 from ..heap import freeze_startup_objects
+from ..ledger import receipts
 from ..loops import EVENT_LOOPS, choice_in_argv, install_event_loop, loop_in_use
 from ..store import Store
 from ..store.classes import MAX_NOTEBOOK_BYTES
 from .handlers import default_handlers
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
+from .keys import KeyFileError, load_or_create, public_pem
 from .service import Broker, BrokerSettings
 
 ADMIN_TOKEN_ENV = "GPU_SHARE_ADMIN_TOKEN"
@@ -235,6 +239,17 @@ class BrokerApp(ExtensionApp):
     def _admin_token_file_default(self) -> str:
         return str(Path(jupyter_data_dir()) / "gpu_share" / "admin-token")
 
+    receipt_key_file = Unicode(
+        config=True,
+        help="""The Ed25519 key (PEM, mode 0600) that signs settlement receipts; made at the first
+        start. Default: receipt-key.pem beside admin_token_file. To rotate it, move the file
+        away and restart: later receipts carry the new key_id; keep the old public key.""",
+    )
+
+    @default("receipt_key_file")
+    def _receipt_key_file_default(self) -> str:
+        return str(Path(self.admin_token_file).parent / "receipt-key.pem")
+
     @classmethod
     def initialize_server(cls, argv: Sequence[str] | None = None, **kwargs: Any) -> Any:
         """Pick the event loop first: jupyter_server creates it while it initializes."""
@@ -251,7 +266,17 @@ class BrokerApp(ExtensionApp):
         """Open the store, bootstrap the admin token and create the broker."""
         if self.db_url.startswith("sqlite:///"):
             Path(self.db_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        store = Store(self.db_url, upgrade=self.upgrade_db, busy_timeout_ms=self.db_busy_timeout_ms)
+        try:
+            receipt_key = load_or_create(self.receipt_key_file)
+        except KeyFileError as error:
+            print(f"gpu-share broker: error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        store = Store(
+            self.db_url,
+            upgrade=self.upgrade_db,
+            busy_timeout_ms=self.db_busy_timeout_ms,
+            signer=functools.partial(receipts.sign, private_key=receipt_key),
+        )
         admin_token = os.environ.get(ADMIN_TOKEN_ENV) or None
         if admin_token is None:
             self._bootstrap_admin_token(store)
@@ -289,6 +314,8 @@ class BrokerApp(ExtensionApp):
         self.settings.update(
             gpu_share_broker=self.broker,
             gpu_share_max_message_size=self.max_message_size,
+            gpu_share_receipt_public_pem=public_pem(receipt_key),
+            gpu_share_receipt_key_id=receipts.key_id(receipt_key.public_key()),
         )
 
     def _bootstrap_admin_token(self, store: Store) -> None:

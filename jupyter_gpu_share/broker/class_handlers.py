@@ -11,7 +11,7 @@ from tornado import web
 
 from ..classes import Quota, remaining, week_start_us
 from ..clock import now_us
-from ..ledger import price_per_hour
+from ..ledger import price_per_hour, price_per_second_from_hour
 from ..store import ClassRecord
 from ..store.classes import MAX_NOTEBOOK_BYTES
 from .handlers import BrokerAPIHandler, int_field, iso_from_us, str_field
@@ -129,7 +129,9 @@ class ClassesHandler(ClassHandlerBase):
             quota_micro=int_field(body, "quota_micro", minimum=1),
             weekly_quota_seconds=int_field(body, "weekly_quota_seconds", minimum=1),
             gpu_model=str_field(body, "gpu_model"),
-            max_price_per_second_micro=None if max_price_hour is None else max_price_hour // 3600,
+            max_price_per_second_micro=(
+                None if max_price_hour is None else price_per_second_from_hour(max_price_hour)
+            ),
             starts_us=_date_us(body, "starts_at"),
             ends_us=_date_us(body, "ends_at"),
         )

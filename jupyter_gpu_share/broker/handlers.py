@@ -15,7 +15,7 @@ from tornado import web
 from tornado.websocket import WebSocketClosedError
 
 from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd, as_bytes
-from ..ledger import earnings_by_day, price_per_hour
+from ..ledger import earnings_by_day, price_per_hour, price_per_second_from_hour
 from ..store import Conflict, InsufficientFunds, NotFound, StoreError, StoreUnavailable
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser, bearer_token
 from .host_messages import (
@@ -481,7 +481,9 @@ class SessionsHandler(BrokerAPIHandler):
             offer_id=int_field(body, "offer_id", minimum=0),
             gpu_model=str_field(body, "gpu_model"),
             min_gpu_memory_mib=int_field(body, "min_gpu_memory_mib", minimum=0),
-            max_price_per_second_micro=None if max_price_hour is None else max_price_hour // 3600,
+            max_price_per_second_micro=(
+                None if max_price_hour is None else price_per_second_from_hour(max_price_hour)
+            ),
         )
         class_name = str_field(body, "class")
         # How long it may run with no client connected (a long cell, the laptop closed).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from ..ledger import can_start, format_credits, price_per_hour
+from ..ledger import can_start, format_credits, price_per_hour, session_amount
 from .reliability import ranking_reliability
 
 
@@ -103,7 +103,7 @@ def choose_offer(
     ]
     if not affordable:
         cheapest = min(free, key=lambda o: o.price_per_second_micro)
-        needed = cheapest.price_per_second_micro * minimum_seconds
+        needed = session_amount(minimum_seconds, cheapest.price_per_second_micro)
         raise NoMatch(
             402,
             f"insufficient credit: starting needs {format_credits(needed)} credits "

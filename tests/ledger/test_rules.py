@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from jupyter_gpu_share.broker.matching import OfferView, SessionRequest, offer_fits
 from jupyter_gpu_share.ledger import (
     MICRO,
     UNLIMITED_SECONDS,
@@ -224,3 +227,26 @@ def test_seconds_affordable_and_can_start() -> None:
     assert can_start(0, 0)
     assert can_start(278, 278, minimum_seconds=1)
     assert can_start(0, 278, minimum_seconds=0)
+
+
+@given(st.integers(min_value=0, max_value=10**12), st.integers(min_value=1, max_value=10**6))
+def test_an_offer_at_a_renters_hourly_cap_matches_it(per_hour: int, above: int) -> None:
+    """Hosts' prices and renters' caps go through one conversion (round half up; the
+    handlers used // 3600 for caps): an offer at X/h is never filtered out by a cap of X/h,
+    and one a whole micro-credit a second dearer always is."""
+    offer = OfferView(1, "h", "CPU", 0, 0, price_per_second_from_hour(per_hour))
+    cap = SessionRequest(max_price_per_second_micro=price_per_second_from_hour(per_hour))
+    assert offer_fits(offer, cap)
+    dearer = OfferView(1, "h", "CPU", 0, 0, offer.price_per_second_micro + above)
+    assert not offer_fits(dearer, cap)
+
+
+@given(
+    st.integers(min_value=0, max_value=10**15),
+    st.integers(min_value=0, max_value=10**15),
+    st.integers(min_value=0, max_value=10**7),
+)
+def test_billing_is_ceil_seconds_times_price(start: int, length: int, price: int) -> None:
+    seconds = billed_seconds(start, start + length)
+    assert seconds * 1_000_000 >= length > (seconds - 1) * 1_000_000 or length == seconds == 0
+    assert session_amount(seconds, price) == seconds * price
