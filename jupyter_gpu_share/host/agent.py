@@ -35,7 +35,15 @@ from .inventory import Inventory
 from .kernels import RemoteKernel, default_scratch_root
 from .leftovers import AgentAlreadyRunning, RunDir, clean_leftovers, run_dir_path
 from .network import NetworkPolicy, parse_network
-from .sandbox import ResourceLimits, Sandbox, SandboxError, cgroup_prefix, make_sandbox
+from .sandbox import (
+    BwrapSandbox,
+    ResourceLimits,
+    Sandbox,
+    SandboxError,
+    cgroup_prefix,
+    make_sandbox,
+    usable_by_others,
+)
 from .schedule import Schedule, parse_schedule
 from .selftest import SelfTestRunner, attach_benchmarks
 from .tokens import TokenFileError, read_token_file
@@ -798,6 +806,7 @@ class HostAgent(LoggingConfigurable):
                 max_processes=self.max_processes,
                 max_open_files=self.max_open_files,
                 memory_rlimit=self.memory_limit_kind,
+                max_file_mib=self.scratch_quota_mib,
             )
             network: str | NetworkPolicy = self.network.strip()
             if network != "host":
@@ -819,6 +828,14 @@ class HostAgent(LoggingConfigurable):
                 ),
             )
             sandbox.check()
+            parent = os.path.dirname(os.path.abspath(self.scratch_root))
+            own_uid = isinstance(sandbox, BwrapSandbox) and sandbox.own_uid
+            if own_uid and not usable_by_others(parent, os.X_OK):
+                raise SandboxError(
+                    f"kernels run as uids of their own, and the scratch root "
+                    f"{self.scratch_root} lies in a folder other users cannot pass through "
+                    "(a home folder?): choose one under /tmp or /var/lib (--scratch-root)"
+                )
         except (ValueError, SandboxError, UidError) as err:
             raise AgentConfigError(str(err)) from None
         return sandbox

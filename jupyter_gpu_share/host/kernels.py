@@ -27,8 +27,9 @@ from jupyter_client.connect import write_connection_file
 
 from .. import wire, zmtp
 from .leftovers import RunDir
-from .quota import ScratchWatchdog
+from .quota import ScratchWatchdog, group_pids
 from .sandbox import LaunchPlan, Sandbox, outer_pid, read_child_pid
+from .uids import uid_pids
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,8 @@ MessageCallback = Callable[[int, list[bytes]], None]
 ExitCallback = Callable[[int | None], None]
 
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
-IPC_PATH_MAX = 100  # a Unix socket's path must fit sockaddr_un (108 bytes on Linux)
+IPC_PATH_MAX = 100
+OUTPUT_TAIL_BYTES = 64 * 1024  # a Unix socket's path must fit sockaddr_un (108 bytes on Linux)
 
 
 def channel_url(info: dict[str, Any], port: int) -> str:
@@ -163,6 +165,7 @@ class RemoteKernel:
         self.on_kernel_batch: Callable[[int, list[list[Any]]], None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._cleaned = False
+        self._output = b""  # the tail of the kernel's stdout and stderr
         self._clean = asyncio.Event()  # set once the clean-up in progress has finished
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -216,20 +219,20 @@ class RemoteKernel:
                 gpu_minors=self.gpu_minors,
             )
             self._plan = plan
-            stderr_path = os.path.join(self.runtime_dir, "kernel.log")
             try:
-                with open(stderr_path, "wb") as stderr:
-                    self.process = await asyncio.create_subprocess_exec(
-                        *plan.argv,
-                        cwd=plan.cwd,
-                        env=plan.env,
-                        stdin=asyncio.subprocess.DEVNULL,
-                        stdout=stderr,
-                        stderr=stderr,
-                        start_new_session=True,
-                        preexec_fn=plan.preexec,
-                        pass_fds=plan.pass_fds,
-                    )
+                # Its output goes to a pipe the agent reads and keeps the tail of (for start
+                # errors): a file would let a renter fill the host's disk (or /run's RAM).
+                self.process = await asyncio.create_subprocess_exec(
+                    *plan.argv,
+                    cwd=plan.cwd,
+                    env=plan.env,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=plan.preexec,
+                    pass_fds=plan.pass_fds,
+                )
             except BaseException:
                 if plan.info_fd is not None:
                     os.close(plan.info_fd)
@@ -238,6 +241,7 @@ class RemoteKernel:
                 for fd in plan.pass_fds:
                     os.close(fd)
             self.group = self.process.pid
+            self._tasks.append(asyncio.ensure_future(self._read_output()))
             self._record()
             self._tasks.append(asyncio.ensure_future(self._watch()))
             if plan.info_fd is not None:
@@ -253,13 +257,22 @@ class RemoteKernel:
             await self._wait_ready(info)
             if self.scratch_quota_mib:
                 self._watchdog = ScratchWatchdog(
-                    self.scratch_dir, self.scratch_quota_mib, on_exceeded=self._over_quota
+                    self.scratch_dir,
+                    self.scratch_quota_mib,
+                    on_exceeded=self._over_quota,
+                    pids=self._kernel_pids,
                 )
                 self._watchdog.start()
         except BaseException:
             await self.stop()
             raise
         self.ready = True
+
+    def _kernel_pids(self) -> list[int]:
+        """The kernel's processes: those of its own uid, else of its process group."""
+        if self._plan is not None and self._plan.uid is not None:
+            return uid_pids(self._plan.uid)
+        return group_pids(self.group) if self.group else []
 
     def _over_quota(self, reason: str) -> None:
         """The scratch folder outgrew its quota: stop the kernel, and say why."""
@@ -375,14 +388,17 @@ class RemoteKernel:
         finally:
             probe.close(linger=0)
 
+    async def _read_output(self) -> None:
+        """Keep the last OUTPUT_TAIL_BYTES of what the kernel (and its sandbox) printed."""
+        assert self.process is not None and self.process.stdout is not None
+        while True:
+            chunk = await self.process.stdout.read(65536)
+            if not chunk:
+                return
+            self._output = (self._output + chunk)[-OUTPUT_TAIL_BYTES:]
+
     def _log_tail(self, lines: int = 5) -> str:
-        if not self.runtime_dir:
-            return ""
-        try:
-            with open(os.path.join(self.runtime_dir, "kernel.log"), "rb") as fh:
-                tail = fh.read()[-2000:].decode("utf-8", "replace").strip().splitlines()
-        except OSError:
-            return ""
+        tail = self._output[-2000:].decode("utf-8", "replace").strip().splitlines()
         return (": " + " | ".join(tail[-lines:])) if tail else ""
 
     def _received(self, channel: int, batch: list[list[Any]]) -> None:

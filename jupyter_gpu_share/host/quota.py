@@ -23,7 +23,7 @@ import logging
 import os
 import resource
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
@@ -122,6 +122,49 @@ def scratch_usage(
     return usage.bytes
 
 
+def deleted_open_bytes(pids: Iterable[int], path: str) -> int:
+    """Disk held by regular files on ``path``'s filesystem that ``pids`` keep open after
+    deleting them (``/proc/PID/fd``; each file counted once)."""
+    try:
+        device = os.stat(path).st_dev
+    except OSError:
+        return 0
+    seen: set[int] = set()
+    total = 0
+    for pid in pids:
+        try:
+            entries = list(os.scandir(f"/proc/{pid}/fd"))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = os.stat(entry.path)  # the open file itself, deleted or not
+            except OSError:
+                continue
+            if (
+                stat.S_ISREG(info.st_mode)
+                and info.st_nlink == 0
+                and info.st_dev == device
+                and info.st_ino not in seen
+            ):
+                seen.add(info.st_ino)
+                total += info.st_blocks * 512
+    return total
+
+
+def group_pids(pgid: int) -> list[int]:
+    """The processes of a process group."""
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                with open(f"/proc/{name}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+                if int(fields[2]) == pgid:
+                    out.append(int(name))
+    return out
+
+
 def file_size_rlimit(limit_mib: int) -> int:
     """Return the ``RLIMIT_FSIZE`` value for a quota of ``limit_mib`` (0: unlimited).
 
@@ -145,8 +188,12 @@ class ScratchWatchdog:
         *,
         on_exceeded: Callable[[str], None],
         max_files: int = DEFAULT_MAX_FILES,
+        pids: Callable[[], Iterable[int]] | None = None,
     ) -> None:
         self.path = os.fspath(path)
+        # The kernel's processes: a file they deleted but keep open has no name to walk
+        # to, and still fills the disk.
+        self.pids = pids
         self.limit_mib = limit_mib
         self.interval = interval
         self.on_exceeded = on_exceeded
@@ -167,6 +214,16 @@ class ScratchWatchdog:
         )
         if usage.over(self.limit_bytes):
             return usage.reason(self.limit_bytes, self.max_files)
+        if self.pids is not None:
+            hidden = await loop.run_in_executor(
+                None, lambda: deleted_open_bytes(self.pids() if self.pids else [], self.path)
+            )
+            total = usage.bytes + hidden
+            if total > self.limit_bytes:
+                return (
+                    f"scratch folder over its {self.limit_mib} MiB quota ({total // MIB} MiB "
+                    f"used, {hidden // MIB} MiB of it in deleted files kept open)"
+                )
         return None
 
     def start(self) -> None:

@@ -105,11 +105,12 @@ class ResourceLimits:
     max_processes: int = 0
     max_open_files: int = 0
     memory_rlimit: str = "as"  # "as": address space; "data": heap and private mappings
+    max_file_mib: int = 0  # RLIMIT_FSIZE: no single file larger (the scratch quota)
 
     def __post_init__(self) -> None:
         if self.memory_rlimit not in MEMORY_RLIMITS:
             raise ValueError(f"memory_rlimit must be 'as' or 'data', not {self.memory_rlimit!r}")
-        for name in ("memory_mib", "max_processes", "max_open_files"):
+        for name in ("memory_mib", "max_processes", "max_open_files", "max_file_mib"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 
@@ -122,6 +123,10 @@ class ResourceLimits:
             out.append((resource.RLIMIT_NPROC, self.max_processes))
         if self.max_open_files:
             out.append((resource.RLIMIT_NOFILE, self.max_open_files))
+        if self.max_file_mib:
+            # One file cannot outgrow the scratch quota between two watchdog checks (Python
+            # ignores SIGXFSZ, so a cell gets EFBIG; other programs are stopped by it).
+            out.append((resource.RLIMIT_FSIZE, self.max_file_mib * 1024 * 1024))
         return out
 
     def preexec(self) -> Callable[[], None] | None:
@@ -338,7 +343,7 @@ class BwrapSandbox(Sandbox):
                     "pasta does not run as root: a kernel network needs kernel uids "
                     "(HostAgent.kernel_uids) when the agent runs as root"
                 )
-            if not _usable_by_others("/dev/net/tun", os.R_OK | os.W_OK) and self.own_uid:
+            if not usable_by_others("/dev/net/tun", os.R_OK | os.W_OK) and self.own_uid:
                 raise SandboxError(
                     "/dev/net/tun is not open to other users (its stock mode is 0666: "
                     "chmod 666 /dev/net/tun), so pasta cannot start a kernel network"
@@ -353,7 +358,7 @@ class BwrapSandbox(Sandbox):
                 self.uid_pool.check()
             except UidError as err:
                 raise SandboxError(str(err)) from None
-            hidden = [p for p in self._ro_paths if not _usable_by_others(p, os.R_OK | os.X_OK)]
+            hidden = [p for p in self._ro_paths if not usable_by_others(p, os.R_OK | os.X_OK)]
             if hidden:
                 raise SandboxError(
                     f"kernels run as uids of their own, and the kernels' Python ({hidden[0]}) "
@@ -382,7 +387,7 @@ class BwrapSandbox(Sandbox):
         candidates = [os.path.realpath(sys.executable), "/usr/bin/python3"]
         for path in candidates:
             if os.path.exists(path) and (
-                not self.own_uid or _usable_by_others(path, os.R_OK | os.X_OK)
+                not self.own_uid or usable_by_others(path, os.R_OK | os.X_OK)
             ):
                 return path
         raise SandboxError(
@@ -586,7 +591,7 @@ class BwrapSandbox(Sandbox):
             # Everything the chain opens as the kernel's uid: its folders, its files.
             for folder in (os.path.dirname(scratch_dir), os.path.dirname(runtime_dir)):
                 _allow_traverse(folder)
-                if not _usable_by_others(folder, os.X_OK):
+                if not usable_by_others(folder, os.X_OK):
                     raise SandboxError(
                         f"kernels run as uids of their own, and {folder} lies in a folder "
                         "other users cannot pass through: choose a scratch root under /tmp "
@@ -792,7 +797,7 @@ def _allow_traverse(folder: str) -> None:
         os.chmod(folder, (info.st_mode & 0o7777) | 0o111)
 
 
-def _usable_by_others(path: str, mode: int) -> bool:
+def usable_by_others(path: str, mode: int) -> bool:
     """Tell whether a user with no group in common could reach ``path`` with ``mode``."""
     path = os.path.realpath(path)
     parts = path.split(os.sep)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 DEFAULT_RANGE = "1900000000-1900000999"
 MAX_UID = 4_294_967_294  # (uid_t)-1 is "no uid"
+MIN_UID = 100_000  # above useradd's UID_MAX (60000) and nobody: never a person's uid
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 
 
@@ -42,8 +43,11 @@ def parse_range(text: str) -> range:
         raise UidError(
             f"kernel_uids must be FIRST-LAST, e.g. {DEFAULT_RANGE}, not {text!r}"
         ) from None
-    if not 1000 <= low <= high <= MAX_UID:
-        raise UidError(f"kernel_uids must lie within 1000-{MAX_UID}, first before last")
+    if not MIN_UID <= low <= high <= MAX_UID:
+        raise UidError(
+            f"kernel_uids must lie within {MIN_UID}-{MAX_UID} (above every account's range), "
+            "first before last"
+        )
     if high - low >= 1_000_000:
         raise UidError("kernel_uids: at most 1000000 uids")
     return range(low, high + 1)

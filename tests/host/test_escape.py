@@ -22,7 +22,7 @@ import pytest
 from jupyter_gpu_share.host.cgroups import CgroupLimits, detect
 from jupyter_gpu_share.host.kernels import RemoteKernel
 from jupyter_gpu_share.host.network import read_host_networks
-from jupyter_gpu_share.host.sandbox import BwrapSandbox, ResourceLimits, _usable_by_others
+from jupyter_gpu_share.host.sandbox import BwrapSandbox, ResourceLimits, usable_by_others
 from jupyter_gpu_share.host.uids import UidPool, parse_range
 
 from .test_kernels import KEY, Client
@@ -36,7 +36,7 @@ def _why_not() -> str:
         return "bubblewrap (bwrap) is not installed"
     if os.geteuid() != 0:
         return "the kernel-uid tests run as root (as a host agent that runs as root)"
-    if not _usable_by_others(os.path.realpath(sys.executable), os.R_OK | os.X_OK):
+    if not usable_by_others(os.path.realpath(sys.executable), os.R_OK | os.X_OK):
         return "the test Python is not readable by other users (chmod o+x its folders)"
     return ""
 
@@ -350,5 +350,60 @@ def test_finding_1_an_allow_list_reaches_only_its_addresses(scratch_root, uid_po
             assert out.split("\n")[:3] == ["203.0.113.77 True", "1.1.1.1 False", "127.0.0.2 False"]
         finally:
             await kernel.stop()
+
+    asyncio.run(main())
+
+
+def test_finding_4_disk_a_renter_hides_or_bursts_is_bounded(scratch_root, uid_pool) -> None:
+    """Found by attacking the first version: a file deleted but kept open is not on any walk,
+    one burst wrote 1.8 GB past a 20 MiB quota before the watchdog looked, and the kernel's
+    output file under the runtime folder could be filled at will. Now one file cannot pass
+    the quota (RLIMIT_FSIZE), deleted open files count, and the output is a bounded pipe."""
+    sandbox = BwrapSandbox(ResourceLimits(max_file_mib=20), network="none", uid_pool=uid_pool)
+    sandbox.check()
+
+    async def main() -> None:
+        client = Client()
+        kernel = RemoteKernel(
+            "s",
+            "h",
+            KEY,
+            client.on_message,
+            sandbox=sandbox,
+            scratch_root=scratch_root,
+            scratch_quota_mib=20,
+        )
+        await kernel.start()
+        try:
+            await _warm(client, kernel)
+            out = await _run(
+                client,
+                kernel,
+                "import os\nf = open('big', 'wb')\nwritten = 0\ntry:\n"
+                "    for _ in range(100):\n        f.write(b'x' * (1 << 20)); f.flush();"
+                " written += 1\nexcept OSError as e:\n    print('stopped', e.errno)\n"
+                "print(written)\nf.close(); os.remove('big')\n"
+                # the output handles it inherited (pipes, or files before): 1 MiB into each
+                "import stat\nfor fd in range(1, 64):\n    try:\n"
+                "        kind = os.fstat(fd).st_mode\n"
+                "        if stat.S_ISREG(kind) or stat.S_ISFIFO(kind):\n"
+                "            os.write(fd, b'y' * (1 << 20))\n"
+                "    except OSError:\n        pass\n",
+            )
+            assert out.startswith("stopped 27"), out  # EFBIG at 20 MiB
+            assert not any(name.endswith(".log") for name in os.listdir(kernel.runtime_dir))
+            client.execute(
+                kernel,
+                "import os, time\nf = open('hidden', 'wb'); os.remove('hidden')\n"
+                "for _ in range(15):\n    f.write(os.urandom(1 << 20)); f.flush()\n"
+                "g = open('hidden2', 'wb'); os.remove('hidden2')\n"
+                "for _ in range(15):\n    g.write(os.urandom(1 << 20)); g.flush()\n"
+                "time.sleep(60)",
+            )
+            await asyncio.wait_for(kernel.wait(), 30)
+            assert kernel.stop_reason is not None and "deleted files" in kernel.stop_reason
+        finally:
+            await kernel.stop()
+        assert len(kernel._output) <= 64 * 1024  # the tail kept, never the whole output
 
     asyncio.run(main())
