@@ -463,6 +463,129 @@ def cmd_class_fetch(args: argparse.Namespace) -> None:
     print(f"kernel '{record['kernel_name']}' installed in {spec_dir}")
 
 
+def _receipt_tools() -> Any:
+    """Import the receipt rules only for the verbs that use them (they load cryptography)."""
+    from .ledger import receipts
+
+    return receipts
+
+
+def _load_public_key(path: str) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        with open(path, "rb") as handle:
+            key = load_pem_public_key(handle.read())
+    except OSError as error:
+        raise CommandError(f"cannot read public key {path}: {error.strerror}") from None
+    except ValueError:
+        raise CommandError(f"{path} is not a PEM public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise CommandError(f"{path} is not an Ed25519 public key")
+    return key
+
+
+def cmd_receipt(args: argparse.Namespace) -> None:
+    client = _client(args)
+    if args.public_key:
+        if args.session_id:
+            raise CommandError("give a session or --public-key, not both")
+        print(client.request("GET", "/receipts/public-key")["public_key_pem"], end="")
+        return
+    if not args.session_id:
+        raise CommandError("which session? give its id (or --public-key)")
+    receipt = client.request("GET", f"/sessions/{args.session_id}/receipt")
+    text = _receipt_tools().canonical_bytes(receipt).decode("utf-8")
+    if args.out is None:
+        print(text)
+        return
+    try:
+        with open(args.out, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    except OSError as error:
+        raise CommandError(f"cannot write {args.out}: {error.strerror}") from None
+    print(f"receipt of session {receipt['session_id']} written to {args.out}")
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    receipts = _receipt_tools()
+    key = _load_public_key(args.public_key)
+    try:
+        with open(args.file, encoding="utf-8") as handle:
+            receipt = json.load(handle)
+    except OSError as error:
+        raise CommandError(f"cannot read {args.file}: {error.strerror}") from None
+    except ValueError as error:
+        raise CommandError(f"{args.file} is not a JSON receipt: {error}") from None
+    problems = receipts.verify(receipt, key)
+    if problems:
+        raise CommandError(f"{args.file} is not valid: " + "; ".join(problems))
+    print(
+        f"valid: session {receipt['session_id']}, {receipt['billed_seconds']} s, "
+        f"amount {format_credits(receipt['amount_micro'])} "
+        f"(host {format_credits(receipt['host_micro'])}, fee {format_credits(receipt['fee_micro'])}"
+        f"), renter {receipt['renter']}, host {receipt['host']}, receipt {receipt['sequence']}, "
+        f"key {receipt['key_id']}"
+    )
+
+
+def cmd_admin_audit(args: argparse.Namespace) -> None:
+    receipts = _receipt_tools()
+    client = _client(args)
+    current = client.request("GET", "/receipts/public-key")
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    keys = {current["key_id"]: load_pem_public_key(current["public_key_pem"].encode())}
+    for path in args.public_key or []:
+        key = _load_public_key(path)
+        keys[receipts.key_id(key)] = key
+    problems: list[str] = []
+    runs: list[dict[str, Any]] = []
+    previous: dict[str, Any] | None = None
+    count = unchecked = 0
+    after = 0
+    while True:
+        page = client.request("GET", f"/receipts?after={after}")
+        batch = page["receipts"]
+        problems += receipts.chain_problems(batch, previous)
+        for receipt in batch:
+            key = keys.get(receipt.get("key_id"))
+            if key is None:
+                unchecked += 1
+                continue
+            problems += [
+                f"receipt {receipt.get('sequence')}: {p}" for p in receipts.verify(receipt, key)
+            ]
+        for run in receipts.segments(batch):
+            if runs and runs[-1]["key_id"] == run["key_id"]:
+                runs[-1].update(last=run["last"], count=runs[-1]["count"] + run["count"])
+            else:
+                runs.append(run)
+        count += len(batch)
+        if batch:
+            previous = batch[-1]
+        if page.get("next_after") is None:
+            break
+        after = page["next_after"]
+    ledger = client.request("GET", "/ledger/check")
+    problems += ledger["problems"]
+    print(f"receipts: {count} in {len(runs)} key segment(s)")
+    for run in runs:
+        known = "" if run["key_id"] in keys else " (no public key given: signatures not checked)"
+        print(
+            f"  key {run['key_id']}: receipts {run['first']}-{run['last']} ({run['count']}){known}"
+        )
+    print(f"signatures checked: {count - unchecked}")
+    print(f"ledger: {'balanced' if ledger['ok'] else 'PROBLEMS'}")
+    if problems:
+        for problem in problems[:50]:
+            print(f"problem: {problem}")
+        more = " (first 50 shown)" if len(problems) > 50 else ""
+        raise CommandError(f"audit found {len(problems)} problem(s){more}")
+    print("audit passed")
+
+
 def _add_class_parser(verbs: Any, common: argparse.ArgumentParser) -> None:
     klass = verbs.add_parser("class", help="classes: budgets, students, notebooks, usage")
     actions = klass.add_subparsers(
@@ -574,6 +697,18 @@ def build_parser() -> OneLineParser:
     credit.add_argument("name")
     credit.add_argument("amount", help="credits, a decimal such as 12.5")
     credit.set_defaults(run=cmd_admin_credit)
+    audit = admin_verbs.add_parser(
+        "audit",
+        parents=[common],
+        help="check every receipt's signature, the receipt chain and the ledger",
+    )
+    audit.add_argument(
+        "--public-key",
+        action="append",
+        metavar="PEM_FILE",
+        help="a former receipt key, to check the receipts it signed (may be repeated)",
+    )
+    audit.set_defaults(run=cmd_admin_audit)
 
     for verb, run, text in (
         ("balance", cmd_balance, "your balance (a host: its earnings)"),
@@ -588,6 +723,19 @@ def build_parser() -> OneLineParser:
     stop = verbs.add_parser("stop", parents=[common], help="stop one of your sessions now")
     stop.add_argument("session_id")
     stop.set_defaults(run=cmd_stop)
+    receipt = verbs.add_parser(
+        "receipt", parents=[common], help="a session's signed receipt, or the broker's public key"
+    )
+    receipt.add_argument("session_id", nargs="?")
+    receipt.add_argument("--out", metavar="FILE", help="write the receipt to FILE")
+    receipt.add_argument(
+        "--public-key", action="store_true", help="print the PEM of the key that signs receipts"
+    )
+    receipt.set_defaults(run=cmd_receipt)
+    verify = verbs.add_parser("verify", help="check a receipt offline against a public key")
+    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("--public-key", required=True, metavar="PEM_FILE")
+    verify.set_defaults(run=cmd_verify)
     return parser
 
 

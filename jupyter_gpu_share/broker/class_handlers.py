@@ -13,7 +13,7 @@ from ..classes import Quota, remaining, week_start_us
 from ..clock import now_us
 from ..ledger import price_per_hour, price_per_second_from_hour
 from ..store import ClassRecord
-from ..store.classes import MAX_NOTEBOOK_BYTES
+from ..store.classes import MAX_NOTEBOOK_BYTES, check_class_name
 from .handlers import BrokerAPIHandler, int_field, iso_from_us, str_field
 
 MAX_STUDENTS_PER_CALL = 1000
@@ -97,6 +97,7 @@ class ClassesHandler(ClassHandlerBase):
         self.require_role("teacher", "admin")
         body = self.json_body()
         name = str_field(body, "name", required=True)
+        check_class_name(name)  # 400 before anything is checked against the store
         teacher = self.account.name
         if self.account.role == "teacher":
             classes, _ = self.broker.store.teacher_counts(teacher)
@@ -105,13 +106,26 @@ class ClassesHandler(ClassHandlerBase):
                 raise web.HTTPError(
                     403, f"a teacher may have at most {limit} classes; ask an admin"
                 )
-        if self.account.role == "admin":
+        if self.account.role == "admin" and body.get("teacher") is not None:
             teacher = str_field(body, "teacher", required=True)
             owner = self.broker.store.get_account(teacher)
             if owner is None or owner.role != "teacher":
-                raise web.HTTPError(400, f"{teacher!r} is not a teacher account")
+                # well formed, but the store holds no such teacher: a conflict, not a typo
+                raise web.HTTPError(409, f"{teacher!r} is not a teacher account")
         max_price_hour = int_field(body, "max_price_per_hour_micro", minimum=0)
         budget = int_field(body, "budget_micro", minimum=0)
+        # Every field is read (400 on a bad one) before anything is checked against the store.
+        fields = {
+            "quota_seconds": int_field(body, "quota_seconds", minimum=1),
+            "quota_micro": int_field(body, "quota_micro", minimum=1),
+            "weekly_quota_seconds": int_field(body, "weekly_quota_seconds", minimum=1),
+            "gpu_model": str_field(body, "gpu_model"),
+            "max_price_per_second_micro": (
+                None if max_price_hour is None else price_per_second_from_hour(max_price_hour)
+            ),
+            "starts_us": _date_us(body, "starts_at"),
+            "ends_us": _date_us(body, "ends_at"),
+        }
         if (
             budget
             and self.account.role == "teacher"
@@ -125,15 +139,7 @@ class ClassesHandler(ClassHandlerBase):
         record = self.broker.store.create_class(
             name,  # type: ignore[arg-type]
             teacher,  # type: ignore[arg-type]
-            quota_seconds=int_field(body, "quota_seconds", minimum=1),
-            quota_micro=int_field(body, "quota_micro", minimum=1),
-            weekly_quota_seconds=int_field(body, "weekly_quota_seconds", minimum=1),
-            gpu_model=str_field(body, "gpu_model"),
-            max_price_per_second_micro=(
-                None if max_price_hour is None else price_per_second_from_hour(max_price_hour)
-            ),
-            starts_us=_date_us(body, "starts_at"),
-            ends_us=_date_us(body, "ends_at"),
+            **fields,  # type: ignore[arg-type]
         )
         if budget:
             source = "mint" if self.account.role == "admin" else teacher

@@ -182,6 +182,8 @@ def int_field(
         if required:
             raise web.HTTPError(400, f"'{name}' is required")
         return None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        value = int(value)  # 1084.0 is an integer to JSON (and JSON Schema)
     if isinstance(value, bool) or not isinstance(value, int):
         raise web.HTTPError(400, f"'{name}' must be an integer")
     if minimum is not None and value < minimum:
@@ -777,9 +779,22 @@ class RelayHandler(BrokerWebSocket):
             pair.detach(self.side, self)
 
 
+class NoRouteHandler(BrokerAPIHandler):
+    """A path under the API that names no route: JSON 404 (401 without a token), not
+    jupyter_server's HTML page."""
+
+    @web.authenticated
+    @authorized
+    def _no_route(self, *args: Any) -> None:
+        raise web.HTTPError(404, "no such API route (the routes: /gpu-share/api/openapi.json)")
+
+    get = post = put = patch = delete = _no_route
+
+
 def default_handlers() -> list[tuple[str, type]]:
     """The broker's routes."""
     from .class_handlers import class_handlers
+    from .receipt_handlers import receipt_handlers
 
     sid = r"(?P<session_id>s-[0-9a-f]{1,64})"
     return [
@@ -795,4 +810,6 @@ def default_handlers() -> list[tuple[str, type]]:
         *class_handlers(API),
         (rf"{API}/hosts/connect", HostControlHandler),
         (rf"{API}/relay/{sid}/(?P<side>user|host)", RelayHandler),
+        *receipt_handlers(API),
+        (rf"{API}/.*", NoRouteHandler),  # last: anything else under the API is a JSON 404
     ]

@@ -15,11 +15,28 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _body(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {**_json(schema, description), "required": True}
+
+
+def _path_param(name: str, pattern: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": pattern, "minLength": 1},
+    }
+
+
 _ERRORS = {
     "400": _json(_ref("Error"), "malformed or invalid request"),
     "401": _json(_ref("Error"), "missing or invalid token"),
     "403": _json(_ref("Error"), "the token's role may not do this"),
     "404": _json(_ref("Error"), "not found (or not yours)"),
+    "402": _json(_ref("Error"), "not enough credit for this"),
+    "409": _json(_ref("Error"), "contradicts what the broker holds"),
+    "429": _json(_ref("Error"), "too many requests for this token (see Retry-After)"),
+    "503": _json(_ref("Error"), "the database is busy (see Retry-After)"),
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -155,7 +172,7 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "properties": {
             "offer_id": {"type": "integer", "minimum": 0},
-            "gpu_model": {"type": "string"},
+            "gpu_model": {"type": "string", "minLength": 1},
             "min_gpu_memory_mib": {"type": "integer", "minimum": 0},
             "max_price_per_hour_micro": {"type": "integer", "minimum": 0},
             "min_reliability": {"type": "number", "minimum": 0, "maximum": 1},
@@ -163,6 +180,7 @@ _SCHEMAS: dict[str, Any] = {
             "keep_alive_s": {
                 "type": "integer",
                 "minimum": 1,
+                "maximum": 3600,
                 "description": "seconds it may run with no client connected before it is "
                 "stopped as 'client gone' (default and maximum: the broker's settings)",
             },
@@ -209,21 +227,98 @@ _SCHEMAS: dict[str, Any] = {
             },
         },
     },
+    "Receipt": {
+        "type": "object",
+        "description": "A settlement, signed (Ed25519, base64url) over its canonical JSON "
+        "(sorted keys, no spaces, UTF-8) without the signature; prev_hash is the SHA-256 of "
+        "the previous receipt's canonical JSON, signature included (64 zeros for the first)",
+        "required": [
+            "version",
+            "session_id",
+            "renter",
+            "payer",
+            "host",
+            "price_per_second_micro",
+            "started_us",
+            "ended_us",
+            "billed_seconds",
+            "amount_micro",
+            "fee_micro",
+            "host_micro",
+            "end_reason",
+            "transaction_id",
+            "sequence",
+            "prev_hash",
+            "key_id",
+            "signature",
+        ],
+        "properties": {
+            "version": {"type": "integer", "const": 1},
+            "session_id": {"type": "string"},
+            "renter": {"type": "string"},
+            "payer": {"type": "string"},
+            "host": {"type": "string"},
+            "price_per_second_micro": {"type": "integer", "minimum": 0},
+            "started_us": {"type": ["integer", "null"], "description": "null: never ready"},
+            "ended_us": {"type": "integer"},
+            "billed_seconds": {"type": "integer", "minimum": 0},
+            "amount_micro": {"type": "integer", "minimum": 0},
+            "fee_micro": {"type": "integer", "minimum": 0},
+            "host_micro": {"type": "integer", "minimum": 0},
+            "end_reason": {"type": "string"},
+            "transaction_id": {
+                "type": ["integer", "null"],
+                "description": "the ledger's settlement transaction; null when nothing was owed",
+            },
+            "sequence": {"type": "integer", "minimum": 1},
+            "prev_hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "key_id": {
+                "type": "string",
+                "description": "first 16 hex digits of the SHA-256 of the raw public key",
+            },
+            "signature": {"type": "string"},
+        },
+    },
+    "ReceiptKey": {
+        "type": "object",
+        "required": ["key_id", "public_key_pem"],
+        "properties": {
+            "key_id": {"type": "string"},
+            "public_key_pem": {"type": "string", "description": "Ed25519, SubjectPublicKeyInfo"},
+        },
+    },
 }
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _bound_integers(node: Any) -> Any:
+    """Give every integer schema the ledger's 64-bit bound (the handlers refuse past it)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer" or node.get("type") == ["integer", "null"]:
+            node.setdefault("maximum", INT64_MAX)
+        for value in node.values():
+            _bound_integers(value)
+    elif isinstance(node, list):
+        for value in node:
+            _bound_integers(value)
+    return node
 
 
 def openapi_document() -> dict[str, Any]:
     """Describe the broker's REST API."""
-    name_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-    sid_param = {"name": "session_id", "in": "path", "required": True, "schema": {"type": "string"}}
-    class_param = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
-    student_param = {
-        "name": "student",
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
-    }
-    nb_param = {"name": "notebook", "in": "path", "required": True, "schema": {"type": "string"}}
+    return _bound_integers(_document())
+
+
+def _document() -> dict[str, Any]:
+    # The patterns are the routes' own (handlers.py, class_handlers.py): a value outside
+    # them is no route at all, answered with a JSON 404.
+    name_param = _path_param("name", r"^[^/]+$")
+    sid_param = _path_param("session_id", r"^s-[0-9a-f]{1,64}$")
+    class_param = _path_param("name", r"^[A-Za-z0-9_.-]{1,58}$")
+    student_param = _path_param("student", r"^[A-Za-z0-9_.@-]{1,64}$")
+    nb_param = _path_param("notebook", r"^[^/]+\.ipynb$")
     ok = {"200": _json({"type": "object"}, "done"), **_ERRORS}
     return {
         "openapi": "3.1.0",
@@ -243,8 +338,16 @@ def openapi_document() -> dict[str, Any]:
             "/gpu-share/api/accounts": {
                 "post": {
                     "summary": "Create an account (admin)",
-                    "requestBody": _json(
-                        {"type": "object", "required": ["name", "role"]}, "name and role"
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["name", "role"],
+                            "properties": {
+                                "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.@-]{1,64}$"},
+                                "role": {"enum": ["user", "host", "teacher", "admin"]},
+                            },
+                        },
+                        "name and role",
                     ),
                     "responses": {
                         "201": _json(_ref("Account"), "created"),
@@ -300,7 +403,7 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Add credit to an account (admin)",
                     "parameters": [name_param],
-                    "requestBody": _json(
+                    "requestBody": _body(
                         {
                             "type": "object",
                             "required": ["amount_micro"],
@@ -372,6 +475,33 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "Create a class (teacher, admin)",
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,58}$"},
+                                "teacher": {
+                                    "type": "string",
+                                    "description": "an admin names the teacher (default: the "
+                                    "admin itself); a teacher's own classes are theirs",
+                                },
+                                "quota_seconds": {"type": "integer", "minimum": 1},
+                                "quota_micro": {"type": "integer", "minimum": 1},
+                                "weekly_quota_seconds": {"type": "integer", "minimum": 1},
+                                "gpu_model": {"type": "string", "minLength": 1},
+                                "max_price_per_hour_micro": {"type": "integer", "minimum": 0},
+                                "budget_micro": {"type": "integer", "minimum": 0},
+                                "starts_at": {"type": "string", "format": "date-time"},
+                                "ends_at": {"type": "string", "format": "date-time"},
+                            },
+                            "anyOf": [
+                                {"required": ["quota_seconds"]},
+                                {"required": ["quota_micro"]},
+                            ],
+                        },
+                        "the class; a per-student quota (seconds or credits) is required",
+                    ),
                     "responses": {
                         "201": _json(_ref("Class"), "created"),
                         "409": _json(_ref("Error"), "exists"),
@@ -390,6 +520,14 @@ def openapi_document() -> dict[str, Any]:
                 "post": {
                     "summary": "Add to the budget (admin grant; teacher transfer)",
                     "parameters": [class_param],
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["amount_micro"],
+                            "properties": {"amount_micro": {"type": "integer", "minimum": 1}},
+                        },
+                        "micro-credits to add",
+                    ),
                     "responses": ok,
                 }
             },
@@ -397,11 +535,32 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "The roster (teacher)",
                     "parameters": [class_param],
-                    "responses": ok,
+                    "responses": {
+                        "200": _json({"type": "array", "items": {"type": "string"}}, "students"),
+                        **_ERRORS,
+                    },
                 },
                 "post": {
                     "summary": "Enrol students; tokens of new accounts",
                     "parameters": [class_param],
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["students"],
+                            "properties": {
+                                "students": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": 1000,
+                                    "items": {
+                                        "type": "string",
+                                        "pattern": r"^[A-Za-z0-9_.@-]{1,64}$",
+                                    },
+                                }
+                            },
+                        },
+                        "user names to enrol",
+                    ),
                     "responses": ok,
                 },
             },
@@ -423,7 +582,10 @@ def openapi_document() -> dict[str, Any]:
                 "get": {
                     "summary": "The class notebooks",
                     "parameters": [class_param],
-                    "responses": ok,
+                    "responses": {
+                        "200": _json({"type": "array", "items": {"type": "object"}}, "notebooks"),
+                        **_ERRORS,
+                    },
                 }
             },
             "/gpu-share/api/classes/{name}/notebooks/{notebook}": {
@@ -435,7 +597,36 @@ def openapi_document() -> dict[str, Any]:
                 "put": {
                     "summary": "Publish a starter notebook (teacher)",
                     "parameters": [class_param, nb_param],
-                    "responses": ok,
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["cells", "nbformat", "nbformat_minor", "metadata"],
+                            "properties": {
+                                "cells": {
+                                    "type": "array",
+                                    "items": {
+                                        "type": "object",
+                                        "required": ["cell_type", "source", "metadata"],
+                                        "properties": {
+                                            "cell_type": {"enum": ["code", "markdown", "raw"]},
+                                            "metadata": {"type": "object"},
+                                        },
+                                    },
+                                },
+                                "nbformat": {"const": 4},
+                                "nbformat_minor": {"type": "integer", "minimum": 0},
+                                "metadata": {"type": "object"},
+                            },
+                            "description": "an nbformat 4 notebook, checked against nbformat's "
+                            "own JSON schema (a 400 names what it breaks)",
+                        },
+                        "the notebook",
+                    ),
+                    "responses": {
+                        "201": _json({"type": "object"}, "published"),
+                        "200": _json({"type": "object"}, "replaced"),
+                        **_ERRORS,
+                    },
                 },
             },
             "/gpu-share/api/classes/{name}/usage": {
@@ -443,6 +634,67 @@ def openapi_document() -> dict[str, Any]:
                     "summary": "Use per student (a student sees their own row)",
                     "parameters": [class_param],
                     "responses": ok,
+                }
+            },
+            "/gpu-share/api/sessions/{session_id}/receipt": {
+                "get": {
+                    "summary": "A settled session's signed receipt (renter, payer, host, admin)",
+                    "parameters": [sid_param],
+                    "responses": {"200": _json(_ref("Receipt"), "receipt"), **_ERRORS},
+                }
+            },
+            "/gpu-share/api/receipts/public-key": {
+                "get": {
+                    "summary": "The public key that checks receipts, and its key_id",
+                    "responses": {"200": _json(_ref("ReceiptKey"), "public key"), **_ERRORS},
+                }
+            },
+            "/gpu-share/api/receipts": {
+                "get": {
+                    "summary": "The receipt chain in sequence order, paged (admin)",
+                    "parameters": [
+                        {
+                            "name": "after",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 0},
+                        },
+                        {
+                            "name": "limit",
+                            "in": "query",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
+                        },
+                    ],
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "receipts": {"type": "array", "items": _ref("Receipt")},
+                                    "next_after": {"type": ["integer", "null"]},
+                                },
+                            },
+                            "receipts after 'after'; next_after: the next page's 'after'",
+                        ),
+                        **_ERRORS,
+                    },
+                }
+            },
+            "/gpu-share/api/ledger/check": {
+                "get": {
+                    "summary": "Check that every transaction balances and every balance (admin)",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "ok": {"type": "boolean"},
+                                    "problems": {"type": "array", "items": {"type": "string"}},
+                                },
+                            },
+                            "the ledger's problems; none: ok",
+                        ),
+                        **_ERRORS,
+                    },
                 }
             },
         },

@@ -27,6 +27,16 @@ members = models.ClassMember.__table__
 notebooks = models.ClassNotebook.__table__
 
 _CLASS_NAME = re.compile(r"[A-Za-z0-9_.-]{1,58}")
+
+
+def check_class_name(name: object) -> None:
+    """Raise ValueError unless ``name`` can name a class (as the class routes match it)."""
+    if not isinstance(name, str) or not _CLASS_NAME.fullmatch(name):
+        raise ValueError(
+            f"class name must be 1-58 characters of letters, digits, '_', '.', '-': {name!r}"
+        )
+
+
 _NOTEBOOK_NAME = re.compile(r"[^/\\\x00]{1,200}\.ipynb")
 MAX_NOTEBOOK_BYTES = 16 * 1024 * 1024
 _teacher = accounts.alias("teacher")
@@ -108,10 +118,7 @@ class ClassStore:
         ends_us: int | None = None,
     ) -> ClassRecord:
         """Create a class taught by ``teacher``, with an empty budget account."""
-        if not isinstance(name, str) or not _CLASS_NAME.fullmatch(name):
-            raise ValueError(
-                f"class name must be 1-58 characters of letters, digits, '_', '.', '-': {name!r}"
-            )
+        check_class_name(name)
         for field, value in (
             ("quota_seconds", quota_seconds),
             ("quota_micro", quota_micro),

@@ -152,6 +152,19 @@ class LedgerEntry(Base):
     amount_micro: Mapped[int] = mapped_column(BigInteger)
 
 
+class Receipt(Base):
+    """The signed receipt of one settlement, a link of the receipts' hash chain."""
+
+    __tablename__ = "receipts"
+
+    sequence: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    session_id: Mapped[str] = mapped_column(ForeignKey("sessions.id"), unique=True)
+    key_id: Mapped[str] = mapped_column(String(16))
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    body: Mapped[str] = mapped_column(Text)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+
 class Classroom(Base):
     """A class: a budget account, a teacher, quotas per student and the GPU kind it may use."""
 

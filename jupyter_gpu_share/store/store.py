@@ -48,6 +48,7 @@ from .classes import ClassStore
 from .direct import DirectCursor, Prepared
 from .engine import DEFAULT_BUSY_TIMEOUT_MS, make_engines
 from .hosts import HostStore
+from .receipts import INSERT_RECEIPT, LOCK_CHAIN, RECEIPT_HEAD, ReceiptStore, Signer, receipt_rows
 from .records import (
     ENDED,
     RUNNING,
@@ -231,6 +232,19 @@ class _CoreLedger:
         self._connection.execute(_INSERT_ENTRIES, entry_rows)
         self._connection.execute(_ADD_TO_BALANCE, balance_rows)
 
+    def lock_receipt_chain(self) -> None:
+        """Hold the receipt chain until the transaction ends (before any account row)."""
+        if self._connection.dialect.name == "postgresql":
+            self._connection.execute(LOCK_CHAIN)
+
+    def receipt_head(self) -> Any:
+        """Return the last receipt's sequence and body, or None."""
+        return self._connection.execute(RECEIPT_HEAD).first()
+
+    def insert_receipts(self, rows: list[dict[str, Any]]) -> None:
+        """Insert receipt rows."""
+        self._connection.execute(INSERT_RECEIPT, rows)
+
 
 class _SQLiteStatements:
     """The settlement and posting statements compiled for a SQLite writer's dialect."""
@@ -242,6 +256,8 @@ class _SQLiteStatements:
         self.insert_settlement = Prepared(_INSERT_SETTLEMENT, dialect)
         self.insert_entry = Prepared(_INSERT_ENTRIES, dialect)
         self.add_to_balance = Prepared(_ADD_TO_BALANCE, dialect)
+        self.receipt_head = Prepared(RECEIPT_HEAD, dialect)
+        self.insert_receipt = Prepared(INSERT_RECEIPT, dialect)
 
 
 class _SQLiteLedger:
@@ -285,6 +301,18 @@ class _SQLiteLedger:
         """Insert ledger entries and add deltas to cached balances."""
         self._cursor.executemany(self._sql.insert_entry, entry_rows)
         self._cursor.executemany(self._sql.add_to_balance, balance_rows)
+
+    def lock_receipt_chain(self) -> None:
+        """Nothing to do: BEGIN IMMEDIATE already holds the only write lock."""
+
+    def receipt_head(self) -> Any:
+        """Return the last receipt's sequence and body, or None."""
+        rows = self._cursor.rows(self._sql.receipt_head, {})
+        return rows[0] if rows else None
+
+    def insert_receipts(self, rows: list[dict[str, Any]]) -> None:
+        """Insert receipt rows."""
+        self._cursor.executemany(self._sql.insert_receipt, rows)
 
 
 def migrations_config(url: str) -> Config:
@@ -417,7 +445,7 @@ def _post_entries(
     )
 
 
-class Store(ClassStore, HostStore):
+class Store(ClassStore, HostStore, ReceiptStore):
     """Durable state of the broker on SQLite or PostgreSQL."""
 
     def __init__(
@@ -427,9 +455,14 @@ class Store(ClassStore, HostStore):
         upgrade: bool = False,
         echo: bool = False,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        signer: Signer | None = None,
     ) -> None:
-        """Open the database at ``url``; migrate it when fresh, or when ``upgrade`` is set."""
+        """Open the database at ``url``; migrate it when fresh, or when ``upgrade`` is set.
+
+        With a ``signer`` every settlement writes its signed receipt in its own transaction.
+        """
         self.url = url
+        self._signer = signer
         self._writer, self._reader = make_engines(url, echo=echo, busy_timeout_ms=busy_timeout_ms)
         # Accounts are never renamed or deleted, so name -> id can be cached for good.
         self._account_ids: dict[str, int] = {}
@@ -1008,6 +1041,8 @@ class Store(ClassStore, HostStore):
         fee_account: str,
     ) -> list[SessionRecord]:
         session_ids = sorted(set(session_id for session_id, _, _ in wanted))
+        signer = self._receipt_signer()
+        settled: list[tuple[Any, int, str, int, int]] = []
         with self._ledger(connection) as ledger:
             rows_by_id = {row.id: row for row in ledger.lock_sessions(session_ids)}
             results: dict[str, SessionRecord] = {}
@@ -1044,8 +1079,13 @@ class Store(ClassStore, HostStore):
                     }
                     postings.append((session_id, lines, account_ids))
                 results[session_id] = _ended_session(row, ended_us, end_reason, seconds, amount)
+                if signer is not None:
+                    settled.append((row, ended_us, end_reason, seconds, amount))
+            if settled:
+                ledger.lock_receipt_chain()
             if session_updates:
                 ledger.end_sessions(session_updates)
+            transaction_ids: dict[str, int] = {}
             if postings:
                 created_us = clock.now_us()
                 transaction_ids = ledger.insert_settlements(
@@ -1064,6 +1104,11 @@ class Store(ClassStore, HostStore):
                         (transaction_ids[session_id], lines, account_ids)
                         for session_id, lines, account_ids in postings
                     ],
+                )
+            if signer is not None and settled:
+                head = ledger.receipt_head()
+                ledger.insert_receipts(
+                    receipt_rows(signer, head, settled, transaction_ids, fee_bps)
                 )
         return [results[session_id] for session_id, _, _ in wanted]
 

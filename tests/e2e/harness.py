@@ -97,7 +97,12 @@ class Cluster:
         self.admin_token = secrets.token_urlsafe(24)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        traits = {"heartbeat_interval": 0.5, "checkpoint_interval": 1.0, **broker_traits}
+        traits = {
+            "heartbeat_interval": 0.5,
+            "checkpoint_interval": 1.0,
+            "receipt_key_file": workdir / "receipt-key.pem",  # not the user's data dir
+            **broker_traits,
+        }
         self._broker_args = [
             *CLI,
             "broker",

@@ -57,6 +57,10 @@ ACCESS: dict[tuple[str, str], set[str]] = {
     ("get", "/classes/{name}/notebooks/{notebook}"): {"admin", "class-teacher", "class-student"},
     ("put", "/classes/{name}/notebooks/{notebook}"): {"admin", "class-teacher"},
     ("get", "/classes/{name}/usage"): {"admin", "class-teacher", "class-student"},
+    ("get", "/sessions/{session_id}/receipt"): {"admin", "renter", "session-host"},
+    ("get", "/receipts/public-key"): ANYONE,
+    ("get", "/receipts"): {"admin"},
+    ("get", "/ledger/check"): {"admin"},
 }
 # Operations whose allowed call would change what the other calls see: only refusals are
 # checked (the allowed calls of these are covered by their own tests).
