@@ -170,10 +170,10 @@ def test_the_rules_cover_every_documented_operation(world) -> None:  # type: ign
     assert set(ACCESS) - documented == set(), "access rules for operations not documented"
 
 
-def test_every_operation_for_every_caller(world) -> None:  # type: ignore[no-untyped-def]
+def test_every_operation_for_every_caller(world, security_counts) -> None:  # type: ignore[no-untyped-def]
     cluster, tokens, params = world
     wrong: list[str] = []
-    calls = 0
+    calls = server_errors = 0
     for method, path in sorted(ACCESS):
         allowed = ACCESS[(method, path)]
         body = None if method in ("get", "delete") else {"bogus": True}
@@ -184,6 +184,7 @@ def test_every_operation_for_every_caller(world) -> None:  # type: ignore[no-unt
             status, text = call(cluster.url, method, url_path, tokens[caller], body)
             calls += 1
             if status >= 500:
+                server_errors += 1
                 wrong.append(f"{method.upper()} {path} as {caller}: {status} {text}")
             elif caller in BAD:
                 if status != 401:
@@ -193,7 +194,9 @@ def test_every_operation_for_every_caller(world) -> None:  # type: ignore[no-unt
                     wrong.append(f"{method.upper()} {path} as {caller}: {status}, want through")
             elif status not in (403, 404):
                 wrong.append(f"{method.upper()} {path} as {caller}: {status}, want 403 or 404")
-    print(f"authorization matrix: {calls} calls, {len(wrong)} wrong")
+    line = f"authorization matrix: {calls} calls, {len(wrong)} wrong, {server_errors} 5xx"
+    security_counts.append(line)
+    print(line)
     assert not wrong, "\n".join(wrong)
 
 

@@ -22,7 +22,7 @@ SCHEMATHESIS = shutil.which("schemathesis", path=str(Path(sys.executable).parent
 
 @pytest.mark.skipif(SCHEMATHESIS is None, reason="schemathesis is not installed (test extra)")
 @pytest.mark.parametrize("role", ["admin", "user", "teacher"])
-def test_every_operation_answers_as_documented(make_cluster, role: str) -> None:
+def test_every_operation_answers_as_documented(make_cluster, role: str, security_counts) -> None:
     cluster = make_cluster(requests_per_minute=0)
     token = cluster.admin_token if role == "admin" else cluster.account(f"fuzz-{role}", role)
     done = subprocess.run(
@@ -52,6 +52,13 @@ def test_every_operation_answers_as_documented(make_cluster, role: str) -> None:
     )
     summary = done.stdout[done.stdout.rfind("SUMMARY") :]
     cases = re.search(r"(\d+) generated", summary)
-    print(f"schemathesis as {role}: {cases.group(0) if cases else '?'}; exit {done.returncode}")
+    failures = re.search(r"(\d+) found", summary)
+    fivexx = done.stdout.count("Server error")
+    line = (
+        f"schemathesis as {role}: {cases.group(1) if cases else '?'} cases, "
+        f"{failures.group(1) if failures else 0} failures, {fivexx} 5xx"
+    )
+    security_counts.append(line)
+    print(line)
     assert "Traceback" not in cluster.broker.output()
     assert done.returncode == 0, done.stdout[-6000:]
