@@ -6,6 +6,7 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+import nbformat
 from jupyter_server.auth.decorator import authorized
 from tornado import web
 
@@ -277,10 +278,31 @@ class NotebookHandler(ClassHandlerBase):
     def put(self, name: str, notebook: str) -> None:
         self.require_teacher(name)
         content = self.json_body(max_bytes=MAX_NOTEBOOK_BYTES)
-        if not isinstance(content.get("cells"), list) or "nbformat" not in content:
-            raise web.HTTPError(400, "the body must be a notebook (nbformat 4 JSON with 'cells')")
+        check_notebook(content)
         self.broker.store.put_class_notebook(name, notebook, json.dumps(content))
         self.write_json({"name": notebook, "class": name}, 201)
+
+
+def check_notebook(content: dict[str, Any]) -> None:
+    """Answer 400 unless ``content`` is a valid nbformat 4 notebook (nbformat's own schema):
+    students open it as it is, so a broken one must not be published."""
+    minor = content.get("nbformat_minor")
+    if (
+        content.get("nbformat") != 4
+        or not isinstance(minor, int)
+        or isinstance(minor, bool)
+        or not 0 <= minor <= nbformat.current_nbformat_minor
+    ):
+        raise web.HTTPError(
+            400,
+            f"the body must be an nbformat 4 notebook (nbformat_minor 0 to "
+            f"{nbformat.current_nbformat_minor})",
+        )
+    try:
+        nbformat.validate(nbformat.from_dict(content))
+    except nbformat.ValidationError as error:
+        first = str(error.message).splitlines()[0][:200]
+        raise web.HTTPError(400, f"not a valid notebook: {first}") from None
 
 
 class UsageHandler(ClassHandlerBase):

@@ -306,9 +306,29 @@ def _bound_integers(node: Any) -> Any:
     return node
 
 
+def _nullable_optionals(document: dict[str, Any]) -> dict[str, Any]:
+    """In request bodies, an optional field may be null: the handlers read null as "not
+    given" (the default), and the document says so."""
+    schemas = document["components"]["schemas"]
+    for item in document["paths"].values():
+        for operation in item.values():
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if not body:
+                continue
+            schema = body["schema"]
+            if "$ref" in schema:
+                schema = schemas[schema["$ref"].rsplit("/", 1)[1]]
+            required = set(schema.get("required", ()))
+            for name, field in schema.get("properties", {}).items():
+                kind = field.get("type")
+                if name not in required and isinstance(kind, str):
+                    field["type"] = [kind, "null"]
+    return document
+
+
 def openapi_document() -> dict[str, Any]:
     """Describe the broker's REST API."""
-    return _bound_integers(_document())
+    return _nullable_optionals(_bound_integers(_document()))
 
 
 def _document() -> dict[str, Any]:
@@ -614,7 +634,7 @@ def _document() -> dict[str, Any]:
                                     },
                                 },
                                 "nbformat": {"const": 4},
-                                "nbformat_minor": {"type": "integer", "minimum": 0},
+                                "nbformat_minor": {"type": "integer", "minimum": 0, "maximum": 5},
                                 "metadata": {"type": "object"},
                             },
                             "description": "an nbformat 4 notebook, checked against nbformat's "
