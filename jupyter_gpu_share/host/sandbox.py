@@ -23,6 +23,7 @@ for processes whose real user is root, so a process limit needs an unprivileged 
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import os
 import resource
 import secrets
 import shutil
+import signal
 import site
 import subprocess
 import sys
@@ -603,6 +605,10 @@ class BwrapSandbox(Sandbox):
         steps = [cgroup.preexec()] if cgroup is not None and cgroup.paths else []
         if lease is not None:
             steps.append(self._switch_user(lease.uid, lease.gid))
+        # Last, as a change of uid clears it: the chain dies with the agent. bwrap has
+        # --die-with-parent, but pasta, between the agent and bwrap, has no such option, and
+        # a killed agent left pasta and the renter's kernel running (found in CI).
+        steps.append(die_with_parent(os.getpid()))
         preexec = _child_setup(steps, rlimits)
 
         def release() -> None:
@@ -753,6 +759,22 @@ def outer_pid(ancestor: int, inner: int, depth: int) -> int | None:
                     break
                 up = parents.get(up, -1)
     return None
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)  # prctl, loaded before any fork
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(parent: int) -> Callable[[], None]:
+    """A preexec step: SIGKILL this child when the agent (``parent``) dies, even first."""
+
+    def arm() -> None:
+        if _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the agent died before the signal was armed
+            os._exit(1)
+
+    return arm
 
 
 def guard_file_spec(guard: GuardSpec, rlimits: Sequence[tuple[int, int]]) -> dict[str, object]:

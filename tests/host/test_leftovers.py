@@ -269,8 +269,9 @@ def test_clean_up_after_a_killed_agent(tmp_path, sandbox) -> None:
     reason="the agent's root chain needs root, bwrap and pasta",
 )
 def test_agent_start_cleans_up_after_a_killed_agent_with_a_kernel_network(tmp_path) -> None:
-    """As root with the default network, pasta and the kernel outlive a killed agent (pasta
-    does not die with its parent): the next agent's start kills them and removes the key."""
+    """As root with the default network: pasta has no --die-with-parent, and once left a
+    killed agent's kernel running; now the chain dies with the agent (PR_SET_PDEATHSIG),
+    and the next agent's start removes the renter's scratch and the key it left."""
     from jupyter_gpu_share.host.agent import HostAgent
 
     scratch = str(tmp_path / "scratch")
@@ -286,8 +287,8 @@ def test_agent_start_cleans_up_after_a_killed_agent_with_a_kernel_network(tmp_pa
         info = json.loads(line)
         agent.send_signal(signal.SIGKILL)
         agent.wait(10)
-        assert running(info["kernel"])  # pasta, and the kernel under it, live on
-        assert os.path.isfile(info["connection_file"])
+        assert wait_until(lambda: not running(info["kernel"]), 5)  # pasta and the kernel
+        assert os.path.isfile(info["connection_file"])  # the key stays until the next start
 
         async def start() -> None:
             host = HostAgent(broker_url="http://127.0.0.1:1", token="t", scratch_root=scratch)
