@@ -109,6 +109,14 @@ class BrokerApp(ExtensionApp):
         digest = hashlib.sha256(self.db_url.encode()).hexdigest()[:12]
         return str(Path(jupyter_data_dir()) / "gpu_share" / f"stops-{digest}.jsonl")
 
+    resume_grace_s = Float(
+        60.0,
+        config=True,
+        help="""After a restart, how long the hosts of unfinished sessions may take to come
+        back before those sessions end as 'host lost' (billed to their last evidence of
+        life). A host's reconnect backoff can outgrow a short outage.""",
+    )
+
     host_hello_timeout = Float(
         30.0,
         config=True,
@@ -303,6 +311,7 @@ class BrokerApp(ExtensionApp):
             host_heartbeat_max_bytes=self.host_heartbeat_max_bytes,
             stop_journal=self.stop_journal or None,
             host_hello_timeout=self.host_hello_timeout,
+            resume_grace_s=self.resume_grace_s,
             orphan_grace_s=self.orphan_grace_s,
             orphan_max_keep_alive_s=self.orphan_max_keep_alive_s,
             max_classes_per_teacher=self.max_classes_per_teacher,

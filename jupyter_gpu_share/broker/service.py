@@ -193,6 +193,7 @@ class BrokerSettings:
     host_heartbeat_max_bytes: int = HEARTBEAT_MAX_BYTES
     stop_journal: str | None = None  # where pending stops are kept (None: memory only)
     host_hello_timeout: float = 30.0  # seconds from a host's upgrade to its hello
+    resume_grace_s: float = 60.0  # at start, how long hosts of unfinished sessions may take
     orphan_grace_s: float = 600.0  # a session with no renter connected this long is stopped
     orphan_max_keep_alive_s: float = 3600.0  # the longest keep-alive a renter may ask
     max_classes_per_teacher: int = 100
@@ -423,7 +424,11 @@ class Broker:
                     self.end_session(live.id, END_HOST_LOST, ended_us=link.last_heartbeat_us)
         # Sessions loaded at start-up whose host never came back.
         for live in list(self.sessions.values()):
-            if live.host not in self.hosts and now - self._started_us > timeout_us:
+            # A host whose reconnect backoff outgrew the broker's downtime comes back later
+            # than a heartbeat timeout: give it resume_grace_s (the bill ends at the session's
+            # last evidence of life either way, so waiting costs the renter nothing).
+            grace_us = max(timeout_us, int(self.settings.resume_grace_s * 1_000_000))
+            if live.host not in self.hosts and now - self._started_us > grace_us:
                 record = self.store.get_session(live.id)
                 ended = record.last_seen_us or live.ready_us or live.created_us
                 self.end_session(live.id, END_HOST_LOST, ended_us=ended)
