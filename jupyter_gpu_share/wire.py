@@ -12,6 +12,7 @@ docs/protocol.md.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Sequence
 from typing import Any
@@ -73,3 +74,24 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[int, list[memoryview]]
     if offset != len(view):
         raise FrameError("trailing bytes after the last frame")
     return channel, frames
+
+
+DELIMITER = b"<IDS|MSG>"
+_STATE = re.compile(rb'"execution_state"\s*:\s*"([a-z]{1,16})"')
+
+
+def execution_state(frames: Sequence[Any]) -> str | None:
+    """The ``execution_state`` of an iopub ``status`` message ("busy", "idle"...), else None.
+
+    Cheap on every other message: only a topic ending in ``.status`` (what ipykernel
+    publishes status on) is looked into, and then only its content frame is searched.
+    """
+    if not frames or not bytes(frames[0][-7:]).endswith(b".status"):
+        return None
+    for index, frame in enumerate(frames):
+        if len(frame) == len(DELIMITER) and bytes(frame) == DELIMITER:
+            if len(frames) > index + 5:
+                found = _STATE.search(bytes(frames[index + 5][:256]))
+                return found.group(1).decode() if found else None
+            return None
+    return None

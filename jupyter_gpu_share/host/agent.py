@@ -1086,8 +1086,15 @@ class HostAgent(LoggingConfigurable):
         while True:
             telemetry = self.inventory.telemetry()
             telemetry["kernels"] = sum(1 for s in self.sessions.values() if s.state == "ready")
+            # Sessions running a cell: the broker keeps them longer with no renter connected.
+            busy = [
+                s.session_id
+                for s in self.sessions.values()
+                if s.state == "ready" and s.kernel is not None and s.kernel.busy
+            ]
+            beat = {"type": "heartbeat", "telemetry": telemetry, "busy_sessions": busy}
             try:
-                _write(conn, json.dumps({"type": "heartbeat", "telemetry": telemetry}))
+                _write(conn, json.dumps(beat))
             except WebSocketClosedError:
                 return
             await asyncio.sleep(interval)

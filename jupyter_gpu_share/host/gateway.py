@@ -172,6 +172,7 @@ class GatewayKernel:
         self.request_timeout = request_timeout
         self.max_message_size = max_message_size
         self.on_kernel_message = on_kernel_message
+        self.busy = False  # the kernel said "busy" last (a cell is running), not "idle"
         self.on_exit = on_exit
         self.log = logger or log
         # Signs and checks with the renter's key: the gateway's own key never reaches us.
@@ -506,9 +507,11 @@ class GatewayKernel:
             self.on_kernel_message(channel, frames)
         except Exception:
             self.log.exception("kernel message handler failed")
-        if channel == wire.IOPUB and msg_type == "status" and not parent_id:
+        if channel == wire.IOPUB and msg_type == "status":
             state = self._execution_state(parts[3])
-            if state in ("restarting", "dead") and self.ready:
+            if parent_id:
+                self.busy = state == "busy"  # a cell is running, until its idle
+            elif state in ("restarting", "dead") and self.ready:
                 # The gateway's kernel died (and was perhaps restarted, state lost): the
                 # renter's kernel ended, as a local one would.
                 self.log.warning("session %s: gateway kernel %s", self.session_id, state)

@@ -18,7 +18,7 @@ import signal
 import tempfile
 from collections.abc import Sequence
 
-from .sandbox import LaunchPlan, Sandbox, outer_pid, read_child_pid
+from .sandbox import LaunchPlan, Sandbox, sandbox_child, spawn
 
 log = logging.getLogger(__name__)
 
@@ -127,36 +127,9 @@ class IdleWorkload:
             for root, dirs, files in os.walk(work):
                 for name in [root, *(os.path.join(root, n) for n in dirs + files)]:
                     os.lchown(name, plan.uid, plan.uid)
-        try:
-            self.process = await asyncio.create_subprocess_exec(
-                *plan.argv,
-                cwd=plan.cwd,
-                env=plan.env,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL,
-                start_new_session=True,
-                preexec_fn=plan.preexec,
-                pass_fds=plan.pass_fds,
-            )
-        except BaseException:
-            if plan.info_fd is not None:
-                os.close(plan.info_fd)
-            raise
-        finally:
-            for fd in plan.pass_fds:
-                os.close(fd)
+        self.process = await spawn(plan, asyncio.subprocess.DEVNULL)
         self.group = self.process.pid
-        if plan.info_fd is not None:
-            loop = asyncio.get_running_loop()
-            child = await asyncio.wait_for(
-                loop.run_in_executor(None, read_child_pid, plan.info_fd), 60
-            )
-            if child is not None and plan.child_pid_depth:
-                child = await loop.run_in_executor(
-                    None, outer_pid, self.process.pid, child, plan.child_pid_depth
-                )
-            self.group = child or self.process.pid
+        self.group = await sandbox_child(self.process, plan, 60) or self.process.pid
 
     def _program_binds(self) -> list[str]:
         """The command's own folder, read-only, where it is not a system folder."""

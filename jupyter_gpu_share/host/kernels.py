@@ -27,9 +27,9 @@ from jupyter_client.connect import write_connection_file
 
 from .. import wire, zmtp
 from .leftovers import RunDir
-from .quota import ScratchWatchdog, group_pids
-from .sandbox import LaunchPlan, Sandbox, outer_pid, read_child_pid
-from .uids import uid_pids
+from .procfs import group_pids, uid_pids
+from .quota import ScratchWatchdog
+from .sandbox import LaunchPlan, Sandbox, sandbox_child, spawn
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ class RemoteKernel:
         self.stop_grace = stop_grace
         self.on_kernel_message = on_kernel_message
         self._iopub_flowing = asyncio.Event()
+        self.busy = False  # the kernel said "busy" last (a cell is running), not "idle"
         self.on_exit = on_exit
         self.log = logger or log
         # with one, the runtime folder lives in it and the kernel is recorded there
@@ -219,33 +220,15 @@ class RemoteKernel:
                 gpu_minors=self.gpu_minors,
             )
             self._plan = plan
-            try:
-                # Its output goes to a pipe the agent reads and keeps the tail of (for start
-                # errors): a file would let a renter fill the host's disk (or /run's RAM).
-                self.process = await asyncio.create_subprocess_exec(
-                    *plan.argv,
-                    cwd=plan.cwd,
-                    env=plan.env,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=plan.preexec,
-                    pass_fds=plan.pass_fds,
-                )
-            except BaseException:
-                if plan.info_fd is not None:
-                    os.close(plan.info_fd)
-                raise
-            finally:
-                for fd in plan.pass_fds:
-                    os.close(fd)
+            # Its output goes to a pipe the agent reads and keeps the tail of (for start
+            # errors): a file would let a renter fill the host's disk (or /run's RAM).
+            self.process = await spawn(plan, asyncio.subprocess.PIPE)
             self.group = self.process.pid
             self._tasks.append(asyncio.ensure_future(self._read_output()))
             self._record()
             self._tasks.append(asyncio.ensure_future(self._watch()))
             if plan.info_fd is not None:
-                self.group = await self._sandbox_child(plan.info_fd, plan.child_pid_depth)
+                self.group = await self._sandbox_child(plan)
                 self._record()
             self.log.info(
                 "kernel for session %s started (pid %s, %s, gpus [%s])",
@@ -294,14 +277,10 @@ class RemoteKernel:
             scratch_dir=self.scratch_dir,
         )
 
-    async def _sandbox_child(self, info_fd: int, depth: int = 0) -> int:
-        """Read bwrap's --info-fd JSON; return the pid (and process group) of its child."""
-        loop = asyncio.get_running_loop()
-        child = await asyncio.wait_for(
-            loop.run_in_executor(None, read_child_pid, info_fd), self.ready_timeout
-        )
-        if child is not None and depth and self.process is not None:
-            child = await loop.run_in_executor(None, outer_pid, self.process.pid, child, depth)
+    async def _sandbox_child(self, plan: LaunchPlan) -> int:
+        """The pid (and process group) of the kernel inside the sandbox."""
+        assert self.process is not None
+        child = await sandbox_child(self.process, plan, self.ready_timeout)
         if child is None:
             await asyncio.sleep(0.2)  # let the log catch bwrap's complaint
             raise KernelStartError(f"the sandbox did not start{self._log_tail()}")
@@ -405,6 +384,10 @@ class RemoteKernel:
         """Forward everything the kernel emits on one socket, unchanged and in order."""
         if channel == wire.IOPUB:
             self._iopub_flowing.set()
+            for frames in batch:  # busy from a request until its idle: a cell is running
+                state = wire.execution_state(frames)
+                if state is not None:
+                    self.busy = state == "busy"
         if self.on_kernel_batch is not None:
             self.on_kernel_batch(channel, batch)
             return

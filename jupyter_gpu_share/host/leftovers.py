@@ -27,8 +27,10 @@ import signal
 import stat
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
+
+from . import procfs
 
 log = logging.getLogger(__name__)
 
@@ -91,50 +93,13 @@ def run_dir_path(scratch_root: str) -> str:
 # -- /proc ---------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ProcStat:
-    """The fields of /proc/<pid>/stat that identify a process and its group."""
-
-    pid: int
-    state: str
-    pgrp: int
-    session: int
-    start: int  # field 22: clock ticks after boot
-
-    @property
-    def gone(self) -> bool:
-        """Tell whether the process has ended (a zombie or a dead task)."""
-        return self.state in ("Z", "X", "x")
-
-
-def proc_stat(pid: int) -> ProcStat | None:
-    """Read /proc/<pid>/stat; None when there is no such process."""
-    try:
-        with open(f"/proc/{int(pid)}/stat", "rb") as handle:
-            raw = handle.read()
-    except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
-        return None
-    except OSError:
-        return None
-    # comm (field 2) is in parentheses and may itself hold ')' or spaces
-    rest = raw[raw.rfind(b")") + 2 :].split()
-    try:
-        return ProcStat(pid, rest[0].decode(), int(rest[2]), int(rest[3]), int(rest[19]))
-    except (IndexError, ValueError):
-        return None
+proc_stat = procfs.stat
 
 
 def proc_start_time(pid: int) -> int | None:
     """Return a running process's start time (/proc/<pid>/stat field 22); None if gone."""
     info = proc_stat(pid)
     return None if info is None or info.gone else info.start
-
-
-def _all_pids() -> Iterator[int]:
-    with contextlib.suppress(OSError):
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                yield int(name)
 
 
 def _session_of(pid: int) -> str | None:
@@ -483,7 +448,7 @@ def _kill_targets(
         elif info is None:
             orphan_groups[pid] = start
     if orphan_groups:
-        for pid in _all_pids():
+        for pid in procfs.pids():
             info = proc_stat(pid)
             if info is None or info.gone or info.pgrp not in orphan_groups or pid in mine:
                 continue
@@ -495,7 +460,7 @@ def _kill_targets(
 def _members(groups: set[int], singles: dict[int, int]) -> set[int]:
     """Return the live processes in ``groups``, and those of ``singles`` (same start time)."""
     alive = set()
-    for pid in _all_pids() if groups else ():
+    for pid in procfs.pids() if groups else ():
         info = proc_stat(pid)
         if info is not None and not info.gone and info.pgrp in groups:
             alive.add(pid)

@@ -152,19 +152,6 @@ def deleted_open_bytes(pids: Iterable[int], path: str) -> int:
     return total
 
 
-def group_pids(pgid: int) -> list[int]:
-    """The processes of a process group."""
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            with contextlib.suppress(OSError, ValueError, IndexError):
-                with open(f"/proc/{name}/stat", "rb") as handle:
-                    fields = handle.read().rsplit(b")", 1)[1].split()
-                if int(fields[2]) == pgid:
-                    out.append(int(name))
-    return out
-
-
 def file_size_rlimit(limit_mib: int) -> int:
     """Return the ``RLIMIT_FSIZE`` value for a quota of ``limit_mib`` (0: unlimited).
 

@@ -23,6 +23,7 @@ for processes whose real user is root, so a process limit needs an unprivileged 
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import json
@@ -39,7 +40,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.util import find_spec
 
-from . import netguard
+from . import netguard, procfs
 from .cgroups import CgroupError, CgroupLimits, CgroupSupport, KernelCgroup, detect
 from .network import (
     INNER_IFNAME,
@@ -722,20 +723,51 @@ def read_child_pid(info_fd: int) -> int | None:
         os.close(info_fd)
 
 
-def _status_fields(pid: int) -> tuple[int, list[int]] | None:
-    """A process's parent and its pids from our pid namespace inward (``NSpid``)."""
+async def spawn(plan: LaunchPlan, output: int) -> asyncio.subprocess.Process:
+    """Start a planned command in a session of its own; ``output`` is where its stdout and
+    stderr go: ``asyncio.subprocess.PIPE`` (one pipe, both) or ``DEVNULL``.
+
+    The descriptors the plan passes are closed here once the child holds them; the info
+    pipe's read end stays open for ``sandbox_child`` unless the start fails.
+    """
     try:
-        with open(f"/proc/{pid}/status", "rb") as handle:
-            text = handle.read(8192).decode("ascii", "replace")
-    except OSError:
-        return None
-    ppid, nspids = -1, [pid]
-    for line in text.splitlines():
-        if line.startswith("PPid:"):
-            ppid = int(line.split()[1])
-        elif line.startswith("NSpid:"):
-            nspids = [int(v) for v in line.split()[1:]]
-    return ppid, nspids
+        return await asyncio.create_subprocess_exec(
+            *plan.argv,
+            cwd=plan.cwd,
+            env=plan.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=output,
+            stderr=asyncio.subprocess.STDOUT if output == asyncio.subprocess.PIPE else output,
+            start_new_session=True,
+            preexec_fn=plan.preexec,
+            pass_fds=plan.pass_fds,
+        )
+    except BaseException:
+        if plan.info_fd is not None:
+            os.close(plan.info_fd)
+        raise
+    finally:
+        for fd in plan.pass_fds:
+            os.close(fd)
+
+
+async def sandbox_child(
+    process: asyncio.subprocess.Process, plan: LaunchPlan, timeout: float
+) -> int | None:
+    """The pid (and process group) of the command inside the sandbox, as our pid namespace
+    sees it: the process's own pid when the plan has no sandbox, None when the sandbox never
+    started."""
+    if plan.info_fd is None:
+        return process.pid
+    loop = asyncio.get_running_loop()
+    child = await asyncio.wait_for(
+        loop.run_in_executor(None, read_child_pid, plan.info_fd), timeout
+    )
+    if child is not None and plan.child_pid_depth:
+        child = await loop.run_in_executor(
+            None, outer_pid, process.pid, child, plan.child_pid_depth
+        )
+    return child
 
 
 def outer_pid(ancestor: int, inner: int, depth: int) -> int | None:
@@ -744,11 +776,10 @@ def outer_pid(ancestor: int, inner: int, depth: int) -> int | None:
     own, so bwrap's --info-fd names its child by the pid it has there). None: not found."""
     parents: dict[int, int] = {}
     nspids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = _status_fields(int(name))
-            if fields is not None:
-                parents[int(name)], nspids[int(name)] = fields
+    for pid in procfs.pids():
+        fields = procfs.parent_and_nspids(pid)
+        if fields is not None:
+            parents[pid], nspids[pid] = fields
     for pid, ids in nspids.items():
         if len(ids) > depth and ids[depth] == inner:
             up = parents.get(pid, -1)

@@ -24,6 +24,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .procfs import running_uids, uid_pids
+
 DEFAULT_RANGE = "1900000000-1900000999"
 MAX_UID = 4_294_967_294  # (uid_t)-1 is "no uid"
 MIN_UID = 100_000  # above useradd's UID_MAX (60000) and nobody: never a person's uid
@@ -89,28 +91,6 @@ def check_range(uids: range, subids: Iterable[tuple[str, range]]) -> None:
                 f"kernel_uids {uids.start}-{uids.stop - 1} holds the uid of the account "
                 f"{account.pw_name!r} ({account.pw_uid}): pick a range no account uses"
             )
-
-
-def running_uids(proc: str = "/proc") -> set[int]:
-    """The real uids of every process on the machine."""
-    out = set()
-    for name in os.listdir(proc):
-        if not name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            out.add(os.stat(os.path.join(proc, name)).st_uid)
-    return out
-
-
-def uid_pids(uid: int, proc: str = "/proc") -> list[int]:
-    """The processes whose owner is ``uid``."""
-    out = []
-    for name in os.listdir(proc):
-        if name.isdigit():
-            with contextlib.suppress(OSError):
-                if os.stat(os.path.join(proc, name)).st_uid == uid:
-                    out.append(int(name))
-    return out
 
 
 def kill_uid(uid: int, timeout: float = 5.0) -> bool:

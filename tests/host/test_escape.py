@@ -9,13 +9,14 @@ tmpfs, unbounded scratch writes. They run a real ipykernel in the agent's real s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -90,6 +91,17 @@ def _kernel(sandbox: BwrapSandbox, root: str, client: Client, name: str = "s") -
     return RemoteKernel(name, "h", KEY, client.on_message, sandbox=sandbox, scratch_root=root)
 
 
+@contextlib.asynccontextmanager
+async def _started(client: Client, kernel: RemoteKernel) -> AsyncIterator[None]:
+    """A started kernel that answers, stopped whatever the test does."""
+    await kernel.start()
+    try:
+        await _warm(client, kernel)
+        yield
+    finally:
+        await kernel.stop()
+
+
 CONNECT = """
 import socket
 def probe(addr, port):
@@ -117,9 +129,7 @@ def test_finding_1_kernel_network_reaches_nothing_of_the_host(
     async def main() -> None:
         client = Client()
         kernel = _kernel(sandbox, scratch_root, client)
-        await kernel.start()
-        try:
-            await _warm(client, kernel)
+        async with _started(client, kernel):
             # the process group signals go to: the kernel's own, through pasta's pid namespace
             assert os.stat(f"/proc/{kernel.group}").st_uid in parse_range(UIDS)
             targets = ["127.0.0.1", *addresses, "169.254.169.254", "10.0.0.1"]
@@ -140,8 +150,6 @@ def test_finding_1_kernel_network_reaches_nothing_of_the_host(
             assert resolver.startswith("198.51.100.") or resolver.startswith("203.0.113."), lines
             assert int(tcp) <= 3, lines  # none of the host's sockets: only the kernel's own
             assert all(path.startswith("/run/gpu-share/zmq/") for path in eval(unix)), unix
-        finally:
-            await kernel.stop()
 
     asyncio.run(main())
 
@@ -155,9 +163,7 @@ def test_finding_1_kernel_cannot_undo_its_network_rules(scratch_root, uid_pool) 
     async def main() -> None:
         client = Client()
         kernel = _kernel(sandbox, scratch_root, client)
-        await kernel.start()
-        try:
-            await _warm(client, kernel)
+        async with _started(client, kernel):
             tools = [shutil.which(t) for t in ("ip", "nft", "unshare")]
             out = await _run(
                 client,
@@ -169,8 +175,6 @@ def test_finding_1_kernel_cannot_undo_its_network_rules(scratch_root, uid_pool) 
                 "    print(r.returncode != 0)\n",
             )
             assert out == "True\nTrue\nTrue\n", out
-        finally:
-            await kernel.stop()
 
     asyncio.run(main())
 
@@ -248,9 +252,7 @@ def test_finding_3_memory_limit_counts_shared_memory_and_tmpfs(
     async def main() -> None:
         client = Client()
         kernel = _kernel(sandbox, scratch_root, client)
-        await kernel.start()
-        try:
-            await _warm(client, kernel)
+        async with _started(client, kernel):
             msg_id = client.execute(kernel, attack)
             try:
                 out = await client.output(msg_id, timeout=30)
@@ -259,8 +261,6 @@ def test_finding_3_memory_limit_counts_shared_memory_and_tmpfs(
             assert "ESCAPED" not in out
             await asyncio.wait_for(kernel.wait(), 30)
             assert kernel.stop_reason is not None and "out of memory" in kernel.stop_reason
-        finally:
-            await kernel.stop()
 
     asyncio.run(main())
 
@@ -273,9 +273,7 @@ def test_finding_3_root_and_dev_are_read_only(scratch_root, uid_pool) -> None:
     async def main() -> None:
         client = Client()
         kernel = _kernel(sandbox, scratch_root, client)
-        await kernel.start()
-        try:
-            await _warm(client, kernel)
+        async with _started(client, kernel):
             out = await _run(
                 client,
                 kernel,
@@ -284,8 +282,6 @@ def test_finding_3_root_and_dev_are_read_only(scratch_root, uid_pool) -> None:
                 "    except OSError as e:\n        print(errno.errorcode[e.errno])\n",
             )
             assert "WROTE" not in out, out
-        finally:
-            await kernel.stop()
 
     asyncio.run(main())
 
@@ -307,9 +303,7 @@ def test_finding_4_scratch_quota_stops_the_kernel_and_says_why(scratch_root, uid
             scratch_root=scratch_root,
             scratch_quota_mib=20,
         )
-        await kernel.start()
-        try:
-            await _warm(client, kernel)
+        async with _started(client, kernel):
             client.execute(
                 kernel,
                 "import os, time\nwith open('fill', 'wb') as f:\n"
@@ -318,8 +312,6 @@ def test_finding_4_scratch_quota_stops_the_kernel_and_says_why(scratch_root, uid
             )
             await asyncio.wait_for(kernel.wait(), 30)
             assert kernel.stop_reason is not None and "20 MiB quota" in kernel.stop_reason
-        finally:
-            await kernel.stop()
         assert kernel.scratch_dir is not None and not os.path.exists(kernel.scratch_dir)
 
     asyncio.run(main())
@@ -336,9 +328,7 @@ def test_finding_1_an_allow_list_reaches_only_its_addresses(scratch_root, uid_po
     async def main() -> None:
         client = Client()
         kernel = _kernel(sandbox, scratch_root, client)
-        await kernel.start()
-        try:
-            await _warm(client, kernel)
+        async with _started(client, kernel):
             out = await _run(
                 client,
                 kernel,
@@ -348,8 +338,6 @@ def test_finding_1_an_allow_list_reaches_only_its_addresses(scratch_root, uid_po
                 "    print(a, 'via' in r.stdout and 'prohibit' not in r.stdout)\n",
             )
             assert out.split("\n")[:3] == ["203.0.113.77 True", "1.1.1.1 False", "127.0.0.2 False"]
-        finally:
-            await kernel.stop()
 
     asyncio.run(main())
 
@@ -373,9 +361,7 @@ def test_finding_4_disk_a_renter_hides_or_bursts_is_bounded(scratch_root, uid_po
             scratch_root=scratch_root,
             scratch_quota_mib=20,
         )
-        await kernel.start()
-        try:
-            await _warm(client, kernel)
+        async with _started(client, kernel):
             out = await _run(
                 client,
                 kernel,
@@ -402,8 +388,6 @@ def test_finding_4_disk_a_renter_hides_or_bursts_is_bounded(scratch_root, uid_po
             )
             await asyncio.wait_for(kernel.wait(), 30)
             assert kernel.stop_reason is not None and "deleted files" in kernel.stop_reason
-        finally:
-            await kernel.stop()
         assert len(kernel._output) <= 64 * 1024  # the tail kept, never the whole output
 
     asyncio.run(main())
