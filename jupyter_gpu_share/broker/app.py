@@ -12,6 +12,7 @@ from typing import Any
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
+from tornado.httpserver import HTTPServer
 from traitlets import Bool, Enum, Float, Int, Unicode, default, validate
 
 from ..heap import freeze_startup_objects
@@ -124,18 +125,30 @@ class BrokerApp(ExtensionApp):
         "is closed (4408).",
     )
 
+    handshake_timeout = Float(
+        30.0,
+        config=True,
+        help="""Seconds a connection may take to send a request's headers (a websocket
+        upgrade's included), and may stay idle between requests; then it is closed. A client
+        that opens connections and says nothing holds none for long (tornado's default is an
+        hour).""",
+    )
+
     orphan_grace_s = Float(
         600.0,
         config=True,
         help="""Seconds a running session may have no renter connected before it is stopped
-        ("client gone"): a client that died must not bill until the credit runs out. A renter
-        may ask for longer when starting it (keep_alive_s), up to orphan_max_keep_alive_s.""",
+        ("client gone"): a client that died must not bill until the credit runs out. While
+        its host reports a cell running, orphan_max_keep_alive_s applies instead; a renter
+        may set either when starting it (keep_alive_s, up to orphan_max_keep_alive_s).""",
     )
 
     orphan_max_keep_alive_s = Float(
         3600.0,
         config=True,
-        help="The longest keep_alive_s a renter may ask for a session (seconds).",
+        help="""Seconds a session running a cell (its host says the kernel is busy) may have
+        no renter connected before it is stopped, and the longest keep_alive_s a renter
+        may ask for.""",
     )
 
     max_classes_per_teacher = Int(
@@ -272,6 +285,10 @@ class BrokerApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         """Open the store, bootstrap the admin token and create the broker."""
+        # jupyter_server creates its HTTPServer after the extensions load, with no say over
+        # its timeouts: HTTPServer is a tornado Configurable, whose public configure() sets
+        # the keyword arguments every later instance gets.
+        HTTPServer.configure(None, idle_connection_timeout=self.handshake_timeout)
         if self.db_url.startswith("sqlite:///"):
             Path(self.db_url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -350,7 +367,7 @@ class BrokerApp(ExtensionApp):
 
     async def _start_jupyter_server_extension(self, serverapp: object) -> None:
         """Start metering, budget checks and host liveness checks."""
-        self.broker.start()
+        await self.broker.start()
         frozen = freeze_startup_objects()
         self.log.info(
             "gpu-share broker ready (store %s, %s event loop)",

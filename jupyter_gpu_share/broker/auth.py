@@ -80,7 +80,7 @@ class BrokerIdentityProvider(IdentityProvider):
         super().__init__(**kwargs)
         scrub_token_logs(self.log)
 
-    def get_user(self, handler: web.RequestHandler) -> User | None:
+    async def get_user(self, handler: web.RequestHandler) -> User | None:  # type: ignore[override]
         """Look the bearer token up in the store (or the bootstrap admin token)."""
         token = bearer_token(handler)
         if token is None:
@@ -88,7 +88,7 @@ class BrokerIdentityProvider(IdentityProvider):
         broker = handler.settings.get("gpu_share_broker")
         if broker is None:
             return None
-        account = broker.authenticate(token)
+        account = await broker.authenticate(token)
         if account is None:
             return None
         # Token auth is explicit, so xsrf and origin checks do not apply (as for jupyter_server's

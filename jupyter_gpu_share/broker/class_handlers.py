@@ -61,20 +61,20 @@ def _date_us(body: dict[str, Any], name: str) -> int | None:
 class ClassHandlerBase(BrokerAPIHandler):
     """Shared checks: who may see and who may manage a class."""
 
-    def member_role(self, name: str) -> str:
+    async def member_role(self, name: str) -> str:
         """The caller's role in the class ('admin' for admins); 404 for outsiders."""
         if self.account.role == "admin":
-            self.broker.store.get_class(name)
+            await self.broker.db.get_class(name)
             return "admin"
-        role = self.broker.store.class_role(name, self.account.name)
+        role = await self.broker.db.class_role(name, self.account.name)
         if role is None:
             # The same answer whether the class does not exist or is someone else's.
             raise web.HTTPError(404, f"no class named {name!r}")
         return role
 
-    def require_teacher(self, name: str) -> str:
+    async def require_teacher(self, name: str) -> str:
         """The caller teaches the class (or is an admin), else 403/404."""
-        role = self.member_role(name)
+        role = await self.member_role(name)
         if role not in ("teacher", "admin"):
             raise web.HTTPError(403, f"only the teacher of {name} can do this")
         return role
@@ -83,25 +83,25 @@ class ClassHandlerBase(BrokerAPIHandler):
 class ClassesHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         member = None if self.account.role == "admin" else self.account.name
-        records = self.broker.store.list_classes(member)
+        records = await self.broker.db.list_classes(member)
         roles = {
-            r.name: self.broker.store.class_role(r.name, self.account.name) or "admin"
+            r.name: await self.broker.db.class_role(r.name, self.account.name) or "admin"
             for r in records
         }
         self.write_json([class_model(r, roles[r.name]) for r in records])
 
     @web.authenticated
     @authorized
-    def post(self) -> None:
+    async def post(self) -> None:
         self.require_role("teacher", "admin")
         body = self.json_body()
         name = str_field(body, "name", required=True)
         check_class_name(name)  # 400 before anything is checked against the store
         teacher = self.account.name
         if self.account.role == "teacher":
-            classes, _ = self.broker.store.teacher_counts(teacher)
+            classes, _ = await self.broker.db.teacher_counts(teacher)
             limit = self.broker.settings.max_classes_per_teacher
             if classes >= limit:
                 raise web.HTTPError(
@@ -109,7 +109,7 @@ class ClassesHandler(ClassHandlerBase):
                 )
         if self.account.role == "admin" and body.get("teacher") is not None:
             teacher = str_field(body, "teacher", required=True)
-            owner = self.broker.store.get_account(teacher)
+            owner = await self.broker.db.get_account(teacher)
             if owner is None or owner.role != "teacher":
                 # well formed, but the store holds no such teacher: a conflict, not a typo
                 raise web.HTTPError(409, f"{teacher!r} is not a teacher account")
@@ -130,21 +130,21 @@ class ClassesHandler(ClassHandlerBase):
         if (
             budget
             and self.account.role == "teacher"
-            and self.broker.store.balance(teacher) < budget
+            and await self.broker.db.balance(teacher) < budget
         ):
             raise web.HTTPError(
                 402,
                 f"a budget of {budget} micro-credits is more than your balance; "
                 "ask an admin to grant it",
             )
-        record = self.broker.store.create_class(
+        record = await self.broker.db.create_class(
             name,  # type: ignore[arg-type]
             teacher,  # type: ignore[arg-type]
             **fields,  # type: ignore[arg-type]
         )
         if budget:
             source = "mint" if self.account.role == "admin" else teacher
-            record = self.broker.store.fund_class(record.name, budget, source)  # type: ignore[arg-type]
+            record = await self.broker.db.fund_class(record.name, budget, source)  # type: ignore[arg-type]
         self.set_header(
             "Location", f"{self.base_url.rstrip('/')}/gpu-share/api/classes/{record.name}"
         )
@@ -154,19 +154,19 @@ class ClassesHandler(ClassHandlerBase):
 class ClassHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def get(self, name: str) -> None:
-        role = self.member_role(name)
-        self.write_json(class_model(self.broker.store.get_class(name), role))
+    async def get(self, name: str) -> None:
+        role = await self.member_role(name)
+        self.write_json(class_model(await self.broker.db.get_class(name), role))
 
 
 class ClassBudgetHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def post(self, name: str) -> None:
-        role = self.require_teacher(name)
+    async def post(self, name: str) -> None:
+        role = await self.require_teacher(name)
         amount = int_field(self.json_body(), "amount_micro", required=True, minimum=1)
         source = "mint" if role == "admin" else self.account.name
-        record = self.broker.store.fund_class(name, amount, source)  # type: ignore[arg-type]
+        record = await self.broker.db.fund_class(name, amount, source)  # type: ignore[arg-type]
         self.broker.credited(record.account, record.budget_micro)
         self.write_json(class_model(record, role))
 
@@ -174,14 +174,14 @@ class ClassBudgetHandler(ClassHandlerBase):
 class StudentsHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def get(self, name: str) -> None:
-        self.require_teacher(name)
-        self.write_json(self.broker.store.class_students(name))
+    async def get(self, name: str) -> None:
+        await self.require_teacher(name)
+        self.write_json(await self.broker.db.class_students(name))
 
     @web.authenticated
     @authorized
-    def post(self, name: str) -> None:
-        self.require_teacher(name)
+    async def post(self, name: str) -> None:
+        await self.require_teacher(name)
         students = self.json_body(max_bytes=256 * 1024).get("students")
         if (
             not isinstance(students, list)
@@ -193,7 +193,7 @@ class StudentsHandler(ClassHandlerBase):
             raise web.HTTPError(400, f"at most {MAX_STUDENTS_PER_CALL} students per call")
         if self.account.role == "teacher":
             # Enrolling creates accounts: a teacher token must not mint them without bound.
-            _, enrolled = self.broker.store.teacher_counts(self.account.name)
+            _, enrolled = await self.broker.db.teacher_counts(self.account.name)
             limit = self.broker.settings.max_students_per_teacher
             if enrolled + len(set(students)) > limit:
                 raise web.HTTPError(
@@ -201,7 +201,7 @@ class StudentsHandler(ClassHandlerBase):
                     f"a teacher may have at most {limit} students in all ({enrolled} now); "
                     "ask an admin",
                 )
-        tokens = self.broker.store.add_students(name, students)
+        tokens = await self.broker.db.add_students(name, students)
         self.write_json(
             {
                 "added": list(tokens),
@@ -213,19 +213,19 @@ class StudentsHandler(ClassHandlerBase):
 class StudentHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def delete(self, name: str, student: str) -> None:
-        self.require_teacher(name)
-        self.broker.stop_student(name, student)
-        self.broker.store.remove_student(name, student)
+    async def delete(self, name: str, student: str) -> None:
+        await self.require_teacher(name)
+        await self.broker.stop_student(name, student)
+        await self.broker.db.remove_student(name, student)
         self.write_json({"removed": student})
 
 
 class StopStudentHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def post(self, name: str, student: str) -> None:
-        self.require_teacher(name)
-        ended = self.broker.stop_student(name, student)
+    async def post(self, name: str, student: str) -> None:
+        await self.require_teacher(name)
+        ended = await self.broker.stop_student(name, student)
         # A stop the store could not settle yet (None) is pending, billed to now all the same.
         stopping = [
             live.id
@@ -246,12 +246,12 @@ class StopStudentHandler(ClassHandlerBase):
 class NotebooksHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def get(self, name: str) -> None:
-        self.member_role(name)
+    async def get(self, name: str) -> None:
+        await self.member_role(name)
         self.write_json(
             [
                 {"name": nb, "updated_at": iso_from_us(updated), "size": size}
-                for nb, updated, size in self.broker.store.list_class_notebooks(name)
+                for nb, updated, size in await self.broker.db.list_class_notebooks(name)
             ]
         )
 
@@ -259,10 +259,10 @@ class NotebooksHandler(ClassHandlerBase):
 class NotebookHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def get(self, name: str, notebook: str) -> None:
-        self.member_role(name)
-        record = self.broker.store.get_class(name)
-        content = json.loads(self.broker.store.get_class_notebook(name, notebook))
+    async def get(self, name: str, notebook: str) -> None:
+        await self.member_role(name)
+        record = await self.broker.db.get_class(name)
+        content = json.loads(await self.broker.db.get_class_notebook(name, notebook))
         metadata = content.setdefault("metadata", {})
         # Opening (or running headless) a class notebook starts its kernel on the class pool.
         metadata["kernelspec"] = {
@@ -275,11 +275,11 @@ class NotebookHandler(ClassHandlerBase):
 
     @web.authenticated
     @authorized
-    def put(self, name: str, notebook: str) -> None:
-        self.require_teacher(name)
+    async def put(self, name: str, notebook: str) -> None:
+        await self.require_teacher(name)
         content = self.json_body(max_bytes=MAX_NOTEBOOK_BYTES)
         check_notebook(content)
-        self.broker.store.put_class_notebook(name, notebook, json.dumps(content))
+        await self.broker.db.put_class_notebook(name, notebook, json.dumps(content))
         self.write_json({"name": notebook, "class": name}, 201)
 
 
@@ -308,18 +308,18 @@ def check_notebook(content: dict[str, Any]) -> None:
 class UsageHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
-    def get(self, name: str) -> None:
-        role = self.member_role(name)
-        record = self.broker.store.get_class(name)
-        students = self.broker.store.class_students(name)
+    async def get(self, name: str) -> None:
+        role = await self.member_role(name)
+        record = await self.broker.db.get_class(name)
+        students = await self.broker.db.class_students(name)
         if role == "student":
             students = [self.account.name]
         quota = Quota(record.quota_seconds, record.quota_micro, record.weekly_quota_seconds)
         now = now_us()
-        ended = self.broker.store.class_usage(name, week_start_us(now))
+        ended = await self.broker.db.class_usage(name, week_start_us(now))
         rows = []
         for student in students:
-            used = self.broker.class_used(name, student)
+            used = await self.broker.class_used(name, student)
             seconds_left, micro_left = remaining(quota, used)
             running = [
                 s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -16,10 +17,17 @@ from tornado.websocket import WebSocketClosedError
 
 from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd, as_bytes
 from ..ledger import earnings_by_day, price_per_hour, price_per_second_from_hour
-from ..store import Conflict, InsufficientFunds, NotFound, StoreError, StoreUnavailable
+from ..store import (
+    Conflict,
+    InsufficientFunds,
+    NotFound,
+    StoreError,
+    unavailable,
+)
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser, bearer_token
 from .host_messages import (
     HostMessageError,
+    heartbeat_busy,
     message_kind,
     parse_control,
     validate_heartbeat,
@@ -132,7 +140,7 @@ class BrokerAPIHandler(APIHandler):
                 )
             )
             return
-        if isinstance(e, StoreUnavailable):  # locked, gone, disk full: nothing was changed
+        if unavailable(e):  # locked, gone, disk full: nothing was changed
             log.warning("%s %s: store unavailable: %s", self.request.method, self.request.path, e)
             mapped = HeaderedError(
                 503, "the broker's database is busy; try again shortly", {"Retry-After": 2}
@@ -271,12 +279,15 @@ def offer_model(broker: Broker, offer: Any, loads: dict[str, Any]) -> dict[str, 
     }
 
 
-def session_model(broker: Broker, record: Any) -> dict[str, Any]:
+async def session_model(broker: Broker, record: Any) -> dict[str, Any]:
     """The JSON of a session, with its cost so far while it runs.
 
     A session whose stop is waiting for the store is "stopping": its cost is fixed at the
     instant the stop was asked, which is what it will be billed.
     """
+    if record.state in LIVE_STATES and record.id not in broker.sessions:
+        # Read while its settlement committed (or another broker's): read what it is now.
+        record = await broker.session_record(record.id)
     stopping = broker.stopping_cost(record.id) if record.state in LIVE_STATES else None
     live = record.state in LIVE_STATES and stopping is None
     return {
@@ -308,7 +319,8 @@ def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         "class": record.class_name,
         "host_telemetry": _telemetry_of(broker, record) if live else None,
         # When the broker will stop it (quota or credit), so the lab can save the notebook first.
-        "stops_at_us": broker.stops_at_us(record.id) if live else None,
+        "stops_at_us": (await broker.stops_at_us(record.id)) if live else None,
+        "cell_running": broker.cell_running(record.id) if live else None,
     }
 
 
@@ -337,8 +349,8 @@ class OpenAPIHandler(BrokerAPIHandler):
 class MeHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
-    def get(self) -> None:
-        account = self.broker.store.get_account(self.account.name)
+    async def get(self) -> None:
+        account = await self.broker.db.get_account(self.account.name)
         model = account_model(account)
         if account.role == "host":
             link = self.broker.hosts.get(account.name)
@@ -354,24 +366,24 @@ class MeHandler(BrokerAPIHandler):
 class AccountsHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
-    def post(self) -> None:
+    async def post(self) -> None:
         self.require_role("admin")
         body = self.json_body()
         name = str_field(body, "name", required=True)
         role = str_field(body, "role", required=True)
         if role not in ROLES:
             raise web.HTTPError(400, f"'role' must be one of {', '.join(ROLES)}")
-        existed = self.broker.store.get_account(name) is not None
-        account = self.broker.store.ensure_account(name, role)
+        existed = await self.broker.db.get_account(name) is not None
+        account = await self.broker.db.ensure_account(name, role)
         self.write_json(account_model(account), 200 if existed else 201)
 
 
 class TokensHandler(BrokerAPIHandler):
     """An account's tokens (admin): issue one (optionally expiring), list them, revoke all."""
 
-    def _existing_account(self, name: str) -> Any:
+    async def _existing_account(self, name: str) -> Any:
         self.require_role("admin")
-        account = self.broker.store.get_account(name)
+        account = await self.broker.db.get_account(name)
         if account is None:
             raise web.HTTPError(404, f"no account named {name!r}")
         return account
@@ -390,19 +402,21 @@ class TokensHandler(BrokerAPIHandler):
 
     @web.authenticated
     @authorized
-    def get(self, name: str) -> None:
-        account = self._existing_account(name)
-        self.write_json([self.token_model(t) for t in self.broker.store.list_tokens(account.name)])
+    async def get(self, name: str) -> None:
+        account = await self._existing_account(name)
+        self.write_json(
+            [self.token_model(t) for t in await self.broker.db.list_tokens(account.name)]
+        )
 
     @web.authenticated
     @authorized
-    def post(self, name: str) -> None:
+    async def post(self, name: str) -> None:
         from ..store.store import token_digest
 
-        account = self._existing_account(name)
+        account = await self._existing_account(name)
         # 1 s to 10 years (the store refuses longer: a ValueError, answered 400).
         expires_in_s = int_field(self.json_body(), "expires_in_s", minimum=1)
-        token = self.broker.store.issue_token(account.name, expires_in_s=expires_in_s)
+        token = await self.broker.db.issue_token(account.name, expires_in_s=expires_in_s)
         self.write_json(
             {
                 "name": account.name,
@@ -416,24 +430,24 @@ class TokensHandler(BrokerAPIHandler):
 
     @web.authenticated
     @authorized
-    def delete(self, name: str) -> None:
-        account = self._existing_account(name)
-        revoked = self.broker.store.revoke_tokens(account.name)
+    async def delete(self, name: str) -> None:
+        account = await self._existing_account(name)
+        revoked = await self.broker.db.revoke_tokens(account.name)
         self.write_json({"name": account.name, "revoked": revoked})
 
 
 class CreditHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
-    def post(self, name: str) -> None:
+    async def post(self, name: str) -> None:
         self.require_role("admin")
         body = self.json_body()
         amount = int_field(body, "amount_micro", required=True)
         if amount is None or amount <= 0:
             raise web.HTTPError(400, "'amount_micro' must be a positive integer")
-        if self.broker.store.get_account(name) is None:
+        if await self.broker.db.get_account(name) is None:
             raise web.HTTPError(404, f"no account named {name!r}")
-        account = self.broker.store.credit(name, amount, str(body.get("memo") or "admin credit"))
+        account = await self.broker.db.credit(name, amount, str(body.get("memo") or "admin credit"))
         self.broker.credited(name, account.balance_micro)
         self.write_json(account_model(account))
 
@@ -441,16 +455,18 @@ class CreditHandler(BrokerAPIHandler):
 class OffersHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         loads = self.broker.host_loads()
-        offers = sorted(self.broker.online_offers(), key=lambda o: (o.price_per_second_micro, o.id))
+        offers = sorted(
+            await self.broker.online_offers(), key=lambda o: (o.price_per_second_micro, o.id)
+        )
         self.write_json([offer_model(self.broker, o, loads) for o in offers])
 
 
 class SessionsHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         limit = self.get_query_argument("limit", "200")
         if not limit.isdigit() or not 0 < int(limit) <= 10_000:
             raise web.HTTPError(400, "'limit' must be a whole number from 1 to 10000")
@@ -462,12 +478,12 @@ class SessionsHandler(BrokerAPIHandler):
             query["host"] = self.account.name
         elif self.account.role != "admin":
             query["renter"] = self.account.name
-        records = self.broker.store.list_sessions(**query)
-        self.write_json([session_model(self.broker, r) for r in records])
+        records = await self.broker.db.list_sessions(**query)
+        self.write_json([await session_model(self.broker, r) for r in records])
 
     @web.authenticated
     @authorized
-    def post(self) -> None:
+    async def post(self) -> None:
         self.require_role("user")
         body = self.json_body()
         max_price_hour = int_field(body, "max_price_per_hour_micro", minimum=0)
@@ -495,15 +511,15 @@ class SessionsHandler(BrokerAPIHandler):
             minimum=1,
             maximum=int(self.broker.settings.orphan_max_keep_alive_s),
         )
-        record = self.broker.start_session(self.account.name, request, class_name, keep_alive)
+        record = await self.broker.start_session(self.account.name, request, class_name, keep_alive)
         self.set_header("Location", f"{self.base_url.rstrip('/')}{API}/sessions/{record.id}")
-        self.write_json(session_model(self.broker, record), 201)
+        self.write_json(await session_model(self.broker, record), 201)
 
 
 class SessionHandler(BrokerAPIHandler):
-    def _visible_session(self, session_id: str) -> Any:
+    async def _visible_session(self, session_id: str) -> Any:
         try:
-            record = self.broker.session_record(session_id)
+            record = await self.broker.session_record(session_id)
         except NotFound:
             record = None
         role, name = self.account.role, self.account.name
@@ -519,30 +535,31 @@ class SessionHandler(BrokerAPIHandler):
 
     @web.authenticated
     @authorized
-    def get(self, session_id: str) -> None:
-        self.write_json(session_model(self.broker, self._visible_session(session_id)))
+    async def get(self, session_id: str) -> None:
+        record = await self._visible_session(session_id)
+        self.write_json(await session_model(self.broker, record))
 
     @web.authenticated
     @authorized
-    def delete(self, session_id: str) -> None:
-        record = self._visible_session(session_id)
+    async def delete(self, session_id: str) -> None:
+        record = await self._visible_session(session_id)
         if self.account.role == "host":
             raise web.HTTPError(
                 403, "a host ends sessions by stopping the kernel, not through the API"
             )
-        ended = self.broker.stop_session(record.id)
+        ended = await self.broker.stop_session(record.id)
         if ended is None:  # the kernel is stopped; the settlement waits for the store
-            self.write_json(session_model(self.broker, record), status=202)
+            self.write_json(await session_model(self.broker, record), status=202)
             return
-        self.write_json(session_model(self.broker, ended))
+        self.write_json(await session_model(self.broker, ended))
 
 
 class EarningsHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         self.require_role("host")
-        rows = self.broker.store.earnings(self.account.name)
+        rows = await self.broker.db.earnings(self.account.name)
         sessions = [
             {
                 "session_id": row["id"],
@@ -557,12 +574,12 @@ class EarningsHandler(BrokerAPIHandler):
         days = earnings_by_day(
             [(row["ended_us"], row["billed_seconds"], row["host_micro"]) for row in rows]
         )
-        reliability = self.broker.host_reliability(self.account.name)
+        reliability = await self.broker.host_reliability(self.account.name)
         self.write_json(
             {
                 "host": self.account.name,
                 "total_micro": sum(row["host_micro"] for row in rows),
-                "balance_micro": self.broker.store.balance(self.account.name),
+                "balance_micro": await self.broker.db.balance(self.account.name),
                 "sessions": sessions,
                 "days": days,
                 "reliability": reliability.score,
@@ -671,6 +688,32 @@ class HostControlHandler(BrokerWebSocket):
         super().close(code, reason)
 
     def on_message(self, message: str | bytes) -> None:
+        """Queue a control message: they are handled one at a time, in the order sent (a
+        hello's offers are stored before the heartbeat after it is read)."""
+        if self.host_name is None or self._closing:
+            return
+        inbox = getattr(self, "_inbox", None)
+        if inbox is None:
+            inbox = self._inbox = collections.deque()
+        inbox.append(message)
+        if len(inbox) == 1:
+            asyncio.get_running_loop().create_task(self._drain_inbox())
+
+    async def _drain_inbox(self) -> None:
+        inbox = self._inbox
+        while inbox:
+            try:
+                await self._handle_control(inbox[0])
+            except Exception as error:
+                if not unavailable(error):
+                    log.exception("host %s: control message not handled", self.host_name)
+                else:  # the store is down: the host repeats what matters (hello, reports)
+                    log.warning("host %s: the store did not answer: %s", self.host_name, error)
+            inbox.popleft()
+            if self._closing:
+                inbox.clear()
+
+    async def _handle_control(self, message: str | bytes) -> None:
         name = self.host_name
         if name is None or self._closing:
             return
@@ -691,20 +734,22 @@ class HostControlHandler(BrokerWebSocket):
                     raise HostMessageError(
                         f"{size} bytes is over the {settings.host_hello_max_bytes} limit"
                     )
-                self.broker.host_connected(name, self, validate_hello(data))
+                await self.broker.host_connected(name, self, validate_hello(data))
                 self._hello_seen = True
+                if self._closing:  # it went away while its offers were being stored
+                    self.broker.host_disconnected(name, self)
                 return
             if size > settings.host_heartbeat_max_bytes:
                 raise HostMessageError(
                     f"{size} bytes is over the {settings.host_heartbeat_max_bytes} limit"
                 )
             if kind == "heartbeat":
-                self.broker.heartbeat(name, validate_heartbeat(data))
+                self.broker.heartbeat(name, validate_heartbeat(data), heartbeat_busy(data))
             elif kind == "kernel_ready":
-                self.broker.kernel_ready(name, validate_session_report(data)["session_id"])
+                await self.broker.kernel_ready(name, validate_session_report(data)["session_id"])
             elif kind in ("kernel_ended", "kernel_failed"):
                 report = validate_session_report(data)
-                self.broker.kernel_ended(
+                await self.broker.kernel_ended(
                     name, report["session_id"], report["reason"], report["message"]
                 )
             else:
@@ -730,6 +775,7 @@ class HostControlHandler(BrokerWebSocket):
             self.close(CLOSE_NO_HELLO, f"no hello within {limit:g} s")
 
     def on_close(self) -> None:
+        self._closing = True
         timer = getattr(self, "_hello_timer", None)
         if timer is not None:
             timer.cancel()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Callable
 from typing import Any
@@ -409,6 +410,22 @@ def validate_heartbeat(data: Any) -> dict[str, Any] | None:
     heartbeat = mapping(data, "heartbeat")
     telemetry = heartbeat.get("telemetry")
     return None if telemetry is None else validate_telemetry(telemetry)
+
+
+MAX_BUSY_SESSIONS = 4096
+_SESSION_ID = re.compile(r"s-[0-9a-f]{1,64}")
+
+
+def heartbeat_busy(data: Any) -> frozenset[str] | None:
+    """The sessions a heartbeat says are running a cell (None: it does not say)."""
+    busy = mapping(data, "heartbeat").get("busy_sessions")
+    if busy is None:
+        return None
+    if not isinstance(busy, list) or len(busy) > MAX_BUSY_SESSIONS:
+        raise HostMessageError(f"busy_sessions must be a list of at most {MAX_BUSY_SESSIONS}")
+    if not all(isinstance(s, str) and _SESSION_ID.fullmatch(s) for s in busy):
+        raise HostMessageError("busy_sessions must hold session ids")
+    return frozenset(busy)
 
 
 # -- what a host says about its sessions -----------------------------------------------------

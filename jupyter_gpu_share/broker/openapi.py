@@ -182,7 +182,8 @@ _SCHEMAS: dict[str, Any] = {
                 "minimum": 1,
                 "maximum": 3600,
                 "description": "seconds it may run with no client connected before it is "
-                "stopped as 'client gone' (default and maximum: the broker's settings)",
+                "stopped as 'client gone' (default: 600 idle, 3600 while a cell runs; the "
+                "maximum: the broker's settings)",
             },
         },
     },
@@ -224,6 +225,12 @@ _SCHEMAS: dict[str, Any] = {
             "stops_at_us": {
                 "type": ["integer", "null"],
                 "description": "when the broker will stop it (quota or credit) if nothing changes",
+            },
+            "cell_running": {
+                "type": ["boolean", "null"],
+                "description": "whether its host last said the kernel is running a cell "
+                "(null once it ended): with no client connected, such a session is kept "
+                "orphan_max_keep_alive_s rather than orphan_grace_s",
             },
         },
     },

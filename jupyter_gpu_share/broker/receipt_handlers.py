@@ -17,9 +17,9 @@ class SessionReceiptHandler(BrokerAPIHandler):
 
     @web.authenticated
     @authorized
-    def get(self, session_id: str) -> None:
+    async def get(self, session_id: str) -> None:
         try:
-            record = self.broker.session_record(session_id)
+            record = await self.broker.session_record(session_id)
         except NotFound:
             record = None
         name = self.account.name
@@ -30,7 +30,7 @@ class SessionReceiptHandler(BrokerAPIHandler):
             # The same answer whether it does not exist or is someone else's.
             raise web.HTTPError(404, f"no session {session_id!r}")
         try:
-            receipt = self.broker.store.get_receipt(session_id)
+            receipt = await self.broker.db.get_receipt(session_id)
         except NotFound:
             state = "has not ended yet" if record.state != "ended" else "was settled unsigned"
             raise web.HTTPError(404, f"session {session_id!r} has no receipt: it {state}") from None
@@ -56,7 +56,7 @@ class ReceiptsHandler(BrokerAPIHandler):
 
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         self.require_role("admin")
         after = self.get_query_argument("after", "0")
         limit = self.get_query_argument("limit", str(MAX_PAGE))
@@ -64,7 +64,7 @@ class ReceiptsHandler(BrokerAPIHandler):
             raise web.HTTPError(400, "'after' must be a sequence number (0 for the start)")
         if not limit.isdigit() or not 0 < int(limit) <= MAX_PAGE:
             raise web.HTTPError(400, f"'limit' must be a whole number from 1 to {MAX_PAGE}")
-        page: list[dict[str, Any]] = self.broker.store.list_receipts(int(after), int(limit))
+        page: list[dict[str, Any]] = await self.broker.db.list_receipts(int(after), int(limit))
         self.write_json(
             {
                 "receipts": page,
@@ -78,10 +78,10 @@ class LedgerCheckHandler(BrokerAPIHandler):
 
     @web.authenticated
     @authorized
-    def get(self) -> None:
+    async def get(self) -> None:
         self.require_role("admin")
         try:
-            self.broker.store.check_ledger()
+            await self.broker.db.check_ledger()
         except StoreError as error:
             self.write_json({"ok": False, "problems": [str(error)]})
             return

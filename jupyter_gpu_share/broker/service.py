@@ -2,7 +2,14 @@
 
 Handlers call into one ``Broker`` held in the tornado settings. Money is settled by the store
 (``Store.end_session``, idempotent per session); this module decides *when* a session ends
-and at which instant its billing stops.
+and at which instant its billing stops (the rules themselves are ``ledger``'s).
+
+The store is reached through ``self.db`` (``store.aio.AsyncStore``): every call runs on the
+store's threads and is awaited, so a locked or slow database delays the requests that need
+it and never the event loop (relays, heartbeats, other renters). State in memory changes on
+the loop only, before or after an await; what could race across an await is guarded: starts
+run one at a time (``_start_lock``), and each session has at most one settlement in flight
+(``_ending``).
 """
 
 from __future__ import annotations
@@ -25,8 +32,9 @@ from ..classes import (
     week_start_us,
 )
 from ..clock import now_us
-from ..ledger import billed_seconds, session_amount
-from ..store import NotFound, Store, StoreUnavailable, unavailable
+from ..ledger import billed_seconds, cost_at, credit_runs_out_us, stop_instant_us
+from ..store import Conflict, NotFound, Store, StoreUnavailable, unavailable
+from ..store.aio import AsyncStore
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .matching import (
     HostLoad,
@@ -123,6 +131,7 @@ class HostLink:
     connected_us: int = 0
     benchmarks: dict[int, dict[str, Any]] = field(default_factory=dict)
     sandboxes: dict[int, dict[str, Any]] = field(default_factory=dict)  # by offer id
+    busy_sessions: frozenset[str] = frozenset()  # running a cell, as of the last heartbeat
 
     def send(self, message: dict[str, Any]) -> None:
         """Send a control message if the host is connected."""
@@ -146,6 +155,9 @@ class LiveSession:
     quota: Quota | None = None
     used_before: Used | None = None
     keep_alive_s: float | None = None  # with no renter connected (None: the broker's grace)
+    # When this broker began to know the session (monotonic): the renter's absence counts
+    # from here until its first connection to the relay.
+    known_since: float = field(default_factory=time.monotonic)
 
     @classmethod
     def from_record(cls, record: Any) -> LiveSession:
@@ -172,9 +184,7 @@ class LiveSession:
 
     def cost_at(self, at_us: int) -> int:
         """Cost so far, billed as if the session ended at ``at_us``."""
-        if self.ready_us is None:
-            return 0
-        return session_amount(billed_seconds(self.ready_us, at_us), self.price_per_second_micro)
+        return cost_at(self.ready_us, at_us, self.price_per_second_micro)
 
 
 @dataclass
@@ -200,6 +210,7 @@ class BrokerSettings:
     max_students_per_teacher: int = 5000
     requests_per_minute: int = 1200  # per account (0: no limit)
     request_burst: int = 300
+    stop_answer_s: float = 2.0  # a stop not settled by then is answered "stopping" (202)
 
 
 class Broker:
@@ -207,6 +218,7 @@ class Broker:
 
     def __init__(self, store: Store, settings: BrokerSettings, admin_token: str | None = None):
         self.store = store
+        self.db = AsyncStore(store)
         self.settings = settings
         self.admin_token = admin_token
         self.hosts: dict[str, HostLink] = {}
@@ -222,6 +234,12 @@ class Broker:
         # Stops the store could not settle yet, by session id (see end_session, stops.py).
         self.pending_stops: dict[str, PendingStop] = {}
         self.journal = StopJournal(settings.stop_journal)
+        # The settlement in flight for a session, with the stop it settles (see end_session).
+        self._ending: dict[str, tuple[PendingStop, asyncio.Task[Any]]] = {}
+        # Sessions whose readiness the store has not recorded yet: retried with the stops.
+        self._ready_unsaved: dict[str, int] = {}
+        self._start_lock = asyncio.Lock()
+        self._admin_account: Any = None
         self.rate_limiter = RateLimiter(settings.requests_per_minute, settings.request_burst)
 
     # -- accounts -------------------------------------------------------------------------
@@ -230,14 +248,21 @@ class Broker:
         """None when the account may make an API request now, else the seconds to wait."""
         return self.rate_limiter.check(account_name, time.monotonic())
 
-    def authenticate(self, token: str) -> Any:
-        """Return the account a token belongs to, or None."""
+    async def authenticate(self, token: str) -> Any:
+        """Return the account a token belongs to, or None. Only reads: the token's last-use
+        time is queued on the writer thread, not waited for."""
         if self.admin_token is not None:
             from .auth import same_token
 
             if same_token(token, self.admin_token):
-                return self.store.ensure_account("admin", "admin")
-        return self.store.authenticate(token)
+                if self._admin_account is None:
+                    self._admin_account = await self.db.ensure_account("admin", "admin")
+                return self._admin_account
+        touches: list[dict[str, int]] = []
+        account = await self.db.authenticate(token, touches)
+        if touches:
+            self.db.submit(self.store.touch_tokens, touches)
+        return account
 
     def credited(self, account_name: str, balance_micro: int) -> None:
         """Note a new balance so budget checks see added credit at once."""
@@ -246,21 +271,21 @@ class Broker:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self) -> None:
         """Load unfinished sessions from the store and start the background loops."""
         for stop in self.journal.load():
             self.pending_stops.setdefault(stop.session_id, stop)
-        for record in self.store.list_sessions(states=LIVE_STATES):
+        for record in await self.db.list_sessions(states=LIVE_STATES):
             self.sessions[record.id] = LiveSession.from_record(record)
             if record.class_name is not None:
-                self._attach_quota(self.sessions[record.id], exclude_running=True)
+                await self._attach_quota(self.sessions[record.id], exclude_running=True)
         # Stops a previous broker could not settle: at the instants they were asked.
         if self.pending_stops:
             log.info("settling %d stop(s) from the stop journal", len(self.pending_stops))
             for stop in list(self.pending_stops.values()):
                 if stop.session_id not in self.sessions:  # settled already (another broker)
                     self.pending_stops.pop(stop.session_id)
-            self.settle_pending()
+            await self.settle_pending()
             self.journal.rewrite(list(self.pending_stops.values()))
         if self.sessions:
             log.info("resuming %d unfinished sessions; waiting for their hosts", len(self.sessions))
@@ -282,20 +307,28 @@ class Broker:
         ]
 
     async def stop(self) -> None:
-        """Stop the background loops and write a last checkpoint."""
+        """Stop the background loops, let settlements in flight finish, write a last
+        checkpoint and stop the store's threads."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        self.checkpoint(force=True)
+        in_flight = [task for _, task in self._ending.values()]
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=self.settings.stop_answer_s)
+        try:
+            await self.checkpoint(force=True)
+        except Exception as error:  # the store is down: the next broker resumes from the last
+            log.warning("last checkpoint not written: %s", error)
+        await asyncio.get_running_loop().run_in_executor(None, self.db.close)
 
     async def _every(self, interval: float, job: Any) -> None:
         while True:
             await asyncio.sleep(interval)
             try:
-                job()
+                await job()
             except Exception as error:
                 if unavailable(error):  # the store is locked or down: the next tick retries
                     log.warning("%s: the store did not answer: %s", job.__name__, error)
@@ -304,7 +337,9 @@ class Broker:
 
     # -- hosts ------------------------------------------------------------------------------
 
-    def host_connected(self, name: str, channel: ControlChannel, hello: dict[str, Any]) -> HostLink:
+    async def host_connected(
+        self, name: str, channel: ControlChannel, hello: dict[str, Any]
+    ) -> HostLink:
         """Register a host's offers after its hello, and reconcile the sessions it still runs.
 
         ``hello`` is a validated one (``host_messages.validate_hello``).
@@ -321,7 +356,7 @@ class Broker:
             )
             for o in hello.get("offers", [])
         ]
-        offers = self.store.replace_offers(name, specs)
+        offers = await self.db.replace_offers(name, specs)
         benchmarks: dict[int, dict[str, Any]] = {}
         sandboxes: dict[int, dict[str, Any]] = {}
         shared: set[int] = set()
@@ -346,6 +381,11 @@ class Broker:
         schedule = hello.get("schedule") if isinstance(hello.get("schedule"), str) else None
         same_connection = previous is not None and previous.channel is channel
         connected_us = previous.connected_us if same_connection and previous else now_us()
+        # A repeated hello on the same connection (new offers) is the same presence.
+        if same_connection and previous is not None:
+            presence_id = previous.presence_id
+        else:
+            presence_id = await self.db.open_presence(name, connected_us, schedule)
         link = HostLink(
             name=name,
             max_kernels=max(1, int(hello.get("max_kernels", 1))),
@@ -353,10 +393,7 @@ class Broker:
             channel=channel,
             last_heartbeat_us=now_us(),
             gpus=list(hello.get("gpus", [])),
-            # A repeated hello on the same connection (new offers) is the same presence.
-            presence_id=previous.presence_id
-            if same_connection and previous is not None
-            else self.store.open_presence(name, connected_us, schedule),
+            presence_id=presence_id,
             connected_us=connected_us,
             benchmarks=benchmarks,
             sandboxes=sandboxes,
@@ -378,10 +415,14 @@ class Broker:
                 link.send(
                     {"type": "stop_kernel", "session_id": session_id, "reason": "session has ended"}
                 )
-        for live in list(self.sessions.values()):
-            if live.host == name and live.id not in still_running and live.ready_us is not None:
-                # The host came back without this kernel: it died while we were apart.
-                self.end_session(live.id, END_HOST_LOST, ended_us=link_last_seen(previous, live))
+        gone = [
+            self.end_session(live.id, END_HOST_LOST, ended_us=link_last_seen(previous, live))
+            for live in list(self.sessions.values())
+            # The host came back without this kernel: it died while we were apart.
+            if live.host == name and live.id not in still_running and live.ready_us is not None
+        ]
+        if gone:
+            await asyncio.gather(*gone)
         log.info("host %s connected with %d offers", name, len(offers))
         return link
 
@@ -396,15 +437,23 @@ class Broker:
                 self.settings.heartbeat_timeout,
             )
 
-    def heartbeat(self, name: str, telemetry: dict[str, Any] | None) -> None:
-        """Record a host's heartbeat (``telemetry``: validated, or None to keep the last)."""
+    def heartbeat(
+        self,
+        name: str,
+        telemetry: dict[str, Any] | None,
+        busy: frozenset[str] | None = None,
+    ) -> None:
+        """Record a host's heartbeat (``telemetry``: validated, or None to keep the last;
+        ``busy``: the sessions running a cell, or None to keep the last)."""
         link = self.hosts.get(name)
         if link is not None:
             link.last_heartbeat_us = now_us()
             if telemetry is not None:
                 link.telemetry = telemetry
+            if busy is not None:
+                link.busy_sessions = busy
 
-    def check_hosts(self) -> None:
+    async def check_hosts(self) -> None:
         """End the sessions of hosts silent for longer than the heartbeat timeout."""
         now = now_us()
         timeout_us = int(self.settings.heartbeat_timeout * 1_000_000)
@@ -418,49 +467,68 @@ class Broker:
             if link.channel is not None:
                 link.channel.close(4001, "heartbeat timeout")
             del self.hosts[name]
-            self.store.deactivate_offers(name)
-            for live in list(self.sessions.values()):
-                if live.host == name:
-                    self.end_session(live.id, END_HOST_LOST, ended_us=link.last_heartbeat_us)
+            ends = [
+                self.end_session(live.id, END_HOST_LOST, ended_us=link.last_heartbeat_us)
+                for live in list(self.sessions.values())
+                if live.host == name
+            ]
+            await self.db.deactivate_offers(name)
+            if ends:
+                await asyncio.gather(*ends)
         # Sessions loaded at start-up whose host never came back.
         for live in list(self.sessions.values()):
             # A host whose reconnect backoff outgrew the broker's downtime comes back later
             # than a heartbeat timeout: give it resume_grace_s (the bill ends at the session's
             # last evidence of life either way, so waiting costs the renter nothing).
             grace_us = max(timeout_us, int(self.settings.resume_grace_s * 1_000_000))
-            if live.host not in self.hosts and now - self._started_us > grace_us:
-                record = self.store.get_session(live.id)
+            if (
+                live.host not in self.hosts
+                and now - self._started_us > grace_us
+                and live.id not in self._ending
+            ):
+                record = await self.db.get_session(live.id)
                 ended = record.last_seen_us or live.ready_us or live.created_us
-                self.end_session(live.id, END_HOST_LOST, ended_us=ended)
-        self.reap_orphans()
+                await self.end_session(live.id, END_HOST_LOST, ended_us=ended)
+        await self.reap_orphans()
         # Kernels that never became ready.
         start_timeout_us = int(self.settings.start_timeout * 1_000_000)
-        for live in list(self.sessions.values()):
-            if live.ready_us is None and now - live.created_us > start_timeout_us:
-                self.end_session(
-                    live.id, END_START_FAILED, message="the host did not start the kernel in time"
-                )
+        late = [
+            self.end_session(
+                live.id, END_START_FAILED, message="the host did not start the kernel in time"
+            )
+            for live in list(self.sessions.values())
+            if live.ready_us is None and now - live.created_us > start_timeout_us
+        ]
+        if late:
+            await asyncio.gather(*late)
 
-    def reap_orphans(self) -> None:
+    async def reap_orphans(self) -> None:
         """Stop running sessions whose renter has been gone longer than its keep-alive (the
         renter's client died, or closed its laptop): they would bill until the credit ran out."""
         now = time.monotonic()
+        ends = []
         for live in list(self.sessions.values()):
-            if live.ready_us is None or live.id in self.pending_stops:
+            if live.ready_us is None or live.id in self.pending_stops or live.id in self._ending:
                 continue
             pair = self.relays.pairs.get(live.id)
-            since = pair.absent_since[USER] if pair is not None else None
-            if pair is None:
-                # No relay yet in this process (a broker restart): count from now on.
-                self.relays.pair(live.id)
-                continue
-            limit = live.keep_alive_s if live.keep_alive_s is not None else None
+            # No relay yet in this process (never connected, or a broker restart): the
+            # absence counts from when this broker began to know the session.
+            since = pair.absent_since[USER] if pair is not None else live.known_since
+            limit = live.keep_alive_s
             if limit is None:
-                limit = self.settings.orphan_grace_s
+                limit = (
+                    self.settings.orphan_max_keep_alive_s
+                    if self.cell_running(live.id)
+                    else self.settings.orphan_grace_s
+                )
             if since is not None and now - since > limit:
                 gone = now - since
                 log.info("session %s: no renter connected for %.0f s; stopping", live.id, gone)
-                self.end_session(live.id, END_CLIENT_GONE, message=f"no client for {limit:g} s")
+                ends.append(
+                    self.end_session(live.id, END_CLIENT_GONE, message=f"no client for {limit:g} s")
+                )
+        if ends:
+            await asyncio.gather(*ends)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -478,40 +546,44 @@ class Broker:
                 load.busy_offer_ids.add(live.offer_id)
         return loads
 
-    def online_offers(self) -> list[OfferView]:
+    async def online_offers(self) -> list[OfferView]:
         """Offers of the hosts connected now, with their hosts' reliability."""
-        return [
-            replace(o, reliability=self.host_reliability(link.name).score)
-            for link in self.hosts.values()
-            if link.channel is not None
-            for o in link.offers
-        ]
+        links = [link for link in self.hosts.values() if link.channel is not None]
+        scores = {link.name: (await self.host_reliability(link.name)).score for link in links}
+        return [replace(o, reliability=scores[link.name]) for link in links for o in link.offers]
 
-    def host_reliability(self, name: str, max_age_s: float = 10.0) -> Reliability:
-        """A host's reliability over the last 30 days (cached for a minute)."""
+    async def host_reliability(self, name: str, max_age_s: float = 10.0) -> Reliability:
+        """A host's reliability over the last 30 days (cached for ``max_age_s``)."""
         now = now_us()
         cached = self._reliability.get(name)
         if cached is not None and now - cached[0] < max_age_s * 1_000_000:
             return cached[1]
         since = now - WINDOW_DAYS * 86_400 * 1_000_000
-        first = self.store.first_seen(name)
+        first, presence, (total, lost) = await self.db.run(
+            self._reliability_inputs, name, since, write=False
+        )
         schedule, offset = self._host_schedules.get(name, (None, 0))
         uptime = None
         # Minutes of presence say nothing yet: a new host shows as new, not as 100 %.
         if first is not None and now - first >= MIN_OBSERVED_S * 1_000_000:
-            connections = self.store.presence(name, since)
+            connections = presence
             link = self.hosts.get(name)
             if link is not None and link.channel is not None:
                 # The stored row of the live connection lags by a checkpoint; it lasts until now.
                 connections = [c for c in connections if c[0] != link.connected_us]
                 connections.append((link.connected_us, now, None))
             uptime = uptime_fraction(connections, schedule, offset, max(since, first), now)
-        total, lost = self.store.host_session_outcomes(name, since)
         result = reliability(uptime, total, lost)
         self._reliability[name] = (now, result)
         return result
 
-    def start_session(
+    def _reliability_inputs(self, name: str, since: int) -> tuple[Any, Any, tuple[int, int]]:
+        """What a host's reliability is computed from (on a store thread: three reads)."""
+        first = self.store.first_seen(name)
+        presence = self.store.presence(name, since) if first is not None else []
+        return first, presence, self.store.host_session_outcomes(name, since)
+
+    async def start_session(
         self,
         renter: str,
         request: SessionRequest,
@@ -523,39 +595,46 @@ class Broker:
         ``keep_alive_s``: how long the session may run with no renter connected (a long cell
         with the laptop closed); at most orphan_max_keep_alive_s, else orphan_grace_s.
         """
-        record = self._start(renter, request, class_name)
+        async with self._start_lock:  # what is free and what is funded holds until recorded
+            record = await self._start(renter, request, class_name)
         live = self.sessions.get(record.id)
         if live is not None and keep_alive_s is not None:
             live.keep_alive_s = min(float(keep_alive_s), self.settings.orphan_max_keep_alive_s)
         return record
 
-    def _start(self, renter: str, request: SessionRequest, class_name: str | None) -> Any:
+    async def _start(self, renter: str, request: SessionRequest, class_name: str | None) -> Any:
         if class_name is not None:
-            return self._start_class_session(renter, request, class_name)
-        balance = self.store.balance(renter)
+            return await self._start_class_session(renter, request, class_name)
+        balance = await self.db.balance(renter)
         offer = choose_offer(
-            self.online_offers(),
+            await self.online_offers(),
             self.host_loads(),
             request,
             balance - self.committed(renter),
             self.settings.minimum_start_seconds,
         )
-        return self._launch(renter, renter, offer, balance)
+        return await self._launch(renter, renter, offer, balance)
 
     def committed(self, payer: str) -> int:
         """The running (not yet settled) cost of a payer's sessions."""
         now = now_us()
         return sum(s.cost_at(now) for s in self.sessions.values() if s.payer == payer)
 
-    def _launch(
+    async def _launch(
         self, renter: str, payer: str, offer: OfferView, balance: int, class_name: str | None = None
     ) -> Any:
-        record = self.store.create_session(renter, payer, offer.id, now_us(), class_name=class_name)
+        record = await self.db.create_session(
+            renter, payer, offer.id, now_us(), class_name=class_name
+        )
         live = self.sessions[record.id] = LiveSession.from_record(record)
         if class_name is not None:
-            self._attach_quota(live, exclude_running=False)
+            await self._attach_quota(live, exclude_running=False)
         self._balances[payer] = balance
-        self.hosts[offer.host].send(
+        link = self.hosts.get(offer.host)
+        if link is None:  # lost while the session was being recorded: check_hosts ends it
+            log.warning("session %s: host %s went away before the start", record.id, offer.host)
+            return record
+        link.send(
             {
                 "type": "start_kernel",
                 "session_id": record.id,
@@ -568,10 +647,12 @@ class Broker:
 
     # -- classes ----------------------------------------------------------------------------
 
-    def class_used(self, class_name: str, student: str, *, include_running: bool = True) -> Used:
+    async def class_used(
+        self, class_name: str, student: str, *, include_running: bool = True
+    ) -> Used:
         """What a student has used in a class: ended sessions, plus running ones so far."""
+        usage = (await self.db.class_usage(class_name, week_start_us(now_us()))).get(student)
         now = now_us()
-        usage = self.store.class_usage(class_name, week_start_us(now)).get(student)
         used = (
             Used() if usage is None else Used(usage.seconds, usage.amount_micro, usage.week_seconds)
         )
@@ -586,23 +667,25 @@ class Broker:
                     )
         return used
 
-    def _attach_quota(self, live: LiveSession, *, exclude_running: bool) -> None:
-        record = self.store.get_class(live.class_name)  # type: ignore[arg-type]
+    async def _attach_quota(self, live: LiveSession, *, exclude_running: bool) -> None:
+        record = await self.db.get_class(live.class_name)
         live.quota = Quota(record.quota_seconds, record.quota_micro, record.weekly_quota_seconds)
-        live.used_before = self.class_used(
+        live.used_before = await self.class_used(
             live.class_name,
             live.renter,
             include_running=not exclude_running,  # type: ignore[arg-type]
         )
 
-    def _start_class_session(self, student: str, request: SessionRequest, class_name: str) -> Any:
-        now = now_us()
+    async def _start_class_session(
+        self, student: str, request: SessionRequest, class_name: str
+    ) -> Any:
         try:
-            record = self.store.get_class(class_name)
+            record = await self.db.get_class(class_name)
         except NotFound:
             raise Refused(404, f"no class named {class_name!r}") from None
-        if self.store.class_role(class_name, student) is None:
+        if await self.db.class_role(class_name, student) is None:
             raise Refused(404, f"no class named {class_name!r}")
+        now = now_us()
         problem = class_window_problem(record.starts_us, record.ends_us, now)
         if problem:
             raise Refused(403, f"class {class_name}: {problem}")
@@ -611,7 +694,7 @@ class Broker:
                 409, f"you already have a running kernel in class {class_name}; stop it first"
             )
         quota = Quota(record.quota_seconds, record.quota_micro, record.weekly_quota_seconds)
-        problem = quota_problem(quota, self.class_used(class_name, student))
+        problem = quota_problem(quota, await self.class_used(class_name, student))
         if problem:
             raise Refused(403, f"class {class_name}: {problem}")
         class_request = SessionRequest(
@@ -623,7 +706,7 @@ class Broker:
         loads = self.host_loads()
         free = [
             o
-            for o in self.online_offers()
+            for o in await self.online_offers()
             if offer_fits(o, class_request) and offer_is_free(o, loads.get(o.host))
         ]
         place = line.peek(student, now)
@@ -642,37 +725,65 @@ class Broker:
                 raise Queued(line.place(student, now)) from None
             raise
         line.leave(student)
-        return self._launch(student, record.account, offer, record.budget_micro, class_name)
+        return await self._launch(student, record.account, offer, record.budget_micro, class_name)
 
-    def stop_student(self, class_name: str, student: str) -> list[Any]:
+    async def stop_student(self, class_name: str, student: str) -> list[Any]:
         """Stop a student's running kernels in a class (the teacher's stop button)."""
-        return [
-            self.end_session(live.id, END_TEACHER)
-            for live in list(self.sessions.values())
-            if live.class_name == class_name and live.renter == student
-        ]
+        return list(
+            await asyncio.gather(
+                *(
+                    self.end_session(live.id, END_TEACHER)
+                    for live in list(self.sessions.values())
+                    if live.class_name == class_name and live.renter == student
+                )
+            )
+        )
 
-    def kernel_ready(self, host: str, session_id: str) -> None:
-        """Start billing: the host reports the kernel answering."""
+    async def kernel_ready(self, host: str, session_id: str) -> None:
+        """Start billing: the host reports the kernel answering. Billing starts at this
+        instant whatever the store does; a write it cannot take now is retried."""
         live = self.sessions.get(session_id)
         if live is None or live.host != host or live.ready_us is not None:
             return
         live.ready_us = now_us()
-        self.store.mark_ready(session_id, live.ready_us)
+        self._ready_unsaved[session_id] = live.ready_us
+        await self._save_ready(session_id)
 
-    def kernel_ended(self, host: str, session_id: str, reason: str, message: str = "") -> None:
+    async def _save_ready(self, session_id: str) -> bool:
+        """Record a session's readiness; False when the store cannot take it now."""
+        ready_us = self._ready_unsaved.get(session_id)
+        if ready_us is None:
+            return True
+        try:
+            await self.db.mark_ready(session_id, ready_us)
+        except (NotFound, Conflict) as error:  # it ended meanwhile (another broker's stop)
+            log.warning("session %s: readiness not recorded: %s", session_id, error)
+        except Exception as error:
+            if not unavailable(error):
+                self._ready_unsaved.pop(session_id, None)
+                raise
+            log.warning("session %s: readiness not recorded yet, retrying: %s", session_id, error)
+            return False
+        self._ready_unsaved.pop(session_id, None)
+        return True
+
+    async def kernel_ended(
+        self, host: str, session_id: str, reason: str, message: str = ""
+    ) -> None:
         """End a session whose kernel stopped or failed on the host."""
         live = self.sessions.get(session_id)
         if live is None or live.host != host or session_id in self.pending_stops:
             return  # unknown, someone else's, or stopped by us and waiting for the store
+        if session_id in self._ending:
+            return  # being settled already, at the instant first asked
         if live.ready_us is None:
-            self.end_session(session_id, END_START_FAILED, message=message or reason)
+            await self.end_session(session_id, END_START_FAILED, message=message or reason)
         else:
             # "exited" (code 0) says no more than END_KERNEL does; "died" does.
             detail = message or ("" if reason == "exited" else reason)
-            self.end_session(session_id, END_KERNEL, message=detail)
+            await self.end_session(session_id, END_KERNEL, message=detail)
 
-    def end_session(
+    async def end_session(
         self,
         session_id: str,
         end_reason: str,
@@ -682,52 +793,83 @@ class Broker:
     ) -> Any:
         """Settle a session once, tell its host to stop the kernel and close its relay.
 
-        Returns the ended record, or None when the store could not settle it now: then the
-        session stays known as "stopping", billed to this instant whenever the settlement
-        commits (retried every second, and after a restart from the stop journal).
+        Returns the ended record, or None when the store has not settled it within
+        ``stop_answer_s`` (locked, gone, disk full): then the session is kept as "stopping",
+        on disk in the stop journal, its kernel is stopped, and it is billed to this instant
+        whenever the settlement commits (retried every second, and after a restart).
+
+        The first ask fixes the instant and the reason; an ask while a settlement is in
+        flight waits for that one.
         """
-        live = self.sessions.get(session_id)
-        pending = self.pending_stops.get(session_id)
-        if pending is not None:  # the first ask fixes the instant and the reason
-            ended_us, end_reason, message = pending.ended_us, pending.end_reason, pending.message
-        if ended_us is None:
-            ended_us = now_us()
-        if live is not None and live.ready_us is not None:
-            ended_us = max(ended_us, live.ready_us)
+        ending = self._ending.get(session_id)
+        if ending is None:
+            live = self.sessions.get(session_id)
+            stop = self.pending_stops.get(session_id)
+            if stop is None:
+                asked = now_us() if ended_us is None else ended_us
+                ready = live.ready_us if live is not None else None
+                stop = PendingStop(session_id, stop_instant_us(asked, ready), end_reason, message)
+            task = asyncio.get_running_loop().create_task(self._settle(live, stop))
+            ending = self._ending[session_id] = (stop, task)
+        stop, task = ending
+        done, _ = await asyncio.wait({task}, timeout=self.settings.stop_answer_s)
+        if task in done:
+            return task.result()
+        # Slow to commit: keep the stop durably and stop the kernel now; _settle goes on.
+        self._defer_stop(self.sessions.get(session_id), stop)
+        return None
+
+    async def _settle(self, live: LiveSession | None, stop: PendingStop) -> Any:
+        """Commit one stop's settlement, then let the session go (None: not now)."""
+        session_id = stop.session_id
         try:
-            record = self.store.end_session(
-                session_id, ended_us, end_reason, self.settings.platform_fee_bps
-            )
-        except StoreUnavailable as error:
-            if pending is None:
-                self._defer_stop(live, PendingStop(session_id, ended_us, end_reason, message))
-                log.warning(
-                    "session %s: stop (%s) not settled yet, retrying: %s",
-                    session_id,
-                    end_reason,
-                    error,
+            try:
+                if not await self._save_ready(session_id):
+                    raise StoreUnavailable("the session's readiness is not recorded yet")
+                record = await self.db.end_session(
+                    session_id, stop.ended_us, stop.end_reason, self.settings.platform_fee_bps
                 )
-            return None
-        # Only now, with the settlement committed, does the session leave the broker.
-        self.sessions.pop(session_id, None)
-        if self.pending_stops.pop(session_id, None) is not None:
-            self.journal.rewrite(list(self.pending_stops.values()))
-            log.info("session %s: deferred stop settled", session_id)
+            except StoreUnavailable as error:
+                if session_id not in self.pending_stops:
+                    self._defer_stop(live, stop)
+                    log.warning(
+                        "session %s: stop (%s) not settled yet, retrying: %s",
+                        session_id,
+                        stop.end_reason,
+                        error,
+                    )
+                return None
+        finally:
+            self._ending.pop(session_id, None)
+        self._settled(live, stop, record)
+        return record
+
+    def _settled(self, live: LiveSession | None, stop: PendingStop, record: Any) -> None:
+        """A settlement committed: only now does the session leave the broker."""
+        self.sessions.pop(stop.session_id, None)
+        was_deferred = self.pending_stops.pop(stop.session_id, None) is not None
+        if was_deferred:
+            self._rewrite_journal()
+            log.info("session %s: deferred stop settled", stop.session_id)
         if live is not None:
             self._balances.pop(live.payer, None)
             self._reliability.pop(live.host, None)
-            if pending is None:
-                self._stop_kernel(live, end_reason)
+            if not was_deferred:
+                self._stop_kernel(live, stop.end_reason)
             log.info(
                 "session %s ended (%s): %s s, %s micro",
-                session_id,
-                end_reason,
+                stop.session_id,
+                stop.end_reason,
                 record.billed_seconds,
                 record.amount_micro,
             )
-        reason_text = end_reason if not message else f"{end_reason}: {message}"
-        self.relays.close(session_id, CLOSE_CODES.get(end_reason, CLOSE_STOPPED), reason_text[:120])
-        return record
+        self._close_relay(stop)
+
+    def _close_relay(self, stop: PendingStop) -> None:
+        reason_text = stop.end_reason if not stop.message else f"{stop.end_reason}: {stop.message}"
+        self.relays.close(
+            stop.session_id, CLOSE_CODES.get(stop.end_reason, CLOSE_STOPPED), reason_text[:120]
+        )
 
     def _stop_kernel(self, live: LiveSession, end_reason: str) -> None:
         link = self.hosts.get(live.host)
@@ -735,70 +877,100 @@ class Broker:
             link.send({"type": "stop_kernel", "session_id": live.id, "reason": end_reason})
 
     def _defer_stop(self, live: LiveSession | None, stop: PendingStop) -> None:
-        """Keep a stop the store could not settle: on disk first, then stop the kernel (the
-        renter pays to the instant asked, whenever the settlement commits)."""
-        self.journal.add(stop)
+        """Keep a stop the store has not settled: on disk first, then stop the kernel (the
+        renter pays to the instant asked, whenever the settlement commits). Once per stop."""
+        if stop.session_id in self.pending_stops:
+            return
+        try:
+            self.journal.add(stop)
+        except OSError as error:  # the journal's disk is full too: memory keeps it meanwhile
+            log.error(
+                "session %s: stop not journalled (%s); kept in memory", stop.session_id, error
+            )
         self.pending_stops[stop.session_id] = stop
         if live is not None:
             self._stop_kernel(live, stop.end_reason)
-        reason_text = stop.end_reason if not stop.message else f"{stop.end_reason}: {stop.message}"
-        self.relays.close(
-            stop.session_id, CLOSE_CODES.get(stop.end_reason, CLOSE_STOPPED), reason_text[:120]
-        )
+        self._close_relay(stop)
 
-    def settle_pending(self) -> None:
-        """Retry the stops the store could not settle (each at the instant it was asked)."""
+    def _rewrite_journal(self) -> None:
+        try:
+            self.journal.rewrite(list(self.pending_stops.values()))
+        except OSError as error:  # settled stops left in it are settled again, idempotently
+            log.error("stop journal not rewritten: %s", error)
+
+    async def settle_pending(self) -> None:
+        """Retry the stops the store could not settle (each at the instant it was asked),
+        and readiness it could not record."""
+        for session_id in list(self._ready_unsaved):
+            if session_id not in self._ending and not await self._save_ready(session_id):
+                return  # the store is still down: try again at the next tick
         for stop in list(self.pending_stops.values()):
-            if self.end_session(stop.session_id, stop.end_reason) is None:
+            if stop.session_id in self._ending:
+                continue  # a settlement of it is in flight already
+            live = self.sessions.get(stop.session_id)
+            task = asyncio.get_running_loop().create_task(self._settle(live, stop))
+            self._ending[stop.session_id] = (stop, task)
+            if await task is None:
                 return  # the store is still down: try again at the next tick
 
     def stopping_cost(self, session_id: str) -> int | None:
         """What a session whose stop is pending will be billed (None: not stopping)."""
         stop = self.pending_stops.get(session_id)
+        if stop is None and session_id in self._ending:
+            stop = self._ending[session_id][0]  # being settled now, at this instant
         live = self.sessions.get(session_id)
         if stop is None:
             return None
         return 0 if live is None else live.cost_at(stop.ended_us)
 
-    def stop_session(self, session_id: str) -> Any:
+    async def stop_session(self, session_id: str) -> Any:
         """Stop a session at the renter's request; billing ends now (None: the settlement
         is pending, see end_session)."""
         if session_id not in self.sessions:
-            return self.store.get_session(session_id)
-        return self.end_session(session_id, END_STOPPED)
+            return await self.db.get_session(session_id)
+        return await self.end_session(session_id, END_STOPPED)
 
-    def enforce_budgets(self) -> None:
+    def _settling(self, live: LiveSession) -> bool:
+        return live.id in self.pending_stops or live.id in self._ending
+
+    async def enforce_budgets(self) -> None:
         """Stop every session of a payer whose running cost has reached the payer's credit."""
         now = now_us()
         by_payer: dict[str, list[LiveSession]] = {}
         for live in self.sessions.values():
-            if live.ready_us is not None and live.id not in self.pending_stops:
+            if live.ready_us is not None and not self._settling(live):
                 by_payer.setdefault(live.payer, []).append(live)
+        ends = []
         for payer, running in by_payer.items():
-            exhausted_us = credit_runs_out_us(self._balance(payer), running)
+            exhausted_us = credit_runs_out_us(await self._balance(payer), _billing(running))
             if exhausted_us is None or exhausted_us > now:
                 continue
-            for live in running:
+            ends += [
                 self.end_session(live.id, END_CREDIT, ended_us=min(now, exhausted_us))
+                for live in running
+                if not self._settling(live)
+            ]
         for live in list(self.sessions.values()):
             stop_at = live.quota_stop_us()
-            if live.id in self.pending_stops:
+            if self._settling(live):
                 continue
             if stop_at is not None and stop_at <= now:
-                self.end_session(live.id, END_QUOTA, ended_us=stop_at)
+                ends.append(self.end_session(live.id, END_QUOTA, ended_us=stop_at))
+        if ends:
+            await asyncio.gather(*ends)
 
-    def _balance(self, payer: str) -> int:
+    async def _balance(self, payer: str) -> int:
         """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
         balance = self._balances.get(payer)
         if balance is None:
-            balance = self._balances[payer] = self.store.balance(payer)
+            balance = self._balances[payer] = await self.db.balance(payer)
         return balance
 
     def refresh_balances(self) -> None:
         """Forget cached balances so the next budget check reads the store."""
         self._balances.clear()
 
-    def checkpoint(self, force: bool = False) -> None:
+    async def checkpoint(self, force: bool = False) -> None:
         """Save each running session's last evidence of life (its host's last heartbeat)."""
         pairs = []
         for live in self.sessions.values():
@@ -806,14 +978,13 @@ class Broker:
             if link is not None and live.ready_us is not None:
                 pairs.append((live.id, link.last_heartbeat_us))
         if pairs:
-            self.store.checkpoint_last_seen(pairs)
+            await self.db.checkpoint_last_seen(pairs)
         now = now_us()
         if force or now - self._presence_touched_us >= PRESENCE_INTERVAL_S * 1_000_000:
             # Uptime is measured over 30 days: a minute's precision is plenty, and one
             # statement for all connected hosts keeps 10,000 hosts cheap.
-            self._presence_touched_us = now
             fresh = now - int(self.settings.heartbeat_timeout * 1_000_000)
-            self.store.touch_presence(
+            await self.db.touch_presence(
                 [
                     link.presence_id
                     for link in self.hosts.values()
@@ -821,27 +992,40 @@ class Broker:
                 ],
                 now,
             )
+            self._presence_touched_us = now
         # Balances may change under us when several brokers share a store.
         self.refresh_balances()
 
-    def stops_at_us(self, session_id: str) -> int | None:
+    async def stops_at_us(self, session_id: str) -> int | None:
         """When the broker will stop a running session (quota or credit), if nothing changes."""
         live = self.sessions.get(session_id)
         if live is None or live.ready_us is None:
             return None
         running = [s for s in self.sessions.values() if s.payer == live.payer and s.ready_us]
-        deadlines = [live.quota_stop_us(), credit_runs_out_us(self._balance(live.payer), running)]
+        balance = await self._balance(live.payer)
+        deadlines = [live.quota_stop_us(), credit_runs_out_us(balance, _billing(running))]
         known = [d for d in deadlines if d is not None]
         return min(known) if known else None
+
+    def cell_running(self, session_id: str) -> bool:
+        """Whether the session's host last said its kernel is running a cell."""
+        live = self.sessions.get(session_id)
+        link = self.hosts.get(live.host) if live is not None else None
+        return link is not None and session_id in link.busy_sessions
 
     def cost_so_far(self, session_id: str) -> int:
         """Cost of a live session up to now (0 for ended or not yet ready)."""
         live = self.sessions.get(session_id)
         return 0 if live is None else live.cost_at(now_us())
 
-    def session_record(self, session_id: str) -> Any:
+    async def session_record(self, session_id: str) -> Any:
         """The stored session, or NotFound."""
-        return self.store.get_session(session_id)
+        return await self.db.get_session(session_id)
+
+
+def _billing(running: list[LiveSession]) -> list[tuple[int, int]]:
+    """``(ready_us, price)`` of the sessions that bill, for ``ledger.credit_runs_out_us``."""
+    return [(s.ready_us, s.price_per_second_micro) for s in running if s.ready_us is not None]
 
 
 STOP_RETRY_INTERVAL = 1.0  # seconds between settlement retries of pending stops
@@ -853,15 +1037,6 @@ def liveness_check_interval(heartbeat_interval: float, heartbeat_timeout: float)
     (about 16 ms with 10,000 hosts), and a host is then found lost at most an eighth of
     its timeout late."""
     return max(min(1.0, heartbeat_interval), heartbeat_timeout / 8)
-
-
-def credit_runs_out_us(balance_micro: int, running: list[LiveSession]) -> int | None:
-    """The instant the payer's running sessions' exact (unrounded) cost reaches its balance."""
-    rate = sum(s.price_per_second_micro for s in running)
-    if rate <= 0:
-        return None
-    weighted_start = sum((s.ready_us or 0) * s.price_per_second_micro for s in running)
-    return (balance_micro * 1_000_000 + weighted_start) // rate
 
 
 def _offer_view(offer: Any) -> OfferView:

@@ -10,7 +10,9 @@ from .rules import (
     Entry,
     billed_seconds,
     can_start,
+    cost_at,
     credit_entries,
+    credit_runs_out_us,
     earnings_by_day,
     format_credits,
     parse_credits,
@@ -21,6 +23,7 @@ from .rules import (
     session_amount,
     settlement_entries,
     split_fee,
+    stop_instant_us,
 )
 
 __all__ = [
@@ -31,7 +34,9 @@ __all__ = [
     "Entry",
     "billed_seconds",
     "can_start",
+    "cost_at",
     "credit_entries",
+    "credit_runs_out_us",
     "earnings_by_day",
     "format_credits",
     "parse_credits",
@@ -42,4 +47,5 @@ __all__ = [
     "session_amount",
     "settlement_entries",
     "split_fee",
+    "stop_instant_us",
 ]

@@ -7,6 +7,7 @@ stored per second and shown per hour, times are integer microseconds since the e
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation, localcontext
 
@@ -169,3 +170,33 @@ def earnings_by_day(settled: list[tuple[int, int, int]]) -> list[dict[str, objec
         total["billed_seconds"] += seconds or 0
         total["earned_micro"] += earned
     return [{"day": day, **days[day]} for day in sorted(days, reverse=True)]
+
+
+def credit_runs_out_us(balance_micro: int, running: Iterable[tuple[int, int]]) -> int | None:
+    """The instant a payer's running sessions, as ``(ready_us, price_per_second_micro)``,
+    together cost exactly (unrounded) its balance; None when nothing of it bills.
+
+    Each session costs ``(t - ready_us) * price / 10^6`` at instant ``t``: the sum reaches
+    the balance at ``(balance * 10^6 + sum(ready_us * price)) / sum(price)``, floored so the
+    stop comes at or before that instant, never after.
+    """
+    rate = weighted_start = 0
+    for ready_us, price in running:
+        rate += price
+        weighted_start += ready_us * price
+    if rate <= 0:
+        return None
+    return (balance_micro * MICROSECONDS_PER_SECOND + weighted_start) // rate
+
+
+def stop_instant_us(asked_us: int, ready_us: int | None) -> int:
+    """Where billing of a stop asked at ``asked_us`` ends: then, never before billing began."""
+    return asked_us if ready_us is None else max(asked_us, ready_us)
+
+
+def cost_at(ready_us: int | None, at_us: int, price_per_second_micro: int) -> int:
+    """What a session costs if it ends at ``at_us``: 0 before it was ready, else its billed
+    seconds (started seconds count whole) at its price."""
+    if ready_us is None:
+        return 0
+    return session_amount(billed_seconds(ready_us, at_us), price_per_second_micro)

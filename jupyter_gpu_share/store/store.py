@@ -499,6 +499,11 @@ class Store(ClassStore, HostStore, ReceiptStore):
         self._reader.dispose()
 
     @property
+    def shared_connection(self) -> bool:
+        """Whether every call shares one connection (in-memory SQLite): no two at once."""
+        return self._sqlite is not None and self._reader is self._writer
+
+    @property
     def dialect(self) -> str:
         """Return the database's dialect name, ``sqlite`` or ``postgresql``."""
         return self._writer.dialect.name
@@ -624,9 +629,15 @@ class Store(ClassStore, HostStore, ReceiptStore):
             )
         return token
 
-    def authenticate(self, token: str) -> Account | None:
+    def authenticate(
+        self, token: str, touches: list[dict[str, int]] | None = None
+    ) -> Account | None:
         """Return the account a token belongs to, or None for an unknown, expired or revoked
-        token. Nothing is cached: a revoked token is refused from the next call on."""
+        token. Nothing is cached: a revoked token is refused from the next call on.
+
+        The token's last-used time is written at most once a minute; with ``touches`` that
+        write is appended there for ``touch_tokens`` instead, so authenticating only reads
+        (the broker queues the touch rather than wait on a write lock for it)."""
         if (
             not isinstance(token, str)
             or not TOKEN_PREFIX_LENGTH < len(token) <= MAX_TOKEN_LENGTH
@@ -648,12 +659,18 @@ class Store(ClassStore, HostStore, ReceiptStore):
             return None
         stale_before = used_us - LAST_USED_RESOLUTION_US
         if match.last_used_us is None or match.last_used_us < stale_before:
-            with self._writer.begin() as connection:
-                connection.execute(
-                    _TOUCH_TOKEN,
-                    {"token_id": match.token_id, "used_us": used_us, "stale_before": stale_before},
-                )
+            touch = {"token_id": match.token_id, "used_us": used_us, "stale_before": stale_before}
+            if touches is None:
+                self.touch_tokens([touch])
+            else:
+                touches.append(touch)
         return _account(match)
+
+    def touch_tokens(self, touches: list[dict[str, int]]) -> None:
+        """Write tokens' last-used times collected by ``authenticate``."""
+        if touches:
+            with self._writer.begin() as connection:
+                connection.execute(_TOUCH_TOKEN, touches)
 
     def list_tokens(self, account_name: str) -> list[TokenRecord]:
         """Return an account's tokens, oldest first, named by public ids (never the secrets)."""

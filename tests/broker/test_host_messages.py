@@ -328,3 +328,16 @@ def test_eight_levels_pass_and_nine_do_not():
     check_depth([{"a": 1}] * 1000)
     with pytest.raises(HostMessageError, match="deeper than 8"):
         check_depth({"a": [[[[[[[{}]]]]]]]})
+
+
+def test_a_heartbeat_names_the_sessions_running_a_cell():
+    from jupyter_gpu_share.broker.host_messages import heartbeat_busy
+
+    assert heartbeat_busy({"type": "heartbeat"}) is None
+    assert heartbeat_busy({"type": "heartbeat", "busy_sessions": ["s-1f", "s-2a"]}) == {
+        "s-1f",
+        "s-2a",
+    }
+    for bad in ("s-1", [1], ["x" * 70], ["../etc"], ["s-" + "a" * 65], ["s-1"] * 5000):
+        with pytest.raises(HostMessageError):
+            heartbeat_busy({"type": "heartbeat", "busy_sessions": bad})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,8 @@ def test_only_hosts_silent_past_the_timeout_are_dropped(tmp_path: Path):
             channel=channels[name],
             last_heartbeat_us=now - int(age * 1_000_000),
         )
-    broker.check_hosts()
+    asyncio.run(broker.check_hosts())
+    broker.db.close()
     assert sorted(broker.hosts) == ["at-the-limit", "fresh"]
     assert channels["silent"].closed == (4001, "heartbeat timeout")
     assert channels["long-gone"].closed == (4001, "heartbeat timeout")

@@ -93,6 +93,8 @@ class Cluster:
 
     def __init__(self, workdir: Path, **broker_traits: Any):
         self.workdir = workdir
+        # The database may live elsewhere (a small file system, to fill it).
+        self.db_path = Path(broker_traits.pop("db_path", workdir / "broker.sqlite"))
         self.processes: list[Process] = []
         self.admin_token = secrets.token_urlsafe(24)
         self.port = free_port()
@@ -109,7 +111,7 @@ class Cluster:
             f"--port={self.port}",
             "--ServerApp.ip=127.0.0.1",
             "--ServerApp.port_retries=0",
-            f"--db=sqlite:///{workdir / 'broker.sqlite'}",
+            f"--db=sqlite:///{self.db_path}",
             f"--ServerApp.root_dir={workdir}",
             *ROOT_FLAG,
             *(f"--BrokerApp.{k}={v}" for k, v in traits.items()),

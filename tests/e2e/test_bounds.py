@@ -132,6 +132,37 @@ def test_a_host_that_never_says_hello_is_closed(make_cluster):
     assert code == 4408 and waited < 8, (code, waited)
 
 
+def test_half_open_upgrades_are_closed_after_the_handshake_timeout(make_cluster):
+    """Finding 3: 1,000 upgrades that never finished their headers were held forever (an
+    hour, tornado's default). Each now gets handshake_timeout to send them."""
+    cluster = make_cluster(handshake_timeout=2.0)
+    conns = []
+    for index in range(200):
+        conn = socket.create_connection(("127.0.0.1", cluster.port), timeout=30)
+        # Half an upgrade: the headers never end (no blank line), or nothing at all.
+        if index % 2:
+            conn.sendall(
+                f"GET {API}/hosts/connect HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                "Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n".encode()
+            )
+        conns.append(conn)
+    started = time.monotonic()
+    closed = 0
+    try:
+        for conn in conns:
+            try:
+                if conn.recv(4096) == b"":  # the broker hung up
+                    closed += 1
+            except (TimeoutError, ConnectionResetError):
+                pass
+    finally:
+        for conn in conns:
+            conn.close()
+    assert closed == len(conns), (closed, time.monotonic() - started)
+    # A request that does finish its headers is answered as before.
+    assert call(cluster.url, "GET", "/me", cluster.admin_token)[0] == 200
+
+
 def test_a_teacher_cannot_mint_accounts_without_bound(make_cluster):
     cluster = make_cluster(max_students_per_teacher=3, max_classes_per_teacher=1)
     teacher = cluster.account("prof", "teacher")

@@ -13,7 +13,9 @@ from jupyter_gpu_share.ledger import (
     Entry,
     billed_seconds,
     can_start,
+    cost_at,
     credit_entries,
+    credit_runs_out_us,
     format_credits,
     parse_credits,
     parse_positive_credits,
@@ -23,6 +25,7 @@ from jupyter_gpu_share.ledger import (
     session_amount,
     settlement_entries,
     split_fee,
+    stop_instant_us,
 )
 
 
@@ -250,3 +253,62 @@ def test_billing_is_ceil_seconds_times_price(start: int, length: int, price: int
     seconds = billed_seconds(start, start + length)
     assert seconds * 1_000_000 >= length > (seconds - 1) * 1_000_000 or length == seconds == 0
     assert session_amount(seconds, price) == seconds * price
+
+
+running_sessions = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=10**16),  # ready_us
+        st.integers(min_value=0, max_value=10**6),  # price per second
+    ),
+    max_size=8,
+)
+
+
+@given(st.integers(min_value=0, max_value=10**15), running_sessions)
+def test_credit_runs_out_at_the_last_instant_the_balance_covers(
+    balance: int, running: list[tuple[int, int]]
+) -> None:
+    """At the instant found, the sessions' exact cost is within the balance; a microsecond
+    later it is not (or nothing bills, and there is no such instant)."""
+    out = credit_runs_out_us(balance, running)
+    if sum(price for _, price in running) == 0:
+        assert out is None
+        return
+    assert out is not None
+
+    def exact_cost_times_million(at_us: int) -> int:  # micro-credits x 10^6, no rounding
+        return sum((at_us - ready) * price for ready, price in running)
+
+    assert exact_cost_times_million(out) <= balance * 1_000_000
+    assert exact_cost_times_million(out + 1) > balance * 1_000_000
+
+
+def test_credit_runs_out_for_one_session() -> None:
+    # 1 credit at 1000 micro-credits a second: 1000 s after it became ready.
+    assert credit_runs_out_us(MICRO, [(5_000_000, 1000)]) == 5_000_000 + 1000 * 1_000_000
+    assert credit_runs_out_us(MICRO, []) is None
+    assert credit_runs_out_us(MICRO, [(0, 0)]) is None
+
+
+@given(st.integers(min_value=0, max_value=10**16), st.none() | st.integers(0, 10**16))
+def test_a_stop_never_bills_before_the_session_was_ready(asked: int, ready: int | None) -> None:
+    instant = stop_instant_us(asked, ready)
+    assert instant >= asked
+    if ready is not None:
+        assert instant >= ready and instant in (asked, ready)
+        assert cost_at(ready, instant, 1000) >= 0
+
+
+@given(
+    st.integers(min_value=0, max_value=10**16),
+    st.integers(min_value=0, max_value=10**9),
+    st.integers(min_value=0, max_value=10**6),
+)
+def test_cost_so_far_is_what_a_stop_then_would_bill(ready: int, length: int, price: int) -> None:
+    """What the API shows as the cost so far is exactly the settlement of a stop then."""
+    assert cost_at(ready, ready + length, price) == session_amount(
+        billed_seconds(ready, ready + length), price
+    )
+    assert cost_at(None, ready + length, price) == 0
+    # Never more than ceil(lifetime) seconds at the price.
+    assert cost_at(ready, ready + length, price) <= -(-length // 1_000_000) * price
