@@ -194,9 +194,15 @@ def stop_instant_us(asked_us: int, ready_us: int | None) -> int:
     return asked_us if ready_us is None else max(asked_us, ready_us)
 
 
-def cost_at(ready_us: int | None, at_us: int, price_per_second_micro: int) -> int:
-    """What a session costs if it ends at ``at_us``: 0 before it was ready, else its billed
-    seconds (started seconds count whole) at its price."""
+def bill(ready_us: int | None, ended_us: int, price_per_second_micro: int) -> tuple[int, int]:
+    """What a session that ends at ``ended_us`` is billed: ``(seconds, amount)``. Nothing
+    if it never became ready; else every started second, at its price."""
     if ready_us is None:
-        return 0
-    return session_amount(billed_seconds(ready_us, at_us), price_per_second_micro)
+        return 0, 0
+    seconds = billed_seconds(ready_us, ended_us)
+    return seconds, session_amount(seconds, price_per_second_micro)
+
+
+def cost_at(ready_us: int | None, at_us: int, price_per_second_micro: int) -> int:
+    """What a session costs so far at ``at_us``: what a stop then would bill."""
+    return bill(ready_us, at_us, price_per_second_micro)[1]

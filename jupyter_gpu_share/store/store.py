@@ -39,7 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from jupyter_gpu_share import clock
-from jupyter_gpu_share.ledger import Entry, billed_seconds, can_start, credit_entries
+from jupyter_gpu_share.ledger import Entry, bill, can_start, credit_entries
 from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entries
 
 from . import models
@@ -1074,8 +1074,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
                 if row.state == ENDED:
                     results[session_id] = _session(row)
                     continue
-                seconds = billed_seconds(row.ready_us, ended_us) if row.ready_us is not None else 0
-                amount = seconds * row.price_per_second_micro
+                seconds, amount = bill(row.ready_us, ended_us, row.price_per_second_micro)
                 lines = make_settlement_entries(
                     row.payer_name, row.host_name, fee_account, amount, fee_bps
                 )
