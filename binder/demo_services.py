@@ -51,9 +51,16 @@ def main() -> None:
     admin_token = secrets.token_urlsafe(32)
     broker = spawn(
         "broker",
-        [*CLI, "broker", f"--port={port}", "--ServerApp.ip=127.0.0.1",
-         "--ServerApp.port_retries=0", f"--db=sqlite:///{STATE / 'broker.sqlite'}",
-         f"--ServerApp.root_dir={STATE}", *ROOT_FLAG],
+        [
+            *CLI,
+            "broker",
+            f"--port={port}",
+            "--ServerApp.ip=127.0.0.1",
+            "--ServerApp.port_retries=0",
+            f"--db=sqlite:///{STATE / 'broker.sqlite'}",
+            f"--ServerApp.root_dir={STATE}",
+            *ROOT_FLAG,
+        ],
         {**base_env, "GPU_SHARE_ADMIN_TOKEN": admin_token},
     )
     admin = BrokerClient(url, admin_token, timeout=5)
@@ -67,8 +74,16 @@ def main() -> None:
     # host are the same person here, so the kernels run unsandboxed.
     host = spawn(
         "host",
-        [*CLI, "host", "--broker", url, "--price-per-hour", "0.60",
-         "--HostAgent.sandbox=none", f"--scratch-root={STATE / 'scratch'}"],
+        [
+            *CLI,
+            "host",
+            "--broker",
+            url,
+            "--price-per-hour",
+            "0.60",
+            "--HostAgent.sandbox=none",
+            f"--scratch-root={STATE / 'scratch'}",
+        ],
         {**base_env, "GPU_SHARE_TOKEN": host_token},
     )
     wait_for(lambda: admin.request("GET", "/offers"), "host agent", host)

@@ -47,7 +47,7 @@ def _money(value: int | None) -> str | None:
 
 
 def _client(args: argparse.Namespace) -> BrokerClient:
-    return BrokerClient(args.broker, args.token)
+    return BrokerClient(args.broker, args.token, ca_file=getattr(args, "ca_file", None))
 
 
 def parse_duration(text: str) -> int:
@@ -658,6 +658,11 @@ def build_parser() -> OneLineParser:
     common = OneLineParser(add_help=False)
     common.add_argument("--broker", help="broker URL (environment: GPU_SHARE_BROKER_URL)")
     common.add_argument("--token", help="your token (environment: GPU_SHARE_TOKEN)")
+    common.add_argument(
+        "--ca-file",
+        help="a CA certificate (PEM) to trust for the broker's TLS, besides the system's "
+        "(environment: GPU_SHARE_CA_FILE)",
+    )
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=OneLineParser)
     for verb, text in (
         ("broker", "run the broker (a Jupyter server extension); --help for its options"),

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 from tornado import httpclient
 
+from .transport import tls
+
 BROKER_URL_ENV = "GPU_SHARE_BROKER_URL"
 TOKEN_ENV = "GPU_SHARE_TOKEN"
 API = "/gpu-share/api"
@@ -50,7 +52,13 @@ def _error_from(status: int, body: bytes) -> BrokerError:
 class BrokerClient:
     """Blocking broker client (urllib), for the command line."""
 
-    def __init__(self, url: str | None = None, token: str | None = None, timeout: float = 30):
+    def __init__(
+        self,
+        url: str | None = None,
+        token: str | None = None,
+        timeout: float = 30,
+        ca_file: str | None = None,
+    ):
         url = url or os.environ.get(BROKER_URL_ENV)
         token = token or os.environ.get(TOKEN_ENV)
         if not url:
@@ -60,6 +68,10 @@ class BrokerClient:
         self.url = normalise_broker_url(url)
         self.token = token
         self.timeout = timeout
+        try:  # https: certificates verified, against the system's CAs and ca_file
+            self.ssl_context = tls.context_for(self.url, ca_file)
+        except tls.TLSConfigError as error:
+            raise BrokerError(0, str(error)) from None
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         """Send one request to the broker's API and return its JSON answer."""
@@ -71,11 +83,16 @@ class BrokerClient:
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(
+                request, timeout=self.timeout, context=self.ssl_context
+            ) as response:
                 payload = response.read()
         except urllib.error.HTTPError as error:
             raise _error_from(error.code, error.read()) from None
         except (urllib.error.URLError, OSError) as error:
+            refused = tls.describe(error, self.url)
+            if refused is not None:
+                raise BrokerError(0, refused) from None
             reason = getattr(error, "reason", error)
             raise BrokerError(0, f"cannot reach the broker at {self.url}: {reason}") from None
         return json.loads(payload) if payload else None
@@ -88,8 +105,14 @@ async def broker_request(
     path: str,
     body: dict[str, Any] | None = None,
     timeout: float = 30,
+    ca_file: str | None = None,
 ) -> Any:
-    """Send one request to the broker's API from an event loop."""
+    """Send one request to the broker's API from an event loop (https: certificates
+    verified against the system's CAs and ``ca_file`` or ``GPU_SHARE_CA_FILE``)."""
+    try:
+        context = tls.context_for(url, ca_file)
+    except tls.TLSConfigError as error:
+        raise BrokerError(0, str(error)) from None
     request = httpclient.HTTPRequest(
         normalise_broker_url(url) + API + path,
         method=method,
@@ -98,13 +121,16 @@ async def broker_request(
         allow_nonstandard_methods=True,
         request_timeout=timeout,
         connect_timeout=min(timeout, 20),
+        ssl_options=context,
     )
     try:
         response = await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
     except OSError as error:
-        raise BrokerError(0, f"cannot reach the broker at {url}: {error}") from None
+        refused = tls.describe(error, url)
+        raise BrokerError(0, refused or f"cannot reach the broker at {url}: {error}") from None
     if response.code == 599:
-        raise BrokerError(0, f"cannot reach the broker at {url}: {response.error}")
+        refused = tls.describe(response.error, url) if response.error is not None else None
+        raise BrokerError(0, refused or f"cannot reach the broker at {url}: {response.error}")
     if response.code >= 400:
         raise _error_from(response.code, response.body or b"")
     return json.loads(response.body) if response.body else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import ipaddress
 import os
 import sys
 from collections.abc import Sequence
@@ -60,6 +61,9 @@ class BrokerApp(ExtensionApp):
         "fee-bps": "BrokerApp.platform_fee_bps",
         "heartbeat-interval": "BrokerApp.heartbeat_interval",
         "event-loop": "BrokerApp.event_loop",
+        # TLS served by the broker itself (README: "Run a broker with TLS").
+        "certfile": "ServerApp.certfile",
+        "keyfile": "ServerApp.keyfile",
     }
     flags = {  # noqa: RUF012
         "upgrade-db": (
@@ -365,8 +369,15 @@ class BrokerApp(ExtensionApp):
         """Register the REST, host-control and relay routes."""
         self.handlers.extend(default_handlers())
 
-    async def _start_jupyter_server_extension(self, serverapp: object) -> None:
+    async def _start_jupyter_server_extension(self, serverapp: Any) -> None:
         """Start metering, budget checks and host liveness checks."""
+        warning = plain_text_warning(
+            getattr(serverapp, "ip", ""),
+            bool(getattr(serverapp, "certfile", "")),
+            bool(getattr(serverapp, "sock", "")),
+        )
+        if warning:
+            self.log.warning(warning)
         await self.broker.start()
         frozen = freeze_startup_objects()
         self.log.info(
@@ -382,6 +393,22 @@ class BrokerApp(ExtensionApp):
         if broker is not None:
             await broker.stop()
             broker.store.close()
+
+
+def plain_text_warning(ip: str, tls: bool, unix_socket: bool) -> str | None:
+    """What to say when the broker serves beyond this machine without TLS (None: nothing)."""
+    if tls or unix_socket:
+        return None
+    try:
+        if ip and (ip == "localhost" or ipaddress.ip_address(ip).is_loopback):
+            return None
+    except ValueError:  # a host name: it may resolve to anything
+        pass
+    return (
+        f"listening on {ip or 'every interface'} without TLS: tokens and kernel traffic "
+        "cross the network in clear text. Serve TLS (--certfile CERT --keyfile KEY) or put a "
+        "TLS proxy in front and listen on 127.0.0.1 (README: Run a broker with TLS)"
+    )
 
 
 main = launch_new_instance = BrokerApp.launch_instance

@@ -28,6 +28,7 @@ from traitlets.config import LoggingConfigurable
 
 from .. import __version__, fastws, wire
 from ..ledger import format_credits, parse_credits, price_per_second_from_hour
+from ..transport import tls
 from .cgroups import CgroupLimits, cleanup_stale
 from .gateway import GatewayKernel
 from .idle import IdleWorkload
@@ -247,7 +248,8 @@ class HostSession:
                     ) from None
                 problem: str = f"HTTP {err.code}"
             except (OSError, StreamClosedError) as err:
-                problem = str(err) or type(err).__name__
+                url = self.agent.broker_url
+                problem = tls.describe(err, url) or str(err) or type(err).__name__
             delay = backoff_delay(attempt, cap=self.agent.reconnect_max_delay)
             attempt += 1
             self.log.warning(
@@ -475,6 +477,23 @@ class HostAgent(LoggingConfigurable):
         "regular file that only its owner can read or write (chmod 600 PATH). When set, it "
         "takes the place of $GPU_SHARE_TOKEN. Example: umask 077; echo TOKEN > "
         "~/.gpu-share-token; jupyter gpu-share host --token-file ~/.gpu-share-token",
+    ).tag(config=True)
+
+    ca_file = Unicode(
+        "",
+        help="A CA certificate (PEM) to trust for the broker's TLS besides the system's, for "
+        "a broker with a certificate of a private CA (--ca-file). Defaults to "
+        "$GPU_SHARE_CA_FILE. Certificates and host names are always verified.",
+    ).tag(config=True)
+
+    client_cert = Unicode(
+        "",
+        help="A client certificate (PEM, with its key unless client_key is set) the agent "
+        "presents to a broker or TLS proxy that asks for one (mutual TLS; --client-cert).",
+    ).tag(config=True)
+
+    client_key = Unicode(
+        "", help="The private key of client_cert, when it is in a file of its own (--client-key)."
     ).tag(config=True)
 
     price_per_hour = Unicode(
@@ -757,6 +776,12 @@ class HostAgent(LoggingConfigurable):
             raise AgentConfigError(
                 "no host token: pass --token-file PATH (mode 0600) or set GPU_SHARE_TOKEN"
             )
+        try:  # a CA or client certificate that cannot be read is said now, not per retry
+            tls.context_for(self.broker_url, self.ca_file, self.client_cert, self.client_key)
+        except tls.TLSConfigError as err:
+            raise AgentConfigError(str(err)) from None
+        if self.client_cert and not self.broker_url.startswith("https"):
+            raise AgentConfigError("client_cert is for a broker served over https")
         per_hour = parse_price_per_hour(self.price_per_hour)
         self.price_per_second_micro = price_per_second_from_hour(per_hour)
         prices = {}
@@ -910,11 +935,13 @@ class HostAgent(LoggingConfigurable):
         A relay (kernel traffic) is served by a :class:`fastws.ClientEnd` after the
         handshake; the control channel stays on tornado's connection.
         """
+        url = self.websocket_url(path)
         request = HTTPRequest(
-            self.websocket_url(path),
+            url,
             headers={"Authorization": f"Bearer {self.token}"},
             connect_timeout=10,
             request_timeout=30,
+            ssl_options=tls.context_for(url, self.ca_file, self.client_cert, self.client_key),
         )
         if relay:
             return await fastws.connect_end(
@@ -1010,7 +1037,8 @@ class HostAgent(LoggingConfigurable):
                         ) from None
                     self.log.warning("broker connection failed: HTTP %s", err.code)
                 except (OSError, StreamClosedError, asyncio.TimeoutError) as err:
-                    self.log.warning("broker connection failed: %s", str(err) or type(err).__name__)
+                    problem = tls.describe(err, self.broker_url) or str(err) or type(err).__name__
+                    self.log.warning("broker connection failed: %s", problem)
                 if self._stop_event.is_set():
                     break
                 if welcomed:

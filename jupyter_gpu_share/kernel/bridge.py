@@ -26,6 +26,7 @@ import zmq.asyncio
 from tornado import httpclient, websocket
 
 from .. import fastws, wire
+from ..transport import tls
 from ..zmqpump import SocketPump
 
 log = logging.getLogger("jupyter_gpu_share.bridge")
@@ -256,6 +257,7 @@ class KernelBridge:
             headers={"Authorization": f"Bearer {token}"},
             connect_timeout=20,
             request_timeout=60,
+            ssl_options=tls.context_for(url),  # the system's CAs and $GPU_SHARE_CA_FILE
         )
         ws = await fastws.connect_end(request, MAX_MESSAGE_SIZE)
         # The host ignores a repeated hello with the same key (after a reconnect).

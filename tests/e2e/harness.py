@@ -95,10 +95,13 @@ class Cluster:
         self.workdir = workdir
         # The database may live elsewhere (a small file system, to fill it).
         self.db_path = Path(broker_traits.pop("db_path", workdir / "broker.sqlite"))
+        # TLS at the broker: (certfile, keyfile, the CA file its clients trust).
+        tls = broker_traits.pop("tls", None)
+        self.ca_file = str(tls[2]) if tls else None
         self.processes: list[Process] = []
         self.admin_token = secrets.token_urlsafe(24)
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         traits = {
             "heartbeat_interval": 0.5,
             "checkpoint_interval": 1.0,
@@ -115,8 +118,9 @@ class Cluster:
             f"--ServerApp.root_dir={workdir}",
             *ROOT_FLAG,
             *(f"--BrokerApp.{k}={v}" for k, v in traits.items()),
+            *((f"--certfile={tls[0]}", f"--keyfile={tls[1]}") if tls else ()),
         ]
-        self.admin = BrokerClient(self.url, self.admin_token, timeout=10)
+        self.admin = BrokerClient(self.url, self.admin_token, timeout=10, ca_file=self.ca_file)
         self.start_broker()
 
     def start_broker(self) -> None:
@@ -125,15 +129,21 @@ class Cluster:
         name = "broker" if count == 0 else f"broker-{count + 1}"
         env = clean_env(GPU_SHARE_ADMIN_TOKEN=self.admin_token)
         self.broker = self.spawn(name, self._broker_args, env)
-        eventually(lambda: self.admin.request("GET", "/me"), 60, 0.2, "the broker to answer")
+        if self.ca_file:  # its certificate may be one a test wants refused: read its log
+            broker = self.broker
+            eventually(lambda: "gpu-share broker ready" in broker.output(), 60, 0.2, "the broker")
+        else:
+            eventually(lambda: self.admin.request("GET", "/me"), 60, 0.2, "the broker to answer")
 
     def spawn(self, name: str, args: list[str], env: dict[str, str]) -> Process:
+        if self.ca_file:  # every client of a TLS broker trusts its test CA
+            env = {**env, "GPU_SHARE_CA_FILE": self.ca_file}
         process = Process(name, args, env, self.workdir)
         self.processes.append(process)
         return process
 
     def client(self, token: str) -> BrokerClient:
-        return BrokerClient(self.url, token, timeout=10)
+        return BrokerClient(self.url, token, timeout=10, ca_file=self.ca_file)
 
     def account(self, name: str, role: str, credits_micro: int = 0) -> str:
         """Create an account with some credit; return a fresh token for it."""
