@@ -187,7 +187,12 @@ def verify(receipt: Any, public_key: Ed25519PublicKey) -> list[str]:
         problems.append("key_id is not the id of this public key")
     try:
         signed = signed_bytes(receipt)
-        public_key.verify(_b64decode(receipt[SIGNATURE]), signed)
+        signature = _b64decode(receipt[SIGNATURE])
+        # One spelling per signature: base64's unused low bits could otherwise give one
+        # receipt several texts, and the chain hashes the text (signature included).
+        if _b64encode(signature) != receipt[SIGNATURE]:
+            raise ValueError("signature is not canonical base64url")
+        public_key.verify(signature, signed)
     except (InvalidSignature, ValueError, binascii.Error):
         problems.append("signature does not match")
     started, ended = receipt["started_us"], receipt["ended_us"]

@@ -90,8 +90,10 @@ def _optional_non_negative(name: str, value: int | None) -> None:
 class ClassStore:
     """The class part of ``Store`` (mixed in; uses its engines and ledger posting)."""
 
-    # Store provides: _writer, _reader, _account_id(), _post(), ensure_account(), issue_token().
+    # Store provides: _writer, _write(), _reader, _account_id(), _post(), ensure_account(),
+    # issue_token().
     _writer: Any
+    _write: Any
     _reader: Any
     _account_id: Any
     _post: Any
@@ -133,7 +135,7 @@ class ClassStore:
         account = class_account_name(name)
         self.ensure_account(account, "system")
         now = clock.now_us()
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             if connection.execute(select(classes.c.id).where(classes.c.name == name)).first():
                 raise Conflict(f"a class named {name!r} already exists")
             class_id = connection.execute(
@@ -165,7 +167,7 @@ class ClassStore:
         """Move credits into a class's budget from ``source`` (the mint for an admin grant)."""
         if not isinstance(amount_micro, int) or isinstance(amount_micro, bool) or amount_micro <= 0:
             raise ValueError(f"budget amount must be a positive integer, not {amount_micro!r}")
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             row = self._class_row(connection, name)
             source_row = connection.execute(
                 select(accounts.c.id, accounts.c.role, accounts.c.balance_micro).where(
@@ -259,7 +261,7 @@ class ClassStore:
             self.ensure_account(student, "user")
             tokens[student] = None if existing is not None else self.issue_token(student)
         now = clock.now_us()
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             class_id = self._class_row(connection, name).id
             for student in wanted:
                 account_id = self._account_id(connection, student)
@@ -286,7 +288,7 @@ class ClassStore:
 
     def remove_student(self, name: str, student: str) -> None:
         """Take a student off a class (their past usage stays)."""
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             class_id = self._class_row(connection, name).id
             result = connection.execute(
                 update(members)
@@ -321,7 +323,7 @@ class ClassStore:
         if len(content.encode()) > MAX_NOTEBOOK_BYTES:
             raise ValueError(f"notebook {notebook!r} is over {MAX_NOTEBOOK_BYTES} bytes")
         now = clock.now_us()
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             class_id = self._class_row(connection, name).id
             updated = connection.execute(
                 update(notebooks)

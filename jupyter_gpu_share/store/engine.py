@@ -3,52 +3,24 @@
 SQLite (the pysqlite driver) gets WAL, ``synchronous=NORMAL``, foreign keys and a busy
 timeout. Its writers begin ``BEGIN IMMEDIATE``: a deferred transaction that reads and then
 writes fails at once with SQLITE_BUSY when another writer got in between, instead of
-waiting. That is done by a dialect subclass rather than a ``begin`` event, because any
-engine-level event slows down every statement the engine executes. Readers use a second
-engine in the driver's default mode, where a lone SELECT needs no transaction, so reads
-never queue behind the write lock.
+waiting. As in SQLAlchemy's documented recipe for pysqlite ("Serializable isolation /
+Savepoints / Transactional DDL"), the driver's own BEGIN is switched off at connect; the
+store emits ``BEGIN IMMEDIATE`` as each write transaction's first statement
+(``Store._write``), which costs less than the recipe's ``begin`` event (an engine event
+slows down every statement the engine runs). Readers use a second engine in the driver's
+default mode, where a lone SELECT needs no transaction, so reads never queue behind the
+write lock.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import URL, Engine, create_engine, event
-from sqlalchemy.dialects import registry
-from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy import URL, Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import StaticPool
 
 DEFAULT_BUSY_TIMEOUT_MS = 30_000
-WRITER_DRIVER = "gpushare_immediate"
-
-
-class ImmediateSQLiteDialect(SQLiteDialect_pysqlite):
-    """pysqlite, where SQLAlchemy begins every transaction with ``BEGIN IMMEDIATE``."""
-
-    supports_statement_cache = True
-
-    def on_connect(self) -> Any:
-        """Take over BEGIN from the sqlite3 module, then run pysqlite's own set-up."""
-        pysqlite_setup = super().on_connect()
-
-        def setup(dbapi_connection: Any) -> None:
-            dbapi_connection.isolation_level = None
-            if pysqlite_setup is not None:
-                pysqlite_setup(dbapi_connection)
-
-        return setup
-
-    def do_begin(self, dbapi_connection: Any) -> None:
-        """Begin a transaction holding SQLite's write lock."""
-        cursor = dbapi_connection.cursor()
-        try:
-            cursor.execute("BEGIN IMMEDIATE")
-        finally:
-            cursor.close()
-
-
-registry.register(f"sqlite.{WRITER_DRIVER}", __name__, "ImmediateSQLiteDialect")
 
 
 def _is_memory(url: URL) -> bool:
@@ -80,14 +52,24 @@ def _sqlite_engine(url: URL, *, writer: bool, echo: bool, busy_timeout_ms: int) 
     if _is_memory(url):
         # One shared connection, or every checkout would see a different empty database.
         options.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
-    driver = WRITER_DRIVER if writer else "pysqlite"
-    engine = create_engine(url.set(drivername=f"sqlite+{driver}"), **options)
+    engine = create_engine(url.set(drivername="sqlite+pysqlite"), **options)
     _set_pragmas(engine, busy_timeout_ms)
+    if writer:
+        _begin_immediate(engine)
     return engine
 
 
+def _begin_immediate(engine: Engine) -> None:
+    """The driver of ``engine`` begins no transaction itself: the store begins its writes
+    with ``BEGIN IMMEDIATE`` (``Store._write``)."""
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_begin(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # pysqlite emits no BEGIN of its own
+
+
 def _check_sqlite_driver(url: URL) -> None:
-    if url.get_driver_name() not in ("pysqlite", WRITER_DRIVER):
+    if url.get_driver_name() != "pysqlite":
         raise ValueError(f"only the standard sqlite3 driver is supported for SQLite: {url}")
 
 
@@ -115,4 +97,11 @@ def make_engine(
     if parsed.get_backend_name() != "sqlite":
         return create_engine(parsed, echo=echo, pool_pre_ping=True)
     _check_sqlite_driver(parsed)
-    return _sqlite_engine(parsed, writer=True, echo=echo, busy_timeout_ms=busy_timeout_ms)
+    engine = _sqlite_engine(parsed, writer=True, echo=echo, busy_timeout_ms=busy_timeout_ms)
+
+    # Outside the Store (migrations, tools) nothing else emits BEGIN: SQLAlchemy's recipe.
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

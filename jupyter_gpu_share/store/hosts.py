@@ -28,14 +28,15 @@ _CHUNK = 5000
 class HostStore:
     """The host part of ``Store`` (mixed in; uses its engines)."""
 
-    # Store provides: _writer, _reader, _account_id().
+    # Store provides: _writer, _write(), _reader, _account_id().
     _writer: Any
+    _write: Any
     _reader: Any
     _account_id: Any
 
     def open_presence(self, host: str, started_us: int, schedule: str | None = None) -> int:
         """Record that a host connected; return the id to checkpoint its heartbeats on."""
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             return connection.execute(
                 insert(presence).values(
                     host_account_id=self._account_id(connection, host),
@@ -48,7 +49,7 @@ class HostStore:
     def touch_presence(self, presence_ids: list[int], seen_us: int) -> None:
         """Mark many connections as seen at ``seen_us`` (one statement per 5,000 hosts)."""
         if presence_ids:
-            with self._writer.begin() as connection:
+            with self._write() as connection:
                 for start in range(0, len(presence_ids), _CHUNK):
                     connection.execute(
                         _TOUCH_MANY,

@@ -3,19 +3,20 @@
 Every method is one database transaction and returns frozen records, never ORM objects.
 Writers on SQLite begin ``IMMEDIATE`` (see ``engine.py``); on PostgreSQL a session being
 settled is locked ``FOR UPDATE`` and account balances are updated in account-id order, so
-several broker replicas can share one database. On SQLite, settlements and ledger postings
-run the same Core statements, compiled once, straight on the DBAPI cursor (``direct.py``),
-and a background thread checkpoints the WAL of a file database (``checkpoint.py``).
+several broker replicas can share one database. Settlements and ledger postings are Core
+statements (compiled once by SQLAlchemy's cache, many rows each), and a background thread
+checkpoints the WAL of a SQLite file database (``checkpoint.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import re
 import secrets
 import weakref
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
-    Dialect,
     bindparam,
     func,
     insert,
@@ -45,7 +45,6 @@ from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entri
 from . import models
 from .checkpoint import WalCheckpointer
 from .classes import ClassStore
-from .direct import DirectCursor, Prepared
 from .engine import DEFAULT_BUSY_TIMEOUT_MS, make_engines
 from .hosts import HostStore
 from .receipts import INSERT_RECEIPT, LOCK_CHAIN, RECEIPT_HEAD, ReceiptStore, Signer, receipt_rows
@@ -189,11 +188,10 @@ _CHECKPOINT = (
 
 
 class _CoreLedger:
-    """Runs the settlement and posting statements through ``Connection.execute``.
-
-    Used on PostgreSQL, where every statement is a round trip, so a batch of sessions
-    shares each statement, and session rows are locked FOR UPDATE in id order.
-    """
+    """Runs the settlement and posting statements through ``Connection.execute``: Core
+    statements, compiled once by SQLAlchemy's statement cache, many rows per statement
+    (executemany). On PostgreSQL every statement is a round trip, so a batch of sessions
+    shares each statement, and session rows are locked FOR UPDATE in id order."""
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
@@ -244,75 +242,6 @@ class _CoreLedger:
     def insert_receipts(self, rows: list[dict[str, Any]]) -> None:
         """Insert receipt rows."""
         self._connection.execute(INSERT_RECEIPT, rows)
-
-
-class _SQLiteStatements:
-    """The settlement and posting statements compiled for a SQLite writer's dialect."""
-
-    def __init__(self, dialect: Dialect) -> None:
-        self.dialect = dialect
-        self.select_session = Prepared(_SELECT_SESSION_FOR_SETTLEMENT, dialect)
-        self.end_session = Prepared(_END_SESSION, dialect)
-        self.insert_settlement = Prepared(_INSERT_SETTLEMENT, dialect)
-        self.insert_entry = Prepared(_INSERT_ENTRIES, dialect)
-        self.add_to_balance = Prepared(_ADD_TO_BALANCE, dialect)
-        self.receipt_head = Prepared(RECEIPT_HEAD, dialect)
-        self.insert_receipt = Prepared(INSERT_RECEIPT, dialect)
-
-
-class _SQLiteLedger:
-    """Runs the same statements as ``_CoreLedger`` on the SQLite writer's DBAPI cursor.
-
-    See ``direct.py``: a settlement takes ~0.25 ms instead of ~0.5 ms. SQLite is in-process,
-    so one statement per session costs no round trip, and the writer's BEGIN IMMEDIATE
-    already holds the database's only write lock, so rows need no FOR UPDATE.
-    """
-
-    def __init__(self, connection: Connection, statements: _SQLiteStatements) -> None:
-        self._cursor = DirectCursor(connection)
-        self._sql = statements
-
-    def __enter__(self) -> _SQLiteLedger:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._cursor.__exit__(*exc_info)
-
-    def lock_sessions(self, session_ids: list[str]) -> list[Any]:
-        """Return the rows of the sessions (with party names)."""
-        return [
-            row
-            for session_id in session_ids
-            for row in self._cursor.rows(self._sql.select_session, {"session_id": session_id})
-        ]
-
-    def end_sessions(self, updates: list[dict[str, Any]]) -> None:
-        """Mark sessions ended with their bills."""
-        self._cursor.executemany(self._sql.end_session, updates)
-
-    def insert_settlements(self, rows: list[dict[str, Any]]) -> dict[str, int]:
-        """Insert settlement transactions and return their ids by session id."""
-        return {
-            row["session_id"]: self._cursor.execute(self._sql.insert_settlement, row)
-            for row in rows
-        }
-
-    def post(self, entry_rows: list[dict[str, int]], balance_rows: list[dict[str, int]]) -> None:
-        """Insert ledger entries and add deltas to cached balances."""
-        self._cursor.executemany(self._sql.insert_entry, entry_rows)
-        self._cursor.executemany(self._sql.add_to_balance, balance_rows)
-
-    def lock_receipt_chain(self) -> None:
-        """Nothing to do: BEGIN IMMEDIATE already holds the only write lock."""
-
-    def receipt_head(self) -> Any:
-        """Return the last receipt's sequence and body, or None."""
-        rows = self._cursor.rows(self._sql.receipt_head, {})
-        return rows[0] if rows else None
-
-    def insert_receipts(self, rows: list[dict[str, Any]]) -> None:
-        """Insert receipt rows."""
-        self._cursor.executemany(self._sql.insert_receipt, rows)
 
 
 def migrations_config(url: str) -> Config:
@@ -421,7 +350,7 @@ def _check_int(name: str, value: object) -> None:
 
 
 def _post_entries(
-    ledger: _CoreLedger | _SQLiteLedger,
+    ledger: _CoreLedger,
     postings: list[tuple[int, list[Entry], Mapping[str, int]]],
 ) -> None:
     """Insert transactions' entries and add them to the cached balances."""
@@ -464,17 +393,15 @@ class Store(ClassStore, HostStore, ReceiptStore):
         self.url = url
         self._signer = signer
         self._writer, self._reader = make_engines(url, echo=echo, busy_timeout_ms=busy_timeout_ms)
+        self._immediate = self._writer.dialect.name == "sqlite"
         # Accounts are never renamed or deleted, so name -> id can be cached for good.
         self._account_ids: dict[str, int] = {}
-        self._sqlite: _SQLiteStatements | None = None
         self._checkpointer: WalCheckpointer | None = None
         try:
-            if self._writer.dialect.name == "sqlite":
-                self._sqlite = _SQLiteStatements(self._writer.dialect)
             self._prepare_schema(upgrade)
             for name in SYSTEM_ACCOUNTS:
                 self.ensure_account(name, "system")
-            if self._sqlite is not None and self._reader is not self._writer:
+            if self.dialect == "sqlite" and self._reader is not self._writer:
                 # A file database: WAL checkpoints (and their fsyncs) off the callers' path.
                 self._checkpointer = WalCheckpointer(self._reader)
                 self._checkpointer.start()
@@ -482,6 +409,19 @@ class Store(ClassStore, HostStore, ReceiptStore):
         except BaseException:
             self.close()
             raise
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[Connection]:
+        """A write transaction; on SQLite one that holds the write lock from its BEGIN.
+
+        ``BEGIN IMMEDIATE`` (the writer engine's driver begins nothing itself, see
+        engine.py): a deferred transaction that read and then wrote would fail at once with
+        SQLITE_BUSY when another writer got in between. Emitted here rather than from a
+        ``begin`` event, which would cost every statement of the engine some 13 %."""
+        with self._writer.begin() as connection:
+            if self._immediate:
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            yield connection
 
     def __enter__(self) -> Store:
         """Return the store itself."""
@@ -501,7 +441,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
     @property
     def shared_connection(self) -> bool:
         """Whether every call shares one connection (in-memory SQLite): no two at once."""
-        return self._sqlite is not None and self._reader is self._writer
+        return self.dialect == "sqlite" and self._reader is self._writer
 
     @property
     def dialect(self) -> str:
@@ -513,7 +453,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
     def _prepare_schema(self, upgrade: bool) -> None:
         config = migrations_config(self.url)
         heads = set(ScriptDirectory.from_config(config).get_heads())
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             if connection.dialect.name == "postgresql":
                 connection.execute(
                     text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
@@ -551,7 +491,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
         if role not in models.ROLES:
             raise ValueError(f"role must be one of {', '.join(models.ROLES)}: {role!r}")
         try:
-            with self._writer.begin() as connection:
+            with self._write() as connection:
                 row = connection.execute(select(accounts).where(accounts.c.name == name)).first()
                 if row is None:
                     connection.execute(
@@ -614,7 +554,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
         token = new_token()
         digest = token_digest(token)
         created_us = clock.now_us()
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             account_id = self._account_id(connection, account_name)
             connection.execute(
                 insert(tokens).values(
@@ -669,7 +609,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
     def touch_tokens(self, touches: list[dict[str, int]]) -> None:
         """Write tokens' last-used times collected by ``authenticate``."""
         if touches:
-            with self._writer.begin() as connection:
+            with self._write() as connection:
                 connection.execute(_TOUCH_TOKEN, touches)
 
     def list_tokens(self, account_name: str) -> list[TokenRecord]:
@@ -698,7 +638,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
     def revoke_tokens(self, account_name: str) -> int:
         """Revoke every active token of an account; return how many were revoked."""
         now_us = clock.now_us()
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             account_id = self._account_id(connection, account_name)
             result = connection.execute(
                 update(tokens)
@@ -720,7 +660,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
             raise ValueError(f"amount to credit must be greater than zero: {amount_micro}")
         if len(memo) > MAX_MEMO_LENGTH:
             raise ValueError(f"memo is longer than {MAX_MEMO_LENGTH} characters")
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             account_ids = {
                 MINT_ACCOUNT: self._account_id(connection, MINT_ACCOUNT),
                 account_name: self._account_id(connection, account_name),
@@ -754,11 +694,8 @@ class Store(ClassStore, HostStore, ReceiptStore):
             ).one()
         return _account(row)
 
-    def _ledger(self, connection: Connection) -> _CoreLedger | _SQLiteLedger:
+    def _ledger(self, connection: Connection) -> _CoreLedger:
         """Return the runner of settlement and posting statements for a writer connection."""
-        statements = self._sqlite
-        if statements is not None and connection.dialect is statements.dialect:
-            return _SQLiteLedger(connection, statements)
         return _CoreLedger(connection)
 
     def _post(
@@ -785,7 +722,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
         if len(set(keys)) != len(keys):
             raise ValueError("the same offer (gpu_model, gpu_indices, price) is listed twice")
         updated_us = clock.now_us()
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             host_id = connection.execute(
                 select(accounts.c.id).where(accounts.c.name == host_name).with_for_update()
             ).scalar()
@@ -850,7 +787,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
 
     def deactivate_offers(self, host_name: str) -> None:
         """Withdraw every offer of a host (it disconnected)."""
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             host_id = self._account_id(connection, host_name)
             connection.execute(
                 update(offers)
@@ -890,7 +827,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
 
         With ``minimum_seconds`` the payer must afford that long (else InsufficientFunds).
         """
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             offer = connection.execute(_SELECT_OFFER.where(offers.c.id == offer_id)).first()
             if offer is None:
                 raise NotFound(f"no offer with id {offer_id}")
@@ -972,7 +909,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
     def mark_ready(self, session_id: str, ready_us: int) -> SessionRecord:
         """Start billing a "starting" session; a running one is returned unchanged."""
         _check_int("ready_us", ready_us)
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             row = connection.execute(
                 _SELECT_SESSION_FOR_SETTLEMENT, {"session_id": session_id}
             ).first()
@@ -998,7 +935,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
         ]
         if not parameters:
             return
-        with self._writer.begin() as connection:
+        with self._write() as connection:
             connection.execute(_CHECKPOINT, parameters)
 
     def end_session(
@@ -1035,7 +972,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
         if not wanted:
             return []
         try:
-            with self._writer.begin() as connection:
+            with self._write() as connection:
                 return self._settle(connection, wanted, fee_bps, fee_account)
         except OperationalError as exc:
             # Locked past the busy timeout, the server gone, the disk full: nothing of the

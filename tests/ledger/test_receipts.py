@@ -156,6 +156,16 @@ def test_tampering_any_field_breaks_verify(change: tuple[str, object]) -> None:
     assert receipts.verify(receipt, PUBLIC), f"{name}={value!r} still verifies"
 
 
+def test_a_signature_spelt_another_way_is_refused() -> None:
+    """64 bytes are 86 base64url characters whose last one has 4 unused bits: flipping one
+    gives the same bytes in another text, which verify refuses (found by the test below)."""
+    last = ORIGINAL["signature"][-1]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    other = alphabet[alphabet.index(last) ^ 1]
+    respelt = {**ORIGINAL, "signature": ORIGINAL["signature"][:-1] + other}
+    assert "signature does not match" in receipts.verify(respelt, PUBLIC)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.integers(min_value=0), st.integers(min_value=0, max_value=7))
 def test_flipping_any_bit_of_the_file_breaks_it(position: int, bit: int) -> None:

@@ -1,18 +1,16 @@
-"""SQLite's direct settlement statements and background WAL checkpoints."""
+"""SQLite: settlements through Core statements, the writer's lock, WAL checkpoints."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Boolean, Column, Integer, MetaData, Table, bindparam, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import select
 
 from jupyter_gpu_share.store import OfferSpec, Store
 from jupyter_gpu_share.store.checkpoint import WalCheckpointer
-from jupyter_gpu_share.store.direct import DirectCursor, Prepared
-from jupyter_gpu_share.store.engine import make_engine
 
 SECOND = 1_000_000
 T0 = 1_700_000_000_000_000
@@ -44,47 +42,30 @@ def _settle_everything(store: Store) -> tuple[list, dict[str, int]]:
     return [record.__dict__ | {"id": None} for record in records], balances
 
 
-def test_direct_and_core_statements_settle_alike(tmp_path: Path) -> None:
-    with Store(f"sqlite:///{tmp_path / 'direct.sqlite'}", upgrade=True) as direct:
-        assert direct._sqlite is not None
-        expected = _settle_everything(direct)
-    with Store(f"sqlite:///{tmp_path / 'core.sqlite'}", upgrade=True) as core:
-        core._sqlite = None  # every statement through Connection.execute
-        assert _settle_everything(core) == expected
-    records, balances = expected
+def test_singles_repeats_and_batches_settle_once(tmp_path: Path) -> None:
+    with Store(f"sqlite:///{tmp_path / 'settle.sqlite'}", upgrade=True) as store:
+        records, balances = _settle_everything(store)
     assert [record["amount_micro"] for record in records[:3]] == [0, 61 * 7, 61 * 7]
     assert sum(balances.values()) == 0
     paid = 2 * 10**9 - balances["alice"] - balances["carol"]
     assert paid == balances["bob"] + balances["platform-fee"] == 61 * 7 + 6 * 29 * 7
 
 
-def test_prepared_statements_refuse_types_that_need_conversion() -> None:
-    engine = make_engine("sqlite://")
-    table = Table("t", MetaData(), Column("id", Integer, primary_key=True), Column("b", Boolean))
-    with pytest.raises(ValueError, match="needs conversion"):
-        Prepared(insert(table).values(b=bindparam("b")), engine.dialect)
-    with pytest.raises(ValueError, match="needs conversion"):
-        Prepared(select(table.c.b), engine.dialect)
-    plain = Prepared(select(table.c.id).where(table.c.id == bindparam("wanted")), engine.dialect)
-    assert plain.args({"wanted": 3}) == (3,)
-    engine.dispose()
-
-
-def test_direct_cursor_raises_sqlalchemy_errors(tmp_path: Path) -> None:
-    engine = make_engine(f"sqlite:///{tmp_path / 'errors.sqlite'}")
-    table = Table("t", MetaData(), Column("id", Integer, primary_key=True))
-    table.create(engine)
-    statement = Prepared(insert(table).values(id=bindparam("id")), engine.dialect)
-    with (
-        pytest.raises(IntegrityError),
-        engine.begin() as connection,
-        DirectCursor(connection) as cursor,
-    ):
-        assert cursor.execute(statement, {"id": 1}) == 1
-        cursor.executemany(statement, [{"id": 2}, {"id": 1}])
-    with engine.connect() as connection:
-        assert connection.execute(select(table.c.id)).all() == []  # rolled back
-    engine.dispose()
+def test_a_store_transaction_holds_the_write_lock_from_its_begin(tmp_path: Path) -> None:
+    """BEGIN IMMEDIATE first: a second writer cannot get in between a settlement's read
+    and its write (the settlement would fail with SQLITE_BUSY at once)."""
+    path = tmp_path / "lock.sqlite"
+    with Store(f"sqlite:///{path}", upgrade=True) as store:
+        other = sqlite3.connect(path, isolation_level=None, timeout=0)
+        try:
+            with store._write() as connection:
+                connection.execute(select(1))  # only a read so far, and yet
+                with pytest.raises(sqlite3.OperationalError, match="locked"):
+                    other.execute("BEGIN IMMEDIATE")
+            other.execute("BEGIN IMMEDIATE")  # free again once it committed
+            other.rollback()
+        finally:
+            other.close()
 
 
 def test_wal_is_checkpointed_in_the_background(tmp_path: Path) -> None:
