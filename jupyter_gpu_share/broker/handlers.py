@@ -7,6 +7,7 @@ import collections
 import contextlib
 import json
 import logging
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -288,6 +289,10 @@ async def session_model(broker: Broker, record: Any) -> dict[str, Any]:
     if record.state in LIVE_STATES and record.id not in broker.sessions:
         # Read while its settlement committed (or another broker's): read what it is now.
         record = await broker.session_record(record.id)
+    in_memory = broker.sessions.get(record.id) if record.state in LIVE_STATES else None
+    if in_memory is not None and in_memory.ready_us is not None and record.ready_us is None:
+        # Billing started at the host's report even if the store has not recorded it yet.
+        record = replace(record, state="running", ready_us=in_memory.ready_us)
     stopping = broker.stopping_cost(record.id) if record.state in LIVE_STATES else None
     live = record.state in LIVE_STATES and stopping is None
     return {
@@ -692,6 +697,8 @@ class HostControlHandler(BrokerWebSocket):
         hello's offers are stored before the heartbeat after it is read)."""
         if self.host_name is None or self._closing:
             return
+        # Any message says the host is alive, now: the queue may wait on the store.
+        self.broker.host_alive(self.host_name, self)
         inbox = getattr(self, "_inbox", None)
         if inbox is None:
             inbox = self._inbox = collections.deque()
@@ -709,9 +716,10 @@ class HostControlHandler(BrokerWebSocket):
                     log.exception("host %s: control message not handled", self.host_name)
                 else:  # the store is down: the host repeats what matters (hello, reports)
                     log.warning("host %s: the store did not answer: %s", self.host_name, error)
-            inbox.popleft()
-            if self._closing:
-                inbox.clear()
+            finally:
+                inbox.popleft()
+                if self._closing:
+                    inbox.clear()
 
     async def _handle_control(self, message: str | bytes) -> None:
         name = self.host_name
@@ -734,8 +742,9 @@ class HostControlHandler(BrokerWebSocket):
                     raise HostMessageError(
                         f"{size} bytes is over the {settings.host_hello_max_bytes} limit"
                     )
-                await self.broker.host_connected(name, self, validate_hello(data))
-                self._hello_seen = True
+                hello = validate_hello(data)
+                self._hello_seen = True  # said in time, even if storing its offers is slow
+                await self.broker.host_connected(name, self, hello)
                 if self._closing:  # it went away while its offers were being stored
                     self.broker.host_disconnected(name, self)
                 return

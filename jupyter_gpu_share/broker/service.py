@@ -239,7 +239,12 @@ class Broker:
         # Sessions whose readiness the store has not recorded yet: retried with the stops.
         self._ready_unsaved: dict[str, int] = {}
         self._start_lock = asyncio.Lock()
+        self._balance_epoch = 0  # moves on every change of a balance (see _balance)
+        self._store_down = False  # the last settlement met an unavailable store
         self._admin_account: Any = None
+        # Set once start() has loaded the unfinished sessions: hosts, starts and stops wait.
+        self.ready = asyncio.Event()
+        self._touches: dict[int, dict[str, int]] = {}  # tokens' last use, one write queued
         self.rate_limiter = RateLimiter(settings.requests_per_minute, settings.request_burst)
 
     # -- accounts -------------------------------------------------------------------------
@@ -261,11 +266,24 @@ class Broker:
         touches: list[dict[str, int]] = []
         account = await self.db.authenticate(token, touches)
         if touches:
-            self.db.submit(self.store.touch_tokens, touches)
+            queued = bool(self._touches)
+            self._touches.update((t["token_id"], t) for t in touches)
+            if not queued:  # one write at a time, whatever a locked store lets pile up
+                asyncio.get_running_loop().create_task(self._write_touches())
         return account
+
+    async def _write_touches(self) -> None:
+        touches = list(self._touches.values())
+        try:
+            await self.db.touch_tokens(touches)
+        except Exception as error:  # the next use of the token tries again
+            log.warning("tokens' last use not recorded: %s", error)
+        finally:
+            self._touches.clear()
 
     def credited(self, account_name: str, balance_micro: int) -> None:
         """Note a new balance so budget checks see added credit at once."""
+        self._balance_epoch += 1
         if account_name in self._balances:
             self._balances[account_name] = balance_micro
 
@@ -275,10 +293,12 @@ class Broker:
         """Load unfinished sessions from the store and start the background loops."""
         for stop in self.journal.load():
             self.pending_stops.setdefault(stop.session_id, stop)
+        loaded: dict[str, LiveSession] = {}
         for record in await self.db.list_sessions(states=LIVE_STATES):
-            self.sessions[record.id] = LiveSession.from_record(record)
+            loaded[record.id] = LiveSession.from_record(record)
             if record.class_name is not None:
-                await self._attach_quota(self.sessions[record.id], exclude_running=True)
+                await self._attach_quota(loaded[record.id], exclude_running=True)
+        self.sessions.update(loaded)
         # Stops a previous broker could not settle: at the instants they were asked.
         if self.pending_stops:
             log.info("settling %d stop(s) from the stop journal", len(self.pending_stops))
@@ -289,6 +309,7 @@ class Broker:
             self.journal.rewrite(list(self.pending_stops.values()))
         if self.sessions:
             log.info("resuming %d unfinished sessions; waiting for their hosts", len(self.sessions))
+        self.ready.set()
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(
@@ -318,10 +339,10 @@ class Broker:
         in_flight = [task for _, task in self._ending.values()]
         if in_flight:
             await asyncio.wait(in_flight, timeout=self.settings.stop_answer_s)
-        try:
-            await self.checkpoint(force=True)
-        except Exception as error:  # the store is down: the next broker resumes from the last
-            log.warning("last checkpoint not written: %s", error)
+        try:  # bounded: a store that is down must not keep the broker from stopping
+            await asyncio.wait_for(self.checkpoint(force=True), self.settings.stop_answer_s)
+        except Exception as error:  # the next broker resumes from the last checkpoint
+            log.warning("last checkpoint not written: %s", error or type(error).__name__)
         await asyncio.get_running_loop().run_in_executor(None, self.db.close)
 
     async def _every(self, interval: float, job: Any) -> None:
@@ -346,6 +367,7 @@ class Broker:
         """
         from ..store import OfferSpec
 
+        await self.ready.wait()  # the sessions it may still run are known
         specs = [
             OfferSpec(
                 gpu_model=str(o["gpu_model"]),
@@ -437,6 +459,12 @@ class Broker:
                 self.settings.heartbeat_timeout,
             )
 
+    def host_alive(self, name: str, channel: ControlChannel) -> None:
+        """A message came from a host's current connection: it is alive now."""
+        link = self.hosts.get(name)
+        if link is not None and link.channel is channel:
+            link.last_heartbeat_us = now_us()
+
     def heartbeat(
         self,
         name: str,
@@ -459,6 +487,8 @@ class Broker:
         timeout_us = int(self.settings.heartbeat_timeout * 1_000_000)
         oldest_allowed = now - timeout_us
         silent = [link for link in self.hosts.values() if link.last_heartbeat_us < oldest_allowed]
+        # Every decision before the first await: a host that reconnects meanwhile is new.
+        lost: dict[str, int] = {}
         for link in silent:
             name = link.name
             log.warning(
@@ -467,14 +497,17 @@ class Broker:
             if link.channel is not None:
                 link.channel.close(4001, "heartbeat timeout")
             del self.hosts[name]
-            ends = [
-                self.end_session(live.id, END_HOST_LOST, ended_us=link.last_heartbeat_us)
-                for live in list(self.sessions.values())
-                if live.host == name
-            ]
-            await self.db.deactivate_offers(name)
-            if ends:
-                await asyncio.gather(*ends)
+            lost[name] = link.last_heartbeat_us
+        ends = [
+            self.end_session(live.id, END_HOST_LOST, ended_us=lost[live.host])
+            for live in list(self.sessions.values())
+            if live.host in lost
+        ]
+        if ends:
+            await asyncio.gather(*ends)
+        for name in lost:
+            if name not in self.hosts:  # not back already (its hello stored its offers)
+                await self.db.deactivate_offers(name)
         # Sessions loaded at start-up whose host never came back.
         for live in list(self.sessions.values()):
             # A host whose reconnect backoff outgrew the broker's downtime comes back later
@@ -595,6 +628,7 @@ class Broker:
         ``keep_alive_s``: how long the session may run with no renter connected (a long cell
         with the laptop closed); at most orphan_max_keep_alive_s, else orphan_grace_s.
         """
+        await self.ready.wait()
         async with self._start_lock:  # what is free and what is funded holds until recorded
             record = await self._start(renter, request, class_name)
         live = self.sessions.get(record.id)
@@ -760,8 +794,7 @@ class Broker:
             log.warning("session %s: readiness not recorded: %s", session_id, error)
         except Exception as error:
             if not unavailable(error):
-                self._ready_unsaved.pop(session_id, None)
-                raise
+                raise  # kept: the settlement retries it (billing began at the report)
             log.warning("session %s: readiness not recorded yet, retrying: %s", session_id, error)
             return False
         self._ready_unsaved.pop(session_id, None)
@@ -829,18 +862,29 @@ class Broker:
                 record = await self.db.end_session(
                     session_id, stop.ended_us, stop.end_reason, self.settings.platform_fee_bps
                 )
-            except StoreUnavailable as error:
+            except NotFound:  # never stored (or removed by hand): nothing to bill
+                log.error("session %s: not in the store; its stop is dropped", session_id)
+                self.sessions.pop(session_id, None)
+                if self.pending_stops.pop(session_id, None) is not None:
+                    self._rewrite_journal()
+                return None
+            except Exception as error:  # unavailable, or anything else: kept and retried
+                self._store_down = unavailable(error)
                 if session_id not in self.pending_stops:
                     self._defer_stop(live, stop)
-                    log.warning(
-                        "session %s: stop (%s) not settled yet, retrying: %s",
-                        session_id,
-                        stop.end_reason,
-                        error,
-                    )
+                    if self._store_down:
+                        log.warning(
+                            "session %s: stop (%s) not settled yet, retrying: %s",
+                            session_id,
+                            stop.end_reason,
+                            error,
+                        )
+                    else:
+                        log.exception("session %s: settlement failed; retrying", session_id)
                 return None
         finally:
             self._ending.pop(session_id, None)
+        self._store_down = False
         self._settled(live, stop, record)
         return record
 
@@ -852,6 +896,7 @@ class Broker:
             self._rewrite_journal()
             log.info("session %s: deferred stop settled", stop.session_id)
         if live is not None:
+            self._balance_epoch += 1
             self._balances.pop(live.payer, None)
             self._reliability.pop(live.host, None)
             if not was_deferred:
@@ -910,7 +955,7 @@ class Broker:
             live = self.sessions.get(stop.session_id)
             task = asyncio.get_running_loop().create_task(self._settle(live, stop))
             self._ending[stop.session_id] = (stop, task)
-            if await task is None:
+            if await task is None and self._store_down:
                 return  # the store is still down: try again at the next tick
 
     def stopping_cost(self, session_id: str) -> int | None:
@@ -926,6 +971,7 @@ class Broker:
     async def stop_session(self, session_id: str) -> Any:
         """Stop a session at the renter's request; billing ends now (None: the settlement
         is pending, see end_session)."""
+        await self.ready.wait()
         if session_id not in self.sessions:
             return await self.db.get_session(session_id)
         return await self.end_session(session_id, END_STOPPED)
@@ -935,14 +981,18 @@ class Broker:
 
     async def enforce_budgets(self) -> None:
         """Stop every session of a payer whose running cost has reached the payer's credit."""
+        payers = {live.payer for live in self.sessions.values() if live.ready_us is not None}
+        balances = {payer: await self._balance(payer) for payer in payers}
+        # Decided from one picture, taken after the last await: a session settled while a
+        # balance was read is in that balance, not counted again as running.
         now = now_us()
         by_payer: dict[str, list[LiveSession]] = {}
         for live in self.sessions.values():
-            if live.ready_us is not None and not self._settling(live):
+            if live.ready_us is not None and not self._settling(live) and live.payer in balances:
                 by_payer.setdefault(live.payer, []).append(live)
         ends = []
         for payer, running in by_payer.items():
-            exhausted_us = credit_runs_out_us(await self._balance(payer), _billing(running))
+            exhausted_us = credit_runs_out_us(balances[payer], _billing(running))
             if exhausted_us is None or exhausted_us > now:
                 continue
             ends += [
@@ -963,11 +1013,15 @@ class Broker:
         """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
         balance = self._balances.get(payer)
         if balance is None:
-            balance = self._balances[payer] = await self.db.balance(payer)
+            epoch = self._balance_epoch
+            balance = await self.db.balance(payer)
+            if epoch == self._balance_epoch:  # no settlement or credit meanwhile: keep it
+                self._balances[payer] = balance
         return balance
 
     def refresh_balances(self) -> None:
         """Forget cached balances so the next budget check reads the store."""
+        self._balance_epoch += 1
         self._balances.clear()
 
     async def checkpoint(self, force: bool = False) -> None:

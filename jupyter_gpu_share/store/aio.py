@@ -26,6 +26,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from .records import StoreUnavailable
 from .store import Store
 
 # Methods that only read (through the store's reader engine): they run beside the writer.
@@ -72,18 +73,17 @@ class AsyncStore:
         else:
             self._reader = ThreadPoolExecutor(readers, thread_name_prefix="gpu-share-store-read")
         self._calls: dict[str, Callable[..., Any]] = {}
+        self.closed = False
 
     async def run(
         self, function: Callable[..., Any], *args: Any, write: bool = True, **kwargs: Any
     ) -> Any:
         """Run any function of the store on its threads (``write``: on the writer thread)."""
+        if self.closed:  # the broker is stopping: answered as a store that is down
+            raise StoreUnavailable("the broker is shutting down")
         pool = self._writer if write else self._reader
         call = functools.partial(function, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(pool, call)
-
-    def submit(self, function: Callable[..., Any], *args: Any) -> None:
-        """Queue a write nobody waits for (a token's last-used time); errors are dropped."""
-        self._writer.submit(function, *args)
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         if name.startswith("_"):
@@ -104,7 +104,8 @@ class AsyncStore:
         return call
 
     def close(self) -> None:
-        """Finish the queued calls and stop the threads."""
-        self._writer.shutdown(wait=True)
+        """Refuse new calls, drop the queued ones, finish the running ones, stop the threads."""
+        self.closed = True
+        self._writer.shutdown(wait=True, cancel_futures=True)
         if self._reader is not self._writer:
-            self._reader.shutdown(wait=True)
+            self._reader.shutdown(wait=True, cancel_futures=True)
