@@ -106,10 +106,16 @@ class BatchedWebSocketProtocol(WebSocketProtocol13):
             if len(buffer) < end:
                 if length < READ_CHUNK:
                     return position  # a small frame: wait for the next batch
-                # A large frame: read exactly what is missing, in one call.
+                # A large frame: read exactly what is missing, in pieces the stream can
+                # hold (over TLS tornado reads: a 20 MiB message in one read_bytes passed
+                # the broker's 17 MiB read buffer and killed the relay).
                 missing = end - len(buffer)
-                buffer += await self.stream.read_bytes(missing)
                 self._wire_bytes_in += missing
+                piece = max(READ_CHUNK, self.stream.max_buffer_size // 2)
+                while missing > 0:
+                    chunk = await self.stream.read_bytes(min(missing, piece))
+                    buffer += chunk
+                    missing -= len(chunk)
             with memoryview(buffer) as view:
                 payload = bytes(view[position + header : end])
                 mask = bytes(view[mask_start : mask_start + 4]) if masked else None

@@ -27,6 +27,8 @@ from typing import Any
 from tornado import websocket
 from tornado.httpclient import HTTPRequest
 
+from jupyter_gpu_share.transport import tls
+
 V1 = "v1.kernel.websocket.jupyter.org"
 MAX_MESSAGE = 1 << 30
 
@@ -334,7 +336,8 @@ class RelayKernelClient:
             data=None if body is None else json.dumps(body).encode(),
             headers={"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=180) as response:
+        context = tls.context_for(self.broker_url)
+        with urllib.request.urlopen(request, timeout=180, context=context) as response:
             payload = response.read()
         return json.loads(payload) if payload else None
 
@@ -352,6 +355,7 @@ class RelayKernelClient:
             headers={"Authorization": f"Bearer {self.token}"},
             connect_timeout=60,
             request_timeout=180,
+            ssl_options=tls.context_for(url),
         )
         self.ws = await websocket.websocket_connect(request, max_message_size=MAX_MESSAGE)
         self.ws.protocol.set_nodelay(True)  # type: ignore[union-attr]

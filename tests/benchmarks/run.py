@@ -514,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, profiles)"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="the broker serves TLS (a CA made for the run; every client verifies it); "
+        "the e2e phase's figures are then named tls_*",
+    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     cfg["always_profile"] = args.profile
@@ -524,6 +530,15 @@ def main(argv: list[str] | None = None) -> int:
     machine = procs.machine()
     cfg["broker_traits"] = {"event_loop": args.broker_event_loop}
     workdir = Path(tempfile.mkdtemp(prefix="gpu-share-bench-"))
+    # As root the host agent runs kernels as uids of their own: they pass through to it.
+    os.chmod(workdir, 0o711)
+    if args.tls:
+        from tests.tlsca import ScratchCA
+
+        ca = ScratchCA(workdir / "ca")
+        pair = ca.issue("broker")
+        cfg["broker_traits"]["tls"] = (pair.cert, pair.key, ca.ca_file)
+        os.environ["GPU_SHARE_CA_FILE"] = str(ca.ca_file)  # the clients in this process
     started = time.perf_counter()
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
@@ -537,7 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         e2e.run()
                     finally:
-                        results.update(e2e.results)
+                        prefix = "tls_" if args.tls else ""
+                        results.update({prefix + k: v for k, v in e2e.results.items()})
                         details.update(e2e.details)
                         notes.extend(e2e.notes)
                 elif phase == "settle":

@@ -36,9 +36,13 @@ def test_a_notebook_runs_through_a_tls_broker_of_a_private_ca(make_cluster, ca, 
     monkeypatch.setenv("GPU_SHARE_CA_FILE", str(ca.ca_file))
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "x", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)")]
-    NotebookClient(nb, kernel_name="gpu-share", timeout=60, startup_timeout=90).execute()
+    big = "from IPython.display import display\ndisplay({'text/plain': 'x' * (20 << 20)}, raw=True)"
+    nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)"), nbformat.v4.new_code_cell(big)]
+    NotebookClient(nb, kernel_name="gpu-share", timeout=120, startup_timeout=90).execute()
     assert nb.cells[0].outputs[0]["text"].strip() == "42"
+    # One 20 MiB message, past the broker's 17 MiB read buffer: over TLS tornado reads the
+    # frames, and reading it in one piece killed the relay.
+    assert len(nb.cells[1].outputs[0]["data"]["text/plain"]) == 20 << 20
     session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the bill")
     assert session["billed_seconds"] >= 1
     # The CLI, with the CA given by flag rather than the environment.
