@@ -744,7 +744,15 @@ class HostControlHandler(BrokerWebSocket):
                     )
                 hello = validate_hello(data)
                 self._hello_seen = True  # said in time, even if storing its offers is slow
-                await self.broker.host_connected(name, self, hello)
+                try:
+                    await self.broker.host_connected(name, self, hello)
+                except Exception as error:
+                    if not unavailable(error):
+                        raise
+                    # Its offers cannot be stored now: the agent reconnects with backoff.
+                    log.warning("host %s: hello not stored (%s); closing", name, error)
+                    self.close(1013, "the broker's database is busy; reconnect later")
+                    return
                 if self._closing:  # it went away while its offers were being stored
                     self.broker.host_disconnected(name, self)
                 return

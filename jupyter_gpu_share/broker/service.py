@@ -433,7 +433,9 @@ class Broker:
         )
         for session_id in still_running:
             live = self.sessions.get(session_id)
-            if live is None or live.host != name:
+            if live is None or live.host != name or session_id in self.pending_stops:
+                # Ended, someone else's, or stopped while the host was away (its settlement
+                # waits on the store): the kernel must not run on.
                 link.send(
                     {"type": "stop_kernel", "session_id": session_id, "reason": "session has ended"}
                 )

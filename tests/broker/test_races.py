@@ -187,3 +187,30 @@ def test_hosts_wait_for_the_unfinished_sessions_before_their_hello_is_answered(t
     asyncio.run(main())
     broker.db.close()
     store.close()
+
+
+def test_a_host_back_with_a_kernel_whose_stop_waits_on_the_store_is_told_to_stop_it(tmp_path):
+    store, broker = make(tmp_path, busy_ms=200, stop_answer_s=0.1)
+
+    async def main() -> None:
+        first = Host(broker, "h1")
+        first.say(hello())
+        await settle_down()
+        record = await broker.start_session("ada", SessionRequest())
+        broker.hosts["h1"].channel = None  # the host's connection dropped
+        lock = sqlite3.connect(tmp_path / "b.sqlite", isolation_level=None, timeout=30)
+        lock.execute("BEGIN IMMEDIATE")
+        try:
+            assert await broker.stop_session(record.id) is None  # pending: store locked
+        finally:
+            lock.rollback()
+            lock.close()
+        back = Host(broker, "h1")  # back before the next retry settles the stop
+        back.say({**hello(), "sessions": [record.id]})  # and still runs the kernel
+        await settle_down()
+        stops = [m for m in back.sent if m["type"] == "stop_kernel"]
+        assert [m["session_id"] for m in stops] == [record.id]
+
+    asyncio.run(main())
+    broker.db.close()
+    store.close()
