@@ -445,8 +445,7 @@ class Broker:
             # The host came back without this kernel: it died while we were apart.
             if live.host == name and live.id not in still_running and live.ready_us is not None
         ]
-        if gone:
-            await asyncio.gather(*gone)
+        await asyncio.gather(*gone)
         log.info("host %s connected with %d offers", name, len(offers))
         return link
 
@@ -505,8 +504,7 @@ class Broker:
             for live in list(self.sessions.values())
             if live.host in lost
         ]
-        if ends:
-            await asyncio.gather(*ends)
+        await asyncio.gather(*ends)
         for name in lost:
             if name not in self.hosts:  # not back already (its hello stored its offers)
                 await self.db.deactivate_offers(name)
@@ -519,6 +517,7 @@ class Broker:
             if (
                 live.host not in self.hosts
                 and now - self._started_us > grace_us
+                and live.id in self.sessions  # not settled during an earlier await
                 and live.id not in self._ending
             ):
                 record = await self.db.get_session(live.id)
@@ -534,8 +533,7 @@ class Broker:
             for live in list(self.sessions.values())
             if live.ready_us is None and now - live.created_us > start_timeout_us
         ]
-        if late:
-            await asyncio.gather(*late)
+        await asyncio.gather(*late)
 
     async def reap_orphans(self) -> None:
         """Stop running sessions whose renter has been gone longer than its keep-alive (the
@@ -562,8 +560,7 @@ class Broker:
                 ends.append(
                     self.end_session(live.id, END_CLIENT_GONE, message=f"no client for {limit:g} s")
                 )
-        if ends:
-            await asyncio.gather(*ends)
+        await asyncio.gather(*ends)
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -844,8 +841,7 @@ class Broker:
                 asked = now_us() if ended_us is None else ended_us
                 ready = live.ready_us if live is not None else None
                 stop = PendingStop(session_id, stop_instant_us(asked, ready), end_reason, message)
-            task = asyncio.get_running_loop().create_task(self._settle(live, stop))
-            ending = self._ending[session_id] = (stop, task)
+            ending = self._begin_settle(live, stop)
         stop, task = ending
         done, _ = await asyncio.wait({task}, timeout=self.settings.stop_answer_s)
         if task in done:
@@ -853,6 +849,14 @@ class Broker:
         # Slow to commit: keep the stop durably and stop the kernel now; _settle goes on.
         self._defer_stop(self.sessions.get(session_id), stop)
         return None
+
+    def _begin_settle(
+        self, live: LiveSession | None, stop: PendingStop
+    ) -> tuple[PendingStop, asyncio.Task[Any]]:
+        """Start the one settlement in flight for a session (see end_session)."""
+        task = asyncio.get_running_loop().create_task(self._settle(live, stop))
+        self._ending[stop.session_id] = (stop, task)
+        return stop, task
 
     async def _settle(self, live: LiveSession | None, stop: PendingStop) -> Any:
         """Commit one stop's settlement, then let the session go (None: not now)."""
@@ -954,9 +958,7 @@ class Broker:
         for stop in list(self.pending_stops.values()):
             if stop.session_id in self._ending:
                 continue  # a settlement of it is in flight already
-            live = self.sessions.get(stop.session_id)
-            task = asyncio.get_running_loop().create_task(self._settle(live, stop))
-            self._ending[stop.session_id] = (stop, task)
+            _, task = self._begin_settle(self.sessions.get(stop.session_id), stop)
             if await task is None and self._store_down:
                 return  # the store is still down: try again at the next tick
 
@@ -1008,8 +1010,7 @@ class Broker:
                 continue
             if stop_at is not None and stop_at <= now:
                 ends.append(self.end_session(live.id, END_QUOTA, ended_us=stop_at))
-        if ends:
-            await asyncio.gather(*ends)
+        await asyncio.gather(*ends)
 
     async def _balance(self, payer: str) -> int:
         """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
@@ -1057,8 +1058,9 @@ class Broker:
         live = self.sessions.get(session_id)
         if live is None or live.ready_us is None:
             return None
-        running = [s for s in self.sessions.values() if s.payer == live.payer and s.ready_us]
         balance = await self._balance(live.payer)
+        # The running picture after the await: a session settled meanwhile is in the balance.
+        running = [s for s in self.sessions.values() if s.payer == live.payer and s.ready_us]
         deadlines = [live.quota_stop_us(), credit_runs_out_us(balance, _billing(running))]
         known = [d for d in deadlines if d is not None]
         return min(known) if known else None

@@ -187,7 +187,7 @@ _CHECKPOINT = (
 )
 
 
-class _CoreLedger:
+class _Ledger:
     """Runs the settlement and posting statements through ``Connection.execute``: Core
     statements, compiled once by SQLAlchemy's statement cache, many rows per statement
     (executemany). On PostgreSQL every statement is a round trip, so a batch of sessions
@@ -195,12 +195,6 @@ class _CoreLedger:
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
-
-    def __enter__(self) -> _CoreLedger:
-        return self
-
-    def __exit__(self, *_exc_info: object) -> None:
-        pass
 
     def lock_sessions(self, session_ids: list[str]) -> list[Any]:
         """Return the rows of the sessions (with party names), locked for the transaction."""
@@ -350,7 +344,7 @@ def _check_int(name: str, value: object) -> None:
 
 
 def _post_entries(
-    ledger: _CoreLedger,
+    ledger: _Ledger,
     postings: list[tuple[int, list[Entry], Mapping[str, int]]],
 ) -> None:
     """Insert transactions' entries and add them to the cached balances."""
@@ -694,18 +688,13 @@ class Store(ClassStore, HostStore, ReceiptStore):
             ).one()
         return _account(row)
 
-    def _ledger(self, connection: Connection) -> _CoreLedger:
-        """Return the runner of settlement and posting statements for a writer connection."""
-        return _CoreLedger(connection)
-
     def _post(
         self,
         connection: Connection,
         postings: list[tuple[int, list[Entry], Mapping[str, int]]],
     ) -> None:
         """Insert transactions' entries and add them to the cached balances."""
-        with self._ledger(connection) as ledger:
-            _post_entries(ledger, postings)
+        _post_entries(_Ledger(connection), postings)
 
     # -- offers -----------------------------------------------------------------------
 
@@ -997,72 +986,70 @@ class Store(ClassStore, HostStore, ReceiptStore):
         session_ids = sorted(set(session_id for session_id, _, _ in wanted))
         signer = self._receipt_signer()
         settled: list[tuple[Any, int, str, int, int]] = []
-        with self._ledger(connection) as ledger:
-            rows_by_id = {row.id: row for row in ledger.lock_sessions(session_ids)}
-            results: dict[str, SessionRecord] = {}
-            session_updates = []
-            postings = []
-            for session_id, ended_us, end_reason in wanted:
-                if session_id in results:
-                    continue
-                row = rows_by_id.get(session_id)
-                if row is None:
-                    raise NotFound(f"no session with id {session_id!r}")
-                if row.state == ENDED:
-                    results[session_id] = _session(row)
-                    continue
-                seconds, amount = bill(row.ready_us, ended_us, row.price_per_second_micro)
-                lines = make_settlement_entries(
-                    row.payer_name, row.host_name, fee_account, amount, fee_bps
-                )
-                session_updates.append(
+        ledger = _Ledger(connection)
+        rows_by_id = {row.id: row for row in ledger.lock_sessions(session_ids)}
+        results: dict[str, SessionRecord] = {}
+        session_updates = []
+        postings = []
+        for session_id, ended_us, end_reason in wanted:
+            if session_id in results:
+                continue
+            row = rows_by_id.get(session_id)
+            if row is None:
+                raise NotFound(f"no session with id {session_id!r}")
+            if row.state == ENDED:
+                results[session_id] = _session(row)
+                continue
+            seconds, amount = bill(row.ready_us, ended_us, row.price_per_second_micro)
+            lines = make_settlement_entries(
+                row.payer_name, row.host_name, fee_account, amount, fee_bps
+            )
+            session_updates.append(
+                {
+                    "session_id": session_id,
+                    "ended_us": ended_us,
+                    "end_reason": end_reason,
+                    "billed": seconds,
+                    "amount": amount,
+                }
+            )
+            if lines:
+                account_ids = {
+                    row.payer_name: row.payer_account_id,
+                    row.host_name: row.host_account_id,
+                    fee_account: self._account_id(connection, fee_account),
+                }
+                postings.append((session_id, lines, account_ids))
+            results[session_id] = _ended_session(row, ended_us, end_reason, seconds, amount)
+            if signer is not None:
+                settled.append((row, ended_us, end_reason, seconds, amount))
+        if settled:
+            ledger.lock_receipt_chain()
+        if session_updates:
+            ledger.end_sessions(session_updates)
+        transaction_ids: dict[str, int] = {}
+        if postings:
+            created_us = clock.now_us()
+            transaction_ids = ledger.insert_settlements(
+                [
                     {
                         "session_id": session_id,
-                        "ended_us": ended_us,
-                        "end_reason": end_reason,
-                        "billed": seconds,
-                        "amount": amount,
+                        "created_us": created_us,
+                        "memo": f"session {session_id}",
                     }
-                )
-                if lines:
-                    account_ids = {
-                        row.payer_name: row.payer_account_id,
-                        row.host_name: row.host_account_id,
-                        fee_account: self._account_id(connection, fee_account),
-                    }
-                    postings.append((session_id, lines, account_ids))
-                results[session_id] = _ended_session(row, ended_us, end_reason, seconds, amount)
-                if signer is not None:
-                    settled.append((row, ended_us, end_reason, seconds, amount))
-            if settled:
-                ledger.lock_receipt_chain()
-            if session_updates:
-                ledger.end_sessions(session_updates)
-            transaction_ids: dict[str, int] = {}
-            if postings:
-                created_us = clock.now_us()
-                transaction_ids = ledger.insert_settlements(
-                    [
-                        {
-                            "session_id": session_id,
-                            "created_us": created_us,
-                            "memo": f"session {session_id}",
-                        }
-                        for session_id, _, _ in postings
-                    ]
-                )
-                _post_entries(
-                    ledger,
-                    [
-                        (transaction_ids[session_id], lines, account_ids)
-                        for session_id, lines, account_ids in postings
-                    ],
-                )
-            if signer is not None and settled:
-                head = ledger.receipt_head()
-                ledger.insert_receipts(
-                    receipt_rows(signer, head, settled, transaction_ids, fee_bps)
-                )
+                    for session_id, _, _ in postings
+                ]
+            )
+            _post_entries(
+                ledger,
+                [
+                    (transaction_ids[session_id], lines, account_ids)
+                    for session_id, lines, account_ids in postings
+                ],
+            )
+        if signer is not None and settled:
+            head = ledger.receipt_head()
+            ledger.insert_receipts(receipt_rows(signer, head, settled, transaction_ids, fee_bps))
         return [results[session_id] for session_id, _, _ in wanted]
 
     # -- checks -----------------------------------------------------------------------
