@@ -1,7 +1,7 @@
-"""No module of the transport package or the store touches a private name of tornado,
-jupyter_server, jupyter_client or SQLAlchemy (issue 16): a minor release of any of them may
-change those without a word. fastws.py, the old transport, still does; it goes when the
-transport package takes over the websocket ends."""
+"""No module of the transport (the transport package, the websocket ends of the broker,
+the bridge and the host agent, the ZMQ pumps) or of the store touches a private name of
+tornado, jupyter_server, jupyter_client or SQLAlchemy (issue 16): a minor release of any of
+them may change those without a word."""
 
 from __future__ import annotations
 
@@ -18,7 +18,15 @@ LIBRARIES = ("tornado", "jupyter_server", "jupyter_client", "sqlalchemy")
 # (Row._mapping, Row._asdict, Row._fields, Row._t, Row._tuple), as namedtuple's do.
 DOCUMENTED = frozenset({"_mapping", "_asdict", "_fields", "_t", "_tuple", "_replace"})
 PACKAGE = Path(__file__).resolve().parents[1] / "jupyter_gpu_share"
-CHECKED = sorted([*(PACKAGE / "transport").glob("*.py"), *(PACKAGE / "store").glob("*.py")])
+ENDS = ["broker/handlers.py", "broker/relay.py", "kernel/bridge.py", "host/agent.py"]
+ENDS += ["host/kernels.py", "zmqpump.py", "wire.py"]
+CHECKED = sorted(
+    [
+        *(PACKAGE / "transport").glob("*.py"),
+        *(PACKAGE / "store").glob("*.py"),
+        *(PACKAGE / name for name in ENDS),
+    ]
+)
 
 
 def _private(name: str) -> bool:
@@ -76,7 +84,7 @@ def private_uses(source: str) -> list[str]:
     return found
 
 
-def test_the_checker_finds_what_fastws_did():
+def test_the_checker_finds_what_the_old_transport_did():
     sample = (
         "from tornado import httpclient\nfrom tornado.util import _websocket_mask\n"
         "import tornado.iostream\nx = httpclient._RequestProxy\n"

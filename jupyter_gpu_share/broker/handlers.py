@@ -12,11 +12,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized
-from jupyter_server.base.handlers import APIHandler, JupyterHandler
+from jupyter_server.base.handlers import APIHandler
 from tornado import web
-from tornado.websocket import WebSocketClosedError
+from tornado.iostream import IOStream
+from websockets.exceptions import PayloadTooBig
 
-from ..fastws import OP_BINARY, OP_TEXT, ProtocolWebSocketHandler, ServerEnd, as_bytes
 from ..ledger import earnings_by_day, price_per_hour, price_per_second_from_hour
 from ..store import (
     Conflict,
@@ -24,6 +24,12 @@ from ..store import (
     NotFound,
     StoreError,
     unavailable,
+)
+from ..transport.websocket import (
+    ConnectionClosed,
+    Message,
+    ServerEnd,
+    WebSocketEndpoint,
 )
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser, bearer_token
 from .host_messages import (
@@ -91,6 +97,20 @@ class BrokerAPIHandler(APIHandler):
         if status_code == 405:
             self.set_header("Allow", ", ".join(allowed_methods(type(self))))
         error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, Queued):
+            self.set_header("Retry-After", str(error.retry_after))
+            self.set_header("Content-Type", "application/json")
+            self.finish(
+                json.dumps(
+                    {
+                        "message": str(error),
+                        "reason": "queued",
+                        "queue_position": error.position,
+                        "retry_after": error.retry_after,
+                    }
+                )
+            )
+            return
         for name, value in getattr(error, "headers", {}).items():
             self.set_header(name, value)
         super().write_error(status_code, **kwargs)
@@ -125,33 +145,33 @@ class BrokerAPIHandler(APIHandler):
         self.set_status(status)
         self.finish(json.dumps(value))
 
-    def _handle_request_exception(self, e: BaseException) -> None:
-        if isinstance(e, Queued):
-            self.set_status(429)
-            self.set_header("Retry-After", str(e.retry_after))
-            self.set_header("Content-Type", "application/json")
-            self.finish(
-                json.dumps(
-                    {
-                        "message": str(e),
-                        "reason": "queued",
-                        "queue_position": e.position,
-                        "retry_after": e.retry_after,
-                    }
+    def log_exception(self, kind: Any, value: Any, traceback: Any) -> None:
+        """Errors that are answers (a queue place, a busy store, a store refusal) are not
+        logged as crashes; ``send_error`` turns them into their status."""
+        if isinstance(value, Queued) or _as_http_error(value) is not None:
+            return
+        if unavailable(value):  # locked, gone, disk full: nothing was changed
+            log.warning(
+                "%s %s: store unavailable: %s", self.request.method, self.request.path, value
+            )
+            return
+        super().log_exception(kind, value, traceback)
+
+    def send_error(self, status_code: int = 500, **kwargs: Any) -> None:
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        mapped: web.HTTPError | None = None
+        if isinstance(error, Queued):
+            status_code = 429
+        elif error is not None and not isinstance(error, web.HTTPError):
+            if unavailable(error):
+                mapped = HeaderedError(
+                    503, "the broker's database is busy; try again shortly", {"Retry-After": 2}
                 )
-            )
-            return
-        if unavailable(e):  # locked, gone, disk full: nothing was changed
-            log.warning("%s %s: store unavailable: %s", self.request.method, self.request.path, e)
-            mapped = HeaderedError(
-                503, "the broker's database is busy; try again shortly", {"Retry-After": 2}
-            )
-        else:
-            mapped = _as_http_error(e)
+            else:
+                mapped = _as_http_error(error)
         if mapped is not None:
-            self.send_error(mapped.status_code, exc_info=(type(mapped), mapped, None))
-            return
-        super()._handle_request_exception(e)
+            status_code, kwargs["exc_info"] = mapped.status_code, (type(mapped), mapped, None)
+        super().send_error(status_code, **kwargs)
 
 
 class HeaderedError(web.HTTPError):
@@ -593,8 +613,9 @@ class EarningsHandler(BrokerAPIHandler):
         )
 
 
-class BrokerWebSocket(ProtocolWebSocketHandler, JupyterHandler):
-    """An authenticated websocket with large messages and Nagle off."""
+class BrokerWebSocket(WebSocketEndpoint, APIHandler):
+    """An authenticated websocket with large messages and Nagle off; a refused upgrade
+    is a JSON error, as from any API route."""
 
     auth_resource = AUTH_RESOURCE
 
@@ -603,17 +624,14 @@ class BrokerWebSocket(ProtocolWebSocketHandler, JupyterHandler):
         return self.settings["gpu_share_broker"]
 
     @property
-    def max_message_size(self) -> int:
+    def max_message_size(self) -> int:  # type: ignore[override]
         return int(self.settings.get("gpu_share_max_message_size", 256 * 1024 * 1024))
 
     def check_xsrf_cookie(self) -> None:
         """Bearer-token clients carry no cookies to forge."""
 
-    def get_compression_options(self) -> None:
-        return None
-
-    def open(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        self.set_nodelay(True)
+    def check_websocket_origin(self, origin: str) -> bool:
+        return self.check_origin(origin)  # jupyter_server's allow_origin rules
 
     def authenticated_account(self) -> BrokerUser:
         """The caller, or 401 before the upgrade."""
@@ -634,14 +652,11 @@ class _ControlEnd(ServerEnd):
 
     host_name: str | None = None
 
-    def _fail(self, code: int, reason: str) -> None:
-        if code == 1009 and not self._close_sent:
-            limit = self.max_message_size
-            refusal = f"refused control message over {limit} bytes; closing the connection"
-            self.send(OP_TEXT, json.dumps({"type": "error", "message": refusal}).encode())
-            log.warning("host %s: %s", self.host_name, refusal)
-            reason = f"control message over {limit} bytes"
-        super()._fail(code, reason)
+    def refusal(self, error: PayloadTooBig) -> str:
+        limit = self.protocol.max_message_size
+        refusal = f"refused control message over {limit} bytes; closing the connection"
+        log.warning("host %s: %s", self.host_name, refusal)
+        return json.dumps({"type": "error", "message": refusal})
 
 
 class HostControlHandler(BrokerWebSocket):
@@ -663,10 +678,8 @@ class HostControlHandler(BrokerWebSocket):
         limits = self.broker.settings
         return max(limits.host_hello_max_bytes, limits.host_heartbeat_max_bytes)
 
-    def _make_end(self) -> ServerEnd:
-        end = _ControlEnd(
-            self._messages, self._closed, self.max_message_size, self.on_pause, self._started
-        )
+    def make_end(self, stream: IOStream) -> ServerEnd:
+        end = _ControlEnd(stream, self.max_message_size)
         end.host_name = self.host_name
         return end
 
@@ -677,15 +690,15 @@ class HostControlHandler(BrokerWebSocket):
         self.host_name = account.name
         await super().get(*args, **kwargs)
 
-    def on_messages(self, messages: list[tuple[int, Any]]) -> None:
+    def on_messages(self, messages: list[Message]) -> None:
         for _, payload in messages:  # text or binary: parse_control decodes UTF-8 itself
-            self.on_message(as_bytes(payload))
+            self.on_message(bytes(payload))
 
     def _refuse(self, kind: str, error: HostMessageError | str) -> None:
         """Tell the host why its message was refused, and log it in one line."""
         message = f"refused {kind} message: {error}"
         log.warning("host %s: %s", self.host_name, message)
-        with contextlib.suppress(WebSocketClosedError):
+        with contextlib.suppress(ConnectionClosed):
             self.write_message(json.dumps({"type": "error", "message": message}))
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
@@ -734,7 +747,6 @@ class HostControlHandler(BrokerWebSocket):
             self.close(CLOSE_BAD_MESSAGE, "control messages are JSON objects with a 'type'")
             return
         kind = message_kind(data)
-        # A str comes from tornado's own reading (over TLS), which decoded valid UTF-8.
         size = len(message) if isinstance(message, bytes) else len(message.encode())
         try:
             if kind == "hello":
@@ -780,7 +792,7 @@ class HostControlHandler(BrokerWebSocket):
         except (KeyError, ValueError, TypeError) as error:
             self._refuse(kind, f"{type(error).__name__}: {str(error)[:200]}")
 
-    def on_taken_over(self) -> None:
+    def on_open(self) -> None:
         # A host that authenticates and then says nothing holds a socket for nothing.
         timeout = self.broker.settings.host_hello_timeout
         self._hello_timer = asyncio.get_running_loop().call_later(timeout, self._no_hello)
@@ -817,21 +829,15 @@ class RelayHandler(BrokerWebSocket):
         self.side, self.session_id = side, session_id
         await super().get(session_id, side)
 
-    def on_taken_over(self) -> None:
+    def on_open(self) -> None:
         self.pair = self.broker.relays.pair(self.session_id)
         self.pair.attach(self.side, self)
 
-    def on_messages(self, messages: list[tuple[int, bytes]]) -> None:
+    def on_messages(self, messages: list[Message]) -> None:
         if not self.pair.forward(self.side, messages):
             self.close(CLOSE_BUFFER_FULL, "the other side is away and the relay buffer is full")
 
-    def on_message(self, message: str | bytes) -> None:  # over TLS, tornado reads the frames
-        if isinstance(message, str):
-            self.on_messages([(OP_TEXT, message.encode("utf-8"))])
-        else:
-            self.on_messages([(OP_BINARY, message)])
-
-    def on_pause(self, end: ServerEnd, paused: bool) -> None:
+    def on_pause(self, paused: bool) -> None:
         pair = getattr(self, "pair", None)
         if pair is not None:
             pair.backlogged(self.side, paused)

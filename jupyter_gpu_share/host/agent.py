@@ -19,16 +19,14 @@ from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from tornado.httpclient import HTTPClientError, HTTPRequest
-from tornado.iostream import StreamClosedError
-from tornado.websocket import WebSocketClientConnection, WebSocketClosedError
 from traitlets import Any as AnyTrait
 from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, default, validate
 from traitlets.config import LoggingConfigurable
 
-from .. import __version__, fastws, wire
+from .. import __version__, wire
 from ..ledger import format_credits, parse_credits, price_per_second_from_hour
 from ..transport import tls
+from ..transport.websocket import ClientEnd, ConnectionClosed, HandshakeError, connect
 from .cgroups import CgroupLimits, cleanup_stale
 from .gateway import GatewayKernel
 from .idle import IdleWorkload
@@ -121,22 +119,11 @@ def _consume(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
-def _write(conn: fastws.RelayConnection, message: str | bytes, binary: bool = False) -> None:
-    """Queue one websocket message in order; raise WebSocketClosedError if closed."""
+def _write(conn: ClientEnd, message: str | bytes, binary: bool = False) -> None:
+    """Queue one websocket message in order; raise ConnectionClosed if closed."""
     future = conn.write_message(message, binary=binary)
-    if future is not None:  # a ClientEnd returns a future only while its buffer drains
+    if future is not None:  # a future only while the connection's buffer drains
         future.add_done_callback(_consume)
-
-
-def _error_message(err: HTTPClientError) -> str:
-    """Pull the broker's JSON error message out of a failed handshake."""
-    body = getattr(err.response, "body", None) if err.response is not None else None
-    if body:
-        with contextlib.suppress(ValueError, AttributeError):
-            data = json.loads(body)
-            if isinstance(data, dict) and data.get("message"):
-                return str(data["message"])
-    return err.message or str(err.code)
 
 
 class HostSession:
@@ -152,7 +139,7 @@ class HostSession:
         self.relay_path = relay_path
         self.state = "starting"  # -> "ready" -> "ended"
         self.kernel: RemoteKernel | GatewayKernel | None = None
-        self.relay: fastws.RelayConnection | None = None
+        self.relay: ClientEnd | None = None
         self.key: str | None = None
         self.warm_key: str | None = None
         self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -236,18 +223,18 @@ class HostSession:
 
     # -- relay --------------------------------------------------------------------------
 
-    async def _connect_relay(self) -> fastws.RelayConnection:
+    async def _connect_relay(self) -> ClientEnd:
         attempt = 0
         while True:
             try:
                 return await self.agent.connect_websocket(self.relay_path, relay=True)
-            except HTTPClientError as err:
+            except HandshakeError as err:
                 if err.code in _FATAL_RELAY_CODES:
                     raise RuntimeError(
-                        f"broker refused the relay ({err.code}: {_error_message(err)})"
+                        f"broker refused the relay ({err.code}: {err.message})"
                     ) from None
                 problem: str = f"HTTP {err.code}"
-            except (OSError, StreamClosedError) as err:
+            except (OSError, asyncio.TimeoutError) as err:
                 url = self.agent.broker_url
                 problem = tls.describe(err, url) or str(err) or type(err).__name__
             delay = backoff_delay(attempt, cap=self.agent.reconnect_max_delay)
@@ -264,7 +251,7 @@ class HostSession:
     async def _read_relay(self) -> None:
         while not self._closing:
             conn = self.relay
-            if isinstance(conn, fastws.ClientEnd):
+            if conn is not None:
                 conn.deliver_to(self._handle_relay_message)  # read_message: the close only
             message = await conn.read_message() if conn is not None else None
             if message is None:
@@ -352,10 +339,10 @@ class HostSession:
     def _from_kernel_batch(self, channel: int, batch: list[list[Any]]) -> None:
         """What the kernel sent on one channel since the last wake-up: one relay write."""
         relay = self.relay
-        if isinstance(relay, fastws.ClientEnd) and not self._outbox:
+        if relay is not None and not self._outbox:
             try:
                 written = relay.write_many([wire.encode_parts(channel, frames) for frames in batch])
-            except WebSocketClosedError:
+            except ConnectionClosed:
                 pass
             else:
                 if written is not None:
@@ -370,7 +357,7 @@ class HostSession:
             try:
                 _write(self.relay, message, binary)
                 return
-            except WebSocketClosedError:
+            except ConnectionClosed:
                 pass
         self._outbox.append((message, binary))
         self._outbox_bytes += len(message)
@@ -386,7 +373,7 @@ class HostSession:
             message, binary = self._outbox[0]
             try:
                 _write(self.relay, message, binary)
-            except WebSocketClosedError:
+            except ConnectionClosed:
                 return
             self._outbox.popleft()
             self._outbox_bytes -= len(message)
@@ -750,7 +737,7 @@ class HostAgent(LoggingConfigurable):
         self.inventory: Inventory | None = None
         self.price_per_second_micro = 0
         self.on_connected: Callable[[HostAgent], None] | None = None
-        self._control: WebSocketClientConnection | None = None
+        self._control: ClientEnd | None = None
         self._pending: deque[dict[str, Any]] = deque(maxlen=1000)
         self._stop_event: asyncio.Event | None = None
         self._stopping = False
@@ -929,33 +916,19 @@ class HostAgent(LoggingConfigurable):
             prefix = ""
         return urlunsplit((scheme, parts.netloc, prefix + path, "", ""))
 
-    async def connect_websocket(self, path: str, relay: bool = False) -> Any:
-        """Open a websocket to the broker with the host token and TCP_NODELAY.
-
-        A relay (kernel traffic) is served by a :class:`fastws.ClientEnd` after the
-        handshake; the control channel stays on tornado's connection.
-        """
+    async def connect_websocket(self, path: str, relay: bool = False) -> ClientEnd:
+        """Open a websocket to the broker with the host token and TCP_NODELAY: the control
+        channel, or a relay (kernel traffic); the same transport with or without TLS."""
         url = self.websocket_url(path)
-        request = HTTPRequest(
+        return await connect(
             url,
             headers={"Authorization": f"Bearer {self.token}"},
-            connect_timeout=10,
-            request_timeout=30,
-            ssl_options=tls.context_for(url, self.ca_file, self.client_cert, self.client_key),
-        )
-        if relay:
-            return await fastws.connect_end(
-                request, self.max_message_size, ping_interval=self.ping_interval or None
-            )
-        conn = await fastws.connect(
-            request,
-            self.max_message_size,
+            ssl_context=tls.context_for(url, self.ca_file, self.client_cert, self.client_key),
+            max_message_size=self.max_message_size,
             ping_interval=self.ping_interval or None,
+            connect_timeout=10,
+            handshake_timeout=30,
         )
-        if conn.protocol is not None:
-            with contextlib.suppress(OSError, AttributeError):
-                conn.protocol.set_nodelay(True)
-        return conn
 
     # -- running ------------------------------------------------------------------------
 
@@ -1029,14 +1002,13 @@ class HostAgent(LoggingConfigurable):
                 welcomed = False
                 try:
                     welcomed = await self._serve_control()
-                except HTTPClientError as err:
+                except HandshakeError as err:
                     if err.code in (401, 403):
                         raise AgentAuthError(
-                            f"the broker refused the host token (HTTP {err.code}: "
-                            f"{_error_message(err)})"
+                            f"the broker refused the host token (HTTP {err.code}: {err.message})"
                         ) from None
                     self.log.warning("broker connection failed: HTTP %s", err.code)
-                except (OSError, StreamClosedError, asyncio.TimeoutError) as err:
+                except (OSError, asyncio.TimeoutError) as err:
                     problem = tls.describe(err, self.broker_url) or str(err) or type(err).__name__
                     self.log.warning("broker connection failed: %s", problem)
                 if self._stop_event.is_set():
@@ -1099,7 +1071,7 @@ class HostAgent(LoggingConfigurable):
         finally:
             conn.close()
 
-    async def _read_welcome(self, conn: WebSocketClientConnection) -> dict[str, Any] | None:
+    async def _read_welcome(self, conn: ClientEnd) -> dict[str, Any] | None:
         while True:
             message = await conn.read_message()
             if message is None:
@@ -1109,7 +1081,7 @@ class HostAgent(LoggingConfigurable):
                 return record
             self.log.warning("expected welcome from the broker, ignored %r", message[:80])
 
-    async def _heartbeats(self, conn: WebSocketClientConnection, interval: float) -> None:
+    async def _heartbeats(self, conn: ClientEnd, interval: float) -> None:
         assert self.inventory is not None
         while True:
             telemetry = self.inventory.telemetry()
@@ -1123,7 +1095,7 @@ class HostAgent(LoggingConfigurable):
             beat = {"type": "heartbeat", "telemetry": telemetry, "busy_sessions": busy}
             try:
                 _write(conn, json.dumps(beat))
-            except WebSocketClosedError:
+            except ConnectionClosed:
                 return
             await asyncio.sleep(interval)
 
@@ -1279,7 +1251,7 @@ class HostAgent(LoggingConfigurable):
             try:
                 _write(self._control, json.dumps(record))
                 return
-            except WebSocketClosedError:
+            except ConnectionClosed:
                 self._control = None
         self._pending.append(record)
 

@@ -25,7 +25,8 @@ import zmq
 import zmq.asyncio
 from jupyter_client.connect import write_connection_file
 
-from .. import wire, zmtp
+from .. import wire
+from ..zmqpump import SocketPump
 from .leftovers import RunDir
 from .procfs import group_pids, uid_pids
 from .quota import ScratchWatchdog
@@ -38,6 +39,8 @@ ExitCallback = Callable[[int | None], None]
 
 _SAFE_ID = re.compile(r"[^A-Za-z0-9_.-]")
 IPC_PATH_MAX = 100
+# The largest frame taken from a kernel; libzmq drops a peer that sends a larger one.
+MAX_KERNEL_FRAME = 512 * 1024 * 1024
 OUTPUT_TAIL_BYTES = 64 * 1024  # a Unix socket's path must fit sockaddr_un (108 bytes on Linux)
 
 
@@ -161,7 +164,7 @@ class RemoteKernel:
         self._stopping = False
         self._exited = asyncio.Event()
         self._context: zmq.asyncio.Context | None = None
-        self._pumps: dict[int, zmtp.ZmtpChannel] = {}
+        self._pumps: dict[int, SocketPump] = {}
         # Set to take each wake-up's messages of one channel at once: (channel, [frames...]).
         self.on_kernel_batch: Callable[[int, list[list[Any]]], None] | None = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -297,22 +300,28 @@ class RemoteKernel:
         return {"transport": "tcp", "ip": "127.0.0.1"}
 
     async def _connect_channels(self, info: dict[str, Any]) -> None:
-        """Open the four kernel channels (the kernel is listening once it answers its
-        heartbeat): the agent speaks ZMTP on them itself, without a ZMQ I/O thread."""
+        """Open the four kernel channels once the kernel answers its heartbeat: pyzmq
+        sockets served by the event loop (what the renter's kernel writes is parsed by
+        libzmq, not by code of ours, in the process that holds the host token)."""
+        assert self._context is not None
+        ctx = zmq.Context.shadow(self._context.underlying)  # plain sockets for the pumps
         identity = b"gpu-share-" + secrets.token_hex(8).encode()
         plan = [
-            (wire.SHELL, b"DEALER", info["shell_port"], identity),
-            (wire.CONTROL, b"DEALER", info["control_port"], None),
-            (wire.STDIN, b"DEALER", info["stdin_port"], identity),
-            (wire.IOPUB, b"SUB", info["iopub_port"], None),
+            (wire.SHELL, zmq.DEALER, info["shell_port"], identity),
+            (wire.CONTROL, zmq.DEALER, info["control_port"], None),
+            (wire.STDIN, zmq.DEALER, info["stdin_port"], identity),
+            (wire.IOPUB, zmq.SUB, info["iopub_port"], None),
         ]
         for channel, kind, port, ident in plan:
-            self._pumps[channel] = await zmtp.connect(
-                channel_url(info, port),
-                kind,
-                functools.partial(self._received, channel),
-                identity=ident,
-            )
+            sock = ctx.socket(kind)
+            sock.linger = 0
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_KERNEL_FRAME)
+            if ident is not None:
+                sock.setsockopt(zmq.IDENTITY, ident)
+            if kind == zmq.SUB:
+                sock.setsockopt(zmq.SUBSCRIBE, b"")
+            sock.connect(channel_url(info, port))
+            self._pumps[channel] = SocketPump(sock, functools.partial(self._received, channel))
 
     async def _wait_ready(self, info: dict[str, Any]) -> None:
         assert self._context is not None

@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
-from tornado import httpclient, websocket
 
-from .. import fastws, wire
+from .. import wire
 from ..transport import tls
+from ..transport.websocket import ClientEnd, ConnectionClosed, HandshakeError, connect
 from ..zmqpump import SocketPump
 
 log = logging.getLogger("jupyter_gpu_share.bridge")
@@ -42,12 +42,10 @@ CLOSE_REASONS = {
     4007: "quota reached",
 }
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
-WAIT_FOR_WRITES_ABOVE = 1024 * 1024
 
 
 async def _written(future: Any) -> None:
-    """Wait for a write where the connection says to (tornado always, a ClientEnd only
-    while its buffer drains)."""
+    """Wait for a write where the connection says to (while its buffer drains)."""
     if future is not None:
         await future
 
@@ -139,7 +137,7 @@ class KernelBridge:
         self.ports: dict[str, int] = {}
         self.pumps: dict[int, SocketPump] = {}
         self.hb: SocketPump | None = None
-        self.ws: fastws.RelayConnection | None = None
+        self.ws: ClientEnd | None = None
         self.session_id: str | None = None
         self.ready = asyncio.Event()
         self.ended = asyncio.Event()
@@ -210,23 +208,15 @@ class KernelBridge:
         if ws is None or self.ended.is_set():
             return  # no kernel attached: the messages have nowhere to go
         try:
-            if isinstance(ws, fastws.ClientEnd):
-                written = ws.write_many([wire.encode_parts(channel, frames) for frames in batch])
-            else:
-                for frames in batch:
-                    written = ws.write_message(wire.encode(channel, frames), binary=True)
-        except websocket.WebSocketClosedError:
+            written = ws.write_many([wire.encode_parts(channel, frames) for frames in batch])
+        except ConnectionClosed:
             return
         if written is None:
-            return  # written at once (a ClientEnd under its buffer limit)
-        size = sum(map(wire.total_size, batch))
-        if isinstance(ws, fastws.ClientEnd) or size >= WAIT_FOR_WRITES_ABOVE:
-            # Back-pressure: read no more from this channel until the relay has drained.
-            pump = self.pumps[channel]
-            pump.pause_reading(True)
-            written.add_done_callback(lambda future: (_consume(future), pump.pause_reading(False)))
-        else:
-            written.add_done_callback(_consume)
+            return  # written at once (under the relay's buffer limit)
+        # Back-pressure: read no more from this channel until the relay has drained.
+        pump = self.pumps[channel]
+        pump.pause_reading(True)
+        written.add_done_callback(lambda future: (_consume(future), pump.pause_reading(False)))
 
     def _answer_heartbeats(self, pings: list[list[Any]]) -> None:
         # Answer only while a live remote kernel is attached, so clients see a dead kernel.
@@ -250,32 +240,32 @@ class KernelBridge:
         self.ws = await self._connect_relay()
         self._relay_task = asyncio.ensure_future(self._pump_from_relay())
 
-    async def _connect_relay(self) -> fastws.RelayConnection:
+    async def _connect_relay(self) -> ClientEnd:
         url, token, hello = self._relay
-        request = httpclient.HTTPRequest(
+        ws = await connect(
             url,
             headers={"Authorization": f"Bearer {token}"},
+            ssl_context=tls.context_for(url),  # the system's CAs and $GPU_SHARE_CA_FILE
+            max_message_size=MAX_MESSAGE_SIZE,
             connect_timeout=20,
-            request_timeout=60,
-            ssl_options=tls.context_for(url),  # the system's CAs and $GPU_SHARE_CA_FILE
+            handshake_timeout=60,
         )
-        ws = await fastws.connect_end(request, MAX_MESSAGE_SIZE)
         # The host ignores a repeated hello with the same key (after a reconnect).
         await _written(ws.write_message(hello))
         return ws
 
-    async def _reconnect(self) -> fastws.RelayConnection | None:
+    async def _reconnect(self) -> ClientEnd | None:
         """Reconnect after the broker went away (not after it ended the session)."""
         delay, deadline = 0.25, asyncio.get_running_loop().time() + self.reconnect_timeout
         while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(delay)
             try:
                 ws = await self._connect_relay()
-            except httpclient.HTTPClientError as error:
+            except HandshakeError as error:
                 if error.code in (401, 403, 404, 410):
                     self._mark_ended("the session ended while the broker was unreachable", 1)
                     return None
-            except OSError:
+            except (OSError, asyncio.TimeoutError):
                 pass
             else:
                 log.info("relay of session %s reconnected", self.session_id)
@@ -287,8 +277,7 @@ class KernelBridge:
     async def _pump_from_relay(self) -> None:
         ws = self.ws
         while ws is not None and ws is self.ws:
-            if isinstance(ws, fastws.ClientEnd):
-                ws.deliver_to(self._from_relay)  # read_message now only reports the close
+            ws.deliver_to(self._from_relay)  # read_message now only reports the close
             message = await ws.read_message()
             if message is None:
                 if ws is not self.ws:
@@ -370,7 +359,7 @@ class KernelBridge:
     async def send_control(self, record: dict[str, Any]) -> None:
         """Send a small JSON record (a signal) to the host over the relay."""
         if self.ws is not None and not self.ended.is_set():
-            with contextlib.suppress(websocket.WebSocketClosedError):
+            with contextlib.suppress(ConnectionClosed):
                 await _written(self.ws.write_message(json.dumps(record)))
 
     async def detach(self) -> None:

@@ -23,6 +23,7 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Enum, Float, Int, Unicode, default
 
 from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, websocket_url
+from ..transport.websocket import HandshakeError
 from .bridge import BridgeLoop, InlineLoop, KernelBridge
 from .extension import take_preference, taken_token
 
@@ -228,7 +229,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 )
             )
             await self._loop().run(bridge.wait_ready(self.start_timeout))
-        except (OSError, RuntimeError, TimeoutError) as error:
+        except (OSError, RuntimeError, TimeoutError, HandshakeError) as error:
             await self._stop_session()
             self.session = None
             raise RuntimeError(

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 from tornado import httpclient, websocket
 
-from jupyter_gpu_share import fastws
+from jupyter_gpu_share.transport import websocket as transport_ws
 
 from .procs import cpu_seconds, cpu_split
 
@@ -116,17 +116,17 @@ async def connect(
     return conn
 
 
-async def connect_relay(url: str, token: str) -> fastws.ClientEnd:
-    """A relay websocket as the bridge and the host agent open it (``fastws.connect_end``):
-    tornado's handshake, then an asyncio protocol, so the load costs the load process
-    little and the broker, not this process, sets the pace."""
-    request = httpclient.HTTPRequest(
-        url, headers={"Authorization": f"Bearer {token}"}, connect_timeout=60, request_timeout=120
+async def connect_relay(url: str, token: str) -> transport_ws.ClientEnd:
+    """A relay websocket as the bridge and the host agent open it (``transport.websocket``):
+    an asyncio protocol, so the load costs the load process little and the broker, not
+    this process, sets the pace."""
+    return await transport_ws.connect(
+        url,
+        headers={"Authorization": f"Bearer {token}"},
+        max_message_size=256 * 1024 * 1024,
+        connect_timeout=60,
+        handshake_timeout=120,
     )
-    conn = await fastws.connect_end(request, max_message_size=256 * 1024 * 1024)
-    if not isinstance(conn, fastws.ClientEnd):
-        raise RuntimeError("the benchmark's broker is on loopback, without TLS")
-    return conn
 
 
 class RawControl(asyncio.Protocol):
@@ -264,7 +264,7 @@ class FakeHost:
     def __init__(self, base: str, token: str, max_kernels: int):
         self.base, self.token, self.max_kernels = base, token, max_kernels
         self.control: websocket.WebSocketClientConnection | None = None
-        self.relays: dict[str, fastws.ClientEnd] = {}
+        self.relays: dict[str, transport_ws.ClientEnd] = {}
         self.interval = 5.0
         self.tasks: list[asyncio.Task[Any]] = []
         self.failures: list[str] = []
@@ -329,7 +329,7 @@ class FakeRenter:
 
     def __init__(self, api: Api, base: str, token: str):
         self.api, self.base, self.token = api, base, token
-        self.conn: fastws.ClientEnd | None = None
+        self.conn: transport_ws.ClientEnd | None = None
         self.session_id = ""
         self.on_reply: Any = None  # called with None at the next binary message, or an error
         self._close_watch: asyncio.Future[None] | None = None
@@ -472,7 +472,7 @@ async def relay_mode(args: argparse.Namespace) -> dict[str, Any]:
     user_tokens = await asyncio.gather(
         *(account(f"relay-user-{i}", "user") for i in range(n_users))
     )
-    hosts = [FakeHost(args.broker, t, max_kernels=10**6) for t in host_tokens]
+    hosts = [FakeHost(args.broker, t, max_kernels=1024) for t in host_tokens]  # the cap
     await asyncio.gather(*(h.start() for h in hosts))
     payload = kernel_message(args.message_bytes)
     renters: list[FakeRenter] = []

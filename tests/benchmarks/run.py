@@ -3,7 +3,9 @@
     python tests/benchmarks/run.py [--quick] [--json FILE] [--only PHASES] [--keep]
 
 Phases: e2e (execute round trips, throughput, first execute; real broker, host agent, user
-jupyter_server, Kernel Gateway), settle (SQLite settlements), relay (a lone broker relaying
+jupyter_server, Kernel Gateway), transports (the same figures through a plain broker, a TLS
+broker and a broker behind nginx's TLS, interleaved; a start and an execute over slow
+links), settle (SQLite settlements), relay (a lone broker relaying
 echo kernels), heartbeat (a lone broker with simulated hosts). --quick takes < 3 minutes,
 the full run < 15.
 """
@@ -28,6 +30,7 @@ if str(ROOT) not in sys.path:
 from tests.benchmarks import procs  # noqa: E402
 from tests.benchmarks.e2e_phase import E2EPhase, log  # noqa: E402
 from tests.benchmarks.profiles import pyspy_path, summarise_profile  # noqa: E402
+from tests.benchmarks.transports import TransportsPhase  # noqa: E402
 from tests.e2e.harness import Cluster  # noqa: E402
 
 HEARTBEAT_TARGET_HOSTS = 10_000
@@ -51,6 +54,9 @@ QUICK = {
     "heartbeat_hosts": 2500,
     "heartbeat_window": 10,
     "heartbeat_procs": 1,
+    "transport_rtt_rounds": 300,
+    "wan_rtt_rounds": 40,
+    "transport_throughput_rounds": 3,
 }
 FULL = {
     "rtt_warmup": 20,
@@ -71,6 +77,9 @@ FULL = {
     "heartbeat_hosts": HEARTBEAT_TARGET_HOSTS,
     "heartbeat_window": 30,
     "heartbeat_procs": 1,
+    "transport_rtt_rounds": 800,
+    "wan_rtt_rounds": 100,
+    "transport_throughput_rounds": 5,
 }
 
 # key, target text, check(value, results) -> bool | None
@@ -108,6 +117,20 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("gateway_single_50mb_message_ok", "(gateway)", None),
     ("first_execute_cold_ratio", "", None),
     ("first_execute_warm_ratio", "<= 0.5", lambda v, r: v <= 0.5),
+    ("plain_execute_rtt_added_ms", "(same run)", None),
+    ("tls_execute_rtt_added_ms", "<= 1.5", lambda v, r: v <= 1.5),
+    ("nginx_execute_rtt_added_ms", "", None),
+    ("plain_execute_rtt_median_ratio", "(same run)", None),
+    ("tls_execute_rtt_median_ratio", "<= 1.25", lambda v, r: v <= 1.25),
+    ("nginx_execute_rtt_median_ratio", "", None),
+    ("plain_stdout_throughput_ratio", "(same run)", None),
+    ("tls_stdout_throughput_ratio", ">= 0.8", lambda v, r: v >= 0.8),
+    ("nginx_stdout_throughput_ratio", "", None),
+    ("plain_display_throughput_ratio", "(same run)", None),
+    ("tls_display_throughput_ratio", ">= 0.8", lambda v, r: v >= 0.8),
+    ("nginx_display_throughput_ratio", "", None),
+    ("wan_execute_overhead_ms", "<= 2", lambda v, r: v <= 2),
+    ("wan_start_round_trips", "<= 6", lambda v, r: v <= 6),
     ("relay_kernels", ">= 500", lambda v, r: v >= 500),
     ("relay_cpu_us_per_message", "<= 50", lambda v, r: v <= 50),
     ("heartbeat_hosts_10k_core_fraction", "<= 0.2", lambda v, r: v <= 0.2),
@@ -214,7 +237,8 @@ def relay_phase(
         "ipykernels); relay_cpu_us_per_message is broker CPU / relayed messages with all "
         f"{results['relay_kernels']} kernels ping-ponging {answer['message_bytes']}-byte messages "
         "as fast as the broker relays them (relay_messages_per_second; the load process "
-        "speaks through fastws, as the bridge and the agent do, so the broker sets the pace)"
+        "speaks through transport.websocket, as the bridge and the agent do, so the broker "
+        "sets the pace)"
     )
 
 
@@ -363,6 +387,15 @@ def table(results: dict[str, Any], machine: dict[str, Any], mode: str, elapsed: 
 
 def details_text(details: dict[str, Any]) -> str:
     out = []
+    for key, title in (
+        ("transport_rtt_ms", "transports, execute round trip (ms)"),
+        ("transport_cpu_ms_per_execute", "transports, CPU ms per execute"),
+        ("transport_throughput_mb_s", "transports, throughput MB/s (median)"),
+        ("wan_execute_ms", "slow links, trivial execute (ms)"),
+        ("wan_first_execute_s", "slow links, first execute from a cold start (s)"),
+    ):
+        if key in details:
+            out.append(f"{title}: {json.dumps(details[key])}")
     rtt = details.get("rtt_ms")
     if rtt:
         out.append("execute round trip (ms): path                median    p90    p99    min    n")
@@ -492,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and hosts (< 3 minutes)")
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE as JSON")
     parser.add_argument(
-        "--only", default="e2e,settle,relay,heartbeat", help="comma list of phases (default: all)"
+        "--only",
+        default="e2e,transports,settle,relay,heartbeat",
+        help="comma list of phases (default: all)",
     )
     parser.add_argument(
         "--profile",
@@ -514,12 +549,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep the work directory (logs, profiles)"
     )
-    parser.add_argument(
-        "--tls",
-        action="store_true",
-        help="the broker serves TLS (a CA made for the run; every client verifies it); "
-        "the e2e phase's figures are then named tls_*",
-    )
     args = parser.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     cfg["always_profile"] = args.profile
@@ -532,13 +561,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="gpu-share-bench-"))
     # As root the host agent runs kernels as uids of their own: they pass through to it.
     os.chmod(workdir, 0o711)
-    if args.tls:
-        from tests.tlsca import ScratchCA
-
-        ca = ScratchCA(workdir / "ca")
-        pair = ca.issue("broker")
-        cfg["broker_traits"]["tls"] = (pair.cert, pair.key, ca.ca_file)
-        os.environ["GPU_SHARE_CA_FILE"] = str(ca.ca_file)  # the clients in this process
     started = time.perf_counter()
     results: dict[str, Any] = {}
     details: dict[str, Any] = {}
@@ -552,10 +574,17 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         e2e.run()
                     finally:
-                        prefix = "tls_" if args.tls else ""
-                        results.update({prefix + k: v for k, v in e2e.results.items()})
+                        results.update(e2e.results)
                         details.update(e2e.details)
                         notes.extend(e2e.notes)
+                elif phase == "transports":
+                    transports = TransportsPhase(workdir, cfg)
+                    try:
+                        transports.run()
+                    finally:
+                        results.update(transports.results)
+                        details.update(transports.details)
+                        notes.extend(transports.notes)
                 elif phase == "settle":
                     settle_phase(workdir, cfg, results, details, notes)
                 elif phase == "relay":

@@ -153,10 +153,16 @@ class Cluster:
         return self.admin.request("POST", f"/accounts/{name}/tokens")["token"]
 
     def start_host(
-        self, name: str, price_per_hour: str = "3.6", *extra: str, token_file: bool = False
+        self,
+        name: str,
+        price_per_hour: str = "3.6",
+        *extra: str,
+        token_file: bool = False,
+        broker_url: str | None = None,
     ) -> Process:
         """Start a host agent and wait until its offer is online.
 
+        It connects to ``broker_url`` (a proxy in front of the broker), else to the broker.
         Its token is never on the command line: in GPU_SHARE_TOKEN, or with ``token_file``
         in a file of mode 0600 named by --token-file.
         """
@@ -175,7 +181,7 @@ class Cluster:
                 *CLI,
                 "host",
                 "--broker",
-                self.url,
+                broker_url or self.url,
                 "--price-per-hour",
                 price_per_hour,
                 "--heartbeat-interval=0.5",

@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 from tornado.httpclient import HTTPRequest
 from tornado.websocket import WebSocketClientConnection, websocket_connect
-
-from jupyter_gpu_share import fastws
+from websockets.frames import Frame, Opcode
 
 from .harness import CLI, Cluster, clean_env, eventually
 
@@ -85,12 +84,8 @@ class RawHost:
 
     async def send_raw_text_frame(self, payload: bytes) -> None:
         """A text frame whatever its bytes (tornado would only send valid UTF-8)."""
-        key = os.urandom(4)
-        masked = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
         assert self.conn.protocol is not None
-        await self.conn.protocol.stream.write(
-            fastws.frame_header(fastws.OP_TEXT, len(payload), key) + masked
-        )
+        await self.conn.protocol.stream.write(Frame(Opcode.TEXT, payload).serialize(mask=True))
 
     async def read(self, timeout: float = 10) -> dict[str, Any] | None:
         message = await asyncio.wait_for(self.conn.read_message(), timeout)

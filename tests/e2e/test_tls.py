@@ -13,6 +13,7 @@ from nbclient import NotebookClient
 from jupyter_gpu_share.client import BrokerClient, BrokerError
 from jupyter_gpu_share.ledger import MICRO
 
+from ..nginx import Nginx, nginx_path
 from ..tlsca import ScratchCA
 from .harness import CLI, ROOT_FLAG, clean_env, eventually, free_port
 
@@ -51,6 +52,34 @@ def test_a_notebook_runs_through_a_tls_broker_of_a_private_ca(make_cluster, ca, 
         [*CLI, "balance", "--ca-file", str(ca.ca_file)], env=env, capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
+    assert "Traceback" not in cluster.broker.output()
+
+
+@pytest.mark.skipif(nginx_path() is None, reason="nginx is not installed (.ci/run installs it)")
+def test_a_notebook_runs_through_nginx_terminating_tls(make_cluster, ca, tmp_path, monkeypatch):
+    """The README's nginx in front of a plain broker: the host agent (--ca-file) and the
+    user side reach the broker only through it, websockets included."""
+    cluster = make_cluster()
+    server = ca.issue("proxy")
+    proxy = Nginx(tmp_path / "nginx", f"127.0.0.1:{cluster.port}", server.cert, server.key)
+    try:
+        cluster.start_host("proxied", "3.6", f"--ca-file={ca.ca_file}", broker_url=proxy.url)
+        token = cluster.account("behind-proxy", "user", 50 * MICRO)
+        monkeypatch.setenv("GPU_SHARE_BROKER_URL", proxy.url)
+        monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+        monkeypatch.setenv("GPU_SHARE_CA_FILE", str(ca.ca_file))
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "x", "language": "python"}
+        big = "print(len('y' * (8 << 20)))\nfrom IPython.display import display\n"
+        big += "display({'text/plain': 'x' * (8 << 20)}, raw=True)"
+        nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)"), nbformat.v4.new_code_cell(big)]
+        NotebookClient(nb, kernel_name="gpu-share", timeout=120, startup_timeout=90).execute()
+        assert nb.cells[0].outputs[0]["text"].strip() == "42"
+        assert len(nb.cells[1].outputs[1]["data"]["text/plain"]) == 8 << 20
+        session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the bill")
+        assert session["billed_seconds"] >= 1
+    finally:
+        proxy.close()
     assert "Traceback" not in cluster.broker.output()
 
 

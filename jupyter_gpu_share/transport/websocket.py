@@ -1,0 +1,728 @@
+"""The websocket ends of the broker, the bridge and the host agent, on one library.
+
+Frames are parsed and written by the Sans-I/O protocol of the ``websockets`` library
+(``websockets.server.ServerProtocol``, ``websockets.client.ClientProtocol``): maintained and
+fuzzed by others, the same code on the server and the client side, with and without TLS.
+This module only moves bytes between that protocol and a connection:
+
+- :class:`ServerEnd` serves a connection whose upgrade a tornado ``RequestHandler``
+  answered and then ``detach()``-ed (public API): jupyter_server keeps the listening
+  socket, its authentication and its TLS. :class:`WebSocketEndpoint` is that handler.
+- :class:`ClientEnd` is an ``asyncio.Protocol`` from :func:`connect`
+  (``loop.create_connection``, with ``ssl=`` for ``wss://``): the bridge and the host agent.
+
+Both have one small interface, what the relay needs (``RelayEnd``): every message of one
+read arrives in one batch of ``(opcode, payload)`` pairs; ``send_many`` writes several
+messages with one system call; ``pause_reading`` holds the peer (TCP back-pressure), and
+``on_pause`` says when this end's own output has queued beyond ``WRITE_HIGH_WATER`` and when
+it has drained. Fragmented messages are joined here; one message is at most
+``max_message_size`` bytes, fragments included (the library's check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import ssl
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any, cast
+
+from tornado import web
+from tornado.iostream import IOStream, StreamClosedError
+from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus, PayloadTooBig
+from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Protocol, State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
+
+log = logging.getLogger(__name__)
+
+OP_TEXT, OP_BINARY = 1, 2
+Message = tuple[int, Any]  # (1 text or 2 binary, the payload: bytes-like, or a list of parts)
+
+READ_CHUNK = 256 * 1024
+WRITE_HIGH_WATER = 4 * 1024 * 1024  # queued output beyond this holds the other side
+READ_QUEUE_BYTES = 16 * 1024 * 1024  # a ClientEnd's unread messages beyond this hold the peer
+CLOSE_TIMEOUT = 5.0  # seconds the peer has to answer a close before the connection is cut
+LINGER_AFTER_FAILING = 1.0  # seconds a server reads on after failing a connection
+_OPCODES = {Opcode.TEXT: OP_TEXT, Opcode.BINARY: OP_BINARY}
+
+
+class ConnectionClosed(Exception):
+    """A write to a websocket that is closing or closed."""
+
+
+class HandshakeError(Exception):
+    """The server answered the upgrade with an HTTP status other than 101.
+
+    ``code`` is the status, ``message`` the server's own words (the ``message`` of a JSON
+    error body, as jupyter_server writes it) or the status line.
+    """
+
+    def __init__(self, code: int, message: str, body: bytes = b"") -> None:
+        super().__init__(f"HTTP {code}: {message}")
+        self.code = code
+        self.message = message
+        self.body = body
+
+
+def _ignore(*args: Any) -> None:
+    pass
+
+
+def joined(payload: Any) -> bytes | bytearray | memoryview:
+    """A payload given as a list of parts (``wire.encode_parts``) as one buffer."""
+    if isinstance(payload, (list, tuple)):
+        return b"".join(payload)
+    return payload
+
+
+class WebSocketEnd:
+    """One websocket after its handshake: bytes in, batches of messages out.
+
+    Subclasses move the bytes (``_write``, ``_write_eof``, ``_abort``, ``_reading``).
+    Callbacks: ``on_messages(batch)``, ``on_pause(backlogged)`` and, once,
+    ``on_closed(code, reason)`` with the peer's close code (or ours, if it never sent one).
+    """
+
+    def __init__(self, protocol: Protocol) -> None:
+        self.protocol = protocol
+        self.on_messages: Callable[[list[Message]], None] = _ignore
+        self.on_pause: Callable[[bool], None] = _ignore
+        self.on_closed: Callable[[int | None, str | None], None] = _ignore
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+        self.closed = False  # the connection is gone
+        self.closing = False  # a close frame was sent or received: no more messages
+        self.heard = True  # bytes arrived since the last keep-alive ping
+        self.backlogged = False
+        self._fragments: list[bytes] | None = None
+        self._fragments_opcode = 0
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # -- what subclasses provide ----------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def _write_eof(self) -> None:
+        """Close the connection once what was written is out."""
+        raise NotImplementedError
+
+    def _abort(self) -> None:
+        """Cut the connection now."""
+        raise NotImplementedError
+
+    def _reading(self, on: bool) -> None:
+        raise NotImplementedError
+
+    def refusal(self, error: PayloadTooBig) -> str | None:
+        """A text message to send before closing with 1009 (None: just close)."""
+        return None
+
+    # -- bytes in -------------------------------------------------------------------------
+
+    def received(self, data: bytes) -> None:
+        """Bytes from the network: answer what the protocol answers, deliver the messages."""
+        self.heard = True
+        self.protocol.receive_data(data)
+        self.handle(self.protocol.events_received())
+
+    def handle(self, events: Sequence[Any]) -> None:
+        """Frames the protocol parsed: messages (fragments joined) to ``on_messages``."""
+        protocol = self.protocol
+        we_closed = self.closing and protocol.close_rcvd is None
+        messages: list[Message] = []
+        for frame in events:
+            opcode = frame.opcode
+            kind = _OPCODES.get(opcode)
+            if kind is not None:
+                if frame.fin:
+                    messages.append((kind, frame.data))
+                else:
+                    self._fragments, self._fragments_opcode = [frame.data], kind
+            elif opcode is Opcode.CONT:
+                assert self._fragments is not None  # the protocol refuses a stray one
+                self._fragments.append(frame.data)
+                if frame.fin:
+                    messages.append((self._fragments_opcode, b"".join(self._fragments)))
+                    self._fragments = None
+            elif opcode is Opcode.CLOSE:
+                close = Close.parse(frame.data)
+                self.close_code, self.close_reason = close.code, close.reason
+                self.closing = True
+        error = protocol.parser_exc
+        if error is not None and not self.closing:
+            self.closing = True
+            sent = protocol.close_sent
+            self.close_code = sent.code if sent is not None else 1006
+            self.close_reason = str(error)
+            if isinstance(error, PayloadTooBig):
+                note = self.refusal(error)
+                if note:  # before the close frame the protocol has queued
+                    self._write(self._frame(Opcode.TEXT, note.encode()))
+            log.info("websocket closed: %s", error)
+        self._flush()
+        if messages and not we_closed:
+            self.on_messages(messages)
+
+    def _frame(self, opcode: Opcode, data: bytes) -> bytes:
+        return Frame(opcode, data).serialize(mask=isinstance(self.protocol, ClientProtocol))
+
+    def eof(self) -> None:
+        """The peer closed its side of the connection."""
+        self.protocol.receive_eof()
+        self._flush()
+
+    def lost(self) -> None:
+        """The connection is gone: tell the owner, once."""
+        if self.closed:
+            return
+        self.closed = self.closing = True
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if self.close_code is None:
+            self.close_code = 1006  # no close frame: the connection dropped
+        self._set_backlogged(False)
+        self.on_closed(self.close_code, self.close_reason)
+
+    # -- bytes out ------------------------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Write what the protocol has to send; close the connection where it says so."""
+        data = self.protocol.data_to_send()
+        if not data:
+            return
+        eof = data[-1] == b""
+        chunk = b"".join(data)
+        if chunk and not self.closed:
+            self._write(chunk)
+        if eof:
+            self._write_eof()
+        elif self.protocol.close_expected() and self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
+
+    def _set_backlogged(self, backlogged: bool) -> None:
+        if backlogged != self.backlogged:
+            self.backlogged = backlogged
+            self.on_pause(backlogged)
+
+    def send_many(self, messages: Sequence[Message]) -> None:
+        """Write messages in order, with one write (a payload may be a list of parts)."""
+        if self.closing:
+            return
+        protocol = self.protocol
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                protocol.send_text(joined(payload))
+            else:
+                protocol.send_binary(joined(payload))
+        self._flush()
+
+    def send(self, opcode: int, payload: Any) -> None:
+        self.send_many([(opcode, payload)])
+
+    def ping(self) -> None:
+        if not self.closing:
+            self.protocol.send_ping(b"")
+            self._flush()
+
+    def pause_reading(self, paused: bool) -> None:
+        """Stop (or resume) reading from this peer while what it sends cannot go on."""
+        if not self.closed:
+            self._reading(not paused)
+
+    def close(self, code: int | None = 1000, reason: str | None = None) -> None:
+        """Send a close frame; the connection closes when the peer answers (or soon)."""
+        if self.closing or self.closed:
+            return
+        self.closing = True
+        self.close_code, self.close_reason = code, reason
+        if code is None:
+            self.protocol.send_close()
+        else:
+            # a close frame holds at most 123 bytes of reason
+            self.protocol.send_close(code, (reason or "").encode()[:123].decode("utf-8", "ignore"))
+        self._reading(True)  # to read the peer's answer
+        self._flush()
+
+
+# -- the server end (the broker) -----------------------------------------------------------
+
+
+class ServerEnd(WebSocketEnd):
+    """A websocket on a tornado ``IOStream`` (or ``SSLIOStream``) taken from ``detach()``.
+
+    It reads in chunks of up to ``READ_CHUNK`` while reading is on; while it is paused no
+    read is pending, so tornado leaves the bytes in the kernel's buffers and TCP holds the
+    peer. Output written but not yet on the wire is counted from tornado's write futures.
+    """
+
+    def __init__(self, stream: IOStream, max_message_size: int) -> None:
+        super().__init__(ServerProtocol(state=State.OPEN, max_size=max_message_size))
+        self.stream = stream
+        self._unsent = 0
+        self._reading_on = True
+        self._pending_read = False
+
+    def serve(self) -> None:
+        """Read until the connection is gone: each read's future calls back (no task and
+        no coroutine step per read), and a read that completes at once is handled at once."""
+        self._read_next()
+
+    def _read_next(self) -> None:
+        stream = self.stream
+        while not self.closed and self._reading_on:
+            try:
+                future = stream.read_bytes(READ_CHUNK, partial=True)
+            except StreamClosedError:
+                self.lost()
+                return
+            if not future.done():
+                self._pending_read = True
+                future.add_done_callback(self._read_done)
+                return
+            if not self._handle_read(future):
+                return
+
+    def _read_done(self, future: asyncio.Future[bytes]) -> None:
+        self._pending_read = False
+        if self._handle_read(future):
+            self._read_next()
+
+    def _handle_read(self, future: asyncio.Future[bytes]) -> bool:
+        """Feed one read's bytes; False once the connection is gone."""
+        if future.cancelled() or future.exception() is not None:
+            self.lost()  # StreamClosedError: the peer went away, or we closed
+            return False
+        try:
+            self.received(future.result())
+        except Exception:
+            log.exception("websocket failed")
+            self.stream.close()
+            self.lost()
+            return False
+        return not self.closed
+
+    def _write(self, data: bytes) -> None:
+        stream = self.stream
+        if stream.closed():
+            return
+        written = stream.write(data)
+        if not stream.writing():  # all of it is on the wire already: the common case
+            self._unsent = 0
+            return
+        size = len(data)
+        self._unsent += size
+        written.add_done_callback(lambda future: self._sent(future, size))
+        if self._unsent > WRITE_HIGH_WATER:
+            self._set_backlogged(True)
+
+    def _sent(self, future: asyncio.Future[None], size: int) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            return  # the connection dropped: serve() says so
+        self._unsent = max(0, self._unsent - size)
+        if self._unsent <= WRITE_HIGH_WATER // 4:
+            self._set_backlogged(False)
+
+    def _write_eof(self) -> None:
+        stream = self.stream
+        if stream.closed():
+            return
+        if self.protocol.close_rcvd is not None:  # the peer has said all it will say
+            stream.write(b"").add_done_callback(lambda _: stream.close())
+            return
+        # We failed the connection while the peer may still be sending: a socket closed
+        # with unread bytes resets the connection, and the peer would lose our close
+        # frame (and the refusal before it). Read and discard a little longer.
+        loop = asyncio.get_running_loop()
+        stream.write(b"").add_done_callback(
+            lambda _: loop.call_later(LINGER_AFTER_FAILING, stream.close)
+        )
+
+    def _abort(self) -> None:
+        self.stream.close()
+
+    def _reading(self, on: bool) -> None:
+        was, self._reading_on = self._reading_on, on
+        if on and not was and not self._pending_read:
+            # Resume from a fresh callback: this may be called from within a read's handling.
+            asyncio.get_running_loop().call_soon(self._resume_reading)
+
+    def _resume_reading(self) -> None:
+        if self._reading_on and not self._pending_read and not self.closed:
+            self._read_next()
+
+    def set_nodelay(self, value: bool) -> None:
+        self.stream.set_nodelay(value)
+
+
+class WebSocketEndpoint(web.RequestHandler):
+    """A handler that answers a websocket upgrade and serves it with a :class:`ServerEnd`.
+
+    Subclasses authenticate in ``get`` before awaiting ``super().get()``, and override
+    ``on_open`` (messages can be written), ``on_messages`` (each read's batch; by default
+    ``on_message`` per message, text decoded), ``on_pause`` and ``on_close``. They write with
+    ``write_message``, ``send_many`` and ``close``, as with tornado's ``WebSocketHandler``.
+    """
+
+    end: ServerEnd | None = None
+    max_message_size = 10 * 1024 * 1024
+    close_code: int | None = None
+    close_reason: str | None = None
+
+    def make_end(self, stream: IOStream) -> ServerEnd:
+        return ServerEnd(stream, self.max_message_size)
+
+    def check_websocket_origin(self, origin: str) -> bool:
+        """Whether a browser at ``origin`` may connect (clients that send none may)."""
+        return False
+
+    async def get(self, *args: Any, **kwargs: Any) -> None:
+        headers = Headers()
+        for name, value in self.request.headers.get_all():
+            headers[name] = value
+        origin = headers.get("Origin")
+        if origin is not None and not self.check_websocket_origin(origin):
+            raise web.HTTPError(403, "cross-origin websockets are not allowed")
+        handshake = ServerProtocol(max_size=self.max_message_size)
+        response = handshake.accept(Request(self.request.uri or "/", headers))
+        if response.status_code != 101:
+            # Not an upgrade a websocket client sent: say why, as any HTTP error.
+            raise web.HTTPError(response.status_code, response.body.decode(errors="replace"))
+        handshake.send_response(response)
+        stream = self.detach()
+        stream.write(b"".join(handshake.data_to_send()))
+        self.end = end = self.make_end(stream)
+        end.on_messages = self.on_messages
+        end.on_pause = self.on_pause
+        end.on_closed = self._closed
+        with _suppress_closed():
+            end.set_nodelay(True)
+        self.on_open()
+        end.serve()
+
+    def _closed(self, code: int | None, reason: str | None) -> None:
+        self.close_code, self.close_reason = code, reason
+        try:
+            self.on_close()
+        except Exception:
+            log.exception("websocket on_close failed")
+
+    # hooks
+    def on_open(self) -> None:
+        """The upgrade is answered: messages can be written."""
+
+    def on_messages(self, messages: list[Message]) -> None:
+        for opcode, payload in messages:
+            self.on_message(bytes(payload).decode("utf-8") if opcode == OP_TEXT else payload)
+
+    def on_message(self, message: str | bytes) -> None:
+        """One message (text as str)."""
+
+    def on_pause(self, backlogged: bool) -> None:
+        """This end's output is queued beyond the high-water mark (True), or drained."""
+
+    def on_close(self) -> None:
+        """The connection is gone (``close_code``, ``close_reason``)."""
+
+    # what subclasses call
+    def send_many(self, messages: Sequence[Message]) -> None:
+        if self.end is not None:
+            self.end.send_many(messages)
+
+    def write_message(self, message: str | bytes | dict[str, Any], binary: bool = False) -> None:
+        end = self.end
+        if end is None or end.closing:
+            raise ConnectionClosed()
+        if isinstance(message, dict):
+            message = json.dumps(message)
+        if isinstance(message, str):
+            end.send(OP_TEXT, message.encode("utf-8"))
+        else:
+            end.send(OP_BINARY if binary else OP_TEXT, message)
+
+    def pause_reading(self, paused: bool) -> None:
+        if self.end is not None:
+            self.end.pause_reading(paused)
+
+    def close(self, code: int | None = 1000, reason: str | None = None) -> None:
+        if self.end is not None:
+            self.end.close(1000 if code is None else code, reason)
+
+
+class _suppress_closed:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool:
+        return kind is not None and issubclass(kind, (OSError, StreamClosedError))
+
+
+# -- the client end (the bridge, the host agent) -------------------------------------------
+
+
+class ClientEnd(WebSocketEnd, asyncio.Protocol):
+    """The client side: ``await read_message()`` (None once closed; text as str),
+    ``write_message``, ``write_many``, ``close``, ``close_code`` and ``close_reason``;
+    or ``deliver_to(handler)`` to take each message in the read's own callback.
+
+    ``write_message`` writes at once and returns None, or, while output is queued beyond
+    ``WRITE_HIGH_WATER``, a future that resolves when it has drained. With a
+    ``ping_interval`` a ping goes out each interval, and a connection from which nothing
+    at all came for a whole interval is cut.
+    """
+
+    def __init__(self, protocol: ClientProtocol, ping_interval: float | None = None) -> None:
+        WebSocketEnd.__init__(self, protocol)
+        self.ping_interval = ping_interval
+        self.transport: asyncio.Transport | None = None
+        self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue: deque[str | bytes] = deque()
+        self._queued_bytes = 0
+        self._read_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._pinger: asyncio.TimerHandle | None = None
+        self._handler: Callable[[Any], None] | None = None
+        self.on_messages = self._deliver
+        self.on_pause = self._backlog
+        self.on_closed = self._gone
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
+        self._flush()  # the upgrade request
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshake.done():
+            self.received(data)
+            return
+        protocol = cast(ClientProtocol, self.protocol)
+        protocol.receive_data(data)
+        events = protocol.events_received()
+        if protocol.handshake_exc is not None:
+            self.handshake.set_exception(_handshake_error(protocol.handshake_exc))
+            self._flush()
+            self._abort()
+            return
+        if not events or not isinstance(events[0], Response):
+            return  # the response has not fully arrived
+        self.handshake.set_result(None)
+        if self.ping_interval:
+            self._pinger = asyncio.get_running_loop().call_later(self.ping_interval, self._ping)
+        if len(events) > 1:  # frames that came right behind the response
+            self.handle(events[1:])
+
+    def eof_received(self) -> bool | None:
+        if self.handshake.done():
+            self.eof()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.handshake.done():
+            self.handshake.set_exception(exc or ConnectionError("the server closed the connection"))
+        if self._pinger is not None:
+            self._pinger.cancel()
+        self.lost()
+
+    def pause_writing(self) -> None:
+        self._set_backlogged(True)
+
+    def resume_writing(self) -> None:
+        self._set_backlogged(False)
+
+    # WebSocketEnd
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _write_eof(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # after what is buffered
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _reading(self, on: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if on:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def _ping(self) -> None:
+        if self.closed:
+            return
+        if not self.heard:  # nothing, not even a pong, for a whole interval
+            self._abort()
+            return
+        self.heard = False
+        self.ping()
+        self._pinger = asyncio.get_running_loop().call_later(self.ping_interval or 0, self._ping)
+
+    # delivery
+    def deliver_to(self, handler: Callable[[str | bytes], None]) -> None:
+        """Hand every message to ``handler`` as it is read, instead of queueing it for
+        ``read_message`` (which then only reports the close, with None). Messages
+        already queued go first."""
+        self._handler = handler
+        while self._queue:
+            self._call(handler, self._queue.popleft())
+        self._queued_bytes = 0
+        if self._read_paused:
+            self._read_paused = False
+            self._reading(True)
+
+    @staticmethod
+    def _call(handler: Callable[[Any], None], message: Any) -> None:
+        try:
+            handler(message)
+        except Exception:
+            log.exception("handling a websocket message failed")
+
+    def _deliver(self, messages: list[Message]) -> None:
+        decoded: list[str | bytes] = []
+        for opcode, payload in messages:
+            if opcode == OP_TEXT:
+                try:
+                    decoded.append(bytes(payload).decode("utf-8"))
+                except UnicodeDecodeError:
+                    self.close(1007, "a text message that is not UTF-8")
+                    return
+            else:
+                decoded.append(payload)
+        handler = self._handler
+        if handler is not None:
+            for message in decoded:
+                self._call(handler, message)
+            return
+        for message in decoded:
+            self._queue.append(message)
+            self._queued_bytes += len(message)
+        if self._queued_bytes > READ_QUEUE_BYTES and not self._read_paused:
+            self._read_paused = True  # the reader is behind: let TCP hold the sender
+            self._reading(False)
+        self._wake()
+
+    def _gone(self, code: int | None, reason: str | None) -> None:
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _backlog(self, backlogged: bool) -> None:
+        if backlogged:
+            if self._drained is None:
+                self._drained = asyncio.get_running_loop().create_future()
+            return
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
+
+    async def read_message(self) -> str | bytes | None:
+        while not self._queue:
+            if self.closed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+        message = self._queue.popleft()
+        self._queued_bytes -= len(message)
+        if self._read_paused and self._queued_bytes < READ_QUEUE_BYTES // 2:
+            self._read_paused = False
+            self._reading(True)
+        return message
+
+    def write_message(self, message: str | bytes, binary: bool = False) -> Any:
+        if self.closing or self.closed:
+            raise ConnectionClosed()
+        if isinstance(message, str):
+            self.send(OP_TEXT, message.encode("utf-8"))
+        else:
+            self.send(OP_BINARY if binary else OP_TEXT, message)
+        return self._drained
+
+    def write_many(self, messages: Sequence[Any]) -> Any:
+        """Write binary messages (each bytes-like or a list of parts) in order, with one
+        write; like ``write_message`` otherwise."""
+        if self.closing or self.closed:
+            raise ConnectionClosed()
+        self.send_many([(OP_BINARY, message) for message in messages])
+        return self._drained
+
+    def set_nodelay(self, value: bool) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
+
+
+def _handshake_error(error: Exception) -> Exception:
+    if isinstance(error, InvalidStatus):
+        response = error.response
+        body = bytes(response.body or b"")
+        message = response.reason_phrase
+        try:
+            data = json.loads(body)
+        except ValueError:
+            pass
+        else:
+            if isinstance(data, dict) and data.get("message"):
+                message = str(data["message"])[:500]
+        return HandshakeError(response.status_code, message, body)
+    return HandshakeError(0, f"not a websocket server: {error}")
+
+
+async def connect(
+    url: str,
+    *,
+    headers: dict[str, str] | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    max_message_size: int = 256 * 1024 * 1024,
+    ping_interval: float | None = None,
+    connect_timeout: float = 10.0,
+    handshake_timeout: float = 30.0,
+) -> ClientEnd:
+    """Open a websocket to ``url`` (``ws://`` or ``wss://``) with Nagle off.
+
+    Raises :class:`HandshakeError` when the server refuses the upgrade, ``OSError``
+    (``ssl.SSLError`` among them) when it cannot be reached, ``TimeoutError`` when it does
+    not answer in time.
+    """
+    uri = parse_uri(url)
+    if uri.secure and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    protocol = ClientProtocol(uri, max_size=max_message_size)
+    request = protocol.connect()
+    for name, value in (headers or {}).items():
+        request.headers[name] = value
+    protocol.send_request(request)
+    end = ClientEnd(protocol, ping_interval)
+    loop = asyncio.get_running_loop()
+    connecting = loop.create_connection(
+        lambda: end,
+        uri.host,
+        uri.port,
+        ssl=ssl_context if uri.secure else None,
+        server_hostname=uri.host if uri.secure else None,
+    )
+    transport, _ = await asyncio.wait_for(connecting, connect_timeout)
+    try:
+        await asyncio.wait_for(asyncio.shield(end.handshake), handshake_timeout)
+    except BaseException:
+        transport.abort()
+        raise
+    end.set_nodelay(True)
+    return end

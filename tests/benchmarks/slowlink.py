@@ -1,0 +1,89 @@
+"""A slow link for the benchmark: a TCP proxy that delays every byte by a one-way latency.
+
+``python -m tests.benchmarks.slowlink --listen PORT --upstream HOST:PORT --delay-ms 25``
+
+Each direction of each connection is delayed by ``delay-ms`` (so a round trip through it
+costs twice that), bytes stay in order, and bandwidth is not limited. Opening a connection
+costs one round trip, as TCP's handshake does on a real link: the upstream connection is
+made, and the first bytes are forwarded, one round trip after the client connected.
+Prints ``ready`` once it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import sys
+
+
+async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
+    """Copy ``reader`` to ``writer``, each chunk ``delay`` seconds after it arrived."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+    async def deliver() -> None:
+        while True:
+            due, data = await queue.get()
+            wait = due - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if not data:
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+                return
+            writer.write(data)
+            await writer.drain()
+
+    task = asyncio.ensure_future(deliver())
+    try:
+        while True:
+            data = await reader.read(256 * 1024)
+            queue.put_nowait((loop.time() + delay, data))
+            if not data:
+                break
+        await task
+    except (OSError, asyncio.IncompleteReadError):
+        task.cancel()
+    finally:
+        with contextlib.suppress(OSError):
+            writer.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--listen", type=int, required=True)
+    parser.add_argument("--upstream", required=True, help="HOST:PORT")
+    parser.add_argument("--delay-ms", type=float, default=25.0)
+    args = parser.parse_args()
+    host, _, port = args.upstream.rpartition(":")
+    delay = args.delay_ms / 1000
+
+    async def serve() -> None:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await asyncio.sleep(2 * delay)  # the TCP handshake's round trip
+            try:
+                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                writer.close()
+                return
+            for w in (writer, up_writer):
+                sock = w.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await asyncio.gather(pump(reader, up_writer, delay), pump(up_reader, writer, delay))
+
+        server = await asyncio.start_server(handle, "127.0.0.1", args.listen)
+        print("ready", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        asyncio.run(serve())
+    except KeyboardInterrupt:
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

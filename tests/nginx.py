@@ -1,0 +1,105 @@
+"""nginx as a TLS-terminating proxy in front of a broker, as the README deploys it.
+
+Started in the foreground with a configuration written for the test (its own prefix, pid
+file and logs); websockets are passed through (``Upgrade``), bodies are not buffered, idle
+connections live an hour. :data:`SERVER_BLOCK` is the README's configuration.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+SERVER_BLOCK = """\
+map $http_upgrade $connection_upgrade {{
+    default upgrade;
+    ''      close;
+}}
+server {{
+    listen {listen} ssl;
+    ssl_certificate     {cert};
+    ssl_certificate_key {key};
+    client_max_body_size 0;
+    location / {{
+        proxy_pass http://{upstream};
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-Proto https;
+        proxy_buffering off;
+        proxy_request_buffering off;
+        proxy_read_timeout 1h;
+        proxy_send_timeout 1h;
+    }}
+}}
+"""
+
+MAIN = """\
+worker_processes 1;
+daemon off;
+pid {folder}/nginx.pid;
+error_log {folder}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {folder}/body;
+    proxy_temp_path {folder}/proxy;
+    fastcgi_temp_path {folder}/fastcgi;
+    uwsgi_temp_path {folder}/uwsgi;
+    scgi_temp_path {folder}/scgi;
+{server}
+}}
+"""
+
+
+def nginx_path() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
+    )
+
+
+class Nginx:
+    """``nginx`` serving TLS on ``port`` and proxying to ``upstream`` (HOST:PORT)."""
+
+    def __init__(self, folder: Path, upstream: str, cert: Path, key: Path) -> None:
+        binary = nginx_path()
+        if binary is None:
+            raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
+        folder.mkdir(parents=True, exist_ok=True)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"https://127.0.0.1:{self.port}"
+        server = SERVER_BLOCK.format(
+            listen=f"127.0.0.1:{self.port}", cert=cert, key=key, upstream=upstream
+        )
+        config = folder / "nginx.conf"
+        config.write_text(MAIN.format(folder=folder, server=server))
+        self.error_log = folder / "error.log"
+        self.process = subprocess.Popen(
+            [binary, "-p", str(folder), "-c", str(config), "-e", str(self.error_log)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"nginx exited: {self.process.stderr.read().decode()[-2000:]}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("nginx did not listen within 20 s")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()

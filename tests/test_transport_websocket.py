@@ -1,0 +1,509 @@
+"""The transport's websocket ends (``transport/websocket.py``) against real sockets on
+loopback, plain and TLS, and against the reference implementations on both sides:
+tornado's ``WebSocketHandler`` and ``websocket_connect``, and the ``websockets`` library's
+asyncio client. Hostile frames (truncated, oversized, fragmented, wrong opcodes, wrong
+masks) come from a hand-written client and from Hypothesis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import socket
+import ssl
+import struct
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tornado import httpclient, web
+from tornado.httpserver import HTTPServer
+from tornado.websocket import WebSocketHandler, websocket_connect
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+from jupyter_gpu_share.transport import websocket as ws
+from jupyter_gpu_share.transport.websocket import (
+    OP_BINARY,
+    OP_TEXT,
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketEnd,
+    WebSocketEndpoint,
+)
+
+from .tlsca import ScratchCA
+
+try:
+    import uvloop
+except ImportError:  # a dependency everywhere but Windows
+    uvloop = None
+
+LIMIT = 64 * 1024 * 1024
+
+
+class Echo(WebSocketEndpoint):
+    """Echoes each read's batch in one write; "close please" closes with 4002."""
+
+    closes: ClassVar[list[tuple[int | None, str | None]]] = []
+    batches: ClassVar[list[int]] = []
+    opened: ClassVar[list[Echo]] = []
+    max_message_size = LIMIT
+
+    def on_open(self) -> None:
+        Echo.opened.append(self)
+
+    def on_messages(self, messages: list[tuple[int, Any]]) -> None:
+        Echo.batches.append(len(messages))
+        if (OP_TEXT, b"close please") in messages:
+            self.close(4002, "credit exhausted")
+            return
+        self.send_many(messages)
+
+    def on_close(self) -> None:
+        Echo.closes.append((self.close_code, self.close_reason))
+
+
+class Refusing(WebSocketEndpoint):
+    async def get(self, *args: Any) -> None:
+        raise web.HTTPError(404, "no running session")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.finish({"message": kwargs["exc_info"][1].log_message})
+
+
+class TornadoEcho(WebSocketHandler):
+    """The reference server end."""
+
+    def on_message(self, message: str | bytes) -> None:
+        if message == "close please":
+            self.close(4002, "credit exhausted")
+            return
+        self.write_message(message, binary=isinstance(message, bytes))
+
+
+LOOPS = [
+    pytest.param(asyncio.run, id="asyncio"),
+    pytest.param(
+        getattr(uvloop, "run", None),
+        id="uvloop",
+        marks=pytest.mark.skipif(uvloop is None, reason="uvloop is not installed"),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A server context with a certificate for 127.0.0.1, and a client that trusts it."""
+    ca = ScratchCA(tmp_path_factory.mktemp("ca"))
+    pair = ca.issue("server")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(pair.cert, pair.key)
+    return server, ssl.create_default_context(cafile=str(ca.ca_file))
+
+
+async def serve(ssl_options: ssl.SSLContext | None = None) -> tuple[HTTPServer, int]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    sock.setblocking(False)
+    app = web.Application(
+        [(r"/ws", Echo), (r"/refused", Refusing), (r"/tornado", TornadoEcho)],
+        websocket_max_message_size=LIMIT,
+    )
+    server = HTTPServer(app, ssl_options=ssl_options, max_buffer_size=LIMIT)
+    server.add_sockets([sock])
+    return server, sock.getsockname()[1]
+
+
+async def send(conn: Any, message: str | bytes) -> None:
+    written = conn.write_message(message, binary=isinstance(message, bytes))
+    if written is not None:  # tornado always; a ClientEnd only while its buffer drains
+        await written
+
+
+SECURE = pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+
+
+@SECURE
+@pytest.mark.parametrize("client", ["ours", "tornado", "websockets"])
+def test_bursts_big_messages_and_close_codes(secure, client, tls):
+    async def run() -> None:
+        server, port = await serve(tls[0] if secure else None)
+        url = f"{'wss' if secure else 'ws'}://127.0.0.1:{port}/ws"
+        context = tls[1] if secure else None
+        if client == "ours":
+            conn = await ws.connect(url, ssl_context=context, max_message_size=LIMIT)
+        elif client == "tornado":
+            request = httpclient.HTTPRequest(url, ssl_options=context)
+            conn = await websocket_connect(request, max_message_size=LIMIT)
+        else:
+            from websockets.asyncio.client import connect
+
+            conn = await connect(url, ssl=context, max_size=LIMIT, compression=None)
+            conn.write_message = lambda m, binary=False: asyncio.ensure_future(conn.send(m))
+            conn.read_message = conn.recv
+        # A burst of small messages arrives whole and in order (many per read).
+        messages = [os.urandom(n % 300 + 1) for n in range(2000)]
+        for message in messages:
+            conn.write_message(message, binary=True)
+        for message in messages:
+            assert await conn.read_message() == message
+        # Text, an empty message, and sizes around the 16- and 64-bit length forms.
+        for message in ("héllo", b"", *(os.urandom(n) for n in (125, 126, 65535, 65536))):
+            await send(conn, message)
+            assert await conn.read_message() == message
+        big = os.urandom(20 * 1024 * 1024)  # one large message, both ways
+        await send(conn, big)
+        assert await conn.read_message() == big
+        if client == "websockets":
+            await conn.send("close please")
+            with pytest.raises(Exception, match="4002"):
+                await conn.recv()
+        else:
+            await send(conn, "close please")
+            assert await conn.read_message() is None
+            assert (conn.close_code, conn.close_reason) == (4002, "credit exhausted")
+        for _ in range(100):
+            if Echo.closes and Echo.closes[-1][0] == 4002:
+                break
+            await asyncio.sleep(0.02)
+        assert Echo.closes[-1][0] == 4002
+        server.stop()
+
+    asyncio.run(run())
+
+
+@SECURE
+def test_our_client_against_the_reference_server(secure, tls):
+    async def run() -> None:
+        server, port = await serve(tls[0] if secure else None)
+        url = f"{'wss' if secure else 'ws'}://127.0.0.1:{port}/tornado"
+        conn = await ws.connect(url, ssl_context=tls[1] if secure else None)
+        got: list[Any] = []
+        for message in (b"one", "two", os.urandom(3 * 1024 * 1024)):
+            await send(conn, message)
+            got.append(await conn.read_message())
+        assert got[:2] == [b"one", "two"] and len(got[2]) == 3 * 1024 * 1024
+        await send(conn, "close please")
+        assert await conn.read_message() is None
+        assert conn.close_code == 4002
+        server.stop()
+
+    asyncio.run(run())
+
+
+def test_a_refused_upgrade_and_an_untrusted_certificate_say_why(tls):
+    async def run() -> None:
+        server, port = await serve(tls[0])
+        with pytest.raises(HandshakeError) as refused:
+            await ws.connect(f"wss://127.0.0.1:{port}/refused", ssl_context=tls[1])
+        assert refused.value.code == 404 and refused.value.message == "no running session"
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await ws.connect(f"wss://127.0.0.1:{port}/ws")  # the system's CAs only
+        with pytest.raises((HandshakeError, ConnectionError)):  # plain text on a TLS port
+            await ws.connect(f"ws://127.0.0.1:{port}/ws")
+        server.stop()
+
+    asyncio.run(run())
+
+
+async def raw_client(port: int, path: str = "/ws") -> tuple[Any, Any]:
+    """A websocket client by hand: the upgrade, then whatever bytes a test writes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n".encode()
+        + b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert b" 101 " in await reader.readuntil(b"\r\n\r\n")
+    return reader, writer
+
+
+def frame(opcode: int, payload: bytes, final: bool = True, masked: bool = True) -> bytes:
+    return Frame(Opcode(opcode), payload, fin=final).serialize(mask=masked)
+
+
+async def read_frame(reader: Any) -> tuple[int, bytes]:
+    head = await reader.readexactly(2)
+    length = head[1] & 0x7F
+    if length == 126:
+        length = struct.unpack("!H", await reader.readexactly(2))[0]
+    elif length == 127:
+        length = struct.unpack("!Q", await reader.readexactly(8))[0]
+    return head[0] & 0x0F, await reader.readexactly(length)
+
+
+def test_fragments_pings_oversize_and_unmasked_frames_from_a_raw_client():
+    async def run() -> None:
+        server, port = await serve()
+        reader, writer = await raw_client(port)
+        # A fragmented binary message with a ping between the fragments, all in one write.
+        writer.write(
+            frame(0x2, b"abc", final=False)
+            + frame(0x9, b"p")
+            + frame(0x0, b"def", final=False)
+            + frame(0x0, b"ghi")
+        )
+        assert await read_frame(reader) == (0xA, b"p")
+        assert await read_frame(reader) == (0x2, b"abcdefghi")
+        # A frame over the limit closes the connection with 1009 before its payload.
+        header = bytes([0x82, 0x80 | 127]) + struct.pack("!Q", LIMIT + 1) + os.urandom(4)
+        writer.write(header)
+        opcode, close = await read_frame(reader)
+        assert opcode == 0x8 and struct.unpack("!H", close[:2])[0] == 1009
+        assert str(LIMIT) in close[2:].decode()
+        writer.close()
+        # An unmasked frame from a client, a reserved opcode, a stray continuation: 1002.
+        for bad in (
+            _raw(0x2, b"x", True, False),
+            _raw(0x3, b"", True, True),
+            _raw(0x0, b"x", True, True),
+            _raw(0x9, b"x" * 126, True, True),  # a control frame over 125 bytes
+            _raw(0x8, b"\x03\xe7", True, True),  # close code 999
+        ):
+            reader, writer = await raw_client(port)
+            writer.write(bad)
+            opcode, close = await read_frame(reader)
+            assert opcode == 0x8 and struct.unpack("!H", close[:2])[0] == 1002, bad
+            assert await reader.read() == b""  # then the server closes the connection
+            writer.close()
+        # A client that stops half way through a frame: the server sees the drop.
+        reader, writer = await raw_client(port)
+        writer.write(frame(0x2, b"y" * 1000)[:500])
+        await writer.drain()
+        writer.close()
+        for _ in range(100):
+            if Echo.closes and Echo.closes[-1][0] == 1006:
+                break
+            await asyncio.sleep(0.02)
+        assert Echo.closes[-1][0] == 1006
+        server.stop()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("run_loop", LOOPS)
+def test_a_burst_echoes_in_few_writes_and_the_client_close_is_answered(run_loop):
+    async def run() -> None:
+        Echo.batches.clear()
+        server, port = await serve()
+        reader, writer = await raw_client(port)
+        writer.write(b"".join(frame(0x2, bytes([i])) for i in range(200)))
+        echoed = await reader.readexactly(200 * 3)
+        assert echoed == b"".join(b"\x82\x01" + bytes([i]) for i in range(200))
+        assert sum(Echo.batches) == 200 and len(Echo.batches) < 200
+        # A client's close frame is answered with the same code, and on_close sees it.
+        writer.write(frame(0x8, struct.pack("!H", 1001) + b"bye"))
+        assert await read_frame(reader) == (0x8, struct.pack("!H", 1001) + b"bye")
+        assert await reader.read() == b""  # then the server closes the connection
+        for _ in range(100):
+            if Echo.closes and Echo.closes[-1] == (1001, "bye"):
+                break
+            await asyncio.sleep(0.02)
+        assert Echo.closes[-1] == (1001, "bye")
+        writer.close()
+        server.stop()
+
+    run_loop(run())
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+def test_a_slow_reader_pauses_its_peer_instead_of_growing_the_buffer(side):
+    """Output beyond the high-water mark says so (on_pause), and says when it drained;
+    ``pause_reading`` leaves the bytes to TCP."""
+
+    async def run() -> None:
+        Echo.opened.clear()
+        server, port = await serve()
+        paused: list[bool] = []
+        if side == "server":
+            reader, writer = await raw_client(port)
+            while not Echo.opened:
+                await asyncio.sleep(0.01)
+            end = Echo.opened[0].end
+            assert end is not None
+            end.on_pause = paused.append
+        else:
+            conn = await ws.connect(f"ws://127.0.0.1:{port}/ws", max_message_size=LIMIT)
+            while not Echo.opened:
+                await asyncio.sleep(0.01)
+            Echo.opened[0].pause_reading(True)  # the server reads nothing: TCP holds us
+            end = conn
+            end.on_pause = paused.append
+        chunk = os.urandom(1024 * 1024)
+        sent = 0
+        while not paused and sent < 256:
+            end.send(OP_BINARY, chunk)
+            sent += 1
+            await asyncio.sleep(0)
+        assert paused == [True] and sent < 256
+        if side == "server":
+            while paused[-1] is True:
+                assert await reader.read(1024 * 1024)
+            writer.close()
+        else:
+            Echo.opened[0].pause_reading(False)
+            for _ in range(500):
+                if paused[-1] is False:
+                    break
+                await asyncio.sleep(0.01)
+            conn.close()
+        assert paused[-1] is False
+        server.stop()
+
+    asyncio.run(run())
+
+
+def test_a_closed_connection_refuses_writes_and_a_dead_peer_is_cut_by_pings():
+    async def run() -> None:
+        server, port = await serve()
+        conn = await ws.connect(f"ws://127.0.0.1:{port}/ws")
+        conn.close()
+        with pytest.raises(ConnectionClosed):
+            conn.write_message(b"x", binary=True)
+        assert await conn.read_message() is None
+        assert conn.close_code == 1000
+        # A peer that answers nothing at all (not even pings) is cut after two intervals.
+        silent = await asyncio.start_server(_accept_then_hang, "127.0.0.1", 0)
+        silent_port = silent.sockets[0].getsockname()[1]
+        conn = await ws.connect(f"ws://127.0.0.1:{silent_port}/", ping_interval=0.2)
+        assert await asyncio.wait_for(conn.read_message(), 5) == "first"
+        assert await asyncio.wait_for(conn.read_message(), 5) is None
+        assert conn.close_code == 1006
+        silent.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
+async def _accept_then_hang(reader: Any, writer: Any) -> None:
+    request = await reader.readuntil(b"\r\n\r\n")
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in request.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key")
+    )
+    from websockets.utils import accept_key
+
+    writer.write(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: "
+        + accept_key(key.decode()).encode()
+        + b"\r\n\r\n"
+        + frame(0x1, b"first", masked=False)  # a frame right behind the response
+    )
+    await asyncio.sleep(30)
+
+
+def test_frames_right_behind_the_upgrade_response_arrive_first():
+    async def run() -> None:
+        silent = await asyncio.start_server(_accept_then_hang, "127.0.0.1", 0)
+        port = silent.sockets[0].getsockname()[1]
+        conn = await ws.connect(f"ws://127.0.0.1:{port}/")
+        assert await asyncio.wait_for(conn.read_message(), 5) == "first"
+        conn.close()
+        silent.close()
+
+    asyncio.run(run())
+
+
+# -- hostile frames, fed in slices to the glue around the library's protocol ---------------
+
+
+class MemoryEnd(WebSocketEnd):
+    """A server end whose connection is a list: what a fuzz run checks."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(ServerProtocol(state=State.OPEN, max_size=limit))
+        self.got: list[tuple[int, bytes]] = []
+        self.out = bytearray()
+        self.eof_written = False
+        self.on_messages = lambda batch: self.got.extend((o, bytes(p)) for o, p in batch)
+
+    def _write(self, data: bytes) -> None:
+        assert not self.eof_written
+        self.out += data
+
+    def _write_eof(self) -> None:
+        self.eof_written = True
+
+    def _abort(self) -> None:
+        self.eof_written = True
+
+    def _reading(self, on: bool) -> None:
+        pass
+
+
+FRAME = st.one_of(
+    # whole messages and fragmented ones, text and binary
+    st.tuples(st.sampled_from([1, 2]), st.binary(max_size=300), st.just(True), st.just(True)),
+    st.tuples(st.sampled_from([0, 1, 2]), st.binary(max_size=50), st.booleans(), st.just(True)),
+    # pings, pongs, reserved opcodes, unmasked frames
+    st.tuples(st.sampled_from([9, 10]), st.binary(max_size=20), st.just(True), st.just(True)),
+    st.tuples(st.sampled_from([3, 7, 11, 15]), st.binary(max_size=5), st.booleans(), st.booleans()),
+    st.tuples(st.sampled_from([1, 2]), st.binary(max_size=5), st.just(True), st.just(False)),
+)
+
+
+def _raw(opcode: int, payload: bytes, final: bool, masked: bool) -> bytes:
+    head = bytes([(0x80 if final else 0) | opcode])
+    key = os.urandom(4) if masked else b""
+    length = len(payload)
+    if length < 126:
+        head += bytes([(0x80 if masked else 0) | length])
+    else:
+        head += bytes([(0x80 if masked else 0) | 126]) + struct.pack("!H", length)
+    body = bytes(b ^ key[i % 4] for i, b in enumerate(payload)) if masked else payload
+    return head + key + body
+
+
+def _model(frames: list[tuple[int, bytes, bool, bool]], limit: int) -> tuple[list, bool]:
+    """RFC 6455 by hand: the messages a server must deliver, and whether it must fail."""
+    out: list[tuple[int, bytes]] = []
+    partial: tuple[int, bytes] | None = None
+    for opcode, payload, final, masked in frames:
+        if not masked or opcode not in (0, 1, 2, 9, 10):
+            return out, True
+        if opcode in (9, 10):
+            continue
+        if opcode == 0:
+            if partial is None:
+                return out, True
+            partial = (partial[0], partial[1] + payload)
+        else:
+            if partial is not None:
+                return out, True
+            partial = (opcode, payload)
+        if len(partial[1]) > limit:
+            return out, True
+        if final:
+            out.append(partial)
+            partial = None
+    return out, False
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(frames=st.lists(FRAME, max_size=12), cuts=st.lists(st.integers(0, 4000), max_size=8))
+def test_hostile_frames_split_anywhere(frames, cuts):
+    """Whatever the frames and however the bytes are cut into reads, the end delivers
+    exactly the messages RFC 6455 says, in order, and fails the connection exactly when
+    a frame breaks the protocol; it never raises."""
+    limit = 200
+    data = b"".join(_raw(*f) for f in frames)
+    end = MemoryEnd(limit)
+    positions = sorted({0, len(data), *(c for c in cuts if c < len(data))})
+
+    async def feed() -> None:
+        for start, stop in itertools.pairwise(positions):
+            end.received(data[start:stop])
+
+    asyncio.run(feed())
+    expected, fails = _model(frames, limit)
+    assert end.got == expected
+    assert end.closing == fails
+    if fails:  # a close frame went out, and the end of the connection
+        assert end.close_code in (1002, 1009) and end.eof_written and b"\x88" in end.out
+    else:
+        assert not end.eof_written
