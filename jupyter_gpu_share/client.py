@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import ssl
 import urllib.error
 import urllib.request
+import weakref
 from typing import Any
 from urllib.parse import urlsplit
 
-from tornado import httpclient
+import httpx
 
 from .transport import tls
 
@@ -98,6 +101,28 @@ class BrokerClient:
         return json.loads(payload) if payload else None
 
 
+# One pool of kept-alive connections per event loop and broker: a request to a broker that
+# was asked anything in the last minute opens no connection (over a slow link, a TCP and a
+# TLS handshake are a round trip each).
+_POOLS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[Any, httpx.AsyncClient]] = (
+    weakref.WeakKeyDictionary()
+)
+KEEP_ALIVE_S = 60.0
+
+
+def _pool(base: str, context: ssl.SSLContext | None) -> httpx.AsyncClient:
+    clients = _POOLS.setdefault(asyncio.get_running_loop(), {})
+    key = (base, id(context))
+    client = clients.get(key)
+    if client is None or client.is_closed:
+        client = clients[key] = httpx.AsyncClient(
+            verify=context if context is not None else True,
+            trust_env=False,  # no proxy or CA from the environment: ours are explicit
+            limits=httpx.Limits(max_keepalive_connections=8, keepalive_expiry=KEEP_ALIVE_S),
+        )
+    return client
+
+
 async def broker_request(
     url: str,
     token: str,
@@ -107,30 +132,28 @@ async def broker_request(
     timeout: float = 30,
     ca_file: str | None = None,
 ) -> Any:
-    """Send one request to the broker's API from an event loop (https: certificates
-    verified against the system's CAs and ``ca_file`` or ``GPU_SHARE_CA_FILE``)."""
+    """Send one request to the broker's API from an event loop, on a kept-alive connection
+    (https: certificates verified against the system's CAs and ``ca_file`` or
+    ``GPU_SHARE_CA_FILE``)."""
     try:
         context = tls.context_for(url, ca_file)
     except tls.TLSConfigError as error:
         raise BrokerError(0, str(error)) from None
-    request = httpclient.HTTPRequest(
-        normalise_broker_url(url) + API + path,
-        method=method,
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-        body=None if body is None else json.dumps(body),
-        allow_nonstandard_methods=True,
-        request_timeout=timeout,
-        connect_timeout=min(timeout, 20),
-        ssl_options=context,
-    )
+    base = normalise_broker_url(url)
     try:
-        response = await httpclient.AsyncHTTPClient().fetch(request, raise_error=False)
-    except OSError as error:
+        response = await _pool(base, context).request(
+            method,
+            base + API + path,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            content=None if body is None else json.dumps(body).encode(),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 20)),
+        )
+    except httpx.TimeoutException:
+        raise BrokerError(0, f"the broker at {url} did not answer within {timeout:g} s") from None
+    except (httpx.HTTPError, OSError) as error:
         refused = tls.describe(error, url)
-        raise BrokerError(0, refused or f"cannot reach the broker at {url}: {error}") from None
-    if response.code == 599:
-        refused = tls.describe(response.error, url) if response.error is not None else None
-        raise BrokerError(0, refused or f"cannot reach the broker at {url}: {response.error}")
-    if response.code >= 400:
-        raise _error_from(response.code, response.body or b"")
-    return json.loads(response.body) if response.body else None
+        reason = str(error) or type(error).__name__
+        raise BrokerError(0, refused or f"cannot reach the broker at {url}: {reason}") from None
+    if response.status_code >= 400:
+        raise _error_from(response.status_code, response.content or b"")
+    return json.loads(response.content) if response.content else None

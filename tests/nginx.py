@@ -22,18 +22,16 @@ server {{
     listen {listen} ssl;
     ssl_certificate     {cert};
     ssl_certificate_key {key};
-    client_max_body_size 0;
-    location / {{
+    location /gpu-share/ {{
         proxy_pass http://{upstream};
         proxy_http_version 1.1;
-        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Upgrade $http_upgrade;       # websockets: the relay, hosts
         proxy_set_header Connection $connection_upgrade;
         proxy_set_header Host $host;
-        proxy_set_header X-Forwarded-Proto https;
-        proxy_buffering off;
-        proxy_request_buffering off;
-        proxy_read_timeout 1h;
+        proxy_buffering off;                          # kernel output as it comes
+        proxy_read_timeout 1h;                        # a relay is quiet while a cell runs
         proxy_send_timeout 1h;
+        client_max_body_size 17m;                     # the broker's largest body
     }}
 }}
 """

@@ -409,6 +409,145 @@ def test_frames_right_behind_the_upgrade_response_arrive_first():
     asyncio.run(run())
 
 
+# -- what a stranger's review found (each was reproduced before it was fixed) -------------
+
+
+def test_an_end_closed_while_its_reading_is_paused_still_reports_the_close():
+    async def run() -> None:
+        Echo.opened.clear()
+        server, port = await serve()
+        reader, writer = await raw_client(port)
+        while not Echo.opened:
+            await asyncio.sleep(0.01)
+        handler = Echo.opened[0]
+        handler.close(4000, "bye")
+        handler.pause_reading(True)  # ignored: the peer's answer must be read
+        writer.write(frame(0x8, struct.pack("!H", 4000)))
+        await reader.read()
+        for _ in range(200):
+            if handler.end is not None and handler.end.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert handler.end is not None and handler.end.closed
+        assert Echo.closes[-1][0] == 4000
+        writer.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
+def test_a_peer_that_reads_nothing_is_cut_after_the_close_timeout(monkeypatch):
+    monkeypatch.setattr(ws, "CLOSE_TIMEOUT", 0.5)
+
+    async def run() -> None:
+        Echo.opened.clear()
+        server, port = await serve()
+        _reader, writer = await raw_client(port)
+        while not Echo.opened:
+            await asyncio.sleep(0.01)
+        end = Echo.opened[0].end
+        assert end is not None
+        for _ in range(40):  # 40 MiB the client never reads
+            end.send(OP_BINARY, b"z" * (1 << 20))
+        assert end.backlogged
+        writer.write(frame(0x8, struct.pack("!H", 1000)))  # then closes, still not reading
+        await writer.drain()
+        for _ in range(300):
+            if end.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert end.closed and not end.backlogged
+        writer.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
+def test_many_tiny_fragments_and_bad_utf8_are_refused_with_their_codes():
+    class Text(Echo):
+        def on_messages(self, messages: list[tuple[int, Any]]) -> None:
+            WebSocketEndpoint.on_messages(self, messages)  # decodes text
+
+        def on_message(self, message: str | bytes) -> None:
+            self.write_message(message)
+
+    async def run() -> None:
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(4)
+        sock.setblocking(False)
+        app = web.Application([(r"/ws", Text)])
+        text_server = HTTPServer(app)
+        text_server.add_sockets([sock])
+        port = sock.getsockname()[1]
+        reader, writer = await raw_client(port)
+        writer.write(_raw(0x1, b"\xff\xfe", True, True))
+        opcode, close = await read_frame(reader)
+        assert opcode == 0x8 and struct.unpack("!H", close[:2])[0] == 1007
+        writer.close()
+        reader, writer = await raw_client(port)
+        empty = _raw(0x0, b"", False, True)
+        writer.write(_raw(0x2, b"a", False, True) + empty * (ws.MAX_FRAGMENTS + 10))
+        opcode, close = await read_frame(reader)
+        assert opcode == 0x8 and struct.unpack("!H", close[:2])[0] == 1009
+        writer.close()
+        text_server.stop()
+
+    asyncio.run(run())
+
+
+async def _handshake_server(answer: bytes, then_close: bool) -> tuple[Any, int]:
+    async def handle(reader: Any, writer: Any) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key")
+        )
+        from websockets.utils import accept_key
+
+        writer.write(answer.replace(b"ACCEPT", accept_key(key.decode()).encode()))
+        await writer.drain()
+        if then_close:
+            writer.close()
+        else:
+            await asyncio.sleep(5)
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def test_handshakes_that_end_at_once_say_what_the_server_said():
+    upgrade = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: ACCEPT\r\n\r\n"
+    )
+
+    async def run() -> None:
+        # A refusal whose body runs to the end of the connection.
+        refusal = b'HTTP/1.1 403 Forbidden\r\n\r\n{"message": "go away"}'
+        server, port = await _handshake_server(refusal, then_close=True)
+        with pytest.raises(HandshakeError) as refused:
+            await ws.connect(f"ws://127.0.0.1:{port}/", handshake_timeout=3)
+        assert (refused.value.code, refused.value.message) == (403, "go away")
+        server.close()
+        # An upgrade, a close frame and the end of the connection in one segment.
+        closing = upgrade + frame(0x8, struct.pack("!H", 4003) + b"kernel ended", masked=False)
+        server, port = await _handshake_server(closing, then_close=True)
+        conn = await ws.connect(f"ws://127.0.0.1:{port}/", handshake_timeout=3)
+        assert await asyncio.wait_for(conn.read_message(), 3) is None
+        assert (conn.close_code, conn.close_reason) == (4003, "kernel ended")
+        server.close()
+        # A code no close frame may carry is sent as 1011, and the end still closes.
+        server, port = await _handshake_server(upgrade, then_close=False)
+        conn = await ws.connect(f"ws://127.0.0.1:{port}/", handshake_timeout=3)
+        conn.close(1006, "abnormal")
+        assert conn.closing and conn.close_code == 1011
+        server.close()
+
+    asyncio.run(run())
+
+
 # -- hostile frames, fed in slices to the glue around the library's protocol ---------------
 
 

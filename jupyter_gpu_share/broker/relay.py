@@ -48,6 +48,7 @@ class RelayPair:
         self.ends: dict[str, RelayEnd | None] = {USER: None, HOST: None}
         self._waiting: dict[str, list[Message]] = {USER: [], HOST: []}
         self._waiting_bytes = {USER: 0, HOST: 0}
+        self._full = {USER: False, HOST: False}  # whose output is over its high-water mark
         self.messages = 0
         # Since when (time.monotonic) each side has had no connection; None: connected.
         now = time.monotonic()
@@ -60,6 +61,8 @@ class RelayPair:
         self.absent_since[side] = None
         if previous is not None and previous is not end:
             previous.close(CLOSE_REPLACED, "replaced by a new connection")
+        if self._full[OTHER_SIDE[side]]:
+            end.pause_reading(True)  # the other side cannot take more yet
         waiting = self._waiting[side]
         if waiting:
             self._waiting[side] = []
@@ -90,6 +93,7 @@ class RelayPair:
 
     def backlogged(self, side: str, full: bool) -> None:
         """``side``'s outgoing buffer is full (or drained): hold (or resume) the other side."""
+        self._full[side] = full
         other = self.ends[OTHER_SIDE[side]]
         if other is not None:
             other.pause_reading(full)

@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
@@ -141,8 +142,6 @@ class HostSession:
         self.kernel: RemoteKernel | GatewayKernel | None = None
         self.relay: ClientEnd | None = None
         self.key: str | None = None
-        self.warm_key: str | None = None
-        self._hello: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._inbox: list[bytes] = []  # relay -> kernel, held until the kernel is ready
         self._outbox: deque[tuple[str | bytes, bool]] = deque()  # kernel -> relay, while down
         self._outbox_bytes = 0
@@ -159,7 +158,7 @@ class HostSession:
     # -- start --------------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect the relay, wait for the renter's key, start the kernel, report ready."""
+        """Start the kernel and connect the relay, then report ready."""
         timeout = self.agent.kernel_start_timeout
         try:
             await asyncio.wait_for(self._start(), timeout)
@@ -177,34 +176,41 @@ class HostSession:
             self._end({"type": "kernel_failed", "session_id": self.session_id, "message": message})
 
     async def _start(self) -> None:
-        self.relay = await self._connect_relay()
-        self._reader = asyncio.ensure_future(self._read_relay())
-        pool = self.agent.warm_pool
-        warm = pool.take(self.gpu_indices) if pool is not None else None
-        if warm is not None and warm.kernel is not None:
-            await self.agent.pause_idle()
-            warm.owner = self
-            self.kernel = warm.kernel
-            self.kernel.on_kernel_batch = self._from_kernel_batch
-            await self.kernel.adopt(self.session_id)
-            self.key = warm.key
-            self.warm_key = warm.key
-            self.log.info("session %s: handed warm kernel %s", self.session_id, warm.name)
-        else:
-            hello = await self._hello
-            self.key = hello["key"]
-            await self.agent.pause_idle()
-            self.kernel = self.agent.new_kernel(
-                self.session_id,
-                hello["key"],
-                hello["signature_scheme"],
-                self.gpu_indices,
-                self._from_kernel,
-                self._kernel_exited,
-            )
-            if isinstance(self.kernel, RemoteKernel):
+        """The kernel starts at once, with a key of the host's own (sent to the renter with
+        kernel_ready, as a warm kernel's is), while the relay connects: a start waits on
+        no round trip to the renter (over a slow link, each is a link's latency twice)."""
+        relay = asyncio.ensure_future(self._connect_relay())
+        try:
+            pool = self.agent.warm_pool
+            warm = pool.take(self.gpu_indices) if pool is not None else None
+            if warm is not None and warm.kernel is not None:
+                await self.agent.pause_idle()
+                warm.owner = self
+                self.kernel = warm.kernel
                 self.kernel.on_kernel_batch = self._from_kernel_batch
-            await self.kernel.start()
+                await self.kernel.adopt(self.session_id)
+                self.key = warm.key
+                self.log.info("session %s: handed warm kernel %s", self.session_id, warm.name)
+            else:
+                self.key = str(uuid.uuid4())
+                await self.agent.pause_idle()
+                self.kernel = self.agent.new_kernel(
+                    self.session_id,
+                    self.key,
+                    "hmac-sha256",
+                    self.gpu_indices,
+                    self._from_kernel,
+                    self._kernel_exited,
+                )
+                if isinstance(self.kernel, RemoteKernel):
+                    self.kernel.on_kernel_batch = self._from_kernel_batch
+                await self.kernel.start()
+            self.relay = await relay
+            self._flush_outbox()  # what the kernel said before the relay was up
+        finally:
+            if not relay.done():
+                relay.cancel()
+        self._reader = asyncio.ensure_future(self._read_relay())
         self.state = "ready"
         for data in self._inbox:
             self._to_kernel(data)
@@ -215,10 +221,10 @@ class HostSession:
         self.log.info("session %s: kernel ready", self.session_id)
 
     def _ready_record(self) -> dict[str, Any]:
-        """The relay's kernel_ready; a warm kernel's key goes with it (the renter adopts it)."""
+        """The relay's kernel_ready, with the kernel's key (the host's: the renter adopts it)."""
         record: dict[str, Any] = {"type": "kernel_ready", "session_id": self.session_id}
-        if self.warm_key is not None:
-            record.update(key=self.warm_key, signature_scheme="hmac-sha256")
+        if self.key is not None:
+            record.update(key=self.key, signature_scheme="hmac-sha256")
         return record
 
     # -- relay --------------------------------------------------------------------------
@@ -297,22 +303,10 @@ class HostSession:
             self.log.warning("session %s: ignored a malformed relay record", self.session_id)
             return
         if kind == "hello":
-            key, scheme = record.get("key"), record.get("signature_scheme") or "hmac-sha256"
-            if not isinstance(key, str) or not key:
-                self.log.warning("session %s: relay hello without a key", self.session_id)
-                return
-            if not isinstance(scheme, str) or not scheme.startswith("hmac-"):
-                self.log.warning("session %s: unsupported signature scheme", self.session_id)
-                return
-            if not self._hello.done():
-                self._hello.set_result({"key": key, "signature_scheme": scheme})
-            elif self.state == "ready" and (key == self.key or self.warm_key is not None):
-                # The bridge reconnected (the broker restarted): tell it again.
+            # The renter's side attached (again, after a broker restart): the kernel's key
+            # is the host's, and goes with kernel_ready; a kernel already up says so again.
+            if self.state == "ready":
                 self._to_relay(json.dumps(self._ready_record()))
-            elif self.warm_key is None and key != self.key:
-                self.log.warning(
-                    "session %s: ignored a relay hello with a different key", self.session_id
-                )
         elif kind == "signal":
             try:
                 signum = signal.Signals(int(record.get("signum", signal.SIGINT)))

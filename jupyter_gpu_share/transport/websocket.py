@@ -22,6 +22,7 @@ it has drained. Fragmented messages are joined here; one message is at most
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
@@ -51,7 +52,12 @@ WRITE_HIGH_WATER = 4 * 1024 * 1024  # queued output beyond this holds the other 
 READ_QUEUE_BYTES = 16 * 1024 * 1024  # a ClientEnd's unread messages beyond this hold the peer
 CLOSE_TIMEOUT = 5.0  # seconds the peer has to answer a close before the connection is cut
 LINGER_AFTER_FAILING = 1.0  # seconds a server reads on after failing a connection
+MAX_FRAGMENTS = 10_000  # frames of one message: each costs memory whatever its size
+INLINE_READ_BYTES = 64 * 1024  # read about this much at most before the loop runs again
 _OPCODES = {Opcode.TEXT: OP_TEXT, Opcode.BINARY: OP_BINARY}
+# The library logs each connection opened and closed at INFO: a broker has thousands.
+protocol_log = logging.getLogger(__name__ + ".protocol")
+protocol_log.setLevel(logging.WARNING)
 
 
 class ConnectionClosed(Exception):
@@ -74,6 +80,19 @@ class HandshakeError(Exception):
 
 def _ignore(*args: Any) -> None:
     pass
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Take a write's outcome: a dropped connection is reported by the reader."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _sendable(code: int) -> bool:
+    """Whether a close frame may carry ``code`` (RFC 6455 7.4)."""
+    return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or (
+        3000 <= code <= 4999
+    )
 
 
 def joined(payload: Any) -> bytes | bytearray | memoryview:
@@ -102,8 +121,9 @@ class WebSocketEnd:
         self.closing = False  # a close frame was sent or received: no more messages
         self.heard = True  # bytes arrived since the last keep-alive ping
         self.backlogged = False
-        self._fragments: list[bytes] | None = None
+        self._fragments: bytearray | None = None
         self._fragments_opcode = 0
+        self._fragments_count = 0
         self._close_timer: asyncio.TimerHandle | None = None
 
     # -- what subclasses provide ----------------------------------------------------------
@@ -146,13 +166,19 @@ class WebSocketEnd:
                 if frame.fin:
                     messages.append((kind, frame.data))
                 else:
-                    self._fragments, self._fragments_opcode = [frame.data], kind
+                    self._fragments, self._fragments_opcode = bytearray(frame.data), kind
+                    self._fragments_count = 1
             elif opcode is Opcode.CONT:
-                assert self._fragments is not None  # the protocol refuses a stray one
-                self._fragments.append(frame.data)
+                if self._fragments is None:  # dropped: we closed over its fragment count
+                    continue
+                self._fragments += frame.data
+                self._fragments_count += 1
                 if frame.fin:
-                    messages.append((self._fragments_opcode, b"".join(self._fragments)))
+                    messages.append((self._fragments_opcode, bytes(self._fragments)))
                     self._fragments = None
+                elif self._fragments_count > MAX_FRAGMENTS and not self.closing:
+                    self._fragments = None
+                    self.close(1009, f"a message in over {MAX_FRAGMENTS} fragments")
             elif opcode is Opcode.CLOSE:
                 close = Close.parse(frame.data)
                 self.close_code, self.close_reason = close.code, close.reason
@@ -177,6 +203,7 @@ class WebSocketEnd:
 
     def eof(self) -> None:
         """The peer closed its side of the connection."""
+        self.closing = True
         self.protocol.receive_eof()
         self._flush()
 
@@ -236,20 +263,24 @@ class WebSocketEnd:
 
     def pause_reading(self, paused: bool) -> None:
         """Stop (or resume) reading from this peer while what it sends cannot go on."""
-        if not self.closed:
+        if not self.closed and not (paused and self.closing):
             self._reading(not paused)
 
     def close(self, code: int | None = 1000, reason: str | None = None) -> None:
         """Send a close frame; the connection closes when the peer answers (or soon)."""
         if self.closing or self.closed:
             return
-        self.closing = True
-        self.close_code, self.close_reason = code, reason
+        # a close frame holds at most 123 bytes of reason; a code no close frame may carry
+        # (1005, 1006, 1015, or out of range) is sent as 1011
+        text = (reason or "").encode()[:123].decode("utf-8", "ignore")
+        if code is not None and not _sendable(code):
+            code = 1011
         if code is None:
             self.protocol.send_close()
         else:
-            # a close frame holds at most 123 bytes of reason
-            self.protocol.send_close(code, (reason or "").encode()[:123].decode("utf-8", "ignore"))
+            self.protocol.send_close(code, text)
+        self.closing = True
+        self.close_code, self.close_reason = code, reason
         self._reading(True)  # to read the peer's answer
         self._flush()
 
@@ -266,11 +297,14 @@ class ServerEnd(WebSocketEnd):
     """
 
     def __init__(self, stream: IOStream, max_message_size: int) -> None:
-        super().__init__(ServerProtocol(state=State.OPEN, max_size=max_message_size))
+        super().__init__(
+            ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log)
+        )
         self.stream = stream
         self._unsent = 0
         self._reading_on = True
         self._pending_read = False
+        self._resume_scheduled = False
 
     def serve(self) -> None:
         """Read until the connection is gone: each read's future calls back (no task and
@@ -279,7 +313,11 @@ class ServerEnd(WebSocketEnd):
 
     def _read_next(self) -> None:
         stream = self.stream
+        budget = INLINE_READ_BYTES
         while not self.closed and self._reading_on:
+            if budget <= 0:  # a fast sender: let the loop serve everyone else first
+                self._schedule_resume()
+                return
             try:
                 future = stream.read_bytes(READ_CHUNK, partial=True)
             except StreamClosedError:
@@ -289,6 +327,8 @@ class ServerEnd(WebSocketEnd):
                 self._pending_read = True
                 future.add_done_callback(self._read_done)
                 return
+            if not future.cancelled() and future.exception() is None:
+                budget -= len(future.result())
             if not self._handle_read(future):
                 return
 
@@ -305,10 +345,8 @@ class ServerEnd(WebSocketEnd):
         try:
             self.received(future.result())
         except Exception:
-            log.exception("websocket failed")
-            self.stream.close()
-            self.lost()
-            return False
+            log.exception("handling a websocket message failed")
+            self.close(1011, "internal error")
         return not self.closed
 
     def _write(self, data: bytes) -> None:
@@ -318,6 +356,10 @@ class ServerEnd(WebSocketEnd):
         written = stream.write(data)
         if not stream.writing():  # all of it is on the wire already: the common case
             self._unsent = 0
+            if written.done():
+                _retrieve(written)
+            else:
+                written.add_done_callback(_retrieve)
             return
         size = len(data)
         self._unsent += size
@@ -335,28 +377,39 @@ class ServerEnd(WebSocketEnd):
     def _write_eof(self) -> None:
         stream = self.stream
         if stream.closed():
+            self.lost()
             return
+        loop = asyncio.get_running_loop()
+        # A peer that reads nothing never lets what we wrote out: cut it after a while.
+        if self._close_timer is None:
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
         if self.protocol.close_rcvd is not None:  # the peer has said all it will say
-            stream.write(b"").add_done_callback(lambda _: stream.close())
+            stream.write(b"").add_done_callback(lambda f: (_retrieve(f), self._abort()))
             return
         # We failed the connection while the peer may still be sending: a socket closed
         # with unread bytes resets the connection, and the peer would lose our close
         # frame (and the refusal before it). Read and discard a little longer.
-        loop = asyncio.get_running_loop()
         stream.write(b"").add_done_callback(
-            lambda _: loop.call_later(LINGER_AFTER_FAILING, stream.close)
+            lambda f: (_retrieve(f), loop.call_later(LINGER_AFTER_FAILING, self._abort))
         )
 
     def _abort(self) -> None:
         self.stream.close()
+        self.lost()  # whether or not a read was pending to see it
 
     def _reading(self, on: bool) -> None:
         was, self._reading_on = self._reading_on, on
-        if on and not was and not self._pending_read:
+        if on and not was:
             # Resume from a fresh callback: this may be called from within a read's handling.
+            self._schedule_resume()
+
+    def _schedule_resume(self) -> None:
+        if not self._resume_scheduled and not self._pending_read:
+            self._resume_scheduled = True
             asyncio.get_running_loop().call_soon(self._resume_reading)
 
     def _resume_reading(self) -> None:
+        self._resume_scheduled = False
         if self._reading_on and not self._pending_read and not self.closed:
             self._read_next()
 
@@ -392,21 +445,27 @@ class WebSocketEndpoint(web.RequestHandler):
         origin = headers.get("Origin")
         if origin is not None and not self.check_websocket_origin(origin):
             raise web.HTTPError(403, "cross-origin websockets are not allowed")
-        handshake = ServerProtocol(max_size=self.max_message_size)
+        handshake = ServerProtocol(max_size=self.max_message_size, logger=protocol_log)
         response = handshake.accept(Request(self.request.uri or "/", headers))
         if response.status_code != 101:
             # Not an upgrade a websocket client sent: say why, as any HTTP error.
             raise web.HTTPError(response.status_code, response.body.decode(errors="replace"))
         handshake.send_response(response)
         stream = self.detach()
-        stream.write(b"".join(handshake.data_to_send()))
+        if stream.closed():  # the client went away while the upgrade was decided
+            return
         self.end = end = self.make_end(stream)
         end.on_messages = self.on_messages
         end.on_pause = self.on_pause
         end.on_closed = self._closed
         with _suppress_closed():
+            stream.write(b"".join(handshake.data_to_send()))
             end.set_nodelay(True)
-        self.on_open()
+        try:
+            self.on_open()
+        except Exception:
+            log.exception("websocket on_open failed")
+            end.close(1011, "internal error")
         end.serve()
 
     def _closed(self, code: int | None, reason: str | None) -> None:
@@ -422,7 +481,15 @@ class WebSocketEndpoint(web.RequestHandler):
 
     def on_messages(self, messages: list[Message]) -> None:
         for opcode, payload in messages:
-            self.on_message(bytes(payload).decode("utf-8") if opcode == OP_TEXT else payload)
+            if opcode == OP_TEXT:
+                try:
+                    text = bytes(payload).decode("utf-8")
+                except UnicodeDecodeError:
+                    self.close(1007, "a text message that is not UTF-8")
+                    return
+                self.on_message(text)
+            else:
+                self.on_message(payload)
 
     def on_message(self, message: str | bytes) -> None:
         """One message (text as str)."""
@@ -500,6 +567,7 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
+        self.set_nodelay(True)
         self._flush()  # the upgrade request
 
     def data_received(self, data: bytes) -> None:
@@ -525,6 +593,13 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
     def eof_received(self) -> bool | None:
         if self.handshake.done():
             self.eof()
+            return None
+        # A refusal whose body runs to the end of the connection is complete only now.
+        protocol = cast(ClientProtocol, self.protocol)
+        protocol.receive_eof()
+        protocol.events_received()
+        if protocol.handshake_exc is not None:
+            self.handshake.set_exception(_handshake_error(protocol.handshake_exc))
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -565,7 +640,8 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
     def _ping(self) -> None:
         if self.closed:
             return
-        if not self.heard:  # nothing, not even a pong, for a whole interval
+        held = self._read_paused or self.backlogged  # TCP holds one side: pongs wait too
+        if not self.heard and not held:  # nothing, not even a pong, for a whole interval
             self._abort()
             return
         self.heard = False
@@ -637,8 +713,9 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
         while not self._queue:
             if self.closed:
                 return None
-            self._waiter = asyncio.get_running_loop().create_future()
-            await self._waiter
+            if self._waiter is None or self._waiter.done():
+                self._waiter = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._waiter)
         message = self._queue.popleft()
         self._queued_bytes -= len(message)
         if self._read_paused and self._queued_bytes < READ_QUEUE_BYTES // 2:
@@ -666,7 +743,8 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
     def set_nodelay(self, value: bool) -> None:
         sock = self.transport.get_extra_info("socket") if self.transport else None
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
+            with contextlib.suppress(OSError):  # a connection already gone
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
 
 
 def _handshake_error(error: Exception) -> Exception:
@@ -704,7 +782,7 @@ async def connect(
     uri = parse_uri(url)
     if uri.secure and ssl_context is None:
         ssl_context = ssl.create_default_context()
-    protocol = ClientProtocol(uri, max_size=max_message_size)
+    protocol = ClientProtocol(uri, max_size=max_message_size, logger=protocol_log)
     request = protocol.connect()
     for name, value in (headers or {}).items():
         request.headers[name] = value
@@ -722,7 +800,8 @@ async def connect(
     try:
         await asyncio.wait_for(asyncio.shield(end.handshake), handshake_timeout)
     except BaseException:
+        # What the connection's end sets on the handshake now, nobody awaits.
+        end.handshake.add_done_callback(_retrieve)
         transport.abort()
         raise
-    end.set_nodelay(True)
     return end

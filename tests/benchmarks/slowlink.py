@@ -6,7 +6,8 @@ Each direction of each connection is delayed by ``delay-ms`` (so a round trip th
 costs twice that), bytes stay in order, and bandwidth is not limited. Opening a connection
 costs one round trip, as TCP's handshake does on a real link: the upstream connection is
 made, and the first bytes are forwarded, one round trip after the client connected.
-Prints ``ready`` once it listens.
+Prints ``ready`` once it listens. ``--echo PORT`` serves an echo instead (what the
+benchmark measures a link's own round trip against).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+import time
 
 
 async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -51,12 +53,43 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
             writer.close()
 
 
+async def echo(port: int) -> None:
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        while data := await reader.read(65536):
+            writer.write(data)
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+def round_trip_ms(port: int, count: int = 30) -> float:
+    """The median round trip of one byte through whatever listens on ``port``."""
+    times = []
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(count):
+            started = time.perf_counter()
+            sock.sendall(b"x")
+            sock.recv(1)
+            times.append((time.perf_counter() - started) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", type=int, required=True)
-    parser.add_argument("--upstream", required=True, help="HOST:PORT")
+    parser.add_argument("--upstream", default="", help="HOST:PORT")
     parser.add_argument("--delay-ms", type=float, default=25.0)
+    parser.add_argument("--echo", action="store_true", help="an echo server, no link")
     args = parser.parse_args()
+    if args.echo:
+        asyncio.run(echo(args.listen))
+        return
     host, _, port = args.upstream.rpartition(":")
     delay = args.delay_ms / 1000
 

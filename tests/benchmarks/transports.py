@@ -31,7 +31,7 @@ from tests.e2e.harness import Cluster, clean_env, free_port
 from tests.nginx import Nginx
 from tests.tlsca import ScratchCA
 
-from . import procs
+from . import procs, slowlink
 from .e2e_phase import TRIVIAL, USER_CREDIT, alternate, log
 from .kernelws import ServerKernelClient
 from .stats import median, percentile, ratio, rnd
@@ -56,18 +56,15 @@ class TransportsPhase:
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _link(self, upstream_port: int) -> str:
-        """A slow link to a local port; its URL."""
+    def _link(self, upstream_port: int | None) -> str:
+        """A slow link to a local port (None: an echo server); its URL."""
         port = free_port()
+        if upstream_port is None:
+            options = ["--echo"]
+        else:
+            options = [f"--upstream=127.0.0.1:{upstream_port}", f"--delay-ms={LINK_DELAY_MS}"]
         link = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.benchmarks.slowlink",
-                f"--listen={port}",
-                f"--upstream=127.0.0.1:{upstream_port}",
-                f"--delay-ms={LINK_DELAY_MS}",
-            ],
+            [sys.executable, "-m", "tests.benchmarks.slowlink", f"--listen={port}", *options],
             cwd=Path(__file__).resolve().parents[2],
             stdout=subprocess.PIPE,
             text=True,
@@ -99,6 +96,12 @@ class TransportsPhase:
         )
         wan_user_url = self._link(self.clusters["wan"].port)
         wan_host_url = self._link(self.clusters["wan"].port)
+        # What the links cost by themselves: a byte's round trip through the same kind of
+        # link to an echo server, once per link an execute crosses.
+        echo = int(self._link(None).rsplit(":", 1)[1])
+        link = int(self._link(echo).rsplit(":", 1)[1])
+        self.link_rtt_ms = slowlink.round_trip_ms(link)
+        self.details["wan_link_round_trip_ms"] = rnd(self.link_rtt_ms)
         user_urls = {
             "plain": self.clusters["plain"].url,
             "tls": self.clusters["tls"].url,
@@ -193,7 +196,7 @@ class TransportsPhase:
         for path in PATHS:
             self.results[f"{path}_execute_rtt_added_ms"] = rnd(med[path] - med["local"])
             self.results[f"{path}_execute_rtt_median_ratio"] = rnd(ratio(med[path], med["local"]))
-        links_ms = LINK_ROUND_TRIPS_PER_EXECUTE * 2 * LINK_DELAY_MS
+        links_ms = LINK_ROUND_TRIPS_PER_EXECUTE * self.link_rtt_ms
         self.results["wan_execute_overhead_ms"] = rnd(med["wan"] - med["local"] - links_ms)
         self.details["wan_execute_ms"] = rnd(med["wan"])
 
@@ -250,11 +253,19 @@ class TransportsPhase:
                 client = ServerKernelClient(*self.users[name], "gpu-share")
                 started = time.perf_counter()
                 kernel = await client.arest("POST", "/api/kernels", {"name": "gpu-share"})
+                created = time.perf_counter()
                 client.kernel_id = kernel["id"]
                 await client.connect()
+                connected = time.perf_counter()
                 execution = await client.execute(TRIVIAL, timeout=180)
                 assert execution.reply_at is not None
                 times[name].append(execution.reply_at - started)
+                # Where a start's time goes: the kernel (session, host, kernel_ready), the
+                # client's websocket (jupyter_server asks the kernel for its info), and the
+                # first execute (behind jupyter_server's nudge of the kernel).
+                times[f"{name}_post"].append(created - started)
+                times[f"{name}_connect"].append(connected - created)
+                times[f"{name}_execute"].append(execution.reply_at - connected)
                 await client.shutdown()
                 await asyncio.sleep(0.5)
         med = {k: median(v) for k, v in times.items()}
@@ -287,6 +298,8 @@ class TransportsPhase:
             "text, a broker serving TLS itself, and a plain broker behind nginx terminating "
             "TLS, interleaved in one run against a local kernel; wan_*: a broker whose user "
             f"side and host each reach it over a link with {LINK_DELAY_MS:g} ms each way "
-            "(wan_execute_overhead_ms: the execute minus the local one minus the links' "
-            "100 ms; wan_start_round_trips: the first execute's extra time in 50 ms round trips)"
+            "(wan_execute_overhead_ms: the execute minus the local one minus the links' two "
+            "round trips, each measured through the same proxy to an echo server: "
+            "wan_link_round_trip_ms; wan_start_round_trips: the first execute's extra time "
+            "in 50 ms round trips)"
         )

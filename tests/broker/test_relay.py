@@ -67,6 +67,19 @@ def test_a_full_side_pauses_the_other_sides_reads_until_it_drains_or_leaves():
     assert host.paused == [True, False, True, False]
 
 
+def test_a_side_that_reconnects_while_the_other_is_backlogged_starts_held():
+    pair = RelayPair("s-1", max_buffer_bytes=10)
+    user, host = End(), End()
+    pair.attach(USER, user)
+    pair.attach(HOST, host)
+    pair.backlogged(USER, True)
+    again = End()  # the host agent reconnects (a network blip) while the renter lags
+    pair.attach(HOST, again)
+    assert again.paused == [True]
+    pair.backlogged(USER, False)
+    assert again.paused == [True, False]
+
+
 def test_a_new_connection_replaces_the_old_one_and_close_reaches_both():
     pair = RelayPair("s-1", max_buffer_bytes=10)
     old, new, host = End(), End(), End()
