@@ -548,6 +548,38 @@ def test_handshakes_that_end_at_once_say_what_the_server_said():
     asyncio.run(run())
 
 
+# -- our framing of data, against the library's parser -------------------------------------
+
+
+MESSAGE = st.tuples(
+    st.sampled_from([OP_TEXT, OP_BINARY]),
+    st.lists(st.binary(max_size=70_000), min_size=1, max_size=4),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(messages=st.lists(MESSAGE, min_size=1, max_size=6), masked=st.booleans())
+def test_our_data_frames_are_what_the_reference_parser_reads(messages, masked):
+    """``data_frame`` (one header, parts unjoined, a client's masked part by part) against
+    the websockets library's own parser on the other side: every size class of length,
+    parts that split a masking key's rotation anywhere."""
+    from websockets.client import ClientProtocol
+    from websockets.uri import parse_uri
+
+    pieces: list[Any] = []
+    for opcode, parts in messages:
+        ws.data_frame(pieces, opcode, parts, masked)
+    wire_bytes = b"".join(bytes(p) for p in pieces)
+    if masked:  # a client wrote it: a server reads it
+        reader: Any = ServerProtocol(state=State.OPEN, max_size=None)
+    else:
+        reader = ClientProtocol(parse_uri("ws://x/"), state=State.OPEN, max_size=None)
+    reader.receive_data(wire_bytes)
+    got = [(int(f.opcode), bytes(f.data)) for f in reader.events_received()]
+    assert got == [(opcode, b"".join(parts)) for opcode, parts in messages]
+    assert reader.parser_exc is None
+
+
 # -- hostile frames, fed in slices to the glue around the library's protocol ---------------
 
 

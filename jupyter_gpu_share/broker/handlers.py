@@ -14,7 +14,6 @@ from typing import Any
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from tornado import web
-from tornado.iostream import IOStream
 from websockets.exceptions import PayloadTooBig
 
 from ..ledger import earnings_by_day, price_per_hour, price_per_second_from_hour
@@ -28,7 +27,6 @@ from ..store import (
 from ..transport.websocket import (
     ConnectionClosed,
     Message,
-    ServerEnd,
     WebSocketEndpoint,
 )
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser, bearer_token
@@ -647,18 +645,6 @@ CLOSE_BAD_MESSAGE = 4400  # a hello that breaks the rules, or a message that is 
 CLOSE_NO_HELLO = 4408  # authenticated, but no hello in time
 
 
-class _ControlEnd(ServerEnd):
-    """A host's control connection: a message over the size cap is refused in words."""
-
-    host_name: str | None = None
-
-    def refusal(self, error: PayloadTooBig) -> str:
-        limit = self.protocol.max_message_size
-        refusal = f"refused control message over {limit} bytes; closing the connection"
-        log.warning("host %s: %s", self.host_name, refusal)
-        return json.dumps({"type": "error", "message": refusal})
-
-
 class HostControlHandler(BrokerWebSocket):
     """A host agent's outbound control channel.
 
@@ -678,10 +664,13 @@ class HostControlHandler(BrokerWebSocket):
         limits = self.broker.settings
         return max(limits.host_hello_max_bytes, limits.host_heartbeat_max_bytes)
 
-    def make_end(self, stream: IOStream) -> ServerEnd:
-        end = _ControlEnd(stream, self.max_message_size)
-        end.host_name = self.host_name
-        return end
+    def refusal(self, error: PayloadTooBig) -> str:
+        """A control message over the size cap is refused in words, then closed (1009)."""
+        refusal = (
+            f"refused control message over {self.max_message_size} bytes; closing the connection"
+        )
+        log.warning("host %s: %s", self.host_name, refusal)
+        return json.dumps({"type": "error", "message": refusal})
 
     async def get(self, *args: Any, **kwargs: Any) -> None:
         account = self.authenticated_account()

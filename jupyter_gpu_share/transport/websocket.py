@@ -5,14 +5,16 @@ Frames are parsed and written by the Sans-I/O protocol of the ``websockets`` lib
 fuzzed by others, the same code on the server and the client side, with and without TLS.
 This module only moves bytes between that protocol and a connection:
 
-- :class:`ServerEnd` serves a connection whose upgrade a tornado ``RequestHandler``
-  answered and then ``detach()``-ed (public API): jupyter_server keeps the listening
-  socket, its authentication and its TLS. :class:`WebSocketEndpoint` is that handler.
+- :class:`WebSocketEndpoint` is a tornado ``RequestHandler`` that answers the upgrade
+  (jupyter_server keeps the listening socket, authentication and TLS) and takes the
+  connection with the public ``detach()``. A plain connection is then served on the event
+  loop's own transport (:class:`SocketServerEnd`, after :func:`adopt`); a TLS one stays on
+  tornado's ``SSLIOStream`` (:class:`StreamServerEnd`), whose TLS session cannot move.
 - :class:`ClientEnd` is an ``asyncio.Protocol`` from :func:`connect`
   (``loop.create_connection``, with ``ssl=`` for ``wss://``): the bridge and the host agent.
 
-Both have one small interface, what the relay needs (``RelayEnd``): every message of one
-read arrives in one batch of ``(opcode, payload)`` pairs; ``send_many`` writes several
+Every end has one small interface, what the relay needs (``RelayEnd``): every message of
+one read arrives in one batch of ``(opcode, payload)`` pairs; ``send_many`` writes several
 messages with one system call; ``pause_reading`` holds the peer (TCP back-pressure), and
 ``on_pause`` says when this end's own output has queued beyond ``WRITE_HIGH_WATER`` and when
 it has drained. Fragmented messages are joined here; one message is at most
@@ -25,22 +27,29 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from tornado import web
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus, PayloadTooBig
 from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
-from websockets.protocol import Protocol, State
+from websockets.protocol import Protocol, Side, State
 from websockets.server import ServerProtocol
 from websockets.uri import parse_uri
+
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # the library's own fallback, pure Python
+    from websockets.utils import apply_mask
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +64,9 @@ LINGER_AFTER_FAILING = 1.0  # seconds a server reads on after failing a connecti
 MAX_FRAGMENTS = 10_000  # frames of one message: each costs memory whatever its size
 INLINE_READ_BYTES = 64 * 1024  # read about this much at most before the loop runs again
 _OPCODES = {Opcode.TEXT: OP_TEXT, Opcode.BINARY: OP_BINARY}
+_HEAD16 = struct.Struct("!BBH")
+_HEAD64 = struct.Struct("!BBQ")
+SMALL_WRITE = 64 * 1024  # pieces under this in all are joined into one write
 # The library logs each connection opened and closed at INFO: a broker has thousands.
 protocol_log = logging.getLogger(__name__ + ".protocol")
 protocol_log.setLevel(logging.WARNING)
@@ -82,6 +94,10 @@ def _ignore(*args: Any) -> None:
     pass
 
 
+def _none(*args: Any) -> None:
+    return None
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Take a write's outcome: a dropped connection is reported by the reader."""
     if not future.cancelled():
@@ -95,11 +111,36 @@ def _sendable(code: int) -> bool:
     )
 
 
-def joined(payload: Any) -> bytes | bytearray | memoryview:
-    """A payload given as a list of parts (``wire.encode_parts``) as one buffer."""
-    if isinstance(payload, (list, tuple)):
-        return b"".join(payload)
-    return payload
+def frame_header(opcode: int, length: int, mask: bytes | None) -> bytes:
+    """The header of one final, unfragmented frame (RFC 6455 5.2)."""
+    first, bit = 0x80 | opcode, 0x80 if mask else 0
+    if length < 126:
+        head = bytes((first, bit | length))
+    elif length < 65536:
+        head = _HEAD16.pack(first, bit | 126, length)
+    else:
+        head = _HEAD64.pack(first, bit | 127, length)
+    return head + mask if mask else head
+
+
+def data_frame(pieces: list[Any], opcode: int, payload: Any, masked: bool) -> int:
+    """Append one message as one frame to ``pieces`` (the payload's parts are not joined;
+    a client's are masked part by part, the key turned to each part's offset); return its
+    size on the wire."""
+    parts = payload if isinstance(payload, (list, tuple)) else (payload,)
+    length = sum(memoryview(part).nbytes for part in parts)
+    key = os.urandom(4) if masked else None
+    head = frame_header(opcode, length, key)
+    pieces.append(head)
+    if key is None:
+        pieces.extend(parts)
+        return len(head) + length
+    offset = 0
+    for part in parts:
+        turn = offset % 4
+        pieces.append(apply_mask(part, key[turn:] + key[:turn]))
+        offset += memoryview(part).nbytes
+    return len(head) + length
 
 
 class WebSocketEnd:
@@ -115,6 +156,7 @@ class WebSocketEnd:
         self.on_messages: Callable[[list[Message]], None] = _ignore
         self.on_pause: Callable[[bool], None] = _ignore
         self.on_closed: Callable[[int | None, str | None], None] = _ignore
+        self.on_refusal: Callable[[PayloadTooBig], str | None] = _none
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.closed = False  # the connection is gone
@@ -144,7 +186,7 @@ class WebSocketEnd:
 
     def refusal(self, error: PayloadTooBig) -> str | None:
         """A text message to send before closing with 1009 (None: just close)."""
-        return None
+        return self.on_refusal(error)
 
     # -- bytes in -------------------------------------------------------------------------
 
@@ -242,16 +284,22 @@ class WebSocketEnd:
             self.on_pause(backlogged)
 
     def send_many(self, messages: Sequence[Message]) -> None:
-        """Write messages in order, with one write (a payload may be a list of parts)."""
+        """Write messages in order (a payload may be a list of parts, written as they are).
+
+        Data frames are framed here (:func:`data_frame`, checked against the library's
+        parser by a fuzz test): the library's serializer copies a payload twice more, which
+        halved a 20 MiB display's rate. Control frames stay the library's."""
         if self.closing:
             return
-        protocol = self.protocol
+        masked = self.protocol.side is Side.CLIENT
+        pieces: list[Any] = []
+        size = 0
         for opcode, payload in messages:
-            if opcode == OP_TEXT:
-                protocol.send_text(joined(payload))
-            else:
-                protocol.send_binary(joined(payload))
-        self._flush()
+            size += data_frame(pieces, opcode, payload, masked)
+        self._write_pieces(pieces, size)
+
+    def _write_pieces(self, pieces: list[Any], size: int) -> None:
+        self._write(b"".join(pieces))
 
     def send(self, opcode: int, payload: Any) -> None:
         self.send_many([(opcode, payload)])
@@ -288,7 +336,7 @@ class WebSocketEnd:
 # -- the server end (the broker) -----------------------------------------------------------
 
 
-class ServerEnd(WebSocketEnd):
+class StreamServerEnd(WebSocketEnd):
     """A websocket on a tornado ``IOStream`` (or ``SSLIOStream``) taken from ``detach()``.
 
     It reads in chunks of up to ``READ_CHUNK`` while reading is on; while it is paused no
@@ -361,11 +409,18 @@ class ServerEnd(WebSocketEnd):
             else:
                 written.add_done_callback(_retrieve)
             return
-        size = len(data)
+        size = memoryview(data).nbytes
         self._unsent += size
         written.add_done_callback(lambda future: self._sent(future, size))
         if self._unsent > WRITE_HIGH_WATER:
             self._set_backlogged(True)
+
+    def _write_pieces(self, pieces: list[Any], size: int) -> None:
+        if size < SMALL_WRITE:
+            self._write(b"".join(pieces))
+            return
+        for piece in pieces:  # tornado keeps each piece as it is, without a copy
+            self._write(piece)
 
     def _sent(self, future: asyncio.Future[None], size: int) -> None:
         if not future.cancelled() and future.exception() is not None:
@@ -431,8 +486,9 @@ class WebSocketEndpoint(web.RequestHandler):
     close_code: int | None = None
     close_reason: str | None = None
 
-    def make_end(self, stream: IOStream) -> ServerEnd:
-        return ServerEnd(stream, self.max_message_size)
+    def refusal(self, error: PayloadTooBig) -> str | None:
+        """A text message to send before closing for a message over the size limit."""
+        return None
 
     def check_websocket_origin(self, origin: str) -> bool:
         """Whether a browser at ``origin`` may connect (clients that send none may)."""
@@ -451,22 +507,40 @@ class WebSocketEndpoint(web.RequestHandler):
             # Not an upgrade a websocket client sent: say why, as any HTTP error.
             raise web.HTTPError(response.status_code, response.body.decode(errors="replace"))
         handshake.send_response(response)
+        answer = b"".join(handshake.data_to_send())
         stream = self.detach()
         if stream.closed():  # the client went away while the upgrade was decided
             return
-        self.end = end = self.make_end(stream)
+        if isinstance(stream, SSLIOStream):  # TLS stays with tornado's stream
+            tls_end = StreamServerEnd(stream, self.max_message_size)
+            self._attach(tls_end)
+            with _suppress_closed():
+                stream.write(answer)
+                tls_end.set_nodelay(True)
+            self._opened(tls_end)
+            tls_end.serve()
+            return
+        end = SocketServerEnd(self.max_message_size, answer)
+        self._attach(end)
+        end.started = lambda: self._opened(end)  # type: ignore[method-assign]
+        try:
+            await adopt(stream, end)
+        except OSError:
+            end.lost()  # the client went away meanwhile
+
+    def _attach(self, end: ServerEnd) -> None:
+        self.end = end
         end.on_messages = self.on_messages
         end.on_pause = self.on_pause
         end.on_closed = self._closed
-        with _suppress_closed():
-            stream.write(b"".join(handshake.data_to_send()))
-            end.set_nodelay(True)
+        end.on_refusal = self.refusal
+
+    def _opened(self, end: ServerEnd) -> None:
         try:
             self.on_open()
         except Exception:
             log.exception("websocket on_open failed")
             end.close(1011, "internal error")
-        end.serve()
 
     def _closed(self, code: int | None, reason: str | None) -> None:
         self.close_code, self.close_reason = code, reason
@@ -533,10 +607,143 @@ class _suppress_closed:
         return kind is not None and issubclass(kind, (OSError, StreamClosedError))
 
 
+# -- ends on asyncio transports: the broker's plain connections, every client -------------
+
+
+class TransportEnd(WebSocketEnd, asyncio.Protocol):
+    """A websocket on an asyncio transport: plain sockets the broker took from tornado, and
+    every client connection (plain or TLS). asyncio reads once per loop turn and holds
+    output in the transport; its high-water mark is ``WRITE_HIGH_WATER``."""
+
+    transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
+        self.set_nodelay(True)
+
+    def data_received(self, data: bytes) -> None:
+        self.received(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost()
+
+    def pause_writing(self) -> None:
+        self._set_backlogged(True)
+
+    def resume_writing(self) -> None:
+        self._set_backlogged(False)
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def _write_pieces(self, pieces: list[Any], size: int) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if size < SMALL_WRITE:
+            transport.write(b"".join(pieces))
+        else:
+            transport.writelines(pieces)  # uvloop: one writev, no copy
+
+    def _write_eof(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # after what is buffered
+
+    def _abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _reading(self, on: bool) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if on:
+            transport.resume_reading()
+        else:
+            transport.pause_reading()
+
+    def set_nodelay(self, value: bool) -> None:
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):  # a connection already gone
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
+
+
+class SocketServerEnd(TransportEnd):
+    """The server side on a plain socket taken from tornado after the upgrade: the event
+    loop's own transport, one read per loop turn and no future per read or write."""
+
+    def __init__(self, max_message_size: int, answer: bytes = b"") -> None:
+        super().__init__(
+            ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log)
+        )
+        self.answer = answer  # the upgrade's 101, written first
+        self.early = b""  # bytes tornado had read past the upgrade request
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.answer:
+            self._write(self.answer)
+        self.started()
+        if self.early:
+            early, self.early = self.early, b""
+            self.received(early)
+
+    def started(self) -> None:
+        """The transport is ours (the upgrade's answer goes first)."""
+
+    def _write_eof(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        loop = asyncio.get_running_loop()
+        if self._close_timer is None:  # a peer that reads nothing: cut it after a while
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
+        if self.protocol.close_rcvd is not None:  # the peer has said all it will say
+            transport.close()
+            return
+        # We failed the connection while the peer may still be sending: a socket closed
+        # with unread bytes resets the connection, and the peer would lose our close
+        # frame. Read and discard a little longer.
+        loop.call_later(LINGER_AFTER_FAILING, transport.close)
+
+
+async def adopt(stream: IOStream, end: SocketServerEnd) -> None:
+    """Serve a plain connection tornado has detached with ``end``, on the event loop's own
+    transport: the socket is duplicated and tornado's copy closed (its descriptor leaves
+    tornado's loop), so no byte is lost or read twice. Bytes tornado had already read past
+    the upgrade (a client should wait for the 101 before it sends, RFC 6455 4.1; not every
+    client does) are taken with a read that completes at once, and are the end's first."""
+    pending = stream.read_bytes(READ_CHUNK, partial=True)
+    if pending.done():
+        if not pending.cancelled() and pending.exception() is None:
+            end.early = pending.result()
+    else:
+        pending.add_done_callback(_retrieve)  # closing the stream ends it
+    fd = stream.fileno()
+    duplicate = os.dup(fd if isinstance(fd, int) else fd.fileno())
+    stream.close()
+    sock = socket.socket(fileno=duplicate)
+    try:
+        await asyncio.get_running_loop().connect_accepted_socket(lambda: end, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
+
+
+ServerEnd = StreamServerEnd | SocketServerEnd
+
+
 # -- the client end (the bridge, the host agent) -------------------------------------------
 
 
-class ClientEnd(WebSocketEnd, asyncio.Protocol):
+class ClientEnd(TransportEnd):
     """The client side: ``await read_message()`` (None once closed; text as str),
     ``write_message``, ``write_many``, ``close``, ``close_code`` and ``close_reason``;
     or ``deliver_to(handler)`` to take each message in the read's own callback.
@@ -548,9 +755,8 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
     """
 
     def __init__(self, protocol: ClientProtocol, ping_interval: float | None = None) -> None:
-        WebSocketEnd.__init__(self, protocol)
+        super().__init__(protocol)
         self.ping_interval = ping_interval
-        self.transport: asyncio.Transport | None = None
         self.handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._queue: deque[str | bytes] = deque()
         self._queued_bytes = 0
@@ -565,9 +771,7 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
-        self.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER, low=WRITE_HIGH_WATER // 4)
-        self.set_nodelay(True)
+        super().connection_made(transport)
         self._flush()  # the upgrade request
 
     def data_received(self, data: bytes) -> None:
@@ -607,35 +811,7 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
             self.handshake.set_exception(exc or ConnectionError("the server closed the connection"))
         if self._pinger is not None:
             self._pinger.cancel()
-        self.lost()
-
-    def pause_writing(self) -> None:
-        self._set_backlogged(True)
-
-    def resume_writing(self) -> None:
-        self._set_backlogged(False)
-
-    # WebSocketEnd
-    def _write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def _write_eof(self) -> None:
-        if self.transport is not None:
-            self.transport.close()  # after what is buffered
-
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def _reading(self, on: bool) -> None:
-        transport = self.transport
-        if transport is None or transport.is_closing():
-            return
-        if on:
-            transport.resume_reading()
-        else:
-            transport.pause_reading()
+        super().connection_lost(exc)
 
     def _ping(self) -> None:
         if self.closed:
@@ -739,12 +915,6 @@ class ClientEnd(WebSocketEnd, asyncio.Protocol):
             raise ConnectionClosed()
         self.send_many([(OP_BINARY, message) for message in messages])
         return self._drained
-
-    def set_nodelay(self, value: bool) -> None:
-        sock = self.transport.get_extra_info("socket") if self.transport else None
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            with contextlib.suppress(OSError):  # a connection already gone
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
 
 
 def _handshake_error(error: Exception) -> Exception:
