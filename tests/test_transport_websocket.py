@@ -356,6 +356,45 @@ def test_a_slow_reader_pauses_its_peer_instead_of_growing_the_buffer(side):
     asyncio.run(run())
 
 
+def test_over_tls_a_slow_reader_holds_the_server_and_everything_arrives_in_order(tls):
+    """The TLS server end (the SSL socket watched by the loop): its output backs up while
+    the client reads nothing, says so, drains when it reads again; nothing is lost."""
+
+    async def run() -> None:
+        Echo.opened.clear()
+        server, port = await serve(tls[0])
+        conn = await ws.connect(f"wss://127.0.0.1:{port}/ws", ssl_context=tls[1])
+        while not Echo.opened:
+            await asyncio.sleep(0.01)
+        end = Echo.opened[0].end
+        assert isinstance(end, ws.SSLSocketEnd)
+        paused: list[bool] = []
+        end.on_pause = paused.append
+        conn.pause_reading(True)
+        chunks = [bytes([i]) * (1 << 20) for i in range(64)]
+        sent = 0
+        while not paused and sent < len(chunks):
+            end.send(OP_BINARY, chunks[sent])
+            sent += 1
+            await asyncio.sleep(0)
+        assert paused == [True] and sent < len(chunks)
+        conn.pause_reading(False)
+        for i in range(sent):
+            assert await asyncio.wait_for(conn.read_message(), 10) == chunks[i]
+        assert paused[-1] is False
+        # A close the client asks for is answered over TLS, and both ends see it.
+        conn.close(1001, "going away")
+        assert await asyncio.wait_for(conn.read_message(), 10) is None
+        for _ in range(200):
+            if end.closed:
+                break
+            await asyncio.sleep(0.01)
+        assert end.closed and Echo.closes[-1] == (1001, "going away")
+        server.stop()
+
+    asyncio.run(run())
+
+
 def test_a_closed_connection_refuses_writes_and_a_dead_peer_is_cut_by_pings():
     async def run() -> None:
         server, port = await serve()

@@ -8,8 +8,9 @@ This module only moves bytes between that protocol and a connection:
 - :class:`WebSocketEndpoint` is a tornado ``RequestHandler`` that answers the upgrade
   (jupyter_server keeps the listening socket, authentication and TLS) and takes the
   connection with the public ``detach()``. A plain connection is then served on the event
-  loop's own transport (:class:`SocketServerEnd`, after :func:`adopt`); a TLS one stays on
-  tornado's ``SSLIOStream`` (:class:`StreamServerEnd`), whose TLS session cannot move.
+  loop's own transport (:class:`SocketServerEnd`, after :func:`adopt`); a TLS one keeps
+  the SSL socket tornado's ``SSLIOStream`` handshook (its TLS session cannot move), watched
+  by the event loop itself (:class:`SSLSocketEnd`).
 - :class:`ClientEnd` is an ``asyncio.Protocol`` from :func:`connect`
   (``loop.create_connection``, with ``ssl=`` for ``wss://``): the bridge and the host agent.
 
@@ -36,7 +37,8 @@ from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 from tornado import web
-from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
+from tornado.ioloop import IOLoop
+from tornado.iostream import IOStream, SSLIOStream
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus, PayloadTooBig
@@ -336,142 +338,6 @@ class WebSocketEnd:
 # -- the server end (the broker) -----------------------------------------------------------
 
 
-class StreamServerEnd(WebSocketEnd):
-    """A websocket on a tornado ``IOStream`` (or ``SSLIOStream``) taken from ``detach()``.
-
-    It reads in chunks of up to ``READ_CHUNK`` while reading is on; while it is paused no
-    read is pending, so tornado leaves the bytes in the kernel's buffers and TCP holds the
-    peer. Output written but not yet on the wire is counted from tornado's write futures.
-    """
-
-    def __init__(self, stream: IOStream, max_message_size: int) -> None:
-        super().__init__(
-            ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log)
-        )
-        self.stream = stream
-        self._unsent = 0
-        self._reading_on = True
-        self._pending_read = False
-        self._resume_scheduled = False
-
-    def serve(self) -> None:
-        """Read until the connection is gone: each read's future calls back (no task and
-        no coroutine step per read), and a read that completes at once is handled at once."""
-        self._read_next()
-
-    def _read_next(self) -> None:
-        stream = self.stream
-        budget = INLINE_READ_BYTES
-        while not self.closed and self._reading_on:
-            if budget <= 0:  # a fast sender: let the loop serve everyone else first
-                self._schedule_resume()
-                return
-            try:
-                future = stream.read_bytes(READ_CHUNK, partial=True)
-            except StreamClosedError:
-                self.lost()
-                return
-            if not future.done():
-                self._pending_read = True
-                future.add_done_callback(self._read_done)
-                return
-            if not future.cancelled() and future.exception() is None:
-                budget -= len(future.result())
-            if not self._handle_read(future):
-                return
-
-    def _read_done(self, future: asyncio.Future[bytes]) -> None:
-        self._pending_read = False
-        if self._handle_read(future):
-            self._read_next()
-
-    def _handle_read(self, future: asyncio.Future[bytes]) -> bool:
-        """Feed one read's bytes; False once the connection is gone."""
-        if future.cancelled() or future.exception() is not None:
-            self.lost()  # StreamClosedError: the peer went away, or we closed
-            return False
-        try:
-            self.received(future.result())
-        except Exception:
-            log.exception("handling a websocket message failed")
-            self.close(1011, "internal error")
-        return not self.closed
-
-    def _write(self, data: bytes) -> None:
-        stream = self.stream
-        if stream.closed():
-            return
-        written = stream.write(data)
-        if not stream.writing():  # all of it is on the wire already: the common case
-            self._unsent = 0
-            if written.done():
-                _retrieve(written)
-            else:
-                written.add_done_callback(_retrieve)
-            return
-        size = memoryview(data).nbytes
-        self._unsent += size
-        written.add_done_callback(lambda future: self._sent(future, size))
-        if self._unsent > WRITE_HIGH_WATER:
-            self._set_backlogged(True)
-
-    def _write_pieces(self, pieces: list[Any], size: int) -> None:
-        if size < SMALL_WRITE:
-            self._write(b"".join(pieces))
-            return
-        for piece in pieces:  # tornado keeps each piece as it is, without a copy
-            self._write(piece)
-
-    def _sent(self, future: asyncio.Future[None], size: int) -> None:
-        if not future.cancelled() and future.exception() is not None:
-            return  # the connection dropped: serve() says so
-        self._unsent = max(0, self._unsent - size)
-        if self._unsent <= WRITE_HIGH_WATER // 4:
-            self._set_backlogged(False)
-
-    def _write_eof(self) -> None:
-        stream = self.stream
-        if stream.closed():
-            self.lost()
-            return
-        loop = asyncio.get_running_loop()
-        # A peer that reads nothing never lets what we wrote out: cut it after a while.
-        if self._close_timer is None:
-            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
-        if self.protocol.close_rcvd is not None:  # the peer has said all it will say
-            stream.write(b"").add_done_callback(lambda f: (_retrieve(f), self._abort()))
-            return
-        # We failed the connection while the peer may still be sending: a socket closed
-        # with unread bytes resets the connection, and the peer would lose our close
-        # frame (and the refusal before it). Read and discard a little longer.
-        stream.write(b"").add_done_callback(
-            lambda f: (_retrieve(f), loop.call_later(LINGER_AFTER_FAILING, self._abort))
-        )
-
-    def _abort(self) -> None:
-        self.stream.close()
-        self.lost()  # whether or not a read was pending to see it
-
-    def _reading(self, on: bool) -> None:
-        was, self._reading_on = self._reading_on, on
-        if on and not was:
-            # Resume from a fresh callback: this may be called from within a read's handling.
-            self._schedule_resume()
-
-    def _schedule_resume(self) -> None:
-        if not self._resume_scheduled and not self._pending_read:
-            self._resume_scheduled = True
-            asyncio.get_running_loop().call_soon(self._resume_reading)
-
-    def _resume_reading(self) -> None:
-        self._resume_scheduled = False
-        if self._reading_on and not self._pending_read and not self.closed:
-            self._read_next()
-
-    def set_nodelay(self, value: bool) -> None:
-        self.stream.set_nodelay(value)
-
-
 class WebSocketEndpoint(web.RequestHandler):
     """A handler that answers a websocket upgrade and serves it with a :class:`ServerEnd`.
 
@@ -511,14 +377,11 @@ class WebSocketEndpoint(web.RequestHandler):
         stream = self.detach()
         if stream.closed():  # the client went away while the upgrade was decided
             return
-        if isinstance(stream, SSLIOStream):  # TLS stays with tornado's stream
-            tls_end = StreamServerEnd(stream, self.max_message_size)
+        if isinstance(stream, SSLIOStream):  # TLS: on tornado's SSL socket, watched by the loop
+            tls_end = SSLSocketEnd(stream, self.max_message_size, answer)
             self._attach(tls_end)
-            with _suppress_closed():
-                stream.write(answer)
-                tls_end.set_nodelay(True)
-            self._opened(tls_end)
-            tls_end.serve()
+            tls_end.set_nodelay(True)
+            tls_end.serve(lambda: self._opened(tls_end))
             return
         end = SocketServerEnd(self.max_message_size, answer)
         self._attach(end)
@@ -597,14 +460,6 @@ class WebSocketEndpoint(web.RequestHandler):
     def close(self, code: int | None = 1000, reason: str | None = None) -> None:
         if self.end is not None:
             self.end.close(1000 if code is None else code, reason)
-
-
-class _suppress_closed:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, value: Any, traceback: Any) -> bool:
-        return kind is not None and issubclass(kind, (OSError, StreamClosedError))
 
 
 # -- ends on asyncio transports: the broker's plain connections, every client -------------
@@ -714,6 +569,182 @@ class SocketServerEnd(TransportEnd):
         loop.call_later(LINGER_AFTER_FAILING, transport.close)
 
 
+class SSLSocketEnd(WebSocketEnd):
+    """The server side of a TLS connection, on the SSL socket tornado's ``SSLIOStream``
+    made (its TLS session cannot move to an asyncio transport): the event loop watches the
+    socket for this end, with no future per read or write. Tornado's handler for it is
+    removed (``IOLoop.remove_handler``); what tornado had read past the upgrade is taken
+    first, with a read that completes at once."""
+
+    def __init__(self, stream: SSLIOStream, max_message_size: int, answer: bytes) -> None:
+        super().__init__(
+            ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log)
+        )
+        self.stream = stream  # tornado's object, kept for its socket; never used again
+        self.sock = cast(ssl.SSLSocket, stream.socket)
+        self.answer = answer
+        self.loop = asyncio.get_running_loop()
+        self._fd = self.sock.fileno()
+        self._out: deque[memoryview] = deque()
+        self._out_bytes = 0
+        self._reading_on = True
+        self._watching_read = False
+        self._watching_write = False
+        self._close_when_sent = False
+
+    def serve(self, started: Callable[[], None]) -> None:
+        pending = self.stream.read_bytes(READ_CHUNK, partial=True)
+        early = b""
+        if pending.done():
+            if not pending.cancelled() and pending.exception() is None:
+                early = pending.result()
+        else:
+            pending.add_done_callback(_retrieve)
+        IOLoop.current().remove_handler(self._fd)  # tornado no longer watches the socket
+        self._write(self.answer)
+        started()
+        if early:
+            self.received(early)
+        self._watch_read(True)
+        self.loop.call_soon(self._readable)  # what the TLS layer already decrypted
+
+    # reading
+    def _watch_read(self, on: bool) -> None:
+        if self.closed or on == self._watching_read:
+            return
+        self._watching_read = on
+        if on:
+            self.loop.add_reader(self._fd, self._readable)
+        else:
+            self.loop.remove_reader(self._fd)
+
+    def _readable(self) -> None:
+        budget = INLINE_READ_BYTES
+        while self._reading_on and not self.closed:
+            try:
+                data = self.sock.recv(READ_CHUNK)
+            except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                return
+            except ssl.SSLWantWriteError:  # TLS must write before it can read on
+                self._watch_write(True)
+                return
+            except (OSError, ssl.SSLError):
+                self._abort()
+                return
+            if not data:
+                self.closing = True
+                self.protocol.receive_eof()
+                self._flush()
+                self._abort()
+                return
+            try:
+                self.received(data)
+            except Exception:
+                log.exception("handling a websocket message failed")
+                self.close(1011, "internal error")
+            budget -= len(data)
+            if budget <= 0:  # a fast sender: let the loop serve everyone else first
+                self.loop.call_soon(self._readable)
+                return
+
+    def _reading(self, on: bool) -> None:
+        was, self._reading_on = self._reading_on, on
+        self._watch_read(on)
+        if on and not was:
+            self.loop.call_soon(self._readable)  # bytes the TLS layer may hold
+
+    # writing
+    def _watch_write(self, on: bool) -> None:
+        if self.closed or on == self._watching_write:
+            return
+        self._watching_write = on
+        if on:
+            self.loop.add_writer(self._fd, self._writable)
+        else:
+            self.loop.remove_writer(self._fd)
+
+    def _write(self, data: Any) -> None:
+        if self.closed:
+            return
+        view = memoryview(data).cast("B")
+        if not self._out:
+            try:
+                sent = self.sock.send(view)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                sent = 0
+            except (OSError, ssl.SSLError):
+                self._abort()
+                return
+            if sent == view.nbytes:
+                return
+            view = view[sent:]
+        self._out.append(view)
+        self._out_bytes += view.nbytes
+        self._watch_write(True)
+        if self._out_bytes > WRITE_HIGH_WATER:
+            self._set_backlogged(True)
+
+    def _writable(self) -> None:
+        out = self._out
+        while out:
+            head = out[0]
+            try:
+                sent = self.sock.send(head)
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError, InterruptedError):
+                return
+            except (OSError, ssl.SSLError):
+                self._abort()
+                return
+            self._out_bytes -= sent
+            if sent == head.nbytes:
+                out.popleft()
+            else:
+                out[0] = head[sent:]
+        self._watch_write(False)
+        if self._reading_on:  # the TLS layer may have waited on this write to read on
+            self.loop.call_soon(self._readable)
+        if self._out_bytes <= WRITE_HIGH_WATER // 4:
+            self._set_backlogged(False)
+        if self._close_when_sent:
+            self._abort()
+
+    def _write_pieces(self, pieces: list[Any], size: int) -> None:
+        if size < SMALL_WRITE:
+            self._write(b"".join(pieces))
+            return
+        for piece in pieces:
+            self._write(piece)
+
+    def _write_eof(self) -> None:
+        if self.closed:
+            return
+        if self._close_timer is None:  # a peer that reads nothing: cut it after a while
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self._abort)
+        if self.protocol.close_rcvd is not None:  # the peer has said all it will say
+            if self._out:
+                self._close_when_sent = True
+            else:
+                self._abort()
+            return
+        # We failed the connection while the peer may still be sending: read and discard
+        # a little longer, so that it gets our close frame.
+        self.loop.call_later(LINGER_AFTER_FAILING, self._abort)
+
+    def _abort(self) -> None:
+        if self.closed:
+            return
+        self._watch_read(False)
+        self._watch_write(False)
+        self._out.clear()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        self.lost()
+
+    def set_nodelay(self, value: bool) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
+
+
 async def adopt(stream: IOStream, end: SocketServerEnd) -> None:
     """Serve a plain connection tornado has detached with ``end``, on the event loop's own
     transport: the socket is duplicated and tornado's copy closed (its descriptor leaves
@@ -737,7 +768,7 @@ async def adopt(stream: IOStream, end: SocketServerEnd) -> None:
         raise
 
 
-ServerEnd = StreamServerEnd | SocketServerEnd
+ServerEnd = SocketServerEnd | SSLSocketEnd
 
 
 # -- the client end (the bridge, the host agent) -------------------------------------------
