@@ -118,6 +118,13 @@ async def serve(ssl_options: ssl.SSLContext | None = None) -> tuple[HTTPServer, 
     return server, sock.getsockname()[1]
 
 
+async def until(check: Any, seconds: float) -> None:
+    """Wait until ``check()`` holds, or ``seconds`` pass (the assertion after it says)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not check() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.01)
+
+
 async def send(conn: Any, message: str | bytes) -> None:
     written = conn.write_message(message, binary=isinstance(message, bytes))
     if written is not None:  # tornado always; a ClientEnd only while its buffer drains
@@ -166,10 +173,7 @@ def test_bursts_big_messages_and_close_codes(secure, client, tls):
             await send(conn, "close please")
             assert await conn.read_message() is None
             assert (conn.close_code, conn.close_reason) == (4002, "credit exhausted")
-        for _ in range(100):
-            if Echo.closes and Echo.closes[-1][0] == 4002:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: Echo.closes and Echo.closes[-1][0] == 4002, 2)
         assert Echo.closes[-1][0] == 4002
         server.stop()
 
@@ -274,10 +278,7 @@ def test_fragments_pings_oversize_and_unmasked_frames_from_a_raw_client():
         writer.write(frame(0x2, b"y" * 1000)[:500])
         await writer.drain()
         writer.close()
-        for _ in range(100):
-            if Echo.closes and Echo.closes[-1][0] == 1006:
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: Echo.closes and Echo.closes[-1][0] == 1006, 2)
         assert Echo.closes[-1][0] == 1006
         server.stop()
 
@@ -298,10 +299,7 @@ def test_a_burst_echoes_in_few_writes_and_the_client_close_is_answered(run_loop)
         writer.write(frame(0x8, struct.pack("!H", 1001) + b"bye"))
         assert await read_frame(reader) == (0x8, struct.pack("!H", 1001) + b"bye")
         assert await reader.read() == b""  # then the server closes the connection
-        for _ in range(100):
-            if Echo.closes and Echo.closes[-1] == (1001, "bye"):
-                break
-            await asyncio.sleep(0.02)
+        await until(lambda: Echo.closes and Echo.closes[-1] == (1001, "bye"), 2)
         assert Echo.closes[-1] == (1001, "bye")
         writer.close()
         server.stop()
@@ -345,10 +343,7 @@ def test_a_slow_reader_pauses_its_peer_instead_of_growing_the_buffer(side):
             writer.close()
         else:
             Echo.opened[0].pause_reading(False)
-            for _ in range(500):
-                if paused[-1] is False:
-                    break
-                await asyncio.sleep(0.01)
+            await until(lambda: paused[-1] is False, 5)
             conn.close()
         assert paused[-1] is False
         server.stop()
@@ -385,10 +380,7 @@ def test_over_tls_a_slow_reader_holds_the_server_and_everything_arrives_in_order
         # A close the client asks for is answered over TLS, and both ends see it.
         conn.close(1001, "going away")
         assert await asyncio.wait_for(conn.read_message(), 10) is None
-        for _ in range(200):
-            if end.closed:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: end.closed, 2)
         assert end.closed and Echo.closes[-1] == (1001, "going away")
         server.stop()
 
@@ -463,10 +455,7 @@ def test_an_end_closed_while_its_reading_is_paused_still_reports_the_close():
         handler.pause_reading(True)  # ignored: the peer's answer must be read
         writer.write(frame(0x8, struct.pack("!H", 4000)))
         await reader.read()
-        for _ in range(200):
-            if handler.end is not None and handler.end.closed:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: handler.end is not None and handler.end.closed, 2)
         assert handler.end is not None and handler.end.closed
         assert Echo.closes[-1][0] == 4000
         writer.close()
@@ -491,10 +480,7 @@ def test_a_peer_that_reads_nothing_is_cut_after_the_close_timeout(monkeypatch):
         assert end.backlogged
         writer.write(frame(0x8, struct.pack("!H", 1000)))  # then closes, still not reading
         await writer.drain()
-        for _ in range(300):
-            if end.closed:
-                break
-            await asyncio.sleep(0.01)
+        await until(lambda: end.closed, 3)
         assert end.closed and not end.backlogged
         writer.close()
         server.stop()

@@ -24,6 +24,7 @@ it has drained. Fragmented messages are joined here; one message is at most
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import json
@@ -42,7 +43,7 @@ from tornado.iostream import IOStream, SSLIOStream
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus, PayloadTooBig
-from websockets.frames import Close, Frame, Opcode
+from websockets.frames import Close, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, Side, State
 from websockets.server import ServerProtocol
@@ -96,10 +97,6 @@ def _ignore(*args: Any) -> None:
     pass
 
 
-def _none(*args: Any) -> None:
-    return None
-
-
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Take a write's outcome: a dropped connection is reported by the reader."""
     if not future.cancelled():
@@ -145,7 +142,7 @@ def data_frame(pieces: list[Any], opcode: int, payload: Any, masked: bool) -> in
     return len(head) + length
 
 
-class WebSocketEnd:
+class WebSocketEnd(abc.ABC):
     """One websocket after its handshake: bytes in, batches of messages out.
 
     Subclasses move the bytes (``_write``, ``_write_eof``, ``_abort``, ``_reading``).
@@ -158,7 +155,8 @@ class WebSocketEnd:
         self.on_messages: Callable[[list[Message]], None] = _ignore
         self.on_pause: Callable[[bool], None] = _ignore
         self.on_closed: Callable[[int | None, str | None], None] = _ignore
-        self.on_refusal: Callable[[PayloadTooBig], str | None] = _none
+        # a text message to send before closing for a message over the limit (None: none)
+        self.on_refusal: Callable[[PayloadTooBig], str | None] = _ignore
         self.close_code: int | None = None
         self.close_reason: str | None = None
         self.closed = False  # the connection is gone
@@ -172,23 +170,21 @@ class WebSocketEnd:
 
     # -- what subclasses provide ----------------------------------------------------------
 
-    def _write(self, data: bytes) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _write(self, data: Any) -> None:
+        """Write bytes after everything written before."""
 
+    @abc.abstractmethod
     def _write_eof(self) -> None:
         """Close the connection once what was written is out."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _abort(self) -> None:
         """Cut the connection now."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _reading(self, on: bool) -> None:
-        raise NotImplementedError
-
-    def refusal(self, error: PayloadTooBig) -> str | None:
-        """A text message to send before closing with 1009 (None: just close)."""
-        return self.on_refusal(error)
+        """Read from the peer (True), or leave its bytes to TCP (False)."""
 
     # -- bytes in -------------------------------------------------------------------------
 
@@ -234,16 +230,13 @@ class WebSocketEnd:
             self.close_code = sent.code if sent is not None else 1006
             self.close_reason = str(error)
             if isinstance(error, PayloadTooBig):
-                note = self.refusal(error)
+                note = self.on_refusal(error)
                 if note:  # before the close frame the protocol has queued
-                    self._write(self._frame(Opcode.TEXT, note.encode()))
+                    self.send_text_now(note)
             log.info("websocket closed: %s", error)
         self._flush()
         if messages and not we_closed:
             self.on_messages(messages)
-
-    def _frame(self, opcode: Opcode, data: bytes) -> bytes:
-        return Frame(opcode, data).serialize(mask=isinstance(self.protocol, ClientProtocol))
 
     def eof(self) -> None:
         """The peer closed its side of the connection."""
@@ -280,6 +273,20 @@ class WebSocketEnd:
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
 
+    def _server_eof(self, close: Callable[[], None]) -> None:
+        """A server's end of the connection: ``close`` at once when the peer has closed too.
+        When we failed the connection, the peer may still be sending, and a socket closed
+        with unread bytes resets the connection: the peer would lose our close frame (and
+        the refusal before it), so read and discard a little longer. Never later than
+        ``CLOSE_TIMEOUT``, for a peer that reads nothing."""
+        loop = asyncio.get_running_loop()
+        if self._close_timer is None:
+            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
+        if self.protocol.close_rcvd is not None:
+            close()
+        else:
+            loop.call_later(LINGER_AFTER_FAILING, close)
+
     def _set_backlogged(self, backlogged: bool) -> None:
         if backlogged != self.backlogged:
             self.backlogged = backlogged
@@ -291,8 +298,14 @@ class WebSocketEnd:
         Data frames are framed here (:func:`data_frame`, checked against the library's
         parser by a fuzz test): the library's serializer copies a payload twice more, which
         halved a 20 MiB display's rate. Control frames stay the library's."""
-        if self.closing:
-            return
+        if not self.closing:
+            self._send_frames(messages)
+
+    def send_text_now(self, text: str) -> None:
+        """One text message, even while closing (a refusal before the close frame)."""
+        self._send_frames([(OP_TEXT, text.encode())])
+
+    def _send_frames(self, messages: Sequence[Message]) -> None:
         masked = self.protocol.side is Side.CLIENT
         pieces: list[Any] = []
         size = 0
@@ -557,16 +570,7 @@ class SocketServerEnd(TransportEnd):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        loop = asyncio.get_running_loop()
-        if self._close_timer is None:  # a peer that reads nothing: cut it after a while
-            self._close_timer = loop.call_later(CLOSE_TIMEOUT, self._abort)
-        if self.protocol.close_rcvd is not None:  # the peer has said all it will say
-            transport.close()
-            return
-        # We failed the connection while the peer may still be sending: a socket closed
-        # with unread bytes resets the connection, and the peer would lose our close
-        # frame. Read and discard a little longer.
-        loop.call_later(LINGER_AFTER_FAILING, transport.close)
+        self._server_eof(transport.close)  # the transport closes once its buffer is out
 
 
 class SSLSocketEnd(WebSocketEnd):
@@ -593,13 +597,7 @@ class SSLSocketEnd(WebSocketEnd):
         self._close_when_sent = False
 
     def serve(self, started: Callable[[], None]) -> None:
-        pending = self.stream.read_bytes(READ_CHUNK, partial=True)
-        early = b""
-        if pending.done():
-            if not pending.cancelled() and pending.exception() is None:
-                early = pending.result()
-        else:
-            pending.add_done_callback(_retrieve)
+        early = _read_past_upgrade(self.stream)
         IOLoop.current().remove_handler(self._fd)  # tornado no longer watches the socket
         self._write(self.answer)
         started()
@@ -716,19 +714,14 @@ class SSLSocketEnd(WebSocketEnd):
             self._write(piece)
 
     def _write_eof(self) -> None:
-        if self.closed:
-            return
-        if self._close_timer is None:  # a peer that reads nothing: cut it after a while
-            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT, self._abort)
-        if self.protocol.close_rcvd is not None:  # the peer has said all it will say
-            if self._out:
-                self._close_when_sent = True
-            else:
-                self._abort()
-            return
-        # We failed the connection while the peer may still be sending: read and discard
-        # a little longer, so that it gets our close frame.
-        self.loop.call_later(LINGER_AFTER_FAILING, self._abort)
+        if not self.closed:
+            self._server_eof(self._close_once_sent)
+
+    def _close_once_sent(self) -> None:
+        if self._out:
+            self._close_when_sent = True
+        else:
+            self._abort()
 
     def _abort(self) -> None:
         if self.closed:
@@ -745,18 +738,25 @@ class SSLSocketEnd(WebSocketEnd):
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(value))
 
 
+def _read_past_upgrade(stream: IOStream) -> bytes:
+    """What tornado had read past the upgrade request: a read that completes at once takes
+    it; one that does not is left to end with the stream (nothing had arrived)."""
+    pending = stream.read_bytes(READ_CHUNK, partial=True)
+    if not pending.done():
+        pending.add_done_callback(_retrieve)
+        return b""
+    if pending.cancelled() or pending.exception() is not None:
+        return b""
+    return pending.result()
+
+
 async def adopt(stream: IOStream, end: SocketServerEnd) -> None:
     """Serve a plain connection tornado has detached with ``end``, on the event loop's own
     transport: the socket is duplicated and tornado's copy closed (its descriptor leaves
     tornado's loop), so no byte is lost or read twice. Bytes tornado had already read past
     the upgrade (a client should wait for the 101 before it sends, RFC 6455 4.1; not every
-    client does) are taken with a read that completes at once, and are the end's first."""
-    pending = stream.read_bytes(READ_CHUNK, partial=True)
-    if pending.done():
-        if not pending.cancelled() and pending.exception() is None:
-            end.early = pending.result()
-    else:
-        pending.add_done_callback(_retrieve)  # closing the stream ends it
+    client does) are the end's first."""
+    end.early = _read_past_upgrade(stream)
     fd = stream.fileno()
     duplicate = os.dup(fd if isinstance(fd, int) else fd.fileno())
     stream.close()

@@ -569,22 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for phase in phases:
             try:
-                if phase == "e2e":
-                    e2e = E2EPhase(workdir, cfg)
+                if phase in ("e2e", "transports"):
+                    runner = (E2EPhase if phase == "e2e" else TransportsPhase)(workdir, cfg)
                     try:
-                        e2e.run()
-                    finally:
-                        results.update(e2e.results)
-                        details.update(e2e.details)
-                        notes.extend(e2e.notes)
-                elif phase == "transports":
-                    transports = TransportsPhase(workdir, cfg)
-                    try:
-                        transports.run()
-                    finally:
-                        results.update(transports.results)
-                        details.update(transports.details)
-                        notes.extend(transports.notes)
+                        runner.run()
+                    finally:  # what it measured before it failed counts too
+                        results.update(runner.results)
+                        details.update(runner.details)
+                        notes.extend(runner.notes)
                 elif phase == "settle":
                     settle_phase(workdir, cfg, results, details, notes)
                 elif phase == "relay":

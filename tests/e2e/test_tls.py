@@ -25,6 +25,15 @@ def ca(tmp_path) -> ScratchCA:
     return ScratchCA(tmp_path / "ca")
 
 
+def run_notebook(*cells: str) -> nbformat.NotebookNode:
+    """Run code cells on the gpu-share kernel (broker, token and CA from the environment)."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "x", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(code) for code in cells]
+    NotebookClient(nb, kernel_name="gpu-share", timeout=120, startup_timeout=90).execute()
+    return nb
+
+
 def test_a_notebook_runs_through_a_tls_broker_of_a_private_ca(make_cluster, ca, monkeypatch):
     """The whole path over TLS, certificates verified: CLI, host agent, user-side bridge."""
     server = ca.issue("broker")
@@ -35,14 +44,11 @@ def test_a_notebook_runs_through_a_tls_broker_of_a_private_ca(make_cluster, ca, 
     monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
     monkeypatch.setenv("GPU_SHARE_TOKEN", token)
     monkeypatch.setenv("GPU_SHARE_CA_FILE", str(ca.ca_file))
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "x", "language": "python"}
     big = "from IPython.display import display\ndisplay({'text/plain': 'x' * (20 << 20)}, raw=True)"
-    nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)"), nbformat.v4.new_code_cell(big)]
-    NotebookClient(nb, kernel_name="gpu-share", timeout=120, startup_timeout=90).execute()
+    nb = run_notebook("print(6 * 7)", big)
     assert nb.cells[0].outputs[0]["text"].strip() == "42"
-    # One 20 MiB message, past the broker's 17 MiB read buffer: over TLS tornado reads the
-    # frames, and reading it in one piece killed the relay.
+    # One 20 MiB message, past the broker's 17 MiB read buffer (which once killed the relay
+    # over TLS when a large frame's rest was read in one piece).
     assert len(nb.cells[1].outputs[0]["data"]["text/plain"]) == 20 << 20
     session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the bill")
     assert session["billed_seconds"] >= 1
@@ -68,12 +74,9 @@ def test_a_notebook_runs_through_nginx_terminating_tls(make_cluster, ca, tmp_pat
         monkeypatch.setenv("GPU_SHARE_BROKER_URL", proxy.url)
         monkeypatch.setenv("GPU_SHARE_TOKEN", token)
         monkeypatch.setenv("GPU_SHARE_CA_FILE", str(ca.ca_file))
-        nb = nbformat.v4.new_notebook()
-        nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "x", "language": "python"}
         big = "print(len('y' * (8 << 20)))\nfrom IPython.display import display\n"
         big += "display({'text/plain': 'x' * (8 << 20)}, raw=True)"
-        nb.cells = [nbformat.v4.new_code_cell("print(6 * 7)"), nbformat.v4.new_code_cell(big)]
-        NotebookClient(nb, kernel_name="gpu-share", timeout=120, startup_timeout=90).execute()
+        nb = run_notebook("print(6 * 7)", big)
         assert nb.cells[0].outputs[0]["text"].strip() == "42"
         assert len(nb.cells[1].outputs[1]["data"]["text/plain"]) == 8 << 20
         session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the bill")
