@@ -214,6 +214,39 @@ def test_a_refused_upgrade_and_an_untrusted_certificate_say_why(tls):
     asyncio.run(run())
 
 
+def test_connecting_by_name_and_to_servers_that_do_not_answer(tls):
+    """The client's own connect (a socket the loop watches, TLS handshaken on it): a name
+    that resolves to several addresses, a closed port, a TLS server that never speaks."""
+
+    async def run() -> None:
+        server, port = await serve()
+        conn = await ws.connect(f"ws://localhost:{port}/ws")  # each address in turn
+        await send(conn, b"by name")
+        assert await conn.read_message() == b"by name"
+        conn.close()
+        server.stop()
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()
+        with pytest.raises(ConnectionRefusedError):
+            await ws.connect(f"ws://127.0.0.1:{closed_port}/ws")
+        silent = socket.socket()  # accepts (the backlog) and never answers the TLS hello
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await ws.connect(
+                f"wss://127.0.0.1:{silent.getsockname()[1]}/ws",
+                ssl_context=tls[1],
+                connect_timeout=0.5,
+            )
+        assert asyncio.get_running_loop().time() - started < 5
+        silent.close()
+
+    asyncio.run(run())
+
+
 async def raw_client(port: int, path: str = "/ws") -> tuple[Any, Any]:
     """A websocket client by hand: the upgrade, then whatever bytes a test writes."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
