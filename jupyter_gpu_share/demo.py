@@ -130,8 +130,15 @@ def _interrupt_on_sigterm(signum: int, frame: object) -> None:
 
 
 def run_demo(argv: list[str]) -> int:
-    """Start the demo and block until Ctrl-C."""
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    """Start the demo and block until Ctrl-C.
+
+    The servers run in sessions of their own: a terminal's Ctrl-C (SIGINT to the whole
+    foreground group) reaches only the demo, which stops them in order (SIGTERM); else
+    each would take the interrupt itself, and the broker printed a traceback. A closed
+    terminal (SIGHUP) stops them too.
+    """
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt_on_sigterm)
     parser = argparse.ArgumentParser(prog="jupyter gpu-share demo", description=__doc__)
     parser.add_argument("--port", type=int, default=8888, help="JupyterLab's port (default 8888)")
     parser.add_argument(
@@ -179,6 +186,7 @@ def run_demo(argv: list[str]) -> int:
                     *as_root,
                 ],
                 env={**base_env, "GPU_SHARE_ADMIN_TOKEN": admin_token},
+                start_new_session=True,  # Ctrl-C is the demo's to pass on
             )
         )
         admin = BrokerClient(broker_url, admin_token, timeout=5)
@@ -209,6 +217,7 @@ def run_demo(argv: list[str]) -> int:
                     *sandbox_flags,
                 ],
                 env={**base_env, "GPU_SHARE_TOKEN": host_token},
+                start_new_session=True,  # Ctrl-C is the demo's to pass on
             )
         )
         wait_until(lambda: admin.request("GET", "/offers"), "host agent", 60, processes)
@@ -240,6 +249,7 @@ def run_demo(argv: list[str]) -> int:
                         *as_root,
                     ],
                     env=user_env,
+                    start_new_session=True,  # Ctrl-C is the demo's to pass on
                 )
             )
             say("starting JupyterLab")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import subprocess
@@ -25,6 +26,7 @@ def test_demo_serves_a_working_lab_and_stops_cleanly(tmp_path):
             stdout=log,
             stderr=subprocess.STDOUT,
             env=clean_env(),
+            start_new_session=True,  # its own group, as a terminal's foreground job
         )
     try:
         match = eventually(
@@ -51,11 +53,15 @@ def test_demo_serves_a_working_lab_and_stops_cleanly(tmp_path):
 
         assert asyncio.run(run_cell()) == "demo-host"
     finally:
-        demo.send_signal(signal.SIGINT)
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
         demo.wait(60)
     output = log_path.read_text()
     assert "stopping" in output
     assert "Traceback" not in output
+    # Only the demo took the Ctrl-C: its servers stopped on its SIGTERM, in order, and none
+    # was interrupted itself (jupyter_server's "Interrupted...", a self-test "signal 2").
+    assert "received signal 15" in output
+    assert "Interrupted..." not in output and "signal 2" not in output
     time.sleep(0.5)
     leftovers = subprocess.run(
         ["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True
