@@ -214,6 +214,34 @@ def test_a_refused_upgrade_and_an_untrusted_certificate_say_why(tls):
     asyncio.run(run())
 
 
+@SECURE
+def test_messages_of_many_parts_arrive_whole_and_in_order(secure, tls):
+    """A kernel message is written as its parts: small frames around large ones, which
+    the socket ends join in runs (at most ``SMALL_WRITE`` each) and write large ones as
+    they are."""
+
+    async def run() -> None:
+        server, port = await serve(tls[0] if secure else None)
+        url = f"{'wss' if secure else 'ws'}://127.0.0.1:{port}/ws"
+        conn = await ws.connect(url, ssl_context=tls[1] if secure else None, max_message_size=LIMIT)
+        sizes = [
+            [3, 40, 200, 90_000, 2, 70_000],  # small, large, small, large
+            [ws.SMALL_WRITE - 1, ws.SMALL_WRITE - 1, 1, ws.SMALL_WRITE],  # runs that fill
+            [10] * 2000,  # many small parts: several runs
+            [5 * 1024 * 1024, 0, 7],
+        ]
+        messages = [[os.urandom(n) for n in parts] for parts in sizes]
+        written = conn.write_many([*messages, *(parts[:1] for parts in messages)])
+        if written is not None:
+            await written
+        for parts in [*messages, *(parts[:1] for parts in messages)]:
+            assert await conn.read_message() == b"".join(parts)
+        conn.close()
+        server.stop()
+
+    asyncio.run(run())
+
+
 def test_connecting_by_name_and_to_servers_that_do_not_answer(tls):
     """The client's own connect (a socket the loop watches, TLS handshaken on it): a name
     that resolves to several addresses, a closed port, a TLS server that never speaks."""

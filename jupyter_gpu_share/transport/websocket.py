@@ -715,11 +715,30 @@ class SocketEnd(WebSocketEnd):
             self._abort()
 
     def _write_pieces(self, pieces: list[Any], size: int) -> None:
+        """Large pieces as they are, the small ones between them joined: a kernel
+        message's small frames (header, parent, signature) around its data each cost a
+        system call, and on TLS a record of their own."""
         if size < SMALL_WRITE:
             self._write(b"".join(pieces))
             return
+        run: list[Any] = []
+        joined = 0
         for piece in pieces:
-            self._write(piece)
+            nbytes = memoryview(piece).nbytes
+            if nbytes < SMALL_WRITE and joined + nbytes <= SMALL_WRITE:
+                run.append(piece)
+                joined += nbytes
+                continue
+            if run:
+                self._write(b"".join(run))
+                run, joined = [], 0
+            if nbytes < SMALL_WRITE:
+                run.append(piece)
+                joined = nbytes
+            else:
+                self._write(piece)
+        if run:
+            self._write(b"".join(run))
 
     def _write_eof(self) -> None:
         self._close_once_sent()
