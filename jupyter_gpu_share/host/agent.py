@@ -143,6 +143,7 @@ class HostSession:
         self.relay: ClientEnd | None = None
         self.key: str | None = None
         self._inbox: list[bytes] = []  # relay -> kernel, held until the kernel is ready
+        self._inbox_used = False  # something reached the kernel before kernel_ready
         self._outbox: deque[tuple[str | bytes, bool]] = deque()  # kernel -> relay, while down
         self._outbox_bytes = 0
         self._dropped = 0
@@ -212,19 +213,25 @@ class HostSession:
                 relay.cancel()
         self._reader = asyncio.ensure_future(self._read_relay())
         self.state = "ready"
+        self._inbox_used = bool(self._inbox)
         for data in self._inbox:
             self._to_kernel(data)
         self._inbox.clear()
         ready = {"type": "kernel_ready", "session_id": self.session_id}
         self.agent.send_control(ready)
-        self._to_relay(json.dumps(self._ready_record()))
+        self._to_relay(json.dumps(self._ready_record(first=True)))
         self.log.info("session %s: kernel ready", self.session_id)
 
-    def _ready_record(self) -> dict[str, Any]:
-        """The relay's kernel_ready, with the kernel's key (the host's: the renter adopts it)."""
+    def _ready_record(self, first: bool = False) -> dict[str, Any]:
+        """The relay's kernel_ready, with the kernel's key (the host's: the renter adopts it)
+        and, the first time, while nothing has reached the kernel, the kernel's info (the
+        renter's bridge answers its clients' first kernel_info_requests with it)."""
         record: dict[str, Any] = {"type": "kernel_ready", "session_id": self.session_id}
         if self.key is not None:
             record.update(key=self.key, signature_scheme="hmac-sha256")
+        info = getattr(self.kernel, "kernel_info", None)
+        if first and info is not None and not self._inbox_used:
+            record["kernel_info"] = info
         return record
 
     # -- relay --------------------------------------------------------------------------

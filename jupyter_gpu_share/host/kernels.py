@@ -100,6 +100,26 @@ def kernel_environment(
     return env
 
 
+PROBE_REPLY_MAX_BYTES = 1024 * 1024
+PROBE_REPLY_WAIT = 1.0
+
+
+async def _kernel_info_reply(probe: zmq.asyncio.Socket, session: Any) -> dict[str, Any] | None:
+    """The content of the first signed, successful kernel_info_reply on the probe."""
+    while True:
+        frames = await probe.recv_multipart()
+        try:
+            _idents, parts = session.feed_identities(frames)
+            message = session.deserialize(parts)
+        except (ValueError, TypeError, KeyError):
+            continue
+        content = message.get("content")
+        if message["header"].get("msg_type") != "kernel_info_reply":
+            continue
+        if isinstance(content, dict) and content.get("status") == "ok":
+            return content
+
+
 class RemoteKernel:
     """Start, relay to, signal and stop one ipykernel process for a rented session."""
 
@@ -143,6 +163,9 @@ class RemoteKernel:
         self.on_kernel_message = on_kernel_message
         self._iopub_flowing = asyncio.Event()
         self.busy = False  # the kernel said "busy" last (a cell is running), not "idle"
+        # The content of the kernel_info_reply to the start-up probe: the renter's bridge
+        # answers its clients' first kernel_info_requests with it (kernel/kernel_info.py).
+        self.kernel_info: dict[str, Any] | None = None
         self.on_exit = on_exit
         self.log = logger or log
         # with one, the runtime folder lives in it and the kernel is recorded there
@@ -364,8 +387,10 @@ class RemoteKernel:
         session = Session(key=self.key, signature_scheme=self.signature_scheme)
         probe = self._context.socket(zmq.DEALER)
         probe.linger = 0
+        probe.setsockopt(zmq.MAXMSGSIZE, PROBE_REPLY_MAX_BYTES)
         probe.connect(channel_url(info, info["shell_port"]))
         loop = asyncio.get_running_loop()
+        reply = asyncio.ensure_future(_kernel_info_reply(probe, session))
         try:
             while not self._iopub_flowing.is_set() and loop.time() < deadline:
                 session.send(probe, "kernel_info_request")
@@ -373,7 +398,13 @@ class RemoteKernel:
                     await asyncio.wait_for(self._iopub_flowing.wait(), 0.2)
                 except asyncio.TimeoutError:
                     continue
+            # The reply follows the status the kernel published for it (ipykernel: busy,
+            # reply, idle), so it is here or about to be.
+            with contextlib.suppress(asyncio.TimeoutError):
+                timeout = max(0.0, min(PROBE_REPLY_WAIT, deadline - loop.time()))
+                self.kernel_info = await asyncio.wait_for(reply, timeout)
         finally:
+            reply.cancel()
             probe.close(linger=0)
 
     async def _read_output(self) -> None:

@@ -28,6 +28,7 @@ from .. import wire
 from ..transport import tls
 from ..transport.websocket import ClientEnd, ConnectionClosed, HandshakeError, connect
 from ..zmqpump import SocketPump
+from .kernel_info import KernelInfoAnswer
 
 log = logging.getLogger("jupyter_gpu_share.bridge")
 
@@ -149,6 +150,10 @@ class KernelBridge:
         self.kernel_key: tuple[str, str] | None = None
         self.reconnect_timeout = 60.0
         self._relay: tuple[str, str, str] = ("", "", "")
+        # Until a request other than kernel_info goes to the kernel, kernel_info is answered
+        # here from the reply the host sent with kernel_ready (see kernel_info.py).
+        self.kernel_info = KernelInfoAnswer()
+        self._forwarded = False  # a request went to the kernel since this attach
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
@@ -207,6 +212,12 @@ class KernelBridge:
         ws = self.ws
         if ws is None or self.ended.is_set():
             return  # no kernel attached: the messages have nowhere to go
+        if channel != wire.STDIN:
+            if self.kernel_info.armed:
+                batch = self._answer_here(channel, batch)
+                if not batch:
+                    return
+            self._forwarded = True
         try:
             written = ws.write_many([wire.encode_parts(channel, frames) for frames in batch])
         except ConnectionClosed:
@@ -217,6 +228,14 @@ class KernelBridge:
         pump = self.pumps[channel]
         pump.pause_reading(True)
         written.add_done_callback(lambda future: (_consume(future), pump.pause_reading(False)))
+
+    def _answer_here(self, channel: int, batch: list[list[Any]]) -> list[list[Any]]:
+        """Answer the kernel_info_requests at the head of a batch; the rest is the kernel's."""
+        pump, iopub = self.pumps[channel], self.pumps[wire.IOPUB]
+        for index, frames in enumerate(batch):
+            if not self.kernel_info.take(frames, pump.send, iopub.send):
+                return batch[index:]
+        return []
 
     def _answer_heartbeats(self, pings: list[list[Any]]) -> None:
         # Answer only while a live remote kernel is attached, so clients see a dead kernel.
@@ -232,6 +251,8 @@ class KernelBridge:
         self.end_reason = None
         self.exit_code = None
         self.kernel_key = None
+        self.kernel_info.disarm()
+        self._forwarded = False
         self._relay = (
             url,
             token,
@@ -319,6 +340,10 @@ class KernelBridge:
                     record["key"],
                     str(record.get("signature_scheme", "hmac-sha256")),
                 )
+            # The first ready of this attach, with nothing sent to the kernel yet: it is idle
+            # (a later one, after a reconnect, may come while a cell runs).
+            if not self.ready.is_set() and not self._forwarded and self.kernel_key is not None:
+                self.kernel_info.arm(record.get("kernel_info"), *self.kernel_key)
             self.ready.set()
         elif kind == "kernel_ended":
             self._mark_ended(

@@ -298,3 +298,58 @@ def test_warm_kernels_are_handed_once_and_replaced(make_cluster, monkeypatch):
     assert len(handed) == 2 and handed[0] != handed[1]  # a fresh kernel each time
     sessions = {s["id"]: s for s in cluster.client(token).request("GET", "/sessions")}
     assert {first_session, second_session} <= set(sessions)
+
+
+def test_a_fresh_kernels_info_is_answered_by_the_bridge_then_by_the_kernel(
+    make_cluster, monkeypatch
+):
+    """The first kernel_info_requests (jupyter_server's, its nudge's, the lab's) are answered
+    by the bridge from the reply the host got at start; from the first other request on,
+    every one goes to the kernel, in order."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    cluster = make_cluster()
+    cluster.start_host("host-a")
+    token = cluster.account("nina", "user", 50 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    async def scenario() -> None:
+        km = AsyncKernelManager(kernel_name="gpu-share")
+        await km.start_kernel()
+        client = km.client()
+        client.start_channels()
+        try:
+            bridge = km.provisioner.bridge
+            await client.wait_for_ready(timeout=60)  # kernel_info until iopub answers
+            assert bridge.kernel_info.answered >= 1
+            reply = await client.kernel_info(reply=True, timeout=10)
+            assert reply["content"]["language_info"]["name"] == "python"
+            assert reply["content"]["implementation"] == "ipython"
+            answered = bridge.kernel_info.answered
+            # A cell, then kernel_info at once: the kernel answers, after the cell.
+            execute_id = client.execute("import time; time.sleep(0.5); x = 41 + 1")
+            info_id = client.kernel_info()
+            first = await client.get_shell_msg(timeout=30)
+            second = await client.get_shell_msg(timeout=30)
+            assert first["parent_header"]["msg_id"] == execute_id
+            assert first["content"]["status"] == "ok"
+            assert second["parent_header"]["msg_id"] == info_id
+            assert second["content"]["language_info"]["name"] == "python"
+            assert bridge.kernel_info.answered == answered
+            assert not bridge.kernel_info.armed
+            # The kernel itself published a status for the kernel_info it answered.
+            states = []
+            while True:
+                msg = await client.get_iopub_msg(timeout=10)
+                parent = msg["parent_header"].get("msg_id")
+                if msg["msg_type"] == "status" and parent == info_id:
+                    states.append(msg["content"]["execution_state"])
+                    if states[-1] == "idle":
+                        break
+            assert states == ["busy", "idle"]
+        finally:
+            client.stop_channels()
+            await km.shutdown_kernel(now=False)
+
+    asyncio.run(scenario())
