@@ -35,6 +35,7 @@ import os
 import socket
 import ssl
 import struct
+import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, cast
@@ -576,6 +577,19 @@ class SocketServerEnd(TransportEnd):
         self._server_eof(transport.close)  # the transport closes once its buffer is out
 
 
+_READ_BUFFERS = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """The read buffer of this thread's ends: one read at a time per loop, copied out by
+    the protocol. A ``recv`` of READ_CHUNK allocated that much for each read and gave back
+    the rest: on TLS (a record of at most 16 KiB a read) an mmap and a munmap each time."""
+    view = getattr(_READ_BUFFERS, "view", None)
+    if view is None:
+        view = _READ_BUFFERS.view = memoryview(bytearray(READ_CHUNK))
+    return view
+
+
 class SocketEnd(WebSocketEnd):
     """A websocket on a non-blocking socket, plain or TLS (``ssl.SSLSocket``), that the
     event loop watches for this end (``add_reader``/``add_writer``): one ``recv`` or
@@ -590,6 +604,7 @@ class SocketEnd(WebSocketEnd):
         self.error: Exception | None = None  # what cut the connection, if the network did
         self._tls = isinstance(sock, ssl.SSLSocket)
         self._fd = sock.fileno()
+        self._buffer = _read_buffer()
         self._out: deque[memoryview] = deque()
         self._out_bytes = 0
         self._reading_on = True
@@ -616,7 +631,7 @@ class SocketEnd(WebSocketEnd):
         budget = INLINE_READ_BYTES
         while self._reading_on and not self.closed:
             try:
-                data = self.sock.recv(READ_CHUNK)
+                size = self.sock.recv_into(self._buffer)
             except (ssl.SSLWantReadError, BlockingIOError, InterruptedError):
                 return
             except ssl.SSLWantWriteError:  # TLS must write before it can read on
@@ -625,16 +640,16 @@ class SocketEnd(WebSocketEnd):
             except OSError as error:  # ssl.SSLError among them
                 self._fail(error)
                 return
-            if not data:
+            if not size:
                 self._peer_eof()
                 return
             try:
-                self.received(data)
+                self.received(self._buffer[:size])  # the protocol copies what it keeps
             except Exception:
                 log.exception("handling a websocket message failed")
                 self.close(1011, "internal error")
-            budget -= len(data)
-            if not self._more(len(data)):
+            budget -= size
+            if not self._more(size):
                 return  # the loop wakes us for what arrives next (level-triggered)
             if budget <= 0:  # a fast sender: let the loop serve everyone else first
                 self.loop.call_soon(self._readable)
