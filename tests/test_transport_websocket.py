@@ -470,7 +470,7 @@ def test_a_closed_connection_refuses_writes_and_a_dead_peer_is_cut_by_pings():
     asyncio.run(run())
 
 
-async def _accept_then_hang(reader: Any, writer: Any) -> None:
+async def _accept_then_hang(reader: Any, writer: Any, behind: bytes | None = None) -> None:
     request = await reader.readuntil(b"\r\n\r\n")
     key = next(
         line.split(b":", 1)[1].strip()
@@ -484,8 +484,12 @@ async def _accept_then_hang(reader: Any, writer: Any) -> None:
         b"Sec-WebSocket-Accept: "
         + accept_key(key.decode()).encode()
         + b"\r\n\r\n"
-        + frame(0x1, b"first", masked=False)  # a frame right behind the response
+        + (frame(0x1, b"first", masked=False) if behind is None else behind)  # in one write
     )
+    if behind is not None:  # the client's close frame: gone at once, unanswered
+        await reader.read(2)
+        writer.close()
+        return
     await asyncio.sleep(30)
 
 
@@ -764,3 +768,60 @@ def test_hostile_frames_split_anywhere(frames, cuts):
         assert end.close_code in (1002, 1009) and end.eof_written and b"\x88" in end.out
     else:
         assert not end.eof_written
+
+
+@pytest.mark.parametrize(
+    ("behind", "code"),
+    [
+        (bytes([0x82, 127]) + struct.pack("!Q", 1001), 1009),  # over max_message_size
+        (frame(0x2, b"x", masked=True), 1002),  # a masked frame from a server
+        (bytes([0x83, 0]), 1002),  # a reserved opcode
+    ],
+)
+def test_a_protocol_error_right_behind_the_upgrade_closes_at_once(behind, code):
+    """In the same read as the 101, the error was never looked at: no close went out and
+    the client waited for as long as the server kept the connection open."""
+
+    async def run() -> None:
+        server = await asyncio.start_server(
+            lambda r, w: _accept_then_hang(r, w, behind), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        conn = await ws.connect(f"ws://127.0.0.1:{port}/", max_message_size=1000)
+        assert await asyncio.wait_for(conn.read_message(), 5) is None
+        assert conn.close_code == code
+        conn.abort()
+        server.close()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("delivered_to", [False, True])
+def test_the_messages_before_a_text_that_is_not_utf8_are_delivered(delivered_to):
+    """They arrived, in order, before the bad one: a websocket client delivers them, then
+    fails the connection with 1007 (they were dropped with it)."""
+    burst = (
+        frame(0x1, b"one", masked=False)
+        + frame(0x2, b"two", masked=False)
+        + frame(0x1, b"\xff\xfe", masked=False)
+    )
+
+    async def run() -> None:
+        server = await asyncio.start_server(
+            lambda r, w: _accept_then_hang(r, w, burst), "127.0.0.1", 0
+        )
+        port = server.sockets[0].getsockname()[1]
+        conn = await ws.connect(f"ws://127.0.0.1:{port}/")
+        got: list[Any] = []
+        if delivered_to:
+            conn.deliver_to(got.append)
+            assert await asyncio.wait_for(conn.read_message(), 5) is None
+        else:
+            while (message := await asyncio.wait_for(conn.read_message(), 5)) is not None:
+                got.append(message)
+        assert [bytes(m) if not isinstance(m, str) else m for m in got] == ["one", b"two"]
+        assert conn.close_code == 1007
+        conn.abort()
+        server.close()
+
+    asyncio.run(run())

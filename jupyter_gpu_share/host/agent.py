@@ -207,6 +207,9 @@ class HostSession:
                     self.kernel.on_kernel_batch = self._from_kernel_batch
                 await self.kernel.start()
             self.relay = await relay
+            # What the renter sent while the kernel started waits in the inbox (so that
+            # kernel_ready knows whether anything reached the kernel before it).
+            self.relay.deliver_to(self._handle_relay_message)
             self._flush_outbox()  # what the kernel said before the relay was up
         finally:
             if not relay.done():
@@ -232,6 +235,9 @@ class HostSession:
         info = getattr(self.kernel, "kernel_info", None)
         if first and info is not None and not self._inbox_used:
             record["kernel_info"] = info
+            identity = getattr(self.kernel, "kernel_identity", {})
+            record["kernel_session"] = identity.get("session", "")
+            record["kernel_username"] = identity.get("username", "")
         return record
 
     # -- relay --------------------------------------------------------------------------

@@ -105,7 +105,7 @@ PROBE_REPLY_WAIT = 1.0
 
 
 async def _kernel_info_reply(probe: zmq.asyncio.Socket, session: Any) -> dict[str, Any] | None:
-    """The content of the first signed, successful kernel_info_reply on the probe."""
+    """The first signed, successful kernel_info_reply on the probe (header and content)."""
     while True:
         frames = await probe.recv_multipart()
         try:
@@ -117,7 +117,7 @@ async def _kernel_info_reply(probe: zmq.asyncio.Socket, session: Any) -> dict[st
         if message["header"].get("msg_type") != "kernel_info_reply":
             continue
         if isinstance(content, dict) and content.get("status") == "ok":
-            return content
+            return message
 
 
 class RemoteKernel:
@@ -166,6 +166,7 @@ class RemoteKernel:
         # The content of the kernel_info_reply to the start-up probe: the renter's bridge
         # answers its clients' first kernel_info_requests with it (kernel/kernel_info.py).
         self.kernel_info: dict[str, Any] | None = None
+        self.kernel_identity: dict[str, str] = {}
         self.on_exit = on_exit
         self.log = logger or log
         # with one, the runtime folder lives in it and the kernel is recorded there
@@ -402,7 +403,15 @@ class RemoteKernel:
             # reply, idle), so it is here or about to be.
             with contextlib.suppress(asyncio.TimeoutError):
                 timeout = max(0.0, min(PROBE_REPLY_WAIT, deadline - loop.time()))
-                self.kernel_info = await asyncio.wait_for(reply, timeout)
+                message = await asyncio.wait_for(reply, timeout)
+                if message is not None:
+                    header = message["header"]
+                    self.kernel_info = message["content"]
+                    # Who the kernel signs as: the bridge's answers carry the same.
+                    self.kernel_identity = {
+                        "session": str(header.get("session", ""))[:128],
+                        "username": str(header.get("username", ""))[:128],
+                    }
         finally:
             reply.cancel()
             probe.close(linger=0)

@@ -343,7 +343,12 @@ class KernelBridge:
             # The first ready of this attach, with nothing sent to the kernel yet: it is idle
             # (a later one, after a reconnect, may come while a cell runs).
             if not self.ready.is_set() and not self._forwarded and self.kernel_key is not None:
-                self.kernel_info.arm(record.get("kernel_info"), *self.kernel_key)
+                self.kernel_info.arm(
+                    record.get("kernel_info"),
+                    *self.kernel_key,
+                    session=record.get("kernel_session"),
+                    username=record.get("kernel_username"),
+                )
             self.ready.set()
         elif kind == "kernel_ended":
             self._mark_ended(

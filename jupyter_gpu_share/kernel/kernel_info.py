@@ -39,7 +39,11 @@ def valid_content(content: Any) -> dict[str, Any] | None:
         return None
     if not isinstance(content.get("language_info"), dict):
         return None
-    if len(json.dumps(content)) > MAX_CONTENT_BYTES:
+    try:  # packed as jupyter_client packs: a lone surrogate, a NaN would fail there
+        packed = json.dumps(content, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, UnicodeEncodeError):
+        return None
+    if len(packed) > MAX_CONTENT_BYTES:
         return None
     return content
 
@@ -72,13 +76,27 @@ class KernelInfoAnswer:
     def armed(self) -> bool:
         return self.content is not None
 
-    def arm(self, content: Any, key: str, signature_scheme: str) -> None:
-        """A kernel became ready and idle, with this reply to give."""
+    def arm(
+        self,
+        content: Any,
+        key: str,
+        signature_scheme: str,
+        *,
+        session: Any = None,
+        username: Any = None,
+    ) -> None:
+        """A kernel became ready and idle, with this reply to give, signed as the kernel
+        signs (its ``session`` id and ``username``, when the host sent them)."""
         content = valid_content(content)
         if content is None:
             self.disarm()
             return
-        self.session = Session(key=key.encode(), signature_scheme=signature_scheme)
+        identity = {
+            name: value
+            for name, value in (("session", session), ("username", username))
+            if isinstance(value, str) and 0 < len(value) <= 128
+        }
+        self.session = Session(key=key.encode(), signature_scheme=signature_scheme, **identity)
         self.content = content
 
     def disarm(self) -> None:
@@ -100,16 +118,23 @@ class KernelInfoAnswer:
         session = self.session
         try:
             idents, parts = session.feed_identities([bytes(frame) for frame in frames])
-            request = session.deserialize(parts, content=False)
-        except (ValueError, TypeError, KeyError):
-            # Not signed with the key the bridge knows: leave it, and what follows, to the
-            # kernel, as before.
+            # With its content, as ipykernel reads it: a replayed signature is refused.
+            request = session.deserialize(parts, content=True)
+            answer = session.msg("kernel_info_reply", self.content, request)
+            messages = (
+                self._status(request, "busy"),
+                session.serialize(answer, idents),
+                self._status(request, "idle"),
+            )
+        except (ValueError, TypeError, KeyError, UnicodeError):
+            # Not signed with the key the bridge knows, a replay, or a reply that does not
+            # pack: leave it, and what follows, to the kernel, as before.
             self.disarm()
             return False
-        publish(self._status(request, "busy"))
-        reply(session.serialize(session.msg("kernel_info_reply", self.content, request), idents))
-        publish(self._status(request, "idle"))
-        self.answered += 1
+        self.answered += 1  # counted first: a client on another thread may read it on reply
+        publish(messages[0])
+        reply(messages[1])
+        publish(messages[2])
         return True
 
     def _status(self, parent: dict[str, Any], state: str) -> list[bytes]:

@@ -903,8 +903,9 @@ class ClientEnd(SocketEnd):
         self.handshake.set_result(None)
         if self.ping_interval:
             self._pinger = self.loop.call_later(self.ping_interval, self._ping)
-        if len(events) > 1:  # frames that came right behind the response
-            self.handle(events[1:])
+        # Frames that came right behind the response, or a protocol error in them (the
+        # library then queued a close frame): handled as in any later read.
+        self.handle(events[1:])
 
     def _peer_eof(self) -> None:
         if not self.handshake.done():
@@ -960,15 +961,21 @@ class ClientEnd(SocketEnd):
 
     def _deliver(self, messages: list[Message]) -> None:
         decoded: list[str | bytes] = []
+        not_utf8 = False
         for opcode, payload in messages:
             if opcode == OP_TEXT:
                 try:
                     decoded.append(bytes(payload).decode("utf-8"))
                 except UnicodeDecodeError:
-                    self.close(1007, "a text message that is not UTF-8")
-                    return
+                    not_utf8 = True  # what came before it is delivered, then the close
+                    break
             else:
                 decoded.append(payload)
+        self._hand_over(decoded)
+        if not_utf8:
+            self.close(1007, "a text message that is not UTF-8")
+
+    def _hand_over(self, decoded: list[str | bytes]) -> None:
         handler = self._handler
         if handler is not None:
             for message in decoded:

@@ -326,6 +326,7 @@ def test_a_fresh_kernels_info_is_answered_by_the_bridge_then_by_the_kernel(
             reply = await client.kernel_info(reply=True, timeout=10)
             assert reply["content"]["language_info"]["name"] == "python"
             assert reply["content"]["implementation"] == "ipython"
+            answered_here = reply["header"]["session"]
             answered = bridge.kernel_info.answered
             # A cell, then kernel_info at once: the kernel answers, after the cell.
             execute_id = client.execute("import time; time.sleep(0.5); x = 41 + 1")
@@ -336,6 +337,7 @@ def test_a_fresh_kernels_info_is_answered_by_the_bridge_then_by_the_kernel(
             assert first["content"]["status"] == "ok"
             assert second["parent_header"]["msg_id"] == info_id
             assert second["content"]["language_info"]["name"] == "python"
+            assert second["header"]["session"] == answered_here  # as if the kernel answered
             assert bridge.kernel_info.answered == answered
             assert not bridge.kernel_info.armed
             # The kernel itself published a status for the kernel_info it answered.

@@ -115,3 +115,39 @@ def test_malformed_requests_have_no_type_and_go_to_the_kernel(frames: list[bytes
     answer = _armed()
     assert not answer.take(frames, print, print)
     assert not answer.armed
+
+
+def test_a_replayed_request_goes_to_the_kernel_which_refuses_it() -> None:
+    """ipykernel refuses a signature it has seen; answering it here would differ."""
+    answer = _armed()
+    _, frames = _request()
+    sent: list[Any] = []
+    assert answer.take(frames, sent.append, sent.append)
+    assert not answer.take(list(frames), sent.append, sent.append)
+    assert not answer.armed and len(sent) == 3
+
+
+@pytest.mark.parametrize(
+    "content",
+    [{**CONTENT, "banner": "\ud800"}, {**CONTENT, "help_links": [float("nan")]}],
+)
+def test_a_reply_that_would_not_pack_is_never_armed(content: Any) -> None:
+    """A lone surrogate from a hostile host published "busy", then failed to pack the
+    reply: the client saw the kernel busy for good, and the batch was lost."""
+    answer = KernelInfoAnswer()
+    answer.arm(content, KEY, "hmac-sha256")
+    assert not answer.armed
+
+
+def test_the_answers_are_signed_as_the_kernel_signs() -> None:
+    answer = KernelInfoAnswer()
+    answer.arm(CONTENT, KEY, "hmac-sha256", session="kernel-session-id", username="kernel")
+    client, frames = _request()
+    sent: list[list[bytes]] = []
+    assert answer.take(frames, sent.append, sent.append)
+    for message in sent:
+        header = client.deserialize(client.feed_identities(message)[1])["header"]
+        assert (header["session"], header["username"]) == ("kernel-session-id", "kernel")
+    answer = KernelInfoAnswer()
+    answer.arm(CONTENT, KEY, "hmac-sha256", session="x" * 500, username=7)  # ignored
+    assert answer.armed
