@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from ..ledger import receipts
 from ..loops import EVENT_LOOPS, choice_in_argv, install_event_loop, loop_in_use
 from ..store import Store
 from ..store.classes import MAX_NOTEBOOK_BYTES
+from ..store.onebroker import AnotherBroker, hold_single_broker_lock
 from .handlers import default_handlers
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .keys import KeyFileError, load_or_create, public_pem
@@ -74,9 +76,25 @@ class BrokerApp(ExtensionApp):
 
     db_url = Unicode(
         config=True,
-        help="""SQLAlchemy URL of the store. SQLite under the Jupyter data dir by default;
-        e.g. postgresql+psycopg://broker@db/gpu_share for several broker replicas.
+        help="""SQLAlchemy URL of the store. SQLite under the Jupyter data dir by default,
+        for one broker (a second broker on the same file refuses to start); PostgreSQL, e.g.
+        postgresql+psycopg://broker@db/gpu_share, for several brokers on one database: each
+        host is owned by the broker it is connected to, under a lease in the database.
         Environment: GPU_SHARE_DB_URL.""",
+    )
+
+    broker_id = Unicode(
+        "",
+        config=True,
+        help="""This broker's id on the store, printed at start (empty: a fresh one per
+        process, b-<12 hex digits>). Leases of hosts are held under it.""",
+    )
+
+    public_url = Unicode(
+        "",
+        config=True,
+        help="""The URL at which users and other brokers reach this broker (recorded in
+        the store beside its id), e.g. https://broker-1.example.org.""",
     )
 
     @default("db_url")
@@ -289,6 +307,14 @@ class BrokerApp(ExtensionApp):
 
     def initialize_settings(self) -> None:
         """Open the store, bootstrap the admin token and create the broker."""
+        # The broker's own records (hosts connected and lost, sessions ended, peers) in the
+        # server's log, at INFO; without a handler Python showed only its warnings, bare.
+        service_log = logging.getLogger("jupyter_gpu_share")
+        if not service_log.handlers:
+            for handler in self.serverapp.log.handlers:
+                service_log.addHandler(handler)
+            service_log.setLevel(logging.INFO)
+            service_log.propagate = False
         # jupyter_server creates its HTTPServer after the extensions load, with no say over
         # its timeouts: HTTPServer is a tornado Configurable, whose public configure() sets
         # the keyword arguments every later instance gets.
@@ -298,6 +324,11 @@ class BrokerApp(ExtensionApp):
         try:
             receipt_key = load_or_create(self.receipt_key_file)
         except KeyFileError as error:
+            print(f"gpu-share broker: error: {error}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        try:
+            self._single_broker_lock = hold_single_broker_lock(self.db_url)
+        except (AnotherBroker, OSError) as error:
             print(f"gpu-share broker: error: {error}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
         store = Store(
@@ -339,6 +370,8 @@ class BrokerApp(ExtensionApp):
             max_students_per_teacher=self.max_students_per_teacher,
             requests_per_minute=self.requests_per_minute,
             request_burst=self.request_burst,
+            broker_id=self.broker_id,
+            public_url=self.public_url,
         )
         self.broker = Broker(store, settings, admin_token=admin_token)
         self.settings.update(
@@ -384,6 +417,16 @@ class BrokerApp(ExtensionApp):
             "gpu-share broker ready (store %s, %s event loop)",
             self.db_url.split("@")[-1],
             loop_in_use(),
+        )
+        peers = self.broker.peers
+        print(
+            f"gpu-share broker {self.broker.broker_id}: "
+            + (
+                f"{len(peers)} other broker(s) on this store: {', '.join(peers)}"
+                if peers
+                else "no other broker on this store"
+            ),
+            flush=True,
         )
         self.log.debug("%d start-up objects left out of garbage collection", frozen)
 

@@ -18,8 +18,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from ..classes import (
@@ -33,7 +35,7 @@ from ..classes import (
 )
 from ..clock import now_us
 from ..ledger import billed_seconds, cost_at, credit_runs_out_us, stop_instant_us
-from ..store import Conflict, NotFound, Store, StoreUnavailable, unavailable
+from ..store import Conflict, LeaseHeld, NotFound, Store, StoreUnavailable, unavailable
 from ..store.aio import AsyncStore
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .matching import (
@@ -45,6 +47,7 @@ from .matching import (
     offer_fits,
     offer_is_free,
 )
+from .ownership import peers_live
 from .ratelimit import RateLimiter
 from .relay import (
     CLOSE_CLIENT_GONE,
@@ -211,6 +214,8 @@ class BrokerSettings:
     requests_per_minute: int = 1200  # per account (0: no limit)
     request_burst: int = 300
     stop_answer_s: float = 2.0  # a stop not settled by then is answered "stopping" (202)
+    broker_id: str = ""  # this broker on the store (empty: a fresh one per process)
+    public_url: str = ""  # where users and peers reach this broker (for its peers)
 
 
 class Broker:
@@ -246,6 +251,17 @@ class Broker:
         self.ready = asyncio.Event()
         self._touches: dict[int, dict[str, int]] = {}  # tokens' last use, one write queued
         self.rate_limiter = RateLimiter(settings.requests_per_minute, settings.request_burst)
+        # Several brokers on one store: this one's id, and the epochs of the leases by which
+        # it owns the hosts connected to it (see ownership.py). Settlements are fenced by
+        # them: the store refuses one on a host that another broker owns now.
+        self.broker_id = settings.broker_id or new_broker_id()
+        # SQLite is one broker (store/onebroker.py): no lease to take, renew or fence with.
+        self.shared_store = store.dialect != "sqlite"
+        self.lease_epochs: dict[str, int] = {}
+        self.peers: list[str] = []
+        # What payers have running on the other brokers: (when read, {payer: billing}).
+        self._elsewhere: tuple[int, dict[str, list[tuple[int, int]]]] = (0, {})
+        self._elsewhere_asked: set[str] = set()
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -293,8 +309,19 @@ class Broker:
         """Load unfinished sessions from the store and start the background loops."""
         for stop in self.journal.load():
             self.pending_stops.setdefault(stop.session_id, stop)
+        started = now_us()
+        await self.db.register_broker(self.broker_id, self.settings.public_url or None, started)
+        if self.store.dialect == "sqlite":  # one broker a file (onebroker.py): the rest are gone
+            await self.db.stop_broker(self.broker_id, started, all_but=True)
+        self.peers = peers_live(
+            await self.db.broker_heartbeats(), self.broker_id, started, self._lease_ttl_us()
+        )
+        leases = await self.db.host_leases()
         loaded: dict[str, LiveSession] = {}
         for record in await self.db.list_sessions(states=LIVE_STATES):
+            lease = leases.get(record.host)
+            if lease is not None and lease.broker_id != self.broker_id and lease.live(started):
+                continue  # its host is another broker's: that broker meters and settles it
             loaded[record.id] = LiveSession.from_record(record)
             if record.class_name is not None:
                 await self._attach_quota(loaded[record.id], exclude_running=True)
@@ -326,10 +353,59 @@ class Broker:
             loop.create_task(self._every(self.settings.checkpoint_interval, self.checkpoint)),
             loop.create_task(self._every(STOP_RETRY_INTERVAL, self.settle_pending)),
         ]
+        if self.shared_store:
+            self._tasks.append(
+                loop.create_task(self._every(self._lease_ttl_us() / 4e6, self.renew_leases))
+            )
+
+    @property
+    def _fence(self) -> tuple[str, Any] | None:
+        """What a settlement is fenced by: this broker and its leases (None on SQLite)."""
+        if not self.shared_store:
+            return None
+        return (self.broker_id, MappingProxyType(self.lease_epochs))
+
+    def _lease_ttl_us(self) -> int:
+        """How long a host lease holds unrenewed: twice the heartbeat timeout (renewed
+        every quarter of it, one statement for all hosts)."""
+        return int(2 * self.settings.heartbeat_timeout * 1_000_000)
+
+    async def renew_leases(self) -> None:
+        """Say this broker is alive, renew the leases of its hosts, and let go at once of
+        the hosts another broker has taken (they reconnected there)."""
+        now = now_us()
+        await self.db.touch_broker(self.broker_id, now)
+        peers = peers_live(
+            await self.db.broker_heartbeats(), self.broker_id, now, self._lease_ttl_us()
+        )
+        if peers != self.peers:
+            log.info("now %d other broker(s) on this store: %s", len(peers), ", ".join(peers))
+            self.peers = peers
+        held = [name for name in self.hosts if name in self.lease_epochs]
+        epochs = {name: self.lease_epochs[name] for name in held}
+        lost = await self.db.renew_host_leases(self.broker_id, held, now, self._lease_ttl_us())
+        for name in lost:
+            if self.lease_epochs.get(name) == epochs[name]:  # not taken anew meanwhile
+                self._host_moved(name)
+
+    def _host_moved(self, name: str) -> None:
+        """Another broker owns this host now: stop acting on it and its sessions (that
+        broker meters and settles them); nothing is billed or ended here."""
+        self.lease_epochs.pop(name, None)
+        link = self.hosts.pop(name, None)
+        if link is not None and link.channel is not None:
+            link.channel.close(4005, "the host is served by another broker")
+        moved = [sid for sid, live in self.sessions.items() if live.host == name]
+        for session_id in moved:
+            self.sessions.pop(session_id, None)
+            self.pending_stops.pop(session_id, None)
+        log.warning(
+            "host %s is served by another broker now; %d session(s) left to it", name, len(moved)
+        )
 
     async def stop(self) -> None:
         """Stop the background loops, let settlements in flight finish, write a last
-        checkpoint and stop the store's threads."""
+        checkpoint, let this broker's leases go and stop the store's threads."""
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -343,6 +419,12 @@ class Broker:
             await asyncio.wait_for(self.checkpoint(force=True), self.settings.stop_answer_s)
         except Exception as error:  # the next broker resumes from the last checkpoint
             log.warning("last checkpoint not written: %s", error or type(error).__name__)
+        try:
+            await asyncio.wait_for(
+                self.db.stop_broker(self.broker_id, now_us()), self.settings.stop_answer_s
+            )
+        except Exception as error:  # its leases lapse by themselves
+            log.warning("leases not released: %s", error or type(error).__name__)
         await asyncio.get_running_loop().run_in_executor(None, self.db.close)
 
     async def _every(self, interval: float, job: Any) -> None:
@@ -368,6 +450,20 @@ class Broker:
         from ..store import OfferSpec
 
         await self.ready.wait()  # the sessions it may still run are known
+        previous = None
+        if self.shared_store:
+            lease, previous = await self.db.take_host_lease(
+                name, self.broker_id, now_us(), self._lease_ttl_us()
+            )
+            self.lease_epochs[name] = lease.epoch
+        if previous is not None:
+            # Taken from another broker: the sessions it runs there are in the store, and
+            # ours to meter and settle from now on.
+            for record in await self.db.list_sessions(host=name, states=LIVE_STATES):
+                if record.id not in self.sessions:
+                    self.sessions[record.id] = LiveSession.from_record(record)
+                    if record.class_name is not None:
+                        await self._attach_quota(self.sessions[record.id], exclude_running=True)
         specs = [
             OfferSpec(
                 gpu_model=str(o["gpu_model"]),
@@ -508,6 +604,8 @@ class Broker:
         for name in lost:
             if name not in self.hosts:  # not back already (its hello stored its offers)
                 await self.db.deactivate_offers(name)
+                if self.lease_epochs.pop(name, None) is not None:  # ours no more
+                    await self.db.release_host_lease(name, self.broker_id, now_us())
         # Sessions loaded at start-up whose host never came back.
         for live in list(self.sessions.values()):
             # A host whose reconnect backoff outgrew the broker's downtime comes back later
@@ -639,6 +737,7 @@ class Broker:
         if class_name is not None:
             return await self._start_class_session(renter, request, class_name)
         balance = await self.db.balance(renter)
+        await self.running_elsewhere({renter}, max_age_us=0)  # what it runs on other brokers
         offer = choose_offer(
             await self.online_offers(),
             self.host_loads(),
@@ -649,9 +748,34 @@ class Broker:
         return await self._launch(renter, renter, offer, balance)
 
     def committed(self, payer: str) -> int:
-        """The running (not yet settled) cost of a payer's sessions."""
+        """The running (not yet settled) cost of a payer's sessions, on this broker and, as
+        last read (at most a second ago, see running_elsewhere), on the others."""
         now = now_us()
-        return sum(s.cost_at(now) for s in self.sessions.values() if s.payer == payer)
+        here = sum(s.cost_at(now) for s in self.sessions.values() if s.payer == payer)
+        there = self._elsewhere[1].get(payer, [])
+        return here + sum(cost_at(ready, now, price) for ready, price in there)
+
+    async def running_elsewhere(
+        self, payers: set[str], max_age_us: int = 1_000_000
+    ) -> dict[str, list[tuple[int, int]]]:
+        """``(ready_us, price)`` of the payers' sessions that other brokers meter, read from
+        the store at most ``max_age_us`` ago (nothing to read while this broker is alone):
+        a payer on two brokers overspends by at most that long at its sessions' prices."""
+        if not self.peers or not payers:
+            return {}
+        read_us, cached = self._elsewhere
+        now = now_us()
+        if now - read_us > max_age_us or not payers <= set(cached) | self._elsewhere_asked:
+            rows = await self.db.running_costs(sorted(payers | self._elsewhere_asked))
+            cached = {}
+            for session_id, payer, ready_us, price in rows:
+                if session_id not in self.sessions:
+                    cached.setdefault(payer, []).append((ready_us, price))
+            self._elsewhere_asked = set(payers)
+            self._elsewhere = (now, cached)
+            # The other brokers settle too: balances are read again at the next check.
+            self.refresh_balances()
+        return {payer: cached.get(payer, []) for payer in payers}
 
     async def _launch(
         self, renter: str, payer: str, offer: OfferView, balance: int, class_name: str | None = None
@@ -866,8 +990,22 @@ class Broker:
                 if not await self._save_ready(session_id):
                     raise StoreUnavailable("the session's readiness is not recorded yet")
                 record = await self.db.end_session(
-                    session_id, stop.ended_us, stop.end_reason, self.settings.platform_fee_bps
+                    session_id,
+                    stop.ended_us,
+                    stop.end_reason,
+                    self.settings.platform_fee_bps,
+                    fence=self._fence,
                 )
+            except LeaseHeld as held:  # its host is another broker's now: so is the session
+                log.warning(
+                    "session %s: its host is served by broker %s; not settled here",
+                    session_id,
+                    held.holders.get(session_id, "?"),
+                )
+                self.sessions.pop(session_id, None)
+                if self.pending_stops.pop(session_id, None) is not None:
+                    self._rewrite_journal()
+                return None
             except NotFound:  # never stored (or removed by hand): nothing to bill
                 log.error("session %s: not in the store; its stop is dropped", session_id)
                 self.sessions.pop(session_id, None)
@@ -987,6 +1125,7 @@ class Broker:
         """Stop every session of a payer whose running cost has reached the payer's credit."""
         payers = {live.payer for live in self.sessions.values() if live.ready_us is not None}
         balances = {payer: await self._balance(payer) for payer in payers}
+        elsewhere = await self.running_elsewhere(payers)
         # Decided from one picture, taken after the last await: a session settled while a
         # balance was read is in that balance, not counted again as running.
         now = now_us()
@@ -996,7 +1135,10 @@ class Broker:
                 by_payer.setdefault(live.payer, []).append(live)
         ends = []
         for payer, running in by_payer.items():
-            exhausted_us = credit_runs_out_us(balances[payer], _billing(running))
+            # Every broker that meters a session of the payer sees the same sessions and
+            # stops its own at the same instant.
+            billing = _billing(running) + elsewhere.get(payer, [])
+            exhausted_us = credit_runs_out_us(balances[payer], billing)
             if exhausted_us is None or exhausted_us > now:
                 continue
             ends += [
@@ -1087,6 +1229,11 @@ def _billing(running: list[LiveSession]) -> list[tuple[int, int]]:
 
 
 STOP_RETRY_INTERVAL = 1.0  # seconds between settlement retries of pending stops
+
+
+def new_broker_id() -> str:
+    """A fresh id for a broker process on the store."""
+    return "b-" + secrets.token_hex(6)
 
 
 def liveness_check_interval(heartbeat_interval: float, heartbeat_timeout: float) -> float:

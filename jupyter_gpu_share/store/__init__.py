@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .brokers import LeaseHeld
 from .classes import class_account_name
 from .records import (
     ENDED,
@@ -32,6 +33,7 @@ __all__ = [
     "ClassRecord",
     "Conflict",
     "InsufficientFunds",
+    "LeaseHeld",
     "NotFound",
     "Offer",
     "OfferSpec",

@@ -57,6 +57,9 @@ READS = frozenset(
         "earnings",
         "get_receipt",
         "list_receipts",
+        "broker_heartbeats",
+        "running_costs",
+        "host_leases",
     }
 )
 DEFAULT_READERS = 4

@@ -226,3 +226,26 @@ class HostPresence(Base):
     started_us: Mapped[int] = mapped_column(BigInteger)
     last_seen_us: Mapped[int] = mapped_column(BigInteger)
     schedule: Mapped[str | None] = mapped_column(String(255))
+
+
+class Broker(Base):
+    """A broker process on this database, and when it last said it was alive."""
+
+    __tablename__ = "brokers"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    public_url: Mapped[str | None] = mapped_column(String(512))
+    started_us: Mapped[int] = mapped_column(BigInteger)
+    seen_us: Mapped[int] = mapped_column(BigInteger)
+    stopped_us: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class HostLease(Base):
+    """Which broker owns a host, at which epoch (a fencing token), until when."""
+
+    __tablename__ = "host_leases"
+
+    host_account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    broker_id: Mapped[str] = mapped_column(String(32))
+    epoch: Mapped[int] = mapped_column(BigInteger)
+    expires_us: Mapped[int] = mapped_column(BigInteger)

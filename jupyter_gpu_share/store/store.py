@@ -43,6 +43,7 @@ from jupyter_gpu_share.ledger import Entry, bill, can_start, credit_entries
 from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entries
 
 from . import models
+from .brokers import BrokerStore
 from .checkpoint import WalCheckpointer
 from .classes import ClassStore
 from .engine import DEFAULT_BUSY_TIMEOUT_MS, make_engines
@@ -368,7 +369,7 @@ def _post_entries(
     )
 
 
-class Store(ClassStore, HostStore, ReceiptStore):
+class Store(ClassStore, HostStore, ReceiptStore, BrokerStore):
     """Durable state of the broker on SQLite or PostgreSQL."""
 
     def __init__(
@@ -934,20 +935,27 @@ class Store(ClassStore, HostStore, ReceiptStore):
         end_reason: str,
         fee_bps: int,
         fee_account: str = FEE_ACCOUNT,
+        *,
+        fence: tuple[str, Mapping[str, int]] | None = None,
     ) -> SessionRecord:
         """End and settle a session once; an ended session is returned unchanged.
 
         Bills ceil(ended_us - ready_us) seconds at the session's price, debits the payer,
         credits the host less ``fee_bps`` and the fee account with the fee, all in one
-        transaction. ``end_reason`` is cut to 255 characters.
+        transaction. ``end_reason`` is cut to 255 characters. With a ``fence`` (the settling
+        broker's id and the epochs of the host leases it holds), a session whose host
+        another broker owns under a live lease is refused with ``LeaseHeld``.
         """
-        return self.end_sessions([(session_id, ended_us, end_reason)], fee_bps, fee_account)[0]
+        endings = [(session_id, ended_us, end_reason)]
+        return self.end_sessions(endings, fee_bps, fee_account, fence=fence)[0]
 
     def end_sessions(
         self,
         endings: Iterable[tuple[str, int, str]],
         fee_bps: int,
         fee_account: str = FEE_ACCOUNT,
+        *,
+        fence: tuple[str, Mapping[str, int]] | None = None,
     ) -> list[SessionRecord]:
         """End and settle many ``(session_id, ended_us, end_reason)`` in one transaction.
 
@@ -962,7 +970,7 @@ class Store(ClassStore, HostStore, ReceiptStore):
             return []
         try:
             with self._write() as connection:
-                return self._settle(connection, wanted, fee_bps, fee_account)
+                return self._settle(connection, wanted, fee_bps, fee_account, fence)
         except OperationalError as exc:
             # Locked past the busy timeout, the server gone, the disk full: nothing of the
             # transaction was committed, so the caller may settle the same ending again.
@@ -970,7 +978,10 @@ class Store(ClassStore, HostStore, ReceiptStore):
         except IntegrityError as exc:
             # Another broker replica settled some of them first: its settlements stand.
             if len(wanted) > 1:
-                return [self.end_session(*ending, fee_bps, fee_account) for ending in wanted]
+                return [
+                    self.end_session(*ending, fee_bps, fee_account, fence=fence)
+                    for ending in wanted
+                ]
             stored = self.get_session(wanted[0][0])
             if stored.state == ENDED:
                 return [stored]
@@ -982,12 +993,17 @@ class Store(ClassStore, HostStore, ReceiptStore):
         wanted: list[tuple[str, int, str]],
         fee_bps: int,
         fee_account: str,
+        fence: tuple[str, Mapping[str, int]] | None = None,
     ) -> list[SessionRecord]:
         session_ids = sorted(set(session_id for session_id, _, _ in wanted))
         signer = self._receipt_signer()
         settled: list[tuple[Any, int, str, int, int]] = []
         ledger = _Ledger(connection)
         rows_by_id = {row.id: row for row in ledger.lock_sessions(session_ids)}
+        if fence is not None:
+            live = {sid: row.host_name for sid, row in rows_by_id.items() if row.state != ENDED}
+            if live:
+                self.check_fence(connection, live, fence, clock.now_us())
         results: dict[str, SessionRecord] = {}
         session_updates = []
         postings = []

@@ -95,6 +95,8 @@ class Cluster:
         self.workdir = workdir
         # The database may live elsewhere (a small file system, to fill it).
         self.db_path = Path(broker_traits.pop("db_path", workdir / "broker.sqlite"))
+        # Or a PostgreSQL database that several clusters' brokers share.
+        self.db_url = broker_traits.pop("db_url", f"sqlite:///{self.db_path}")
         # TLS at the broker: (certfile, keyfile, the CA file its clients trust).
         tls = broker_traits.pop("tls", None)
         self.ca_file = str(tls[2]) if tls else None
@@ -114,7 +116,7 @@ class Cluster:
             f"--port={self.port}",
             "--ServerApp.ip=127.0.0.1",
             "--ServerApp.port_retries=0",
-            f"--db=sqlite:///{self.db_path}",
+            f"--db={self.db_url}",
             f"--ServerApp.root_dir={workdir}",
             *ROOT_FLAG,
             *(f"--BrokerApp.{k}={v}" for k, v in traits.items()),

@@ -1,0 +1,231 @@
+"""Several brokers on one database: their heartbeats, and the leases by which each owns
+the hosts connected to it (the rules are ``broker/ownership.py``; this persists them)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from ..broker.ownership import Lease, may_settle, take
+from . import models
+from .records import StoreError
+
+accounts = models.Account.__table__
+brokers = models.Broker.__table__
+leases = models.HostLease.__table__
+sessions = models.Session.__table__
+
+_RENEW = (
+    update(leases)
+    .where(
+        leases.c.broker_id == bindparam("holder"),
+        leases.c.expires_us >= bindparam("now_us"),
+        leases.c.expires_us < bindparam("until_us"),
+    )
+    .values(expires_us=bindparam("until_us"))
+)
+_HELD = (
+    select(accounts.c.name)
+    .select_from(leases.join(accounts, accounts.c.id == leases.c.host_account_id))
+    .where(leases.c.broker_id == bindparam("holder"), leases.c.expires_us >= bindparam("now_us"))
+)
+_RELEASE = (
+    update(leases)
+    .where(
+        leases.c.broker_id == bindparam("holder"),
+        leases.c.expires_us >= bindparam("now_us"),
+        leases.c.host_account_id.in_(
+            select(accounts.c.id).where(accounts.c.name == bindparam("host")).scalar_subquery()
+        ),
+    )
+    .values(expires_us=bindparam("now_us") - 1)
+)
+_SELECT_LEASE = select(
+    accounts.c.name, leases.c.broker_id, leases.c.epoch, leases.c.expires_us
+).select_from(leases.join(accounts, accounts.c.id == leases.c.host_account_id))
+
+
+class LeaseHeld(StoreError):
+    """Another broker owns the host of a session under a live lease: not ours to settle."""
+
+    def __init__(self, session_ids: list[str], holders: dict[str, str]):
+        self.session_ids = session_ids
+        self.holders = holders  # session id -> the broker that owns its host
+        names = ", ".join(f"{s} (broker {holders[s]})" for s in session_ids)
+        super().__init__(f"owned by another broker: {names}")
+
+
+def _lease(row: Any) -> Lease:
+    return Lease(row.name, row.broker_id, int(row.epoch), int(row.expires_us))
+
+
+class BrokerStore:
+    """The brokers part of ``Store`` (mixed in; uses its engines)."""
+
+    # Store provides: _write(), _reader, _account_id(), dialect.
+    _write: Any
+    _reader: Any
+    _account_id: Any
+    dialect: str
+
+    # -- brokers ------------------------------------------------------------------------
+
+    def register_broker(self, broker_id: str, public_url: str | None, now_us: int) -> None:
+        """Record a broker that starts (ids are fresh per process)."""
+        with self._write() as connection:
+            connection.execute(
+                insert(brokers).values(
+                    id=broker_id,
+                    public_url=(public_url or None) and public_url[:512],
+                    started_us=now_us,
+                    seen_us=now_us,
+                )
+            )
+
+    def touch_broker(self, broker_id: str, now_us: int) -> None:
+        """A broker's heartbeat."""
+        with self._write() as connection:
+            connection.execute(
+                update(brokers).where(brokers.c.id == broker_id).values(seen_us=now_us)
+            )
+
+    def stop_broker(self, broker_id: str, now_us: int, *, all_but: bool = False) -> None:
+        """A broker stops: its row says so, and its leases lapse now (another broker may
+        settle what the hosts it owned left behind). With ``all_but``, every broker but
+        ``broker_id`` (the one broker of a SQLite file knows the others are gone)."""
+        chosen = brokers.c.id != broker_id if all_but else brokers.c.id == broker_id
+        owned = leases.c.broker_id != broker_id if all_but else leases.c.broker_id == broker_id
+        with self._write() as connection:
+            connection.execute(
+                update(brokers)
+                .where(chosen, brokers.c.stopped_us.is_(None))
+                .values(stopped_us=now_us)
+            )
+            connection.execute(
+                update(leases)
+                .where(owned, leases.c.expires_us > now_us)
+                .values(expires_us=now_us - 1)
+            )
+
+    def broker_heartbeats(self) -> dict[str, int]:
+        """Every broker not stopped, and when it was last seen."""
+        query = select(brokers.c.id, brokers.c.seen_us).where(brokers.c.stopped_us.is_(None))
+        with self._reader.connect() as connection:
+            return {row.id: int(row.seen_us) for row in connection.execute(query)}
+
+    def running_costs(self, payers: list[str]) -> list[tuple[str, str, int, int]]:
+        """Every running session of these payers, whichever broker meters it: ``(session
+        id, payer, ready_us, price per second)``; what a payer has committed on every
+        broker, for the funds checks."""
+        if not payers:
+            return []
+        query = (
+            select(
+                sessions.c.id,
+                accounts.c.name,
+                sessions.c.ready_us,
+                sessions.c.price_per_second_micro,
+            )
+            .select_from(sessions.join(accounts, accounts.c.id == sessions.c.payer_account_id))
+            .where(
+                sessions.c.state == "running",
+                sessions.c.ready_us.is_not(None),
+                accounts.c.name.in_(sorted(set(payers))),
+            )
+        )
+        with self._reader.connect() as connection:
+            return [(r[0], r[1], int(r[2]), int(r[3])) for r in connection.execute(query)]
+
+    # -- host leases --------------------------------------------------------------------
+
+    def take_host_lease(
+        self, host: str, broker_id: str, now_us: int, ttl_us: int
+    ) -> tuple[Lease, str | None]:
+        """A host connected to ``broker_id``: the lease is that broker's (``ownership.take``).
+        Returns it, and the broker that held it before (None: none, or this one)."""
+        for attempt in range(2):
+            try:
+                with self._write() as connection:
+                    host_id = self._account_id(connection, host)
+                    current = self._locked_lease(connection, host_id)
+                    lease = take(current, host, broker_id, now_us, ttl_us)
+                    values = {
+                        "broker_id": lease.broker_id,
+                        "epoch": lease.epoch,
+                        "expires_us": lease.expires_us,
+                    }
+                    if current is None:
+                        connection.execute(insert(leases).values(host_account_id=host_id, **values))
+                    else:
+                        connection.execute(
+                            update(leases).where(leases.c.host_account_id == host_id).values(values)
+                        )
+                    before = None if current is None or current.broker_id == broker_id else current
+                    return lease, None if before is None else before.broker_id
+            except IntegrityError:  # another broker inserted the first lease meanwhile
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def release_host_lease(self, host: str, broker_id: str, now_us: int) -> None:
+        """A host this broker held is gone from it: its lease lapses now."""
+        with self._write() as connection:
+            connection.execute(_RELEASE, {"host": host, "holder": broker_id, "now_us": now_us})
+
+    def renew_host_leases(
+        self, broker_id: str, hosts: Collection[str], now_us: int, ttl_us: int
+    ) -> set[str]:
+        """Renew every live lease a broker holds (two fixed statements, whatever the number
+        of hosts); return those of ``hosts`` it holds no more (another broker took them, or
+        the lease lapsed before this renewal)."""
+        with self._write() as connection:
+            params = {"holder": broker_id, "now_us": now_us, "until_us": now_us + ttl_us}
+            connection.execute(_RENEW, params)
+            held = {row[0] for row in connection.execute(_HELD, params)}
+        return set(hosts) - held
+
+    def host_leases(self, hosts: list[str] | None = None) -> dict[str, Lease]:
+        """The leases of some hosts (all, when None)."""
+        with self._reader.connect() as connection:
+            return self._leases(connection, hosts, lock=False)
+
+    def _leases(
+        self, connection: Connection, hosts: list[str] | None, *, lock: bool
+    ) -> dict[str, Lease]:
+        query = _SELECT_LEASE
+        if hosts is not None:
+            query = query.where(accounts.c.name.in_(sorted(hosts)))
+        if lock and self.dialect == "postgresql":
+            query = query.order_by(leases.c.host_account_id).with_for_update(of=leases)
+        return {row.name: _lease(row) for row in connection.execute(query)}
+
+    def _locked_lease(self, connection: Connection, host_id: int) -> Lease | None:
+        query = _SELECT_LEASE.where(leases.c.host_account_id == host_id)
+        if self.dialect == "postgresql":
+            query = query.with_for_update(of=leases)
+        row = connection.execute(query).first()
+        return None if row is None else _lease(row)
+
+    def check_fence(
+        self,
+        connection: Connection,
+        hosts_by_session: Mapping[str, str],
+        fence: tuple[str, Mapping[str, int]],
+        now_us: int,
+    ) -> None:
+        """Refuse (``LeaseHeld``), inside a settlement's transaction, to settle sessions on
+        hosts another broker owns: ``fence`` is the settling broker and the epochs of the
+        leases it holds."""
+        broker_id, epochs = fence
+        current = self._leases(connection, sorted(set(hosts_by_session.values())), lock=True)
+        refused = {}
+        for session_id, host in hosts_by_session.items():
+            lease = current.get(host)
+            if not may_settle(lease, broker_id, epochs.get(host), now_us):
+                assert lease is not None
+                refused[session_id] = lease.broker_id
+        if refused:
+            raise LeaseHeld(sorted(refused), refused)
