@@ -353,10 +353,26 @@ class HostSession:
                 pass
             else:
                 if written is not None:
-                    written.add_done_callback(_consume)
+                    self._hold(channel, written)
                 return
         for frames in batch:
             self._from_kernel(channel, frames)
+
+    def _hold(self, channel: int, written: asyncio.Future[Any]) -> None:
+        """The relay is backlogged (the broker holds the host while the renter's side
+        drains): read no more of this channel from the kernel until it has drained, so the
+        output waits in the kernel's sockets (its memory, under its limits), not here."""
+        pause = getattr(self.kernel, "pause_reading", None)
+        if pause is None:
+            written.add_done_callback(_consume)
+            return
+        pause(channel, True)
+
+        def drained(future: asyncio.Future[Any]) -> None:
+            _consume(future)
+            pause(channel, False)
+
+        written.add_done_callback(drained)
 
     def _to_relay(self, message: str | bytes, binary: bool = False) -> None:
         """Write to the relay in order; hold messages (bounded) while it reconnects."""

@@ -429,6 +429,12 @@ class RemoteKernel:
         tail = self._output[-2000:].decode("utf-8", "replace").strip().splitlines()
         return (": " + " | ".join(tail[-lines:])) if tail else ""
 
+    def pause_reading(self, channel: int, paused: bool) -> None:
+        """Hold (or resume) reading one of the kernel's channels while the relay drains."""
+        pump = self._pumps.get(channel)
+        if pump is not None and not pump.closed:
+            pump.pause_reading(paused)
+
     def _received(self, channel: int, batch: list[list[Any]]) -> None:
         """Forward everything the kernel emits on one socket, unchanged and in order."""
         if channel == wire.IOPUB:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import re
@@ -434,5 +435,65 @@ def test_app_sandbox_flags(tmp_path) -> None:
             assert code == 2 and "schedule: bad time '25:00'" in err
         finally:
             await broker.stop()
+
+    asyncio.run(main())
+
+
+def test_a_backlogged_relay_holds_the_kernels_channel_until_it_drains() -> None:
+    """Found by a stranger's review: with the broker not reading (it holds a host whose
+    renter drains slowly), 96 MiB of kernel output queued in the agent's relay end."""
+    from websockets.utils import accept_key
+
+    from jupyter_gpu_share import wire
+    from jupyter_gpu_share.host.agent import HostSession
+    from jupyter_gpu_share.transport import websocket as ws
+
+    drain = asyncio.Event()
+
+    async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key")
+        )
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n"
+        )
+        await drain.wait()  # reads nothing until told
+        while await reader.read(1 << 20):
+            pass
+
+    class Kernel:
+        def __init__(self) -> None:
+            self.paused: list[tuple[int, bool]] = []
+
+        def pause_reading(self, channel: int, paused: bool) -> None:
+            self.paused.append((channel, paused))
+
+    async def main() -> None:
+        server = await asyncio.start_server(broker, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        session = HostSession.__new__(HostSession)  # only what the output path uses
+        session.relay = await ws.connect(f"ws://127.0.0.1:{port}/")
+        session._outbox = collections.deque()
+        session.kernel = kernel = Kernel()
+        message = [b"kernel.x.stream", b"<IDS|MSG>", b"sig", b"{}", b"{}", b"{}", b"y" * 2**18]
+        for _ in range(64):  # 16 MiB, fed as the iopub pump would until it is told to hold
+            if kernel.paused:
+                break
+            session._from_kernel_batch(wire.IOPUB, [message])
+            await asyncio.sleep(0)
+        assert kernel.paused == [(wire.IOPUB, True)]
+        assert session.relay.backlogged
+        drain.set()
+        for _ in range(200):
+            if len(kernel.paused) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert kernel.paused == [(wire.IOPUB, True), (wire.IOPUB, False)]
+        session.relay.abort()
+        server.close()
 
     asyncio.run(main())
