@@ -825,3 +825,63 @@ def test_the_messages_before_a_text_that_is_not_utf8_are_delivered(delivered_to)
         server.close()
 
     asyncio.run(run())
+
+
+def test_a_peer_that_pings_and_reads_nothing_gets_one_pong_owed():
+    """Found by a stranger's review: 8 MiB of pings from a server that read nothing left
+    21 MiB of pongs queued in the client (a pong for each, masked: 3 bytes for 1)."""
+    read_now = asyncio.Event()
+    got: list[tuple[int, bytes]] = []
+    PINGS = 24 * 2**20 // 127  # 24 MiB of pings (a pong of each would be 25 MiB)
+
+    async def server(reader: Any, writer: Any) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        request = await reader.readuntil(b"\r\n\r\n")
+        key = next(
+            line.split(b":", 1)[1].strip()
+            for line in request.split(b"\r\n")
+            if line.lower().startswith(b"sec-websocket-key")
+        )
+        from websockets.utils import accept_key
+
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n"
+        )
+        ping = frame(0x9, b"p" * 125, masked=False)
+        for _ in range(PINGS // 64):
+            writer.write(ping * 64)
+            await writer.drain()
+        writer.write(frame(0x9, b"last", masked=False) + frame(0x1, b"done", masked=False))
+        await writer.drain()
+        await read_now.wait()
+        while True:
+            try:
+                head = await reader.readexactly(2)
+                size = head[1] & 0x7F  # pongs of at most 125 bytes, masked
+                key = await reader.readexactly(4)
+                masked = await reader.readexactly(size)
+                payload = bytes(b ^ key[i % 4] for i, b in enumerate(masked))
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            got.append((head[0] & 0x0F, payload))
+
+    async def run() -> None:
+        listening = await asyncio.start_server(server, "127.0.0.1", 0)
+        port = listening.sockets[0].getsockname()[1]
+        conn = await ws.connect(f"ws://127.0.0.1:{port}/")
+        assert await asyncio.wait_for(conn.read_message(), 60) == "done"  # every ping read
+        assert conn.backlogged
+        # At most what one read of pings answered beyond the mark, not a pong for each.
+        assert conn._out_bytes <= ws.WRITE_HIGH_WATER + 2 * ws.READ_CHUNK
+        read_now.set()
+        # Drained: the pongs queued before the backlog, then the one owed, for the last.
+        await until(lambda: not conn.backlogged and got and got[-1][1] == b"last", 30)
+        assert not conn.backlogged
+        assert got[-1] == (0xA, b"last"), (len(got), got[-2:], conn._out_bytes)
+        assert len(got) < PINGS // 2
+        conn.abort()
+        listening.close()
+
+    asyncio.run(run())

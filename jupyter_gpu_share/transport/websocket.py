@@ -46,7 +46,7 @@ from tornado.iostream import IOStream, SSLIOStream
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus, PayloadTooBig
-from websockets.frames import Close, Opcode
+from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Protocol, Side, State
 from websockets.server import ServerProtocol
@@ -146,6 +146,31 @@ def data_frame(pieces: list[Any], opcode: int, payload: Any, masked: bool) -> in
     return len(head) + length
 
 
+class _OnePongWhileBacklogged:
+    """The library answers every ping with a pong. A peer that pings and reads nothing
+    would grow our output without bound (pongs of masked pings take 3 bytes for 1); while
+    the end is backlogged only the latest ping is answered, once it has drained (RFC 6455
+    5.5.3 allows answering the most recent ping only)."""
+
+    backlogged_end: WebSocketEnd | None = None
+    owed_pong: bytes | None = None
+
+    def send_frame(self, frame: Frame) -> None:
+        end = self.backlogged_end
+        if frame.opcode is Opcode.PONG and end is not None and end.backlogged:
+            self.owed_pong = bytes(frame.data)
+            return
+        super().send_frame(frame)  # type: ignore[misc]
+
+
+class _ServerProtocol(_OnePongWhileBacklogged, ServerProtocol):
+    """The library's server protocol, with one pong owed while backlogged."""
+
+
+class _ClientProtocol(_OnePongWhileBacklogged, ClientProtocol):
+    """The library's client protocol, with one pong owed while backlogged."""
+
+
 class WebSocketEnd(abc.ABC):
     """One websocket after its handshake: bytes in, batches of messages out.
 
@@ -156,6 +181,8 @@ class WebSocketEnd(abc.ABC):
 
     def __init__(self, protocol: Protocol) -> None:
         self.protocol = protocol
+        if isinstance(protocol, _OnePongWhileBacklogged):
+            protocol.backlogged_end = self
         self.on_messages: Callable[[list[Message]], None] = _ignore
         self.on_pause: Callable[[bool], None] = _ignore
         self.on_closed: Callable[[int | None, str | None], None] = _ignore
@@ -294,6 +321,11 @@ class WebSocketEnd(abc.ABC):
     def _set_backlogged(self, backlogged: bool) -> None:
         if backlogged != self.backlogged:
             self.backlogged = backlogged
+            owed = getattr(self.protocol, "owed_pong", None)
+            if not backlogged and owed is not None and not self.closed:
+                self.protocol.owed_pong = None  # type: ignore[attr-defined]
+                self.protocol.send_pong(owed)
+                self._flush()
             self.on_pause(backlogged)
 
     def send_many(self, messages: Sequence[Message]) -> None:
@@ -553,7 +585,7 @@ class SocketServerEnd(TransportEnd):
 
     def __init__(self, max_message_size: int, answer: bytes = b"") -> None:
         super().__init__(
-            ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log)
+            _ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log)
         )
         self.answer = answer  # the upgrade's 101, written first
         self.early = b""  # bytes tornado had read past the upgrade request
@@ -797,7 +829,7 @@ class SSLSocketEnd(SocketEnd):
 
     def __init__(self, stream: SSLIOStream, max_message_size: int, answer: bytes) -> None:
         super().__init__(
-            ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log),
+            _ServerProtocol(state=State.OPEN, max_size=max_message_size, logger=protocol_log),
             cast(ssl.SSLSocket, stream.socket),
         )
         self.stream = stream  # tornado's object, kept for its socket; never used again
@@ -1131,7 +1163,7 @@ async def connect(
     uri = parse_uri(url)
     if uri.secure and ssl_context is None:
         ssl_context = ssl.create_default_context()
-    protocol = ClientProtocol(uri, max_size=max_message_size, logger=protocol_log)
+    protocol = _ClientProtocol(uri, max_size=max_message_size, logger=protocol_log)
     request = protocol.connect()
     for name, value in (headers or {}).items():
         request.headers[name] = value
