@@ -123,6 +123,15 @@ def _pool(base: str, context: ssl.SSLContext | None) -> httpx.AsyncClient:
     return client
 
 
+def broker_urls(urls: str) -> list[str]:
+    """The brokers of a comma-separated list (one service), in order."""
+    return [url.strip() for url in urls.split(",") if url.strip()]
+
+
+class _NotSent(BrokerError):
+    """The broker could not be reached: the request never left (safe to send elsewhere)."""
+
+
 async def broker_request(
     url: str,
     token: str,
@@ -134,7 +143,28 @@ async def broker_request(
 ) -> Any:
     """Send one request to the broker's API from an event loop, on a kept-alive connection
     (https: certificates verified against the system's CAs and ``ca_file`` or
-    ``GPU_SHARE_CA_FILE``)."""
+    ``GPU_SHARE_CA_FILE``). ``url`` may list several brokers of one service, comma-separated:
+    a request that could not reach one (no connection) goes to the next; one that may have
+    been received (a timeout, a connection lost after sending) is never sent twice."""
+    urls = broker_urls(url) or [url]
+    for index, one in enumerate(urls):
+        try:
+            return await _request_one(one, token, method, path, body, timeout, ca_file)
+        except _NotSent:
+            if index == len(urls) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _request_one(
+    url: str,
+    token: str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None,
+    timeout: float,
+    ca_file: str | None,
+) -> Any:
     try:
         context = tls.context_for(url, ca_file)
     except tls.TLSConfigError as error:
@@ -148,6 +178,10 @@ async def broker_request(
             content=None if body is None else json.dumps(body).encode(),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 20)),
         )
+    except httpx.ConnectError as error:  # no connection: nothing was sent
+        refused = tls.describe(error, url)
+        reason = str(error) or type(error).__name__
+        raise _NotSent(0, refused or f"cannot reach the broker at {url}: {reason}") from None
     except httpx.TimeoutException:
         raise BrokerError(0, f"the broker at {url} did not answer within {timeout:g} s") from None
     except (httpx.HTTPError, OSError) as error:

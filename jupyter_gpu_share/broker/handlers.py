@@ -809,7 +809,15 @@ class RelayHandler(BrokerWebSocket):
 
     async def get(self, session_id: str, side: str) -> None:  # type: ignore[override]
         account = self.authenticated_account()
+        # A broker that just started serves before it has loaded the unfinished sessions:
+        # a relay that reconnects at once must not be told its session is gone.
+        await self.broker.ready.wait()
         live = self.broker.sessions.get(session_id)
+        if live is None and await self.broker.live_elsewhere(session_id, account.name, side):
+            # Several brokers: the session runs, and its host is connected to another
+            # broker, or on its way to this one (a failover): come back in a moment.
+            self.set_header("Retry-After", "1")
+            raise web.HTTPError(503, f"session {session_id!r} is not served by this broker now")
         if live is None:
             raise web.HTTPError(404, f"no running session {session_id!r}")
         owner = live.renter if side == USER else live.host

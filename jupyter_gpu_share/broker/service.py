@@ -262,6 +262,7 @@ class Broker:
         # What payers have running on the other brokers: (when read, {payer: billing}).
         self._elsewhere: tuple[int, dict[str, list[tuple[int, int]]]] = (0, {})
         self._elsewhere_asked: set[str] = set()
+        self._balance_read_us = 0
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -387,6 +388,19 @@ class Broker:
         for name in lost:
             if self.lease_epochs.get(name) == epochs[name]:  # not taken anew meanwhile
                 self._host_moved(name)
+
+    async def live_elsewhere(self, session_id: str, account: str, side: str) -> bool:
+        """Whether a session this broker does not meter runs on another broker of the store
+        (several brokers only), for ``account`` on its ``side`` ("user" or "host")."""
+        if not self.shared_store:
+            return False
+        try:
+            record = await self.db.get_session(session_id)
+        except NotFound:
+            return False
+        if record.state not in LIVE_STATES:
+            return False
+        return account == (record.renter if side == "user" else record.host)
 
     def _host_moved(self, name: str) -> None:
         """Another broker owns this host now: stop acting on it and its sessions (that
@@ -765,7 +779,11 @@ class Broker:
             return {}
         read_us, cached = self._elsewhere
         now = now_us()
-        if now - read_us > max_age_us or not payers <= set(cached) | self._elsewhere_asked:
+        # Always read after the balances it is set against: a session another broker
+        # settled between the two reads is then in neither (a moment's overspend, billed
+        # exactly), never in both (a stop too early: the host unpaid for the rest).
+        stale = now - read_us > max_age_us or read_us <= self._balance_read_us
+        if stale or not payers <= set(cached) | self._elsewhere_asked:
             rows = await self.db.running_costs(sorted(payers | self._elsewhere_asked))
             cached = {}
             for session_id, payer, ready_us, price in rows:
@@ -773,8 +791,10 @@ class Broker:
                     cached.setdefault(payer, []).append((ready_us, price))
             self._elsewhere_asked = set(payers)
             self._elsewhere = (now, cached)
-            # The other brokers settle too: balances are read again at the next check.
-            self.refresh_balances()
+            if now - read_us > max_age_us:
+                # The other brokers settle too: balances are read again at the next check
+                # (then this, after them), about once a second.
+                self.refresh_balances()
         return {payer: cached.get(payer, []) for payer in payers}
 
     async def _launch(
@@ -1158,6 +1178,7 @@ class Broker:
         """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
         balance = self._balances.get(payer)
         if balance is None:
+            self._balance_read_us = now_us()  # what runs elsewhere is read again after it
             epoch = self._balance_epoch
             balance = await self.db.balance(payer)
             if epoch == self._balance_epoch:  # no settlement or credit meanwhile: keep it

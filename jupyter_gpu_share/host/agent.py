@@ -254,7 +254,7 @@ class HostSession:
                     ) from None
                 problem: str = f"HTTP {err.code}"
             except (OSError, asyncio.TimeoutError) as err:
-                url = self.agent.broker_url
+                url = self.agent.active_broker_url
                 problem = tls.describe(err, url) or str(err) or type(err).__name__
             delay = backoff_delay(attempt, cap=self.agent.reconnect_max_delay)
             attempt += 1
@@ -471,8 +471,9 @@ class HostAgent(LoggingConfigurable):
     """Offer this machine's GPUs to a broker and run renters' kernels on them."""
 
     broker_url = Unicode(
-        help="Broker base URL, http(s)://host:port[/prefix]; websockets use ws(s). "
-        "Defaults to $GPU_SHARE_BROKER_URL."
+        help="Broker base URL, http(s)://host:port[/prefix]; websockets use ws(s). Several "
+        "brokers of one service, comma-separated, are tried in order: when one cannot be "
+        "reached the agent goes on to the next at once. Defaults to $GPU_SHARE_BROKER_URL."
     ).tag(config=True)
 
     token = Unicode(
@@ -748,16 +749,29 @@ class HostAgent(LoggingConfigurable):
 
     @validate("broker_url")
     def _validate_broker_url(self, proposal: dict[str, Any]) -> str:
-        url = str(proposal["value"]).strip().rstrip("/")
-        if url and urlsplit(url).scheme not in ("http", "https", "ws", "wss"):
-            raise TraitError(f"broker_url must start with http:// or https://, not {url!r}")
-        return url
+        urls = [url.strip().rstrip("/") for url in str(proposal["value"]).split(",")]
+        for url in urls:
+            if url and urlsplit(url).scheme not in ("http", "https", "ws", "wss"):
+                raise TraitError(f"broker_url must start with http:// or https://, not {url!r}")
+        return ",".join(url for url in urls if url)
+
+    @property
+    def broker_urls(self) -> list[str]:
+        """The brokers to try, in order."""
+        return [url for url in self.broker_url.split(",") if url]
+
+    @property
+    def active_broker_url(self) -> str:
+        """The broker the agent is connected to, or tries next."""
+        urls = self.broker_urls
+        return urls[self._broker_index % len(urls)] if urls else ""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sessions: dict[str, HostSession] = {}
         self.host_id: str | None = None
         self.inventory: Inventory | None = None
+        self._broker_index = 0  # which of broker_urls
         self.price_per_second_micro = 0
         self.on_connected: Callable[[HostAgent], None] | None = None
         self._control: ClientEnd | None = None
@@ -787,10 +801,11 @@ class HostAgent(LoggingConfigurable):
                 "no host token: pass --token-file PATH (mode 0600) or set GPU_SHARE_TOKEN"
             )
         try:  # a CA or client certificate that cannot be read is said now, not per retry
-            tls.context_for(self.broker_url, self.ca_file, self.client_cert, self.client_key)
+            for url in self.broker_urls:
+                tls.context_for(url, self.ca_file, self.client_cert, self.client_key)
         except tls.TLSConfigError as err:
             raise AgentConfigError(str(err)) from None
-        if self.client_cert and not self.broker_url.startswith("https"):
+        if self.client_cert and not all(u.startswith("https") for u in self.broker_urls):
             raise AgentConfigError("client_cert is for a broker served over https")
         per_hour = parse_price_per_hour(self.price_per_hour)
         self.price_per_second_micro = price_per_second_from_hour(per_hour)
@@ -932,7 +947,7 @@ class HostAgent(LoggingConfigurable):
 
     def websocket_url(self, path: str) -> str:
         """Build the ws(s) URL of a broker path (the broker's URL prefix is kept)."""
-        parts = urlsplit(self.broker_url)
+        parts = urlsplit(self.active_broker_url)
         scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
         prefix = parts.path.rstrip("/")
         if prefix and path.startswith(prefix + "/"):
@@ -1019,7 +1034,7 @@ class HostAgent(LoggingConfigurable):
             if not sandboxed:
                 self.log.warning("the idle command runs unsandboxed, as this agent's user")
             await self.idle.start()
-        attempt = 0
+        attempt = tried = 0
         try:
             while not self._stop_event.is_set():
                 welcomed = False
@@ -1032,16 +1047,27 @@ class HostAgent(LoggingConfigurable):
                         ) from None
                     self.log.warning("broker connection failed: HTTP %s", err.code)
                 except (OSError, asyncio.TimeoutError) as err:
-                    problem = tls.describe(err, self.broker_url) or str(err) or type(err).__name__
+                    url = self.active_broker_url
+                    problem = tls.describe(err, url) or str(err) or type(err).__name__
                     self.log.warning("broker connection failed: %s", problem)
                 if self._stop_event.is_set():
                     break
                 if welcomed:
-                    attempt = 0
+                    attempt = tried = 0
                 delay = backoff_delay(attempt, cap=self.reconnect_max_delay)
+                if len(self.broker_urls) > 1:
+                    # Another broker of the service, at once, until each was tried since the
+                    # last welcome; then around the list again, backing off.
+                    self._broker_index = (self._broker_index + 1) % len(self.broker_urls)
+                    tried += 1
+                    if tried < len(self.broker_urls):
+                        delay = 0.0
                 attempt += 1
                 self.log.info(
-                    "reconnecting to %s in %.1f s (attempt %d)", self.broker_url, delay, attempt
+                    "reconnecting to %s in %.1f s (attempt %d)",
+                    self.active_broker_url,
+                    delay,
+                    attempt,
                 )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop_event.wait(), delay)
@@ -1068,7 +1094,7 @@ class HostAgent(LoggingConfigurable):
                     self._spawn(session.stop(report=False))
             while self._pending and self._control is conn:
                 self.send_control(self._pending.popleft())
-            self.log.info("connected to %s as host %s", self.broker_url, self.host_id)
+            self.log.info("connected to %s as host %s", self.active_broker_url, self.host_id)
             if self.on_connected is not None:
                 self.on_connected(self)
             beat = asyncio.ensure_future(self._heartbeats(conn, interval))

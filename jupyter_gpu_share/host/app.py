@@ -142,7 +142,7 @@ class HostAgentApp(JupyterApp):
     def _connected(self, agent: HostAgent) -> None:
         assert agent.inventory is not None
         print(
-            f"host agent connected to {agent.broker_url} as {agent.host_id} offering: "
+            f"host agent connected to {agent.active_broker_url} as {agent.host_id} offering: "
             f"{agent.inventory.summary()} at {agent.price_label}",
             flush=True,
         )

@@ -150,6 +150,7 @@ class KernelBridge:
         self.kernel_key: tuple[str, str] | None = None
         self.reconnect_timeout = 60.0
         self._relay: tuple[str, str, str] = ("", "", "")
+        self._relay_urls: list[str] = []
         # Until a request other than kernel_info goes to the kernel, kernel_info is answered
         # here from the reply the host sent with kernel_ready (see kernel_info.py).
         self.kernel_info = KernelInfoAnswer()
@@ -243,8 +244,12 @@ class KernelBridge:
             for ping in pings:
                 self.hb.send(ping)
 
-    async def attach(self, url: str, token: str, session_id: str, key: bytes, scheme: str) -> None:
-        """Connect to a session's relay and hand the host the kernel's HMAC key."""
+    async def attach(
+        self, url: str | list[str], token: str, session_id: str, key: bytes, scheme: str
+    ) -> None:
+        """Connect to a session's relay and hand the host the kernel's HMAC key. ``url``
+        may be the relay's URL on each broker of one service, in order: a relay that drops
+        reconnects along the list."""
         self.session_id = session_id
         self.ready.clear()
         self.ended.clear()
@@ -253,8 +258,9 @@ class KernelBridge:
         self.kernel_key = None
         self.kernel_info.disarm()
         self._forwarded = False
+        self._relay_urls = [url] if isinstance(url, str) else list(url)
         self._relay = (
-            url,
+            self._relay_urls[0],
             token,
             json.dumps({"type": "hello", "key": key.decode(), "signature_scheme": scheme}),
         )
@@ -276,10 +282,18 @@ class KernelBridge:
         return ws
 
     async def _reconnect(self) -> ClientEnd | None:
-        """Reconnect after the broker went away (not after it ended the session)."""
+        """Reconnect after the broker went away (not after it ended the session): to the
+        next broker of the list at once, around the list backing off."""
         delay, deadline = 0.25, asyncio.get_running_loop().time() + self.reconnect_timeout
+        urls, tried = self._relay_urls, 0
         while asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(delay)
+            if len(urls) > 1:  # the next broker of the service
+                url, token, hello = self._relay
+                self._relay = (urls[(urls.index(url) + 1) % len(urls)], token, hello)
+                tried += 1
+            if tried == 0 or tried >= len(urls):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
             try:
                 ws = await self._connect_relay()
             except HandshakeError as error:
@@ -289,9 +303,8 @@ class KernelBridge:
             except (OSError, asyncio.TimeoutError):
                 pass
             else:
-                log.info("relay of session %s reconnected", self.session_id)
+                log.info("relay of session %s reconnected to %s", self.session_id, self._relay[0])
                 return ws
-            delay = min(delay * 2, 5.0)
         self._mark_ended(f"the broker was unreachable for {self.reconnect_timeout:.0f} s", 1)
         return None
 

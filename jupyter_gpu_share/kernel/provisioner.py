@@ -22,7 +22,14 @@ from jupyter_client.ioloop.manager import AsyncIOLoopKernelManager
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Enum, Float, Int, Unicode, default
 
-from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request, websocket_url
+from ..client import (
+    BROKER_URL_ENV,
+    TOKEN_ENV,
+    BrokerError,
+    broker_request,
+    broker_urls,
+    websocket_url,
+)
 from ..transport.websocket import HandshakeError
 from .bridge import BridgeLoop, InlineLoop, KernelBridge
 from .extension import take_preference, taken_token
@@ -43,7 +50,9 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     broker_url = Unicode(
         config=True,
-        help=f"Broker URL, e.g. https://gpus.example.org. Environment: {BROKER_URL_ENV}.",
+        help=f"""Broker URL, e.g. https://gpus.example.org; several brokers of one service,
+        comma-separated, are tried in order (the first that answers serves the start, and
+        the relay fails over along the list). Environment: {BROKER_URL_ENV}.""",
     )
 
     @default("broker_url")
@@ -220,12 +229,12 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             session["id"],
             session["price_per_hour_micro"],
         )
-        url = websocket_url(self.broker_url, session["relay_path"])
+        urls = [websocket_url(url, session["relay_path"]) for url in broker_urls(self.broker_url)]
         bridge = self.bridge
         try:
             await self._loop().run(
                 bridge.attach(
-                    url, self.token, session["id"], km.session.key, km.session.signature_scheme
+                    urls, self.token, session["id"], km.session.key, km.session.signature_scheme
                 )
             )
             await self._loop().run(bridge.wait_ready(self.start_timeout))

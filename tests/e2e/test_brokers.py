@@ -161,3 +161,62 @@ def test_one_payer_on_two_brokers_cannot_overspend(make_cluster, postgres_url, m
 
 def _sessions(cluster, token: str) -> list[dict]:
     return cluster.client(token).request("GET", "/sessions")
+
+
+@pytest.mark.postgres
+def test_kill_9_of_the_hosts_broker_mid_cell_fails_over_and_bills_once(
+    make_cluster, postgres_url, monkeypatch
+):
+    """The host and the user are given both brokers; the host's broker is killed while a
+    cell runs: the host and the relay move to the other broker, which takes the host's
+    lease at a higher epoch and the session from the store; the cell's output arrives,
+    the kernel keeps its state, and the session is billed once for its whole life."""
+    one = make_cluster(db_url=postgres_url)
+    two = make_cluster(db_url=postgres_url)
+    both = f"{one.url},{two.url}"
+    one.start_host("host-a", "3.6", broker_url=both)
+    token = one.account("nina", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", both)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    async def scenario() -> None:
+        km = AsyncKernelManager(kernel_name="gpu-share")
+        await km.start_kernel()
+        client = km.client()
+        client.start_channels()
+        try:
+            await client.wait_for_ready(timeout=60)
+            reply = await client.execute_interactive("x = 41", timeout=30)
+            assert reply["content"]["status"] == "ok"
+            printed: list[str] = []
+
+            def output(msg: dict) -> None:
+                if msg["msg_type"] == "stream":
+                    printed.append(msg["content"]["text"])
+                    if len(printed) == 1:
+                        one.broker.kill()  # mid-cell, no goodbye
+
+            cell = (
+                "import time\nfor i in range(8):\n"
+                "    print(i, flush=True)\n    time.sleep(0.5)\nx += 1"
+            )
+            reply = await client.execute_interactive(cell, timeout=60, output_hook=output)
+            assert reply["content"]["status"] == "ok"
+            assert "".join(printed).split() == [str(i) for i in range(8)]
+            outputs: list[dict] = []
+            reply = await client.execute_interactive(
+                "print(x)", timeout=30, output_hook=outputs.append
+            )
+            assert any(o["content"].get("text") == "42\n" for o in outputs)  # its state
+        finally:
+            client.stop_channels()
+            await km.shutdown_kernel(now=False)
+
+    asyncio.run(scenario())
+    assert "host host-a connected" in two.broker.output()
+    ended = eventually(lambda: two.session_of(token, "ended"), 30, what="the session to settle")
+    lifetime = (ended["ended_us"] - ended["started_us"]) / 1e6
+    assert lifetime - 2 <= ended["billed_seconds"] <= lifetime + 1, ended  # once, all of it
+    with Store(postgres_url) as store:
+        store.check_ledger()
+        assert store.host_leases()["host-a"].epoch == 2
