@@ -178,7 +178,7 @@ async def _request_one(
             content=None if body is None else json.dumps(body).encode(),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 20)),
         )
-    except httpx.ConnectError as error:  # no connection: nothing was sent
+    except (httpx.ConnectError, httpx.ConnectTimeout) as error:  # nothing was sent
         refused = tls.describe(error, url)
         reason = str(error) or type(error).__name__
         raise _NotSent(0, refused or f"cannot reach the broker at {url}: {reason}") from None

@@ -15,7 +15,7 @@ from typing import Any
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
 from tornado.httpserver import HTTPServer
-from traitlets import Bool, Enum, Float, Int, Unicode, default, validate
+from traitlets import Bool, Enum, Float, Int, TraitError, Unicode, default, validate
 
 from ..heap import freeze_startup_objects
 from ..ledger import receipts
@@ -89,6 +89,13 @@ class BrokerApp(ExtensionApp):
         help="""This broker's id on the store, printed at start (empty: a fresh one per
         process, b-<12 hex digits>). Leases of hosts are held under it.""",
     )
+
+    @validate("broker_id")
+    def _validate_broker_id(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"]).strip()
+        if len(value) > 32 or not all(c.isalnum() or c in "-_." for c in value):
+            raise TraitError("broker_id: at most 32 letters, digits, '-', '_' or '.'")
+        return value
 
     public_url = Unicode(
         "",

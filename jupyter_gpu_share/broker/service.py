@@ -385,9 +385,20 @@ class Broker:
         held = [name for name in self.hosts if name in self.lease_epochs]
         epochs = {name: self.lease_epochs[name] for name in held}
         lost = await self.db.renew_host_leases(self.broker_id, held, now, self._lease_ttl_us())
+        current = await self.db.host_leases(sorted(lost)) if lost else {}
         for name in lost:
-            if self.lease_epochs.get(name) == epochs[name]:  # not taken anew meanwhile
+            if self.lease_epochs.get(name) != epochs[name]:
+                continue  # taken anew meanwhile (a hello)
+            lease = current.get(name)
+            if lease is not None and lease.broker_id != self.broker_id and lease.live(now):
                 self._host_moved(name)
+                continue
+            # Lapsed, not taken (this broker was late to renew, the store was away): the
+            # host is still connected here, so it is taken again, at a new epoch.
+            taken, _ = await self.db.take_host_lease(
+                name, self.broker_id, now, self._lease_ttl_us()
+            )
+            self.lease_epochs[name] = taken.epoch
 
     async def live_elsewhere(self, session_id: str, account: str, side: str) -> bool:
         """Whether a session this broker does not meter runs on another broker of the store
@@ -464,15 +475,16 @@ class Broker:
         from ..store import OfferSpec
 
         await self.ready.wait()  # the sessions it may still run are known
-        previous = None
+        new_epoch = False
         if self.shared_store:
-            lease, previous = await self.db.take_host_lease(
+            lease, _previous = await self.db.take_host_lease(
                 name, self.broker_id, now_us(), self._lease_ttl_us()
             )
+            new_epoch = self.lease_epochs.get(name) != lease.epoch
             self.lease_epochs[name] = lease.epoch
-        if previous is not None:
-            # Taken from another broker: the sessions it runs there are in the store, and
-            # ours to meter and settle from now on.
+        if new_epoch:
+            # A new epoch (from another broker, or after a lapse): the sessions the host
+            # runs are in the store, and ours to meter and settle from now on.
             for record in await self.db.list_sessions(host=name, states=LIVE_STATES):
                 if record.id not in self.sessions:
                     self.sessions[record.id] = LiveSession.from_record(record)
@@ -775,7 +787,7 @@ class Broker:
         """``(ready_us, price)`` of the payers' sessions that other brokers meter, read from
         the store at most ``max_age_us`` ago (nothing to read while this broker is alone):
         a payer on two brokers overspends by at most that long at its sessions' prices."""
-        if not self.peers or not payers:
+        if not self.shared_store or not payers:
             return {}
         read_us, cached = self._elsewhere
         now = now_us()

@@ -264,8 +264,22 @@ class KernelBridge:
             token,
             json.dumps({"type": "hello", "key": key.decode(), "signature_scheme": scheme}),
         )
-        self.ws = await self._connect_relay()
+        self.ws = await self._connect_first()
         self._relay_task = asyncio.ensure_future(self._pump_from_relay())
+
+    async def _connect_first(self) -> ClientEnd:
+        """The relay on the first broker of the list that can be reached (the session's
+        start may have gone to a later one, when the first was down)."""
+        _, token, hello = self._relay
+        for index, candidate in enumerate(self._relay_urls):
+            self._relay = (candidate, token, hello)
+            try:
+                return await self._connect_relay()
+            except (OSError, asyncio.TimeoutError, HandshakeError) as error:
+                fatal = isinstance(error, HandshakeError) and error.code in (401, 403, 404, 410)
+                if fatal or index == len(self._relay_urls) - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def _connect_relay(self) -> ClientEnd:
         url, token, hello = self._relay

@@ -74,16 +74,18 @@ class BrokerStore:
     # -- brokers ------------------------------------------------------------------------
 
     def register_broker(self, broker_id: str, public_url: str | None, now_us: int) -> None:
-        """Record a broker that starts (ids are fresh per process)."""
+        """Record a broker that starts (a configured id comes back at each restart)."""
+        values = {"public_url": (public_url or None) and public_url[:512], "seen_us": now_us}
         with self._write() as connection:
-            connection.execute(
-                insert(brokers).values(
-                    id=broker_id,
-                    public_url=(public_url or None) and public_url[:512],
-                    started_us=now_us,
-                    seen_us=now_us,
+            updated = connection.execute(
+                update(brokers)
+                .where(brokers.c.id == broker_id)
+                .values(started_us=now_us, stopped_us=None, **values)
+            ).rowcount
+            if not updated:
+                connection.execute(
+                    insert(brokers).values(id=broker_id, started_us=now_us, **values)
                 )
-            )
 
     def touch_broker(self, broker_id: str, now_us: int) -> None:
         """A broker's heartbeat."""

@@ -220,3 +220,32 @@ def test_kill_9_of_the_hosts_broker_mid_cell_fails_over_and_bills_once(
     with Store(postgres_url) as store:
         store.check_ledger()
         assert store.host_leases()["host-a"].epoch == 2
+
+
+def test_a_kernel_starts_when_the_first_broker_of_the_list_is_down(make_cluster, monkeypatch):
+    """The start went to the second broker, but the relay was opened on the first only:
+    the kernel failed to start."""
+    cluster = make_cluster()
+    cluster.start_host("host-a", "3.6")
+    token = cluster.account("nina", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", f"http://127.0.0.1:{free_port()},{cluster.url}")
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    async def scenario() -> None:
+        km = AsyncKernelManager(kernel_name="gpu-share")
+        await km.start_kernel()
+        client = km.client()
+        client.start_channels()
+        try:
+            await client.wait_for_ready(timeout=60)
+            outputs: list[dict] = []
+            reply = await client.execute_interactive(
+                "print(6 * 7)", timeout=30, output_hook=outputs.append
+            )
+            assert reply["content"]["status"] == "ok"
+            assert any(o["content"].get("text") == "42\n" for o in outputs)
+        finally:
+            client.stop_channels()
+            await km.shutdown_kernel(now=False)
+
+    asyncio.run(scenario())

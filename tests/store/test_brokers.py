@@ -108,3 +108,12 @@ def test_a_batch_with_one_session_of_another_broker_settles_nothing(
     with pytest.raises(LeaseHeld):
         store.end_sessions([(running, now, "host lost")], 0, fence=("b-one", {}))
     assert store.get_session(running).state != ENDED
+
+
+def test_a_broker_with_a_configured_id_registers_again_at_each_start(store: Store) -> None:
+    now = clock.now_us()
+    store.register_broker("broker-1", "https://one.example", now)
+    store.stop_broker("broker-1", now + SECOND)
+    assert store.broker_heartbeats() == {}
+    store.register_broker("broker-1", "https://one.example", now + 2 * SECOND)  # a restart
+    assert store.broker_heartbeats() == {"broker-1": now + 2 * SECOND}
