@@ -35,6 +35,7 @@ from jupyter_gpu_share.transport.websocket import (
 )
 
 from .tlsca import ScratchCA
+from .wsraw import upgrade_answer
 
 try:
     import uvloop
@@ -471,19 +472,8 @@ def test_a_closed_connection_refuses_writes_and_a_dead_peer_is_cut_by_pings():
 
 
 async def _accept_then_hang(reader: Any, writer: Any, behind: bytes | None = None) -> None:
-    request = await reader.readuntil(b"\r\n\r\n")
-    key = next(
-        line.split(b":", 1)[1].strip()
-        for line in request.split(b"\r\n")
-        if line.lower().startswith(b"sec-websocket-key")
-    )
-    from websockets.utils import accept_key
-
     writer.write(
-        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        b"Sec-WebSocket-Accept: "
-        + accept_key(key.decode()).encode()
-        + b"\r\n\r\n"
+        await upgrade_answer(reader)
         + (frame(0x1, b"first", masked=False) if behind is None else behind)  # in one write
     )
     if behind is not None:  # the client's close frame: gone at once, unanswered
@@ -837,18 +827,7 @@ def test_a_peer_that_pings_and_reads_nothing_gets_one_pong_owed():
     async def server(reader: Any, writer: Any) -> None:
         sock = writer.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        request = await reader.readuntil(b"\r\n\r\n")
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in request.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key")
-        )
-        from websockets.utils import accept_key
-
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n"
-        )
+        writer.write(await upgrade_answer(reader))
         ping = frame(0x9, b"p" * 125, masked=False)
         for _ in range(PINGS // 64):
             writer.write(ping * 64)

@@ -312,12 +312,12 @@ class Broker:
             self.pending_stops.setdefault(stop.session_id, stop)
         started = now_us()
         await self.db.register_broker(self.broker_id, self.settings.public_url or None, started)
-        if self.store.dialect == "sqlite":  # one broker a file (onebroker.py): the rest are gone
+        leases = {}
+        if self.shared_store:
+            self.peers = await self._read_peers(started)
+            leases = await self.db.host_leases()
+        else:  # one broker a file (onebroker.py): any other broker row is a dead one
             await self.db.stop_broker(self.broker_id, started, all_but=True)
-        self.peers = peers_live(
-            await self.db.broker_heartbeats(), self.broker_id, started, self._lease_ttl_us()
-        )
-        leases = await self.db.host_leases()
         loaded: dict[str, LiveSession] = {}
         for record in await self.db.list_sessions(states=LIVE_STATES):
             lease = leases.get(record.host)
@@ -366,6 +366,11 @@ class Broker:
             return None
         return (self.broker_id, MappingProxyType(self.lease_epochs))
 
+    async def _read_peers(self, now: int) -> list[str]:
+        """The other brokers that said they were alive within a lease's life."""
+        heartbeats = await self.db.broker_heartbeats()
+        return peers_live(heartbeats, self.broker_id, now, self._lease_ttl_us())
+
     def _lease_ttl_us(self) -> int:
         """How long a host lease holds unrenewed: twice the heartbeat timeout (renewed
         every quarter of it, one statement for all hosts)."""
@@ -376,9 +381,7 @@ class Broker:
         the hosts another broker has taken (they reconnected there)."""
         now = now_us()
         await self.db.touch_broker(self.broker_id, now)
-        peers = peers_live(
-            await self.db.broker_heartbeats(), self.broker_id, now, self._lease_ttl_us()
-        )
+        peers = await self._read_peers(now)
         if peers != self.peers:
             log.info("now %d other broker(s) on this store: %s", len(peers), ", ".join(peers))
             self.peers = peers

@@ -9,7 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -249,3 +250,22 @@ class Cluster:
 
     def logs(self) -> str:
         return "\n".join(f"===== {p.name} =====\n{p.output()[-6000:]}" for p in self.processes)
+
+
+@asynccontextmanager
+async def remote_kernel(timeout: float = 60) -> AsyncIterator[tuple[Any, Any]]:
+    """A ``gpu-share`` kernel started in this process (GPU_SHARE_BROKER_URL and _TOKEN from
+    the environment) and a client whose channels answer: ``(kernel manager, client)``;
+    shut down with a shutdown_request when the block ends."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    km = AsyncKernelManager(kernel_name="gpu-share")
+    await km.start_kernel()
+    client = km.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout)
+        yield km, client
+    finally:
+        client.stop_channels()
+        await km.shutdown_kernel(now=False)

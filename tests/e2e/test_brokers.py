@@ -13,7 +13,7 @@ from jupyter_client.manager import AsyncKernelManager
 from jupyter_gpu_share.ledger import MICRO
 from jupyter_gpu_share.store import Store
 
-from .harness import CLI, ROOT_FLAG, clean_env, eventually, free_port
+from .harness import CLI, ROOT_FLAG, clean_env, eventually, free_port, remote_kernel
 
 pytestmark = pytest.mark.e2e
 
@@ -70,12 +70,7 @@ def test_a_broker_started_beside_another_leaves_its_sessions_alone(
     assert first_id, one.broker.output()[-2000:]
 
     async def scenario() -> None:
-        km = AsyncKernelManager(kernel_name="gpu-share")
-        await km.start_kernel()
-        client = km.client()
-        client.start_channels()
-        try:
-            await client.wait_for_ready(timeout=60)
+        async with remote_kernel() as (_km, client):
             reply = await client.execute_interactive("x = 41", timeout=30)
             assert reply["content"]["status"] == "ok"
             session = one.session_of(token, "running")
@@ -100,9 +95,6 @@ def test_a_broker_started_beside_another_leaves_its_sessions_alone(
             assert reply["content"]["status"] == "ok"
             assert any(o["content"].get("text") == "42\n" for o in outputs)
             assert "host lost" not in two.broker.output()
-        finally:
-            client.stop_channels()
-            await km.shutdown_kernel(now=False)
 
     asyncio.run(scenario())
     ended = eventually(lambda: one.session_of(token, "ended"), 30, what="the session to settle")
@@ -180,12 +172,7 @@ def test_kill_9_of_the_hosts_broker_mid_cell_fails_over_and_bills_once(
     monkeypatch.setenv("GPU_SHARE_TOKEN", token)
 
     async def scenario() -> None:
-        km = AsyncKernelManager(kernel_name="gpu-share")
-        await km.start_kernel()
-        client = km.client()
-        client.start_channels()
-        try:
-            await client.wait_for_ready(timeout=60)
+        async with remote_kernel() as (_km, client):
             reply = await client.execute_interactive("x = 41", timeout=30)
             assert reply["content"]["status"] == "ok"
             printed: list[str] = []
@@ -208,9 +195,6 @@ def test_kill_9_of_the_hosts_broker_mid_cell_fails_over_and_bills_once(
                 "print(x)", timeout=30, output_hook=outputs.append
             )
             assert any(o["content"].get("text") == "42\n" for o in outputs)  # its state
-        finally:
-            client.stop_channels()
-            await km.shutdown_kernel(now=False)
 
     asyncio.run(scenario())
     assert "host host-a connected" in two.broker.output()
@@ -232,20 +216,12 @@ def test_a_kernel_starts_when_the_first_broker_of_the_list_is_down(make_cluster,
     monkeypatch.setenv("GPU_SHARE_TOKEN", token)
 
     async def scenario() -> None:
-        km = AsyncKernelManager(kernel_name="gpu-share")
-        await km.start_kernel()
-        client = km.client()
-        client.start_channels()
-        try:
-            await client.wait_for_ready(timeout=60)
+        async with remote_kernel() as (_km, client):
             outputs: list[dict] = []
             reply = await client.execute_interactive(
                 "print(6 * 7)", timeout=30, output_hook=outputs.append
             )
             assert reply["content"]["status"] == "ok"
             assert any(o["content"].get("text") == "42\n" for o in outputs)
-        finally:
-            client.stop_channels()
-            await km.shutdown_kernel(now=False)
 
     asyncio.run(scenario())

@@ -20,7 +20,7 @@ from tornado.httpclient import HTTPRequest
 
 from jupyter_gpu_share.ledger import MICRO
 
-from .harness import clean_env, eventually
+from .harness import clean_env, eventually, remote_kernel
 
 
 def loop_in_use_by_default() -> str:
@@ -306,7 +306,6 @@ def test_a_fresh_kernels_info_is_answered_by_the_bridge_then_by_the_kernel(
     """The first kernel_info_requests (jupyter_server's, its nudge's, the lab's) are answered
     by the bridge from the reply the host got at start; from the first other request on,
     every one goes to the kernel, in order."""
-    from jupyter_client.manager import AsyncKernelManager
 
     cluster = make_cluster()
     cluster.start_host("host-a")
@@ -315,13 +314,8 @@ def test_a_fresh_kernels_info_is_answered_by_the_bridge_then_by_the_kernel(
     monkeypatch.setenv("GPU_SHARE_TOKEN", token)
 
     async def scenario() -> None:
-        km = AsyncKernelManager(kernel_name="gpu-share")
-        await km.start_kernel()
-        client = km.client()
-        client.start_channels()
-        try:
+        async with remote_kernel() as (km, client):
             bridge = km.provisioner.bridge
-            await client.wait_for_ready(timeout=60)  # kernel_info until iopub answers
             assert bridge.kernel_info.answered >= 1
             reply = await client.kernel_info(reply=True, timeout=10)
             assert reply["content"]["language_info"]["name"] == "python"
@@ -350,8 +344,5 @@ def test_a_fresh_kernels_info_is_answered_by_the_bridge_then_by_the_kernel(
                     if states[-1] == "idle":
                         break
             assert states == ["busy", "idle"]
-        finally:
-            client.stop_channels()
-            await km.shutdown_kernel(now=False)
 
     asyncio.run(scenario())

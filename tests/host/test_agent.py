@@ -442,25 +442,15 @@ def test_app_sandbox_flags(tmp_path) -> None:
 def test_a_backlogged_relay_holds_the_kernels_channel_until_it_drains() -> None:
     """Found by a stranger's review: with the broker not reading (it holds a host whose
     renter drains slowly), 96 MiB of kernel output queued in the agent's relay end."""
-    from websockets.utils import accept_key
-
     from jupyter_gpu_share import wire
     from jupyter_gpu_share.host.agent import HostSession
     from jupyter_gpu_share.transport import websocket as ws
+    from tests.wsraw import upgrade_answer
 
     drain = asyncio.Event()
 
     async def broker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        request = await reader.readuntil(b"\r\n\r\n")
-        key = next(
-            line.split(b":", 1)[1].strip()
-            for line in request.split(b"\r\n")
-            if line.lower().startswith(b"sec-websocket-key")
-        )
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Accept: " + accept_key(key.decode()).encode() + b"\r\n\r\n"
-        )
+        writer.write(await upgrade_answer(reader))
         await drain.wait()  # reads nothing until told
         while await reader.read(1 << 20):
             pass
