@@ -7,6 +7,7 @@ connections live an hour. :data:`SERVER_BLOCK` is the README's configuration.
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -60,10 +61,36 @@ def nginx_path() -> str | None:
     )
 
 
-class Nginx:
-    """``nginx`` serving TLS on ``port`` and proxying to ``upstream`` (HOST:PORT)."""
+DEPLOYED = Path(__file__).parents[1] / "server_extension" / "deploy" / "nginx-brokers.conf"
 
-    def __init__(self, folder: Path, upstream: str, cert: Path, key: Path) -> None:
+
+def deployed_example(upstreams: list[str], listen: str, cert: Path, key: Path) -> str:
+    """``server_extension/deploy/nginx-brokers.conf`` with the test's brokers (HOST:PORT),
+    address and certificate in place of the example's."""
+    text = DEPLOYED.read_text()
+    servers = re.findall(r"^    server \S+ (.*);$", text, flags=re.M)
+    assert servers, "the example names no upstream server"
+    text = re.sub(r"^    server \S+ .*;\n", "", text, flags=re.M)
+    lines = "".join(f"    server {u} {servers[0]};\n" for u in upstreams)
+    text = text.replace("upstream gpu_share_brokers {\n", "upstream gpu_share_brokers {\n" + lines)
+    text = re.sub(r"listen 443 ssl;", f"listen {listen} ssl;", text)
+    text = re.sub(r"ssl_certificate +\S+;", f"ssl_certificate {cert};", text)
+    text = re.sub(r"ssl_certificate_key +\S+;", f"ssl_certificate_key {key};", text)
+    return text
+
+
+class Nginx:
+    """``nginx`` serving TLS on ``port`` and proxying to ``upstream`` (HOST:PORT), or, with
+    ``upstreams``, the deployed example in front of several brokers."""
+
+    def __init__(
+        self,
+        folder: Path,
+        upstream: str,
+        cert: Path,
+        key: Path,
+        upstreams: list[str] | None = None,
+    ) -> None:
         binary = nginx_path()
         if binary is None:
             raise RuntimeError("nginx is not installed (apt-get install nginx-light)")
@@ -72,9 +99,11 @@ class Nginx:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         self.url = f"https://127.0.0.1:{self.port}"
-        server = SERVER_BLOCK.format(
-            listen=f"127.0.0.1:{self.port}", cert=cert, key=key, upstream=upstream
-        )
+        listen = f"127.0.0.1:{self.port}"
+        if upstreams:
+            server = deployed_example(upstreams, listen, cert, key)
+        else:
+            server = SERVER_BLOCK.format(listen=listen, cert=cert, key=key, upstream=upstream)
         config = folder / "nginx.conf"
         config.write_text(MAIN.format(folder=folder, server=server))
         self.error_log = folder / "error.log"

@@ -16,7 +16,8 @@ from jupyter_server.base.handlers import APIHandler
 from tornado import web
 from websockets.exceptions import PayloadTooBig
 
-from ..ledger import earnings_by_day, price_per_hour, price_per_second_from_hour
+from ..clock import now_us
+from ..ledger import cost_at, earnings_by_day, price_per_hour, price_per_second_from_hour
 from ..store import (
     Conflict,
     InsufficientFunds,
@@ -30,6 +31,7 @@ from ..transport.websocket import (
     WebSocketEndpoint,
 )
 from .auth import AUTH_RESOURCE, ROLES, BrokerUser, bearer_token
+from .health import HealthHandler
 from .host_messages import (
     HostMessageError,
     heartbeat_busy,
@@ -41,8 +43,9 @@ from .host_messages import (
 )
 from .matching import NoMatch, SessionRequest, offer_is_free
 from .openapi import openapi_document
+from .peers import FORWARDED_BY, PeerUnreachable, forward
 from .relay import CLOSE_BUFFER_FULL, USER
-from .service import LIVE_STATES, Broker, Queued, Refused
+from .service import LIVE_STATES, Broker, Placed, Queued, Refused
 
 log = logging.getLogger("jupyter_gpu_share.broker")
 
@@ -112,6 +115,43 @@ class BrokerAPIHandler(APIHandler):
         for name, value in getattr(error, "headers", {}).items():
             self.set_header(name, value)
         super().write_error(status_code, **kwargs)
+
+    async def send_on(
+        self, serving: tuple[str, str | None], method: str, body: dict[str, Any] | None = None
+    ) -> None:
+        """Answer with what the broker serving the host answers to this request (several
+        brokers on one store: ``peers.py``)."""
+        broker_id, url = serving
+        if self.request.headers.get(FORWARDED_BY):
+            raise HeaderedError(
+                503, "the host moved to another broker meanwhile; try again", {"Retry-After": 1}
+            )
+        if not url:
+            raise HeaderedError(
+                503,
+                f"the host is served by broker {broker_id}, which has no public URL "
+                "(set BrokerApp.public_url on every broker of the store)",
+                {"Retry-After": 5},
+            )
+        try:
+            answer = await forward(
+                url,
+                method,
+                self.request.path,
+                authorization=f"Bearer {bearer_token(self)}",
+                broker_id=self.broker.broker_id,
+                body=body,
+            )
+        except PeerUnreachable:
+            raise HeaderedError(
+                503,
+                f"broker {broker_id}, which serves the host, did not answer; try again",
+                {"Retry-After": 2},
+            ) from None
+        self.set_status(answer.status)
+        for name, value in answer.headers.items():
+            self.set_header(name, value)
+        self.finish(answer.body)
 
     def require_role(self, *roles: str) -> None:
         """Refuse the request unless the caller has one of ``roles``."""
@@ -277,9 +317,9 @@ def account_model(account: Any) -> dict[str, Any]:
 
 def offer_model(broker: Broker, offer: Any, loads: dict[str, Any]) -> dict[str, Any]:
     """The JSON of an online offer."""
-    link = broker.hosts.get(offer.host)
     load = loads.get(offer.host)
     free = offer_is_free(offer, load)
+    details = broker.offer_details(offer)
     return {
         "id": offer.id,
         "host_id": offer.host,
@@ -289,12 +329,12 @@ def offer_model(broker: Broker, offer: Any, loads: dict[str, Any]) -> dict[str, 
         "price_per_second_micro": offer.price_per_second_micro,
         "price_per_hour_micro": price_per_hour(offer.price_per_second_micro),
         "state": "free" if free else "busy",
-        "telemetry": link.telemetry if link is not None else {},
+        "telemetry": details["telemetry"],
         "reliability": offer.reliability,
         "shared": offer.shared,
-        "speed": link.benchmarks.get(offer.id) if link is not None else None,
+        "speed": details["speed"],
         # How the host isolates renters (its network above all), as the host says it does.
-        "sandbox": link.sandboxes.get(offer.id) if link is not None else None,
+        "sandbox": details["sandbox"],
     }
 
 
@@ -313,6 +353,13 @@ async def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         record = replace(record, state="running", ready_us=in_memory.ready_us)
     stopping = broker.stopping_cost(record.id) if record.state in LIVE_STATES else None
     live = record.state in LIVE_STATES and stopping is None
+    serving_url = broker.settings.public_url or None
+    cost = broker.cost_so_far(record.id) if live else (record.amount_micro or 0)
+    if live and in_memory is None:  # metered by the broker that serves its host
+        serving = await broker.serving_broker(record.host)
+        serving_url = serving[1] if serving is not None else None
+        if record.ready_us is not None:
+            cost = cost_at(record.ready_us, now_us(), record.price_per_second_micro)
     return {
         "id": record.id,
         "state": "stopping" if stopping is not None else record.state,
@@ -331,14 +378,10 @@ async def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         "end_reason": record.end_reason,
         "billed_seconds": record.billed_seconds,
         "amount_micro": record.amount_micro,
-        "cost_so_far_micro": (
-            stopping
-            if stopping is not None
-            else broker.cost_so_far(record.id)
-            if live
-            else (record.amount_micro or 0)
-        ),
+        "cost_so_far_micro": stopping if stopping is not None else cost,
         "relay_path": f"{API}/relay/{record.id}/user" if live else None,
+        # Several brokers: where the broker that serves it is (its relay is there).
+        "broker_url": serving_url if live else None,
         "class": record.class_name,
         "host_telemetry": _telemetry_of(broker, record) if live else None,
         # When the broker will stop it (quota or credit), so the lab can save the notebook first.
@@ -479,10 +522,10 @@ class OffersHandler(BrokerAPIHandler):
     @web.authenticated
     @authorized
     async def get(self) -> None:
-        loads = self.broker.host_loads()
         offers = sorted(
             await self.broker.online_offers(), key=lambda o: (o.price_per_second_micro, o.id)
         )
+        loads = self.broker.host_loads()
         self.write_json([offer_model(self.broker, o, loads) for o in offers])
 
 
@@ -534,7 +577,14 @@ class SessionsHandler(BrokerAPIHandler):
             minimum=1,
             maximum=int(self.broker.settings.orphan_max_keep_alive_s),
         )
-        record = await self.broker.start_session(self.account.name, request, class_name, keep_alive)
+        try:
+            record = await self.broker.start_session(
+                self.account.name, request, class_name, keep_alive
+            )
+        except Placed as placed:  # on a host another broker serves: that broker starts it
+            pinned = {**body, "offer_id": placed.offer_id}
+            await self.send_on((placed.broker_id, placed.url), "POST", pinned)
+            return
         self.set_header("Location", f"{self.base_url.rstrip('/')}{API}/sessions/{record.id}")
         self.write_json(await session_model(self.broker, record), 201)
 
@@ -556,10 +606,20 @@ class SessionHandler(BrokerAPIHandler):
             raise web.HTTPError(404, f"no session {session_id!r}")
         return record
 
+    async def _served_elsewhere(self, record: Any) -> tuple[str, str | None] | None:
+        """The other broker that serves a running session's host (None: this one)."""
+        if record.state not in LIVE_STATES or record.id in self.broker.sessions:
+            return None
+        return await self.broker.serving_broker(record.host)
+
     @web.authenticated
     @authorized
     async def get(self, session_id: str) -> None:
         record = await self._visible_session(session_id)
+        serving = await self._served_elsewhere(record)
+        if serving is not None:  # its cost so far and its stop are known there
+            await self.send_on(serving, "GET")
+            return
         self.write_json(await session_model(self.broker, record))
 
     @web.authenticated
@@ -570,6 +630,10 @@ class SessionHandler(BrokerAPIHandler):
             raise web.HTTPError(
                 403, "a host ends sessions by stopping the kernel, not through the API"
             )
+        serving = await self._served_elsewhere(record)
+        if serving is not None:  # that broker stops it and settles it
+            await self.send_on(serving, "DELETE")
+            return
         ended = await self.broker.stop_session(record.id)
         if ended is None:  # the kernel is stopped; the settlement waits for the store
             self.write_json(await session_model(self.broker, record), status=202)
@@ -813,11 +877,20 @@ class RelayHandler(BrokerWebSocket):
         # a relay that reconnects at once must not be told its session is gone.
         await self.broker.ready.wait()
         live = self.broker.sessions.get(session_id)
-        if live is None and await self.broker.live_elsewhere(session_id, account.name, side):
-            # Several brokers: the session runs, and its host is connected to another
-            # broker, or on its way to this one (a failover): come back in a moment.
-            self.set_header("Retry-After", "1")
-            raise web.HTTPError(503, f"session {session_id!r} is not served by this broker now")
+        if live is None:
+            serving = await self.broker.live_elsewhere(session_id, account.name, side)
+            if serving is not None and serving[1]:
+                # Several brokers: its host is another broker's; the relay is there.
+                self.redirect(f"{serving[1].rstrip('/')}{self.request.path}", status=307)
+                return
+            if serving is not None:
+                # On its way to this broker (a failover), or its broker has no public
+                # URL: come back in a moment.
+                raise HeaderedError(
+                    503,
+                    f"session {session_id!r} is not served by this broker now",
+                    {"Retry-After": 1},
+                )
         if live is None:
             raise web.HTTPError(404, f"no running session {session_id!r}")
         owner = live.renter if side == USER else live.host
@@ -865,6 +938,7 @@ def default_handlers() -> list[tuple[str, type]]:
     sid = r"(?P<session_id>s-[0-9a-f]{1,64})"
     return [
         (rf"{API}/openapi.json", OpenAPIHandler),
+        (rf"{API}/health", HealthHandler),
         (rf"{API}/me", MeHandler),
         (rf"{API}/accounts", AccountsHandler),
         (rf"{API}/accounts/(?P<name>[^/]+)/tokens", TokensHandler),

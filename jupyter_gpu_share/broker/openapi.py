@@ -221,6 +221,11 @@ _SCHEMAS: dict[str, Any] = {
             "amount_micro": {"type": ["integer", "null"]},
             "cost_so_far_micro": {"type": "integer"},
             "relay_path": {"type": ["string", "null"]},
+            "broker_url": {
+                "type": ["string", "null"],
+                "description": "the public URL of the broker that serves the session's host "
+                "(several brokers on one store): its relay is there",
+            },
             "class": {"type": ["string", "null"]},
             "stops_at_us": {
                 "type": ["integer", "null"],
@@ -356,6 +361,16 @@ def _document() -> dict[str, Any]:
         },
         "security": [{"bearer": []}],
         "paths": {
+            "/gpu-share/api/health": {
+                "get": {
+                    "summary": "Whether this broker serves now (for load balancers; no token)",
+                    "security": [],
+                    "responses": {
+                        "200": _json({"type": "object"}, "serving"),
+                        "503": _json({"type": "object"}, "not serving, with the reason"),
+                    },
+                }
+            },
             "/gpu-share/api/me": {
                 "get": {
                     "summary": "The caller's account",

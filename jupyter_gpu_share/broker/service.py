@@ -37,6 +37,7 @@ from ..clock import now_us
 from ..ledger import billed_seconds, cost_at, credit_runs_out_us, stop_instant_us
 from ..store import Conflict, LeaseHeld, NotFound, Store, StoreUnavailable, unavailable
 from ..store.aio import AsyncStore
+from ..store.brokers import HostElsewhere
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .matching import (
     HostLoad,
@@ -48,6 +49,7 @@ from .matching import (
     offer_is_free,
 )
 from .ownership import peers_live
+from .peers import close_clients
 from .ratelimit import RateLimiter
 from .relay import (
     CLOSE_CLIENT_GONE,
@@ -100,6 +102,17 @@ class Queued(Exception):
         )
         self.position = position
         self.retry_after = retry_after
+
+
+class Placed(Exception):
+    """The chosen offer's host is served by another broker: the start is sent there."""
+
+    def __init__(self, offer_id: int, host: str, broker_id: str, url: str | None):
+        super().__init__(f"offer {offer_id} is on host {host}, served by broker {broker_id}")
+        self.offer_id = offer_id
+        self.host = host
+        self.broker_id = broker_id
+        self.url = url
 
 
 class Refused(Exception):
@@ -263,6 +276,9 @@ class Broker:
         self._elsewhere: tuple[int, dict[str, list[tuple[int, int]]]] = (0, {})
         self._elsewhere_asked: set[str] = set()
         self._balance_read_us = 0
+        self.renewed_us = now_us()  # this broker's row and leases last renewed (health)
+        # The hosts the other brokers serve, as last read (at most a second ago).
+        self._hosts_elsewhere: tuple[int, list[HostElsewhere]] = (0, [])
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -356,7 +372,7 @@ class Broker:
         ]
         if self.shared_store:
             self._tasks.append(
-                loop.create_task(self._every(self._lease_ttl_us() / 4e6, self.renew_leases))
+                loop.create_task(self._every(self.lease_ttl_us / 4e6, self.renew_leases))
             )
 
     @property
@@ -369,9 +385,10 @@ class Broker:
     async def _read_peers(self, now: int) -> list[str]:
         """The other brokers that said they were alive within a lease's life."""
         heartbeats = await self.db.broker_heartbeats()
-        return peers_live(heartbeats, self.broker_id, now, self._lease_ttl_us())
+        return peers_live(heartbeats, self.broker_id, now, self.lease_ttl_us)
 
-    def _lease_ttl_us(self) -> int:
+    @property
+    def lease_ttl_us(self) -> int:
         """How long a host lease holds unrenewed: twice the heartbeat timeout (renewed
         every quarter of it, one statement for all hosts)."""
         return int(2 * self.settings.heartbeat_timeout * 1_000_000)
@@ -387,7 +404,8 @@ class Broker:
             self.peers = peers
         held = [name for name in self.hosts if name in self.lease_epochs]
         epochs = {name: self.lease_epochs[name] for name in held}
-        lost = await self.db.renew_host_leases(self.broker_id, held, now, self._lease_ttl_us())
+        lost = await self.db.renew_host_leases(self.broker_id, held, now, self.lease_ttl_us)
+        self.renewed_us = now
         current = await self.db.host_leases(sorted(lost)) if lost else {}
         for name in lost:
             if self.lease_epochs.get(name) != epochs[name]:
@@ -398,23 +416,26 @@ class Broker:
                 continue
             # Lapsed, not taken (this broker was late to renew, the store was away): the
             # host is still connected here, so it is taken again, at a new epoch.
-            taken, _ = await self.db.take_host_lease(
-                name, self.broker_id, now, self._lease_ttl_us()
-            )
+            taken, _ = await self.db.take_host_lease(name, self.broker_id, now, self.lease_ttl_us)
             self.lease_epochs[name] = taken.epoch
 
-    async def live_elsewhere(self, session_id: str, account: str, side: str) -> bool:
-        """Whether a session this broker does not meter runs on another broker of the store
-        (several brokers only), for ``account`` on its ``side`` ("user" or "host")."""
+    async def live_elsewhere(
+        self, session_id: str, account: str, side: str
+    ) -> tuple[str, str | None] | None:
+        """For a session this broker does not meter that is live on the store (several
+        brokers only), for ``account`` on its ``side`` ("user" or "host"): the broker that
+        serves its host and its public URL (``("", None)``: none now, a failover)."""
         if not self.shared_store:
-            return False
+            return None
         try:
             record = await self.db.get_session(session_id)
         except NotFound:
-            return False
+            return None
         if record.state not in LIVE_STATES:
-            return False
-        return account == (record.renter if side == "user" else record.host)
+            return None
+        if account != (record.renter if side == "user" else record.host):
+            return None
+        return await self.serving_broker(record.host) or ("", None)
 
     def _host_moved(self, name: str) -> None:
         """Another broker owns this host now: stop acting on it and its sessions (that
@@ -453,6 +474,7 @@ class Broker:
             )
         except Exception as error:  # its leases lapse by themselves
             log.warning("leases not released: %s", error or type(error).__name__)
+        await close_clients()
         await asyncio.get_running_loop().run_in_executor(None, self.db.close)
 
     async def _every(self, interval: float, job: Any) -> None:
@@ -481,7 +503,7 @@ class Broker:
         new_epoch = False
         if self.shared_store:
             lease, _previous = await self.db.take_host_lease(
-                name, self.broker_id, now_us(), self._lease_ttl_us()
+                name, self.broker_id, now_us(), self.lease_ttl_us
             )
             new_epoch = self.lease_epochs.get(name) != lease.epoch
             self.lease_epochs[name] = lease.epoch
@@ -548,6 +570,8 @@ class Broker:
         self._host_schedules[name] = (schedule, int(hello.get("utc_offset_s") or 0))
         self._reliability.pop(name, None)
         self.hosts[name] = link
+        if self.shared_store:  # what the other brokers show of its offers
+            await self.db.set_host_profile(name, self.broker_id, _profile(link, hello))
         still_running = set(hello.get("sessions", []))
         link.send(
             {
@@ -692,7 +716,8 @@ class Broker:
     # -- sessions ---------------------------------------------------------------------------
 
     def host_loads(self) -> dict[str, HostLoad]:
-        """Live kernels per connected host, for matching."""
+        """Live kernels per online host, for matching (the other brokers' hosts: as read
+        with their offers, see hosts_elsewhere)."""
         loads = {
             name: HostLoad(max_kernels=link.max_kernels)
             for name, link in self.hosts.items()
@@ -703,13 +728,80 @@ class Broker:
             if load is not None:
                 load.live_kernels += 1
                 load.busy_offer_ids.add(live.offer_id)
+        for there in self._hosts_elsewhere[1]:
+            if there.host not in loads:
+                loads[there.host] = HostLoad(
+                    max_kernels=_positive(there.profile.get("max_kernels")),
+                    live_kernels=len(there.taken_offer_ids),
+                    busy_offer_ids=set(there.taken_offer_ids),
+                )
         return loads
 
     async def online_offers(self) -> list[OfferView]:
-        """Offers of the hosts connected now, with their hosts' reliability."""
+        """Offers of the online hosts (connected here, or served by another broker of the
+        store), with their hosts' reliability."""
         links = [link for link in self.hosts.values() if link.channel is not None]
         scores = {link.name: (await self.host_reliability(link.name)).score for link in links}
-        return [replace(o, reliability=scores[link.name]) for link in links for o in link.offers]
+        offers = [replace(o, reliability=scores[link.name]) for link in links for o in link.offers]
+        for there in await self.hosts_elsewhere():
+            if there.host in scores:
+                continue  # connected here too: it is on its way from that broker
+            profile = there.profile
+            schedule = profile.get("schedule")
+            schedule = schedule if isinstance(schedule, str) else None
+            offset = _int(profile.get("utc_offset_s"))
+            self._host_schedules.setdefault(there.host, (schedule, offset))
+            score = (await self.host_reliability(there.host)).score
+            described = profile.get("offers") if isinstance(profile.get("offers"), dict) else {}
+            for offer in there.offers:
+                about = described.get(str(offer.id))
+                shared = isinstance(about, dict) and about.get("shared") is True
+                offers.append(replace(_offer_view(offer), reliability=score, shared=shared))
+        return offers
+
+    async def hosts_elsewhere(self, max_age_us: int = 1_000_000) -> list[HostElsewhere]:
+        """The hosts the other brokers of the store serve now (none on SQLite), read at
+        most ``max_age_us`` ago."""
+        if not self.shared_store:
+            return []
+        read_us, cached = self._hosts_elsewhere
+        now = now_us()
+        if now - read_us > max_age_us:
+            cached = await self.db.hosts_elsewhere(self.broker_id, now)
+            self._hosts_elsewhere = (now, cached)
+        return cached
+
+    def offer_details(self, offer: Any) -> dict[str, Any]:
+        """What a host said of an offer: its telemetry (live only for the hosts connected
+        here), its self-test result and its sandbox."""
+        link = self.hosts.get(offer.host)
+        if link is not None:
+            return {
+                "telemetry": link.telemetry,
+                "speed": link.benchmarks.get(offer.id),
+                "sandbox": link.sandboxes.get(offer.id),
+            }
+        for there in self._hosts_elsewhere[1]:
+            if there.host == offer.host:
+                described = there.profile.get("offers")
+                about = described.get(str(offer.id)) if isinstance(described, dict) else None
+                about = about if isinstance(about, dict) else {}
+                return {
+                    "telemetry": {},
+                    "speed": about.get("benchmark"),
+                    "sandbox": about.get("sandbox"),
+                }
+        return {"telemetry": {}, "speed": None, "sandbox": None}
+
+    async def serving_broker(self, host: str) -> tuple[str, str | None] | None:
+        """The other broker serving a host now, and its public URL (None: this broker,
+        or none: the host is offline or on its way between brokers)."""
+        if not self.shared_store:
+            return None
+        lease = (await self.db.host_leases([host])).get(host)
+        if lease is None or lease.broker_id == self.broker_id or not lease.live(now_us()):
+            return None
+        return lease.broker_id, await self.db.broker_url(lease.broker_id)
 
     async def host_reliability(self, name: str, max_age_s: float = 10.0) -> Reliability:
         """A host's reliability over the last 30 days (cached for ``max_age_s``)."""
@@ -767,6 +859,7 @@ class Broker:
             return await self._start_class_session(renter, request, class_name)
         balance = await self.db.balance(renter)
         await self.running_elsewhere({renter}, max_age_us=0)  # what it runs on other brokers
+        await self.hosts_elsewhere(max_age_us=0)  # which of their offers are free now
         offer = choose_offer(
             await self.online_offers(),
             self.host_loads(),
@@ -774,7 +867,18 @@ class Broker:
             balance - self.committed(renter),
             self.settings.minimum_start_seconds,
         )
+        self._placed_here(offer)
         return await self._launch(renter, renter, offer, balance)
+
+    def _placed_here(self, offer: OfferView) -> None:
+        """Raise Placed when an offer's host is served by another broker (matching chose
+        among every broker's offers)."""
+        link = self.hosts.get(offer.host)
+        if link is not None and link.channel is not None:
+            return
+        for there in self._hosts_elsewhere[1]:
+            if there.host == offer.host:
+                raise Placed(offer.id, offer.host, there.broker_id, there.public_url)
 
     def committed(self, payer: str) -> int:
         """The running (not yet settled) cost of a payer's sessions, on this broker and, as
@@ -890,15 +994,19 @@ class Broker:
         if problem:
             raise Refused(403, f"class {class_name}: {problem}")
         class_request = SessionRequest(
+            # Sent on by another broker, pinned to the offer it chose (among those that fit).
+            offer_id=request.offer_id,
             gpu_model=record.gpu_model or request.gpu_model,
             max_price_per_second_micro=record.max_price_per_second_micro,
             min_gpu_memory_mib=request.min_gpu_memory_mib,
         )
         line = self.lines.setdefault(class_name, WaitingLine())
+        await self.hosts_elsewhere(max_age_us=0)
+        online = await self.online_offers()
         loads = self.host_loads()
         free = [
             o
-            for o in await self.online_offers()
+            for o in online
             if offer_fits(o, class_request) and offer_is_free(o, loads.get(o.host))
         ]
         place = line.peek(student, now)
@@ -916,6 +1024,7 @@ class Broker:
             if error.status == 409:
                 raise Queued(line.place(student, now)) from None
             raise
+        self._placed_here(offer)  # the serving broker checks it all again, and launches it
         line.leave(student)
         return await self._launch(student, record.account, offer, record.budget_micro, class_name)
 
@@ -1289,6 +1398,31 @@ def _offer_view(offer: Any) -> OfferView:
         gpu_memory_mib=offer.gpu_memory_mib,
         price_per_second_micro=offer.price_per_second_micro,
     )
+
+
+def _profile(link: HostLink, hello: dict[str, Any]) -> dict[str, Any]:
+    """What the other brokers of the store need of a host's hello to offer its GPUs."""
+    offers: dict[str, dict[str, Any]] = {}
+    for offer in link.offers:
+        offers[str(offer.id)] = {
+            "shared": offer.shared,
+            "benchmark": link.benchmarks.get(offer.id),
+            "sandbox": link.sandboxes.get(offer.id),
+        }
+    return {
+        "max_kernels": link.max_kernels,
+        "schedule": hello.get("schedule") if isinstance(hello.get("schedule"), str) else None,
+        "utc_offset_s": int(hello.get("utc_offset_s") or 0),
+        "offers": offers,
+    }
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def _positive(value: Any) -> int:
+    return max(1, _int(value))
 
 
 def link_last_seen(link: HostLink | None, live: LiveSession) -> int:

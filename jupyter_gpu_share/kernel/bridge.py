@@ -20,6 +20,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from typing import Any, TypeVar
+from urllib.parse import urljoin, urlsplit
 
 import zmq
 import zmq.asyncio
@@ -283,7 +284,22 @@ class KernelBridge:
 
     async def _connect_relay(self) -> ClientEnd:
         url, token, hello = self._relay
-        ws = await connect(
+        try:
+            ws = await self._open(url, token)
+        except HandshakeError as error:
+            # Several brokers: the session's host is served by another one; its relay is
+            # there. One redirect, never from https to http (the token goes with it).
+            target = relay_redirect(url, error)
+            if target is None:
+                raise
+            log.info("relay of session %s is at %s", self.session_id, target)
+            ws = await self._open(target, token)
+        # The host ignores a repeated hello with the same key (after a reconnect).
+        await _written(ws.write_message(hello))
+        return ws
+
+    async def _open(self, url: str, token: str) -> ClientEnd:
+        return await connect(
             url,
             headers={"Authorization": f"Bearer {token}"},
             ssl_context=tls.context_for(url),  # the system's CAs and $GPU_SHARE_CA_FILE
@@ -291,9 +307,6 @@ class KernelBridge:
             connect_timeout=20,
             handshake_timeout=60,
         )
-        # The host ignores a repeated hello with the same key (after a reconnect).
-        await _written(ws.write_message(hello))
-        return ws
 
     async def _reconnect(self) -> ClientEnd | None:
         """Reconnect after the broker went away (not after it ended the session): to the
@@ -441,3 +454,19 @@ class KernelBridge:
         self.hb = None
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+def relay_redirect(url: str, error: HandshakeError) -> str | None:
+    """The ws(s) URL a relay's upgrade was redirected to, or None: not a redirect, or one
+    the bridge does not follow (to another scheme than http(s)/ws(s), or from TLS to
+    plain text)."""
+    if error.code not in (301, 302, 303, 307, 308) or not error.location:
+        return None
+    target = urljoin(url.replace("ws", "http", 1), error.location)
+    scheme = urlsplit(target).scheme
+    if scheme not in ("http", "https", "ws", "wss") or not urlsplit(target).hostname:
+        return None
+    secure = scheme in ("https", "wss")
+    if url.startswith("wss") and not secure:
+        return None
+    return ("wss" if secure else "ws") + target[target.index(":") :]

@@ -229,7 +229,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             session["id"],
             session["price_per_hour_micro"],
         )
-        urls = [websocket_url(url, session["relay_path"]) for url in broker_urls(self.broker_url)]
+        urls = relay_urls(session, broker_urls(self.broker_url))
         bridge = self.bridge
         try:
             await self._loop().run(
@@ -326,3 +326,12 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         """Restore the session id."""
         await super().load_provisioner_info(provisioner_info)
         self.session = provisioner_info.get("session")
+
+
+def relay_urls(session: dict[str, Any], brokers: list[str]) -> list[str]:
+    """Where a session's relay is, in order: at the broker that serves its host (several
+    brokers on one store: it says where it is), then at each broker of the list."""
+    path = session["relay_path"]
+    serving = session.get("broker_url")
+    first = [websocket_url(serving, path)] if isinstance(serving, str) and serving else []
+    return list(dict.fromkeys(first + [websocket_url(url, path) for url in brokers]))

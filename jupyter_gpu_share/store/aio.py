@@ -60,6 +60,8 @@ READS = frozenset(
         "broker_heartbeats",
         "running_costs",
         "host_leases",
+        "hosts_elsewhere",
+        "broker_url",
     }
 )
 DEFAULT_READERS = 4

@@ -3,7 +3,9 @@ the hosts connected to it (the rules are ``broker/ownership.py``; this persists 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select, update
@@ -56,6 +58,30 @@ class LeaseHeld(StoreError):
         self.holders = holders  # session id -> the broker that owns its host
         names = ", ".join(f"{s} (broker {holders[s]})" for s in session_ids)
         super().__init__(f"owned by another broker: {names}")
+
+
+@dataclass(frozen=True)
+class HostElsewhere:
+    """A host another broker serves now (a live lease), as the store has it: where that
+    broker is, what the host said in its hello, and which of its offers are taken."""
+
+    host: str
+    broker_id: str
+    public_url: str | None
+    profile: dict[str, Any]
+    offers: list[Any]
+    taken_offer_ids: list[int] = field(default_factory=list)
+
+
+MAX_PROFILE_CHARS = 256 * 1024  # a hello is bounded well below this (host_hello_max_bytes)
+
+
+def _profile(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _lease(row: Any) -> Lease:
@@ -188,6 +214,75 @@ class BrokerStore:
             connection.execute(_RENEW, params)
             held = {row[0] for row in connection.execute(_HELD, params)}
         return set(hosts) - held
+
+    def set_host_profile(self, host: str, broker_id: str, profile: dict[str, Any]) -> None:
+        """Record what a host this broker serves said in its hello (for the others)."""
+        text = json.dumps(profile, separators=(",", ":"))
+        if len(text) > MAX_PROFILE_CHARS:
+            text = json.dumps({k: v for k, v in profile.items() if k != "offers"})
+        with self._write() as connection:
+            connection.execute(
+                update(leases)
+                .where(
+                    leases.c.broker_id == broker_id,
+                    leases.c.host_account_id.in_(
+                        select(accounts.c.id).where(accounts.c.name == host).scalar_subquery()
+                    ),
+                )
+                .values(profile=text)
+            )
+
+    def hosts_elsewhere(self, broker_id: str, now_us: int) -> list[HostElsewhere]:
+        """The hosts other brokers serve now, with their active offers (three reads)."""
+        query = (
+            select(accounts.c.name, leases.c.broker_id, leases.c.profile, brokers.c.public_url)
+            .select_from(
+                leases.join(accounts, accounts.c.id == leases.c.host_account_id).outerjoin(
+                    brokers, brokers.c.id == leases.c.broker_id
+                )
+            )
+            .where(leases.c.broker_id != broker_id, leases.c.expires_us >= now_us)
+        )
+        with self._reader.connect() as connection:
+            rows = list(connection.execute(query))
+            names = sorted(row.name for row in rows)
+            taken: dict[str, list[int]] = {}
+            if names:
+                live = (
+                    select(accounts.c.name, sessions.c.offer_id)
+                    .select_from(
+                        sessions.join(accounts, accounts.c.id == sessions.c.host_account_id)
+                    )
+                    .where(
+                        sessions.c.state.in_(("starting", "running")),
+                        accounts.c.name.in_(names),
+                    )
+                )
+                for host, offer_id in connection.execute(live):
+                    taken.setdefault(host, []).append(int(offer_id))
+        offers: dict[str, list[Any]] = {}
+        if names:
+            wanted = set(names)
+            for offer in self.list_offers():  # type: ignore[attr-defined]
+                if offer.host in wanted:
+                    offers.setdefault(offer.host, []).append(offer)
+        return [
+            HostElsewhere(
+                host=row.name,
+                broker_id=row.broker_id,
+                public_url=row.public_url,
+                profile=_profile(row.profile),
+                offers=offers.get(row.name, []),
+                taken_offer_ids=taken.get(row.name, []),
+            )
+            for row in sorted(rows, key=lambda r: r.name)
+        ]
+
+    def broker_url(self, broker_id: str) -> str | None:
+        """Where users and peers reach a broker (its public_url), if it said."""
+        query = select(brokers.c.public_url).where(brokers.c.id == broker_id)
+        with self._reader.connect() as connection:
+            return connection.execute(query).scalar()
 
     def host_leases(self, hosts: list[str] | None = None) -> dict[str, Lease]:
         """The leases of some hosts (all, when None)."""

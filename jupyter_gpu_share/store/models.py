@@ -249,3 +249,5 @@ class HostLease(Base):
     broker_id: Mapped[str] = mapped_column(String(32))
     epoch: Mapped[int] = mapped_column(BigInteger)
     expires_us: Mapped[int] = mapped_column(BigInteger)
+    # What the host said in its last hello (JSON), for the brokers that do not serve it.
+    profile: Mapped[str | None] = mapped_column(Text)

@@ -87,14 +87,18 @@ class HandshakeError(Exception):
     """The server answered the upgrade with an HTTP status other than 101.
 
     ``code`` is the status, ``message`` the server's own words (the ``message`` of a JSON
-    error body, as jupyter_server writes it) or the status line.
+    error body, as jupyter_server writes it) or the status line; ``location`` the
+    ``Location`` of a redirect (a relay served by another broker), else None.
     """
 
-    def __init__(self, code: int, message: str, body: bytes = b"") -> None:
+    def __init__(
+        self, code: int, message: str, body: bytes = b"", location: str | None = None
+    ) -> None:
         super().__init__(f"HTTP {code}: {message}")
         self.code = code
         self.message = message
         self.body = body
+        self.location = location
 
 
 def _ignore(*args: Any) -> None:
@@ -1082,7 +1086,8 @@ def _handshake_error(error: Exception) -> Exception:
         else:
             if isinstance(data, dict) and data.get("message"):
                 message = str(data["message"])[:500]
-        return HandshakeError(response.status_code, message, body)
+        location = response.headers.get("Location") if 300 <= response.status_code < 400 else None
+        return HandshakeError(response.status_code, message, body, location)
     return HandshakeError(0, f"not a websocket server: {error}")
 
 

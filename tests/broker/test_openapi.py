@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 
 from jupyter_gpu_share.broker.handlers import default_handlers
@@ -27,11 +28,12 @@ def test_every_offer_field_is_documented_with_the_sandbox():
 
     from jupyter_gpu_share.broker.handlers import offer_model
     from jupyter_gpu_share.broker.matching import OfferView
-    from jupyter_gpu_share.broker.service import HostLink
+    from jupyter_gpu_share.broker.service import Broker, HostLink
 
     sandbox = {"kind": "bwrap", "network": "public", "limits": {"memory_mib": 1024}}
     link = HostLink("h", 1, [], None, 0, sandboxes={7: sandbox})
-    broker = SimpleNamespace(hosts={"h": link})
+    broker = SimpleNamespace(hosts={"h": link}, _hosts_elsewhere=(0, []))
+    broker.offer_details = functools.partial(Broker.offer_details, broker)
     model = offer_model(broker, OfferView(7, "h", "CPU", 0, 0, 1), {})  # type: ignore[arg-type]
     assert model["sandbox"] == sandbox
     schemas = openapi_document()["components"]["schemas"]

@@ -109,6 +109,7 @@ class Cluster:
             "heartbeat_interval": 0.5,
             "checkpoint_interval": 1.0,
             "receipt_key_file": workdir / "receipt-key.pem",  # not the user's data dir
+            "public_url": self.url,  # where its peers send users' requests on
             **broker_traits,
         }
         self._broker_args = [

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import subprocess
 
+import httpx
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
+from jupyter_gpu_share.client import BrokerClient
 from jupyter_gpu_share.ledger import MICRO
 from jupyter_gpu_share.store import Store
 
+from ..nginx import Nginx, nginx_path
+from ..tlsca import ScratchCA
 from .harness import CLI, ROOT_FLAG, clean_env, eventually, free_port, remote_kernel
 
 pytestmark = pytest.mark.e2e
@@ -115,8 +120,9 @@ def test_one_payer_on_two_brokers_cannot_overspend(make_cluster, postgres_url, m
     one = make_cluster(**traits)
     two = make_cluster(**traits)
     eventually(lambda: "now 1 other broker(s)" in one.broker.output(), 30, what="peers")
-    one.start_host("host-a", "3.6")
-    two.start_host("host-b", "3.6")
+    # One kernel a host: the second start goes to host-b, whichever broker it reaches.
+    one.start_host("host-a", "3.6", "--max-kernels=1")
+    two.start_host("host-b", "3.6", "--max-kernels=1")
     token = one.account("nina", "user", credit)
     monkeypatch.setenv("GPU_SHARE_TOKEN", token)
 
@@ -225,3 +231,138 @@ def test_a_kernel_starts_when_the_first_broker_of_the_list_is_down(make_cluster,
             assert any(o["content"].get("text") == "42\n" for o in outputs)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.postgres
+def test_a_user_on_another_broker_than_the_host_runs_a_notebook(
+    make_cluster, postgres_url, monkeypatch
+):
+    """Offers, sessions and relays lived in each broker's memory: a host connected to one
+    broker was invisible on the other (offers [], POST /sessions 404)."""
+    one = make_cluster(db_url=postgres_url)
+    two = make_cluster(db_url=postgres_url)
+    one.start_host("host-a", "3.6")
+    token = one.account("nina", "user", 100 * MICRO)
+    offers = eventually(lambda: two.client(token).request("GET", "/offers"), 30, what="offers")
+    assert [o["host_id"] for o in offers] == ["host-a"]
+    assert offers[0]["state"] == "free" and offers[0]["price_per_hour_micro"] == 3_600_000
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", two.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    async def scenario() -> None:
+        async with remote_kernel() as (_km, client):
+            outputs: list[dict] = []
+            reply = await client.execute_interactive(
+                "x = 6 * 7\nprint(x)", timeout=30, output_hook=outputs.append
+            )
+            assert reply["content"]["status"] == "ok"
+            assert any(o["content"].get("text") == "42\n" for o in outputs)
+            # Asked of the user's broker, answered by the host's: the cost so far runs.
+            running = two.session_of(token, "running")
+            assert running["broker_url"] == one.url
+            asked = two.client(token).request("GET", f"/sessions/{running['id']}")
+            assert asked["state"] == "running" and asked["cost_so_far_micro"] > 0
+
+    asyncio.run(scenario())
+    ended = eventually(lambda: two.session_of(token, "ended"), 30, what="the session to settle")
+    assert f"session {ended['id']} ended" in one.broker.output()  # the host's broker
+    assert f"session {ended['id']} ended" not in two.broker.output()
+    lifetime = (ended["ended_us"] - ended["started_us"]) / 1e6
+    assert lifetime - 1 <= ended["billed_seconds"] <= lifetime + 1
+    with Store(postgres_url) as store:
+        store.check_ledger()
+        assert len(store.list_sessions(renter="nina")) == 1
+
+
+async def _run_cell(code: str) -> list[str]:
+    """Run one cell on a new gpu-share kernel (broker and token from the environment)."""
+    async with remote_kernel() as (_km, client):
+        outputs: list[dict] = []
+        reply = await client.execute_interactive(code, timeout=60, output_hook=outputs.append)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        return [o["content"]["text"] for o in outputs if o["msg_type"] == "stream"]
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(nginx_path() is None, reason="nginx is not installed (.ci/run installs it)")
+def test_three_brokers_and_nginx_are_one_service(make_cluster, postgres_url, tmp_path, monkeypatch):
+    """The deployment of server_extension/deploy/nginx-brokers.conf, TLS at nginx in front
+    of brokers two and three; the host on broker one. A user on broker two and one through
+    nginx see its offer and run a notebook on it; each session is settled once, by the
+    host's broker."""
+    one, two, three = (make_cluster(db_url=postgres_url) for _ in range(3))
+    ca = ScratchCA(tmp_path / "ca")
+    server = ca.issue("proxy")
+    upstreams = [f"127.0.0.1:{c.port}" for c in (two, three)]
+    proxy = Nginx(tmp_path / "nginx", "", server.cert, server.key, upstreams=upstreams)
+    try:
+        one.start_host("host-a", "3.6")
+        nina = one.account("nina", "user", 100 * MICRO)
+        omar = one.account("omar", "user", 100 * MICRO)
+        through = BrokerClient(proxy.url, omar, timeout=10, ca_file=str(ca.ca_file))
+        offers = eventually(lambda: through.request("GET", "/offers"), 30, what="offers")
+        assert [o["host_id"] for o in offers] == ["host-a"]
+        trust = ssl.create_default_context(cafile=str(ca.ca_file))
+        health = httpx.get(f"{proxy.url}/gpu-share/api/health", verify=trust)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert health.json()["broker_id"] in (_broker_id(two), _broker_id(three))
+
+        monkeypatch.setenv("GPU_SHARE_CA_FILE", str(ca.ca_file))
+        for url, token, name in ((two.url, nina, "nina"), (proxy.url, omar, "omar")):
+            monkeypatch.setenv("GPU_SHARE_BROKER_URL", url)
+            monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+            assert asyncio.run(_run_cell(f"print('hello {name}')")) == [f"hello {name}\n"]
+        for token in (nina, omar):
+            ended = eventually(lambda t=token: one.session_of(t, "ended"), 30, what="a bill")
+            lifetime = (ended["ended_us"] - ended["started_us"]) / 1e6
+            assert lifetime - 1 <= ended["billed_seconds"] <= lifetime + 1
+            assert f"session {ended['id']} ended" in one.broker.output()
+            for other in (two, three):
+                assert f"session {ended['id']} ended" not in other.broker.output()
+    finally:
+        proxy.close()
+    with Store(postgres_url) as store:
+        store.check_ledger()
+        assert len(store.list_sessions(host="host-a")) == 2
+    for cluster in (one, two, three):
+        assert "Traceback" not in cluster.broker.output()
+
+
+def _broker_id(cluster) -> str:
+    found = re.search(r"gpu-share broker (b-[0-9a-f]{12})", cluster.broker.output())
+    assert found, cluster.broker.output()[-2000:]
+    return found.group(1)
+
+
+@pytest.mark.postgres
+def test_the_health_endpoint_says_503_while_the_store_is_away(make_cluster, postgres_url):
+    """What a load balancer probes: no token; 200 while the broker serves, 503 with the
+    reason while its database refuses connections, 200 again once it is back."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    cluster = make_cluster(db_url=postgres_url)
+    url = f"{cluster.url}/gpu-share/api/health"
+    answer = httpx.get(url)
+    assert answer.status_code == 200 and answer.json()["status"] == "ok", answer.text
+    assert answer.headers["Cache-Control"] == "no-store"
+    database = make_url(postgres_url).database
+    admin_url = make_url(postgres_url).set(drivername="postgresql", database="postgres")
+    with psycopg.connect(admin_url.render_as_string(hide_password=False), autocommit=True) as pg:
+        pg.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+            (database,),
+        )
+        try:
+            away = eventually(
+                lambda: (a := httpx.get(url, timeout=10)).status_code == 503 and a,
+                30,
+                what="a 503 while the store is away",
+            )
+            assert away.json()["status"] == "unavailable"
+            assert "store" in away.json()["reason"]
+        finally:
+            pg.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    eventually(lambda: httpx.get(url, timeout=10).status_code == 200, 30, what="200 again")
+    assert "Traceback" not in cluster.broker.output()
