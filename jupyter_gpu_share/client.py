@@ -32,10 +32,10 @@ class BrokerError(Exception):
 
 def normalise_broker_url(url: str) -> str:
     """Check a broker URL and drop a trailing slash."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc:  # urlsplit lowers the scheme
         raise BrokerError(0, f"broker URL must look like http(s)://HOST:PORT, not {url!r}")
-    return url.rstrip("/")
+    return parts.geturl().rstrip("/")
 
 
 def websocket_url(broker_url: str, path: str) -> str:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 import pathlib
-import secrets
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy.engine import make_url
 
-POSTGRES_URL_VARIABLE = "GPU_SHARE_TEST_DB_URL"
+from .pg import POSTGRES_URL_VARIABLE, fresh_database
 
 
 def _pass_through(folder: pathlib.Path) -> None:
@@ -31,26 +29,11 @@ def _kernel_uids_pass_through(request: pytest.FixtureRequest) -> None:
         _pass_through(folder)
 
 
-def _libpq_url(url: str, database: str) -> str:
-    """Return a URL psycopg can connect to, naming ``database``."""
-    parsed = make_url(url).set(drivername="postgresql", database=database)
-    return parsed.render_as_string(hide_password=False)
-
-
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """Create an empty PostgreSQL database for one test and drop it afterwards."""
     base_url = os.environ.get(POSTGRES_URL_VARIABLE)
     if not base_url:
         pytest.skip(f"set {POSTGRES_URL_VARIABLE} to a PostgreSQL URL to run this test")
-    import psycopg
-
-    admin_database = make_url(base_url).database or "postgres"
-    database = f"gpu_share_test_{secrets.token_hex(6)}"
-    with psycopg.connect(_libpq_url(base_url, admin_database), autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{database}"')
-    try:
-        yield make_url(base_url).set(database=database).render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(_libpq_url(base_url, admin_database), autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    with fresh_database(base_url) as url:
+        yield url

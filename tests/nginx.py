@@ -64,16 +64,27 @@ def nginx_path() -> str | None:
 DEPLOYED = Path(__file__).parents[1] / "server_extension" / "deploy" / "nginx-brokers.conf"
 
 
-def deployed_example(upstreams: list[str], listen: str, cert: Path, key: Path) -> str:
-    """``server_extension/deploy/nginx-brokers.conf`` with the test's brokers (HOST:PORT),
-    address and certificate in place of the example's."""
+def deployed_example(
+    upstreams: list[str], own: dict[int, str], listen: str, cert: Path, key: Path
+) -> str:
+    """``server_extension/deploy/nginx-brokers.conf`` with the test's addresses and
+    certificate in place of the example's: ``upstreams`` (HOST:PORT) behind the service's
+    address, ``own`` each broker behind a port of its own (on the listen address's host)."""
     text = DEPLOYED.read_text()
-    servers = re.findall(r"^    server \S+ (.*);$", text, flags=re.M)
-    assert servers, "the example names no upstream server"
+    options = re.findall(r"^    server \S+ (.*);$", text, flags=re.M)
+    assert options, "the example names no upstream server"
     text = re.sub(r"^    server \S+ .*;\n", "", text, flags=re.M)
-    lines = "".join(f"    server {u} {servers[0]};\n" for u in upstreams)
+    lines = "".join(f"    server {u} {options[0]};\n" for u in upstreams)
     text = text.replace("upstream gpu_share_brokers {\n", "upstream gpu_share_brokers {\n" + lines)
-    text = re.sub(r"listen 443 ssl;", f"listen {listen} ssl;", text)
+    text = re.sub(r"^    \d+ +\S+;\n", "", text, flags=re.M)  # the map of ports to brokers
+    ports = "".join(f"    {port} {upstream};\n" for port, upstream in own.items())
+    text = text.replace(
+        "map $server_port $gpu_share_broker {\n", "map $server_port $gpu_share_broker {\n" + ports
+    )
+    host = listen.rsplit(":", 1)[0]
+    text = re.sub(r"^    listen \d+ ssl;.*\n", "", text, flags=re.M)
+    listens = f"    listen {listen} ssl;\n" + "".join(f"    listen {host}:{p} ssl;\n" for p in own)
+    text = text.replace("server {\n", "server {\n" + listens, 1)
     text = re.sub(r"ssl_certificate +\S+;", f"ssl_certificate {cert};", text)
     text = re.sub(r"ssl_certificate_key +\S+;", f"ssl_certificate_key {key};", text)
     return text
@@ -90,6 +101,7 @@ class Nginx:
         cert: Path,
         key: Path,
         upstreams: list[str] | None = None,
+        own: dict[int, str] | None = None,
     ) -> None:
         binary = nginx_path()
         if binary is None:
@@ -101,7 +113,7 @@ class Nginx:
         self.url = f"https://127.0.0.1:{self.port}"
         listen = f"127.0.0.1:{self.port}"
         if upstreams:
-            server = deployed_example(upstreams, listen, cert, key)
+            server = deployed_example(upstreams, own or {}, listen, cert, key)
         else:
             server = SERVER_BLOCK.format(listen=listen, cert=cert, key=key, upstream=upstream)
         config = folder / "nginx.conf"

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from jupyter_core.paths import jupyter_data_dir
 from jupyter_server.extension.application import ExtensionApp
@@ -100,9 +101,36 @@ class BrokerApp(ExtensionApp):
     public_url = Unicode(
         "",
         config=True,
-        help="""The URL at which users and other brokers reach this broker (recorded in
-        the store beside its id), e.g. https://broker-1.example.org.""",
+        help="""The URL at which users and the other brokers reach this broker itself (not
+        a load balancer in front of several), recorded in the store beside its id, e.g.
+        https://gpu.example.org:8441. With several brokers on one store it is needed: the
+        others send it the starts placed on its hosts, and users' relays go to it. Use
+        https when users reach the service over TLS (a plain-text one is then not used
+        for their relays). Without it, this broker's hosts are offered on it alone.""",
     )
+
+    @validate("public_url")
+    def _validate_public_url(self, proposal: dict[str, Any]) -> str:
+        value = str(proposal["value"]).strip().rstrip("/")
+        if not value:
+            return ""
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a port that is no number
+        except ValueError:
+            parts = urlsplit("")
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.query
+            or parts.fragment
+            or any(c.isspace() or ord(c) < 32 for c in value)
+            or len(value) > 500
+        ):
+            raise TraitError(
+                f"public_url: {value!r} is not a URL like https://broker-1.example.org:8765"
+            )
+        return value
 
     @default("db_url")
     def _db_url_default(self) -> str:

@@ -15,7 +15,9 @@ from ..clock import now_us
 from ..ledger import price_per_hour, price_per_second_from_hour
 from ..store import ClassRecord
 from ..store.classes import MAX_NOTEBOOK_BYTES, check_class_name
-from .handlers import BrokerAPIHandler, int_field, iso_from_us, str_field
+from .auth import bearer_token
+from .handlers import API, BrokerAPIHandler, HeaderedError, int_field, iso_from_us, str_field
+from .peers import FORWARDED_BY, PeerUnreachable, forward
 
 MAX_STUDENTS_PER_CALL = 1000
 
@@ -210,12 +212,44 @@ class StudentsHandler(ClassHandlerBase):
         )
 
 
+async def stop_elsewhere(handler: BrokerAPIHandler, name: str, student: str) -> list[str]:
+    """Ask the other brokers that run a student's kernels of a class to stop them (the
+    teacher's request, sent on with the teacher's token); the sessions they stopped."""
+    if handler.request.headers.get(FORWARDED_BY):
+        return []  # sent on by a broker: only this one's kernels
+    stopped: list[str] = []
+    for url, session_id in (await handler.broker.class_sessions_elsewhere(name, student)).items():
+        try:
+            answer = await forward(
+                url,
+                "POST",
+                f"{API}/classes/{name}/students/{student}/stop",
+                authorization=f"Bearer {bearer_token(handler)}",
+                broker_id=handler.broker.broker_id,
+                body={},
+            )
+        except PeerUnreachable as error:
+            raise HeaderedError(
+                503,
+                f"session {session_id} runs on a broker that did not answer ({error}); try again",
+                {"Retry-After": 2},
+            ) from None
+        if answer.status != 200:
+            raise web.HTTPError(502, f"the broker serving session {session_id} refused the stop")
+        try:
+            stopped += json.loads(answer.body).get("stopped_sessions", [])
+        except (ValueError, AttributeError):
+            stopped.append(session_id)
+    return stopped
+
+
 class StudentHandler(ClassHandlerBase):
     @web.authenticated
     @authorized
     async def delete(self, name: str, student: str) -> None:
         await self.require_teacher(name)
         await self.broker.stop_student(name, student)
+        await stop_elsewhere(self, name, student)
         await self.broker.db.remove_student(name, student)
         self.write_json({"removed": student})
 
@@ -226,6 +260,7 @@ class StopStudentHandler(ClassHandlerBase):
     async def post(self, name: str, student: str) -> None:
         await self.require_teacher(name)
         ended = await self.broker.stop_student(name, student)
+        there = await stop_elsewhere(self, name, student)  # on the other brokers
         # A stop the store could not settle yet (None) is pending, billed to now all the same.
         stopping = [
             live.id
@@ -237,7 +272,7 @@ class StopStudentHandler(ClassHandlerBase):
         self.write_json(
             {
                 "student": student,
-                "stopped_sessions": [r.id for r in ended if r is not None],
+                "stopped_sessions": [r.id for r in ended if r is not None] + there,
                 "stopping_sessions": stopping,
             }
         )

@@ -43,7 +43,7 @@ from .host_messages import (
 )
 from .matching import NoMatch, SessionRequest, offer_is_free
 from .openapi import openapi_document
-from .peers import FORWARDED_BY, PeerUnreachable, forward
+from .peers import FORWARDED_BY, AnswerTooLarge, PeerUnreachable, forward
 from .relay import CLOSE_BUFFER_FULL, USER
 from .service import LIVE_STATES, Broker, Placed, Queued, Refused
 
@@ -142,12 +142,22 @@ class BrokerAPIHandler(APIHandler):
                 broker_id=self.broker.broker_id,
                 body=body,
             )
-        except PeerUnreachable:
+        except PeerUnreachable as error:
+            if error.sent and method == "POST":  # it may have started the session
+                raise web.HTTPError(
+                    504,
+                    f"broker {broker_id}, which serves the host, did not answer in time; "
+                    "the session may have started: see GET /sessions before asking again",
+                ) from None
+            if not error.sent:
+                self.broker.broker_unreachable(broker_id)
             raise HeaderedError(
                 503,
                 f"broker {broker_id}, which serves the host, did not answer; try again",
                 {"Retry-After": 2},
             ) from None
+        except AnswerTooLarge:
+            raise web.HTTPError(502, f"broker {broker_id} answered more than expected") from None
         self.set_status(answer.status)
         for name, value in answer.headers.items():
             self.set_header(name, value)
@@ -356,8 +366,8 @@ async def session_model(broker: Broker, record: Any) -> dict[str, Any]:
     serving_url = broker.settings.public_url or None
     cost = broker.cost_so_far(record.id) if live else (record.amount_micro or 0)
     if live and in_memory is None:  # metered by the broker that serves its host
-        serving = await broker.serving_broker(record.host)
-        serving_url = serving[1] if serving is not None else None
+        await broker.hosts_elsewhere()  # as read at most a second ago
+        serving_url = broker.serving_url(record.host)
         if record.ready_us is not None:
             cost = cost_at(record.ready_us, now_us(), record.price_per_second_micro)
     return {
@@ -577,14 +587,29 @@ class SessionsHandler(BrokerAPIHandler):
             minimum=1,
             maximum=int(self.broker.settings.orphan_max_keep_alive_s),
         )
-        try:
-            record = await self.broker.start_session(
-                self.account.name, request, class_name, keep_alive
-            )
-        except Placed as placed:  # on a host another broker serves: that broker starts it
-            pinned = {**body, "offer_id": placed.offer_id}
-            await self.send_on((placed.broker_id, placed.url), "POST", pinned)
-            return
+        forwarded = bool(self.request.headers.get(FORWARDED_BY))
+        for attempt in range(2):
+            try:
+                record = await self.broker.start_session(
+                    self.account.name, request, class_name, keep_alive
+                )
+            except Placed as placed:  # on a host another broker serves: that broker starts it
+                pinned = {**body, "offer_id": placed.offer_id}
+                try:
+                    await self.send_on((placed.broker_id, placed.url), "POST", pinned)
+                except HeaderedError:
+                    if attempt or forwarded or not self.broker.unreachable(placed.broker_id):
+                        raise
+                    continue  # that broker took no connection: match again without it
+                return
+            except NoMatch as error:
+                if forwarded and error.status in (404, 409):
+                    # The offer the other broker chose went (offline, taken) meanwhile.
+                    raise HeaderedError(
+                        503, "the chosen offer was taken meanwhile; try again", {"Retry-After": 1}
+                    ) from None
+                raise
+            break
         self.set_header("Location", f"{self.base_url.rstrip('/')}{API}/sessions/{record.id}")
         self.write_json(await session_model(self.broker, record), 201)
 
@@ -694,6 +719,13 @@ class BrokerWebSocket(WebSocketEndpoint, APIHandler):
 
     def check_websocket_origin(self, origin: str) -> bool:
         return self.check_origin(origin)  # jupyter_server's allow_origin rules
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """jupyter_server's JSON error, with the headers the error carries (Retry-After)."""
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        for name, value in getattr(error, "headers", {}).items():
+            self.set_header(name, value)
+        super().write_error(status_code, **kwargs)
 
     def authenticated_account(self) -> BrokerUser:
         """The caller, or 401 before the upgrade."""

@@ -29,8 +29,9 @@ log = logging.getLogger("jupyter_gpu_share")
 # that moved meanwhile is a 503 to retry, never a second hop).
 FORWARDED_BY = "X-GPU-Share-Forwarded-By"
 # What of the serving broker's answer comes back to the user.
-PASSED_HEADERS = ("Content-Type", "Location", "Retry-After")
-PEER_TIMEOUT_S = 30.0
+PASSED_HEADERS = ("Content-Type", "Location", "Retry-After", "WWW-Authenticate")
+# Below the user side's own 30 s: the user learns what happened rather than timing out.
+PEER_TIMEOUT_S = 20.0
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 
 
@@ -44,7 +45,17 @@ class Answer:
 
 
 class PeerUnreachable(Exception):
-    """The serving broker did not answer (it may be failing over): try again shortly."""
+    """The serving broker did not answer. ``sent``: the request may have reached it (a
+    timeout after sending: a start may have happened), else it surely did not (no
+    connection: safe to send elsewhere or again)."""
+
+    def __init__(self, reason: str, *, sent: bool) -> None:
+        super().__init__(reason)
+        self.sent = sent
+
+
+class AnswerTooLarge(Exception):
+    """The serving broker's answer passed MAX_ANSWER_BYTES."""
 
 
 _clients: dict[tuple[int, str], httpx.AsyncClient] = {}
@@ -84,20 +95,38 @@ async def forward(
         content = json.dumps(body).encode()
     url = base_url.rstrip("/") + path
     try:
-        response = await _client(base_url).request(
+        client = _client(base_url)
+        request = client.build_request(
             method,
             url,
             headers=headers,
             content=content,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
         )
+        response = await client.send(request, stream=True)
+        try:
+            body = bytearray()
+            async for piece in response.aiter_bytes():
+                body += piece
+                if len(body) > MAX_ANSWER_BYTES:
+                    raise AnswerTooLarge(f"over {MAX_ANSWER_BYTES} bytes")
+        finally:
+            await response.aclose()
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol, tls.TLSConfigError, ValueError) as error:
+        log.error("cannot send %s %s to the broker at %r: %s", method, path, base_url, error)
+        raise PeerUnreachable(f"its URL cannot be used: {error}", sent=False) from None
+    except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as error:
+        reason = tls.describe(error, url) or str(error) or type(error).__name__
+        log.warning(
+            "the broker at %s took no connection (%s %s): %s", base_url, method, path, reason
+        )
+        raise PeerUnreachable(reason, sent=False) from None
     except (httpx.HTTPError, OSError) as error:
         reason = tls.describe(error, url) or str(error) or type(error).__name__
         log.warning("the broker at %s did not answer %s %s: %s", base_url, method, path, reason)
-        raise PeerUnreachable(reason) from None
-    answer = response.content[:MAX_ANSWER_BYTES]
+        raise PeerUnreachable(reason, sent=True) from None
     passed = {name: response.headers[name] for name in PASSED_HEADERS if name in response.headers}
-    return Answer(response.status_code, passed, answer)
+    return Answer(response.status_code, passed, bytes(body))
 
 
 async def close_clients() -> None:

@@ -278,7 +278,10 @@ class Broker:
         self._balance_read_us = 0
         self.renewed_us = now_us()  # this broker's row and leases last renewed (health)
         # The hosts the other brokers serve, as last read (at most a second ago).
-        self._hosts_elsewhere: tuple[int, list[HostElsewhere]] = (0, [])
+        self._hosts_elsewhere: tuple[int, dict[str, HostElsewhere]] = (0, {})
+        # Brokers that did not take a connection lately (a start sent on): until when their
+        # hosts are left out of matching.
+        self._unreachable: dict[str, int] = {}
 
     # -- accounts -------------------------------------------------------------------------
 
@@ -728,10 +731,10 @@ class Broker:
             if load is not None:
                 load.live_kernels += 1
                 load.busy_offer_ids.add(live.offer_id)
-        for there in self._hosts_elsewhere[1]:
+        for there in self._hosts_elsewhere[1].values():
             if there.host not in loads:
                 loads[there.host] = HostLoad(
-                    max_kernels=_positive(there.profile.get("max_kernels")),
+                    max_kernels=there.max_kernels,
                     live_kernels=len(there.taken_offer_ids),
                     busy_offer_ids=set(there.taken_offer_ids),
                 )
@@ -743,33 +746,49 @@ class Broker:
         links = [link for link in self.hosts.values() if link.channel is not None]
         scores = {link.name: (await self.host_reliability(link.name)).score for link in links}
         offers = [replace(o, reliability=scores[link.name]) for link in links for o in link.offers]
-        for there in await self.hosts_elsewhere():
+        for there in (await self.hosts_elsewhere()).values():
             if there.host in scores:
                 continue  # connected here too: it is on its way from that broker
-            profile = there.profile
-            schedule = profile.get("schedule")
-            schedule = schedule if isinstance(schedule, str) else None
-            offset = _int(profile.get("utc_offset_s"))
-            self._host_schedules.setdefault(there.host, (schedule, offset))
+            if there.host not in self.hosts:  # a schedule of its own comes with its hello
+                self._host_schedules[there.host] = there.schedule
             score = (await self.host_reliability(there.host)).score
-            described = profile.get("offers") if isinstance(profile.get("offers"), dict) else {}
             for offer in there.offers:
-                about = described.get(str(offer.id))
-                shared = isinstance(about, dict) and about.get("shared") is True
+                shared = there.about(offer.id).get("shared") is True
                 offers.append(replace(_offer_view(offer), reliability=score, shared=shared))
         return offers
 
-    async def hosts_elsewhere(self, max_age_us: int = 1_000_000) -> list[HostElsewhere]:
-        """The hosts the other brokers of the store serve now (none on SQLite), read at
-        most ``max_age_us`` ago."""
+    async def hosts_elsewhere(self, max_age_us: int = 1_000_000) -> dict[str, HostElsewhere]:
+        """The hosts the other brokers of the store serve now, by name (none on SQLite),
+        read at most ``max_age_us`` ago; not those of a broker that did not answer lately."""
         if not self.shared_store:
-            return []
+            return {}
         read_us, cached = self._hosts_elsewhere
         now = now_us()
         if now - read_us > max_age_us:
-            cached = await self.db.hosts_elsewhere(self.broker_id, now)
+            self._unreachable = {b: t for b, t in self._unreachable.items() if t > now}
+            read = await self.db.hosts_elsewhere(self.broker_id, now)
+            cached = {h.host: h for h in read if h.broker_id not in self._unreachable}
             self._hosts_elsewhere = (now, cached)
         return cached
+
+    def broker_unreachable(self, broker_id: str, for_s: float = 10.0) -> None:
+        """A broker did not take a connection: leave its hosts out of matching a while."""
+        self._unreachable[broker_id] = now_us() + int(for_s * 1_000_000)
+        read_us, cached = self._hosts_elsewhere
+        kept = {name: h for name, h in cached.items() if h.broker_id != broker_id}
+        self._hosts_elsewhere = (read_us, kept)
+
+    def unreachable(self, broker_id: str) -> bool:
+        """Whether a broker took no connection lately (broker_unreachable)."""
+        return self._unreachable.get(broker_id, 0) > now_us()
+
+    def serving_url(self, host: str) -> str | None:
+        """The public URL of the broker that serves a host: this one's for its own hosts,
+        the other's as last read (at most a second ago) for theirs."""
+        if host in self.hosts:
+            return self.settings.public_url or None
+        there = self._hosts_elsewhere[1].get(host)
+        return there.public_url if there is not None else None
 
     def offer_details(self, offer: Any) -> dict[str, Any]:
         """What a host said of an offer: its telemetry (live only for the hosts connected
@@ -781,27 +800,21 @@ class Broker:
                 "speed": link.benchmarks.get(offer.id),
                 "sandbox": link.sandboxes.get(offer.id),
             }
-        for there in self._hosts_elsewhere[1]:
-            if there.host == offer.host:
-                described = there.profile.get("offers")
-                about = described.get(str(offer.id)) if isinstance(described, dict) else None
-                about = about if isinstance(about, dict) else {}
-                return {
-                    "telemetry": {},
-                    "speed": about.get("benchmark"),
-                    "sandbox": about.get("sandbox"),
-                }
-        return {"telemetry": {}, "speed": None, "sandbox": None}
+        about = {}
+        there = self._hosts_elsewhere[1].get(offer.host)
+        if there is not None:
+            about = there.about(offer.id)
+        return {"telemetry": {}, "speed": about.get("benchmark"), "sandbox": about.get("sandbox")}
 
     async def serving_broker(self, host: str) -> tuple[str, str | None] | None:
         """The other broker serving a host now, and its public URL (None: this broker,
         or none: the host is offline or on its way between brokers)."""
         if not self.shared_store:
             return None
-        lease = (await self.db.host_leases([host])).get(host)
-        if lease is None or lease.broker_id == self.broker_id or not lease.live(now_us()):
+        serving = await self.db.serving_broker(host, now_us())
+        if serving is None or serving[0] == self.broker_id:
             return None
-        return lease.broker_id, await self.db.broker_url(lease.broker_id)
+        return serving
 
     async def host_reliability(self, name: str, max_age_s: float = 10.0) -> Reliability:
         """A host's reliability over the last 30 days (cached for ``max_age_s``)."""
@@ -876,9 +889,9 @@ class Broker:
         link = self.hosts.get(offer.host)
         if link is not None and link.channel is not None:
             return
-        for there in self._hosts_elsewhere[1]:
-            if there.host == offer.host:
-                raise Placed(offer.id, offer.host, there.broker_id, there.public_url)
+        there = self._hosts_elsewhere[1].get(offer.host)
+        if there is not None:
+            raise Placed(offer.id, offer.host, there.broker_id, there.public_url)
 
     def committed(self, payer: str) -> int:
         """The running (not yet settled) cost of a payer's sessions, on this broker and, as
@@ -985,7 +998,10 @@ class Broker:
         problem = class_window_problem(record.starts_us, record.ends_us, now)
         if problem:
             raise Refused(403, f"class {class_name}: {problem}")
-        if any(s.class_name == class_name and s.renter == student for s in self.sessions.values()):
+        here = any(
+            s.class_name == class_name and s.renter == student for s in self.sessions.values()
+        )
+        if here or await self._class_kernel_elsewhere(class_name, student):
             raise Refused(
                 409, f"you already have a running kernel in class {class_name}; stop it first"
             )
@@ -994,8 +1010,6 @@ class Broker:
         if problem:
             raise Refused(403, f"class {class_name}: {problem}")
         class_request = SessionRequest(
-            # Sent on by another broker, pinned to the offer it chose (among those that fit).
-            offer_id=request.offer_id,
             gpu_model=record.gpu_model or request.gpu_model,
             max_price_per_second_micro=record.max_price_per_second_micro,
             min_gpu_memory_mib=request.min_gpu_memory_mib,
@@ -1013,6 +1027,13 @@ class Broker:
         ahead = (place - 1) if place is not None else len(line)
         if ahead >= len(free):
             raise Queued(line.place(student, now))
+        # An offer another broker chose (its start sent on here) is taken if it is still
+        # free and no dearer than the cheapest free one: the class never pays more for it.
+        pinned = [o for o in free if o.id == request.offer_id]
+        cheapest = min(o.price_per_second_micro for o in free)
+        if pinned and pinned[0].price_per_second_micro <= cheapest:
+            class_request = replace(class_request, offer_id=pinned[0].id)
+        await self.running_elsewhere({record.account}, max_age_us=0)
         budget = record.budget_micro - self.committed(record.account)
         try:
             offer = choose_offer(
@@ -1024,9 +1045,29 @@ class Broker:
             if error.status == 409:
                 raise Queued(line.place(student, now)) from None
             raise
-        self._placed_here(offer)  # the serving broker checks it all again, and launches it
         line.leave(student)
+        self._placed_here(offer)  # the serving broker checks it all again, and launches it
         return await self._launch(student, record.account, offer, record.budget_micro, class_name)
+
+    async def _class_kernel_elsewhere(self, class_name: str, student: str) -> bool:
+        """Whether a student has a live kernel of a class on another broker."""
+        if not self.shared_store:
+            return False
+        records = await self.db.list_sessions(renter=student, states=LIVE_STATES, limit=100)
+        return any(r.class_name == class_name and r.id not in self.sessions for r in records)
+
+    async def class_sessions_elsewhere(self, class_name: str, student: str) -> dict[str, str]:
+        """A student's live kernels of a class on other brokers: {broker URL: session id}."""
+        if not self.shared_store:
+            return {}
+        found: dict[str, str] = {}
+        for record in await self.db.list_sessions(renter=student, states=LIVE_STATES, limit=100):
+            if record.class_name != class_name or record.id in self.sessions:
+                continue
+            serving = await self.serving_broker(record.host)
+            if serving is not None and serving[1]:
+                found.setdefault(serving[1], record.id)
+        return found
 
     async def stop_student(self, class_name: str, student: str) -> list[Any]:
         """Stop a student's running kernels in a class (the teacher's stop button)."""
@@ -1415,14 +1456,6 @@ def _profile(link: HostLink, hello: dict[str, Any]) -> dict[str, Any]:
         "utc_offset_s": int(hello.get("utc_offset_s") or 0),
         "offers": offers,
     }
-
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _positive(value: Any) -> int:
-    return max(1, _int(value))
 
 
 def link_last_seen(link: HostLink | None, live: LiveSession) -> int:

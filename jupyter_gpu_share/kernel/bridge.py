@@ -457,16 +457,20 @@ class KernelBridge:
 
 
 def relay_redirect(url: str, error: HandshakeError) -> str | None:
-    """The ws(s) URL a relay's upgrade was redirected to, or None: not a redirect, or one
-    the bridge does not follow (to another scheme than http(s)/ws(s), or from TLS to
-    plain text)."""
+    """The ws(s) URL a relay's upgrade was redirected to (the broker that serves the
+    session's host, several brokers on one store), or None: not a redirect, or one the
+    bridge does not follow (no host, a scheme other than http(s) or ws(s), or from TLS to
+    plain text: the token goes with it)."""
     if error.code not in (301, 302, 303, 307, 308) or not error.location:
         return None
-    target = urljoin(url.replace("ws", "http", 1), error.location)
-    scheme = urlsplit(target).scheme
-    if scheme not in ("http", "https", "ws", "wss") or not urlsplit(target).hostname:
+    base = urlsplit(url)
+    http_base = base._replace(scheme="https" if base.scheme.lower() == "wss" else "http")
+    target = urlsplit(urljoin(http_base.geturl(), error.location.strip()))
+    scheme = target.scheme.lower()
+    if scheme not in ("http", "https", "ws", "wss") or not target.hostname:
         return None
     secure = scheme in ("https", "wss")
-    if url.startswith("wss") and not secure:
+    if base.scheme.lower() == "wss" and not secure:
         return None
-    return ("wss" if secure else "ws") + target[target.index(":") :]
+    followed = target._replace(scheme="wss" if secure else "ws").geturl()
+    return None if followed == url else followed  # to itself: no way forward

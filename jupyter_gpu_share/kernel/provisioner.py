@@ -10,11 +10,13 @@ detaches, keeping the ports across a restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import signal
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 import zmq
 from jupyter_client.connect import KernelConnectionInfo
@@ -330,8 +332,16 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
 def relay_urls(session: dict[str, Any], brokers: list[str]) -> list[str]:
     """Where a session's relay is, in order: at the broker that serves its host (several
-    brokers on one store: it says where it is), then at each broker of the list."""
+    brokers on one store: the session names it), then at each broker of the list. The
+    serving broker's URL is left out when it is plain text and a broker of the list is
+    reached over TLS (the token goes with it)."""
     path = session["relay_path"]
+    listed = [websocket_url(url, path) for url in brokers]
     serving = session.get("broker_url")
-    first = [websocket_url(serving, path)] if isinstance(serving, str) and serving else []
-    return list(dict.fromkeys(first + [websocket_url(url, path) for url in brokers]))
+    first: list[str] = []
+    if isinstance(serving, str) and serving:
+        secure = urlsplit(serving).scheme.lower() == "https"
+        if secure or not any(url.startswith("wss:") for url in listed):
+            with contextlib.suppress(BrokerError):  # not a URL: the list alone
+                first = [websocket_url(serving, path)]
+    return list(dict.fromkeys(first + listed))

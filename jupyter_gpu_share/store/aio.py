@@ -61,7 +61,7 @@ READS = frozenset(
         "running_costs",
         "host_leases",
         "hosts_elsewhere",
-        "broker_url",
+        "serving_broker",
     }
 )
 DEFAULT_READERS = 4

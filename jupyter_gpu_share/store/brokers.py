@@ -72,6 +72,26 @@ class HostElsewhere:
     offers: list[Any]
     taken_offer_ids: list[int] = field(default_factory=list)
 
+    @property
+    def max_kernels(self) -> int:
+        value = self.profile.get("max_kernels")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1
+
+    @property
+    def schedule(self) -> tuple[str | None, int]:
+        """Its availability window and UTC offset, as reliability reads them."""
+        schedule, offset = self.profile.get("schedule"), self.profile.get("utc_offset_s")
+        return (
+            schedule if isinstance(schedule, str) else None,
+            offset if isinstance(offset, int) and not isinstance(offset, bool) else 0,
+        )
+
+    def about(self, offer_id: int) -> dict[str, Any]:
+        """What the hello said of one offer: shared, benchmark, sandbox."""
+        described = self.profile.get("offers")
+        about = described.get(str(offer_id)) if isinstance(described, dict) else None
+        return about if isinstance(about, dict) else {}
+
 
 MAX_PROFILE_CHARS = 256 * 1024  # a hello is bounded well below this (host_hello_max_bytes)
 
@@ -244,7 +264,8 @@ class BrokerStore:
             .where(leases.c.broker_id != broker_id, leases.c.expires_us >= now_us)
         )
         with self._reader.connect() as connection:
-            rows = list(connection.execute(query))
+            # Skipped: a broker with no public URL (none can send it a start).
+            rows = [row for row in connection.execute(query) if row.public_url]
             names = sorted(row.name for row in rows)
             taken: dict[str, list[int]] = {}
             if names:
@@ -261,11 +282,8 @@ class BrokerStore:
                 for host, offer_id in connection.execute(live):
                     taken.setdefault(host, []).append(int(offer_id))
         offers: dict[str, list[Any]] = {}
-        if names:
-            wanted = set(names)
-            for offer in self.list_offers():  # type: ignore[attr-defined]
-                if offer.host in wanted:
-                    offers.setdefault(offer.host, []).append(offer)
+        for offer in self.list_offers(hosts=names) if names else []:  # type: ignore[attr-defined]
+            offers.setdefault(offer.host, []).append(offer)
         return [
             HostElsewhere(
                 host=row.name,
@@ -278,11 +296,20 @@ class BrokerStore:
             for row in sorted(rows, key=lambda r: r.name)
         ]
 
-    def broker_url(self, broker_id: str) -> str | None:
-        """Where users and peers reach a broker (its public_url), if it said."""
-        query = select(brokers.c.public_url).where(brokers.c.id == broker_id)
+    def serving_broker(self, host: str, now_us: int) -> tuple[str, str | None] | None:
+        """The broker that serves a host now (a live lease) and its public URL (one read)."""
+        query = (
+            select(leases.c.broker_id, brokers.c.public_url)
+            .select_from(
+                leases.join(accounts, accounts.c.id == leases.c.host_account_id).outerjoin(
+                    brokers, brokers.c.id == leases.c.broker_id
+                )
+            )
+            .where(accounts.c.name == host, leases.c.expires_us >= now_us)
+        )
         with self._reader.connect() as connection:
-            return connection.execute(query).scalar()
+            row = connection.execute(query).first()
+        return None if row is None else (row.broker_id, row.public_url)
 
     def host_leases(self, hosts: list[str] | None = None) -> dict[str, Lease]:
         """The leases of some hosts (all, when None)."""

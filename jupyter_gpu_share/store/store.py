@@ -785,11 +785,16 @@ class Store(ClassStore, HostStore, ReceiptStore, BrokerStore):
                 .values(active=False, updated_us=clock.now_us())
             )
 
-    def list_offers(self, active_only: bool = True) -> list[Offer]:
-        """Return offers by id, only the active ones unless told otherwise."""
+    def list_offers(
+        self, active_only: bool = True, hosts: Collection[str] | None = None
+    ) -> list[Offer]:
+        """Return offers by id, only the active ones unless told otherwise (of ``hosts``
+        only, when given)."""
         query = _SELECT_OFFER.order_by(offers.c.id)
         if active_only:
             query = query.where(offers.c.active.is_(True))
+        if hosts is not None:
+            query = query.where(accounts.c.name.in_(sorted(hosts)))
         with self._reader.connect() as connection:
             return [_offer(row) for row in connection.execute(query)]
 

@@ -237,7 +237,7 @@ class Api:
         return json.loads(response.body) if response.body else None
 
 
-def hello(max_kernels: int) -> str:
+def hello(max_kernels: int, gpu_model: str = "CPU") -> str:
     return json.dumps(
         {
             "type": "hello",
@@ -245,11 +245,20 @@ def hello(max_kernels: int) -> str:
             "gpus": [],
             "offers": [
                 {
-                    "gpu_model": "CPU",
+                    "gpu_model": gpu_model,
                     "gpu_count": 0,
                     "gpu_memory_mib": 0,
                     "gpu_indices": [],
                     "price_per_second_micro": 1,
+                }
+                if gpu_model == "CPU"
+                else {  # a model of its own (one load process's hosts): one shared GPU
+                    "gpu_model": gpu_model,
+                    "gpu_count": 1,
+                    "gpu_memory_mib": 1024,
+                    "gpu_indices": [0],
+                    "price_per_second_micro": 1,
+                    "shared": True,
                 }
             ],
             "max_kernels": max_kernels,
@@ -261,8 +270,9 @@ def hello(max_kernels: int) -> str:
 class FakeHost:
     """A host agent that starts echo "kernels" instead of ipykernels."""
 
-    def __init__(self, base: str, token: str, max_kernels: int):
+    def __init__(self, base: str, token: str, max_kernels: int, gpu_model: str = "CPU"):
         self.base, self.token, self.max_kernels = base, token, max_kernels
+        self.gpu_model = gpu_model
         self.control: websocket.WebSocketClientConnection | None = None
         self.relays: dict[str, transport_ws.ClientEnd] = {}
         self.interval = 5.0
@@ -271,7 +281,7 @@ class FakeHost:
 
     async def start(self) -> None:
         self.control = await connect(ws_url(self.base, API + "/hosts/connect"), self.token)
-        await self.control.write_message(hello(self.max_kernels))
+        await self.control.write_message(hello(self.max_kernels, self.gpu_model))
         while True:
             message = await self.control.read_message()
             if message is None:
@@ -327,17 +337,20 @@ class FakeHost:
 class FakeRenter:
     """A bridge's side of one kernel's relay."""
 
-    def __init__(self, api: Api, base: str, token: str):
+    def __init__(self, api: Api, base: str, token: str, gpu_model: str = ""):
         self.api, self.base, self.token = api, base, token
+        self.request = {"gpu_model": gpu_model} if gpu_model else {}
         self.conn: transport_ws.ClientEnd | None = None
         self.session_id = ""
         self.on_reply: Any = None  # called with None at the next binary message, or an error
         self._close_watch: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
-        session = await self.api.call(self.token, "POST", "/sessions", {})
+        session = await self.api.call(self.token, "POST", "/sessions", self.request)
         self.session_id = session["id"]
-        self.conn = conn = await connect_relay(ws_url(self.base, session["relay_path"]), self.token)
+        # Several brokers: the relay is at the broker that serves the session's host.
+        base = session.get("broker_url") or self.base
+        self.conn = conn = await connect_relay(ws_url(base, session["relay_path"]), self.token)
         conn.write_message(
             json.dumps({"type": "hello", "key": "k" * 32, "signature_scheme": "hmac-sha256"})
         )
@@ -451,6 +464,51 @@ async def measure_relay(
     }
 
 
+async def measure_window(
+    renters: list[FakeRenter], payload: bytes, window: float, broker_pid: int
+) -> dict[str, Any]:
+    """Every renter ping-pongs for ``window`` seconds: relayed messages per second (the
+    load processes of a run measure the same window, so their rates add up)."""
+    relayed = 0
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[None] = loop.create_future()
+    deadline = time.perf_counter() + window
+    in_flight = 0
+
+    def fire(renter: FakeRenter) -> None:
+        nonlocal in_flight
+        in_flight += 1
+
+        def reply(error: BaseException | None) -> None:
+            nonlocal in_flight, relayed
+            in_flight -= 1
+            if error is not None:
+                if not finished.done():
+                    finished.set_exception(error)
+                return
+            relayed += 2  # user -> host, host -> user
+            if time.perf_counter() < deadline:
+                fire(renter)
+            elif in_flight == 0 and not finished.done():
+                finished.set_result(None)
+
+        renter.on_reply = reply
+        renter.send(payload)
+
+    cpu0, wall0 = cpu_seconds(broker_pid), time.perf_counter()
+    for renter in renters:
+        fire(renter)
+    await finished
+    cpu1, wall1 = cpu_seconds(broker_pid), time.perf_counter()
+    return {
+        "kernels": len(renters),
+        "relayed_messages": relayed,
+        "wall_s": round(wall1 - wall0, 3),
+        "messages_per_s": round(relayed / (wall1 - wall0)),
+        "broker_cpu_s": round(cpu1 - cpu0, 3),
+    }
+
+
 async def relay_mode(args: argparse.Namespace) -> dict[str, Any]:
     api = Api(args.broker)
     admin = args.admin_token
@@ -467,12 +525,13 @@ async def relay_mode(args: argparse.Namespace) -> dict[str, Any]:
         return (await api.call(admin, "POST", f"/accounts/{name}/tokens"))["token"]
 
     host_tokens = await asyncio.gather(
-        *(account(f"relay-host-{i}", "host") for i in range(n_hosts))
+        *(account(f"{args.prefix}-host-{i}", "host") for i in range(n_hosts))
     )
     user_tokens = await asyncio.gather(
-        *(account(f"relay-user-{i}", "user") for i in range(n_users))
+        *(account(f"{args.prefix}-user-{i}", "user") for i in range(n_users))
     )
-    hosts = [FakeHost(args.broker, t, max_kernels=1024) for t in host_tokens]  # the cap
+    model = args.gpu_model
+    hosts = [FakeHost(args.broker, t, 1024, model or "CPU") for t in host_tokens]  # the cap
     await asyncio.gather(*(h.start() for h in hosts))
     payload = kernel_message(args.message_bytes)
     renters: list[FakeRenter] = []
@@ -487,7 +546,7 @@ async def relay_mode(args: argparse.Namespace) -> dict[str, Any]:
         need = level - len(renters)
         started = time.perf_counter()
         fresh = [
-            FakeRenter(api, args.broker, user_tokens[(len(renters) + i) % n_users])
+            FakeRenter(api, args.broker, user_tokens[(len(renters) + i) % n_users], model)
             for i in range(need)
         ]
         outcomes = await bounded([r.start() for r in fresh], args.start_concurrency)
@@ -518,7 +577,16 @@ async def relay_mode(args: argparse.Namespace) -> dict[str, Any]:
         else:
             break
     result["relay_kernels"] = held
-    if renters:
+    if renters and args.barrier:  # one of several load processes: a window, together
+        os.makedirs(args.barrier, exist_ok=True)
+        open(os.path.join(args.barrier, f"ready-{args.index}"), "w").close()
+        deadline = time.monotonic() + 300
+        while len([n for n in os.listdir(args.barrier) if n.startswith("ready-")]) < args.procs:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the other load processes did not get ready within 300 s")
+            await asyncio.sleep(0.05)
+        result["window"] = await measure_window(renters, payload, args.window, args.broker_pid)
+    elif renters:
         log(f"measuring: {args.round_trips} round trips over {len(renters)} kernels")
         result["loaded"] = await measure_relay(renters, payload, args.round_trips, args.broker_pid)
         if args.profile_out:
@@ -702,6 +770,8 @@ def main() -> None:
     parser.add_argument("--index", type=int, default=0)
     parser.add_argument("--barrier", default="")
     parser.add_argument("--connect-concurrency", type=int, default=64)
+    parser.add_argument("--prefix", default="relay", help="account names (relay)")
+    parser.add_argument("--gpu-model", default="", help="the fake hosts' offer; renters ask it")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -5,7 +5,8 @@
 Phases: e2e (execute round trips, throughput, first execute; real broker, host agent, user
 jupyter_server, Kernel Gateway), transports (the same figures through a plain broker, a TLS
 broker and a broker behind nginx's TLS, interleaved; a start and an execute over slow
-links), settle (SQLite settlements), relay (a lone broker relaying
+links), brokers (two brokers on PostgreSQL: relay scaling, an execute across brokers, a
+failover), settle (SQLite settlements), relay (a lone broker relaying
 echo kernels), heartbeat (a lone broker with simulated hosts). --quick takes < 3 minutes,
 the full run < 15.
 """
@@ -28,6 +29,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.benchmarks import procs  # noqa: E402
+from tests.benchmarks.brokers_phase import BrokersPhase  # noqa: E402
 from tests.benchmarks.e2e_phase import E2EPhase, log  # noqa: E402
 from tests.benchmarks.profiles import pyspy_path, summarise_profile  # noqa: E402
 from tests.benchmarks.transports import TransportsPhase  # noqa: E402
@@ -57,6 +59,9 @@ QUICK = {
     "transport_rtt_rounds": 300,
     "wan_rtt_rounds": 40,
     "transport_throughput_rounds": 3,
+    "brokers_kernels": 100,
+    "brokers_window_s": 5,
+    "brokers_rtt_rounds": 200,
 }
 FULL = {
     "rtt_warmup": 20,
@@ -80,6 +85,9 @@ FULL = {
     "transport_rtt_rounds": 800,
     "wan_rtt_rounds": 100,
     "transport_throughput_rounds": 5,
+    "brokers_kernels": 250,
+    "brokers_window_s": 15,
+    "brokers_rtt_rounds": 600,
 }
 
 # key, target text, check(value, results) -> bool | None
@@ -131,6 +139,11 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("nginx_display_throughput_ratio", "", None),
     ("wan_execute_overhead_ms", "<= 2", lambda v, r: v <= 2),
     ("wan_start_round_trips", "<= 6", lambda v, r: v <= 6),
+    ("brokers_relay_messages_per_s_1", "(same run)", None),
+    ("brokers_relay_messages_per_s_2", "(same run)", None),
+    ("brokers_relay_scaling", ">= 1.8", lambda v, r: v >= 1.8),
+    ("cross_broker_execute_added_ms", "<= 0.3", lambda v, r: v <= 0.3),
+    ("failover_resume_s", "<= 5", lambda v, r: v <= 5),
     ("relay_kernels", ">= 500", lambda v, r: v >= 500),
     ("relay_cpu_us_per_message", "<= 50", lambda v, r: v <= 50),
     ("heartbeat_hosts_10k_core_fraction", "<= 0.2", lambda v, r: v <= 0.2),
@@ -526,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE as JSON")
     parser.add_argument(
         "--only",
-        default="e2e,transports,settle,relay,heartbeat",
+        default="e2e,transports,brokers,settle,relay,heartbeat",
         help="comma list of phases (default: all)",
     )
     parser.add_argument(
@@ -569,8 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for phase in phases:
             try:
-                if phase in ("e2e", "transports"):
-                    runner = (E2EPhase if phase == "e2e" else TransportsPhase)(workdir, cfg)
+                if phase in ("e2e", "transports", "brokers"):
+                    kind = {"e2e": E2EPhase, "transports": TransportsPhase, "brokers": BrokersPhase}
+                    runner = kind[phase](workdir, cfg)
                     try:
                         runner.run()
                     finally:  # what it measured before it failed counts too

@@ -100,7 +100,9 @@ class Cluster:
         self.db_url = broker_traits.pop("db_url", f"sqlite:///{self.db_path}")
         # TLS at the broker: (certfile, keyfile, the CA file its clients trust).
         tls = broker_traits.pop("tls", None)
-        self.ca_file = str(tls[2]) if tls else None
+        # Or only a CA its processes trust (a TLS proxy in front of its peers).
+        trusted = broker_traits.pop("ca_file", None)
+        self.ca_file = str(tls[2]) if tls else (str(trusted) if trusted else None)
         self.processes: list[Process] = []
         self.admin_token = secrets.token_urlsafe(24)
         self.port = free_port()

@@ -12,9 +12,10 @@ import httpx
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 
-from jupyter_gpu_share.client import BrokerClient
+from jupyter_gpu_share.client import BrokerClient, BrokerError, websocket_url
 from jupyter_gpu_share.ledger import MICRO
 from jupyter_gpu_share.store import Store
+from jupyter_gpu_share.transport.websocket import HandshakeError, connect
 
 from ..nginx import Nginx, nginx_path
 from ..tlsca import ScratchCA
@@ -262,6 +263,14 @@ def test_a_user_on_another_broker_than_the_host_runs_a_notebook(
             assert running["broker_url"] == one.url
             asked = two.client(token).request("GET", f"/sessions/{running['id']}")
             assert asked["state"] == "running" and asked["cost_so_far_micro"] > 0
+            # A relay opened on the user's broker is sent to the host's.
+            path = f"/gpu-share/api/relay/{running['id']}/user"
+            with pytest.raises(HandshakeError) as refused:
+                await connect(
+                    websocket_url(two.url, path), headers={"Authorization": f"Bearer {token}"}
+                )
+            assert refused.value.code == 307
+            assert refused.value.location == f"{one.url}{path}"
 
     asyncio.run(scenario())
     ended = eventually(lambda: two.session_of(token, "ended"), 30, what="the session to settle")
@@ -286,15 +295,23 @@ async def _run_cell(code: str) -> list[str]:
 @pytest.mark.postgres
 @pytest.mark.skipif(nginx_path() is None, reason="nginx is not installed (.ci/run installs it)")
 def test_three_brokers_and_nginx_are_one_service(make_cluster, postgres_url, tmp_path, monkeypatch):
-    """The deployment of server_extension/deploy/nginx-brokers.conf, TLS at nginx in front
-    of brokers two and three; the host on broker one. A user on broker two and one through
-    nginx see its offer and run a notebook on it; each session is settled once, by the
-    host's broker."""
-    one, two, three = (make_cluster(db_url=postgres_url) for _ in range(3))
+    """The deployment of server_extension/deploy/nginx-brokers.conf: TLS at nginx, the
+    service's address in front of brokers two and three, each broker at a TLS port of its
+    own (its public_url); the host on broker one. A user on broker two and one through
+    the service see its offer and run a notebook on it, every relay over TLS; each
+    session is settled once, by the host's broker."""
     ca = ScratchCA(tmp_path / "ca")
     server = ca.issue("proxy")
+    own = [free_port() for _ in range(3)]
+    one, two, three = (
+        make_cluster(
+            db_url=postgres_url, public_url=f"https://127.0.0.1:{port}", ca_file=ca.ca_file
+        )
+        for port in own
+    )
     upstreams = [f"127.0.0.1:{c.port}" for c in (two, three)]
-    proxy = Nginx(tmp_path / "nginx", "", server.cert, server.key, upstreams=upstreams)
+    mapping = {port: f"127.0.0.1:{c.port}" for port, c in zip(own, (one, two, three), strict=True)}
+    proxy = Nginx(tmp_path / "nginx", "", server.cert, server.key, upstreams, mapping)
     try:
         one.start_host("host-a", "3.6")
         nina = one.account("nina", "user", 100 * MICRO)
@@ -366,3 +383,18 @@ def test_the_health_endpoint_says_503_while_the_store_is_away(make_cluster, post
             pg.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
     eventually(lambda: httpx.get(url, timeout=10).status_code == 200, 30, what="200 again")
     assert "Traceback" not in cluster.broker.output()
+
+
+@pytest.mark.postgres
+def test_hosts_of_a_broker_without_a_public_url_stay_its_own(make_cluster, postgres_url):
+    """No other broker can send it a start: its hosts are not offered elsewhere (they were,
+    and every start placed on them answered 503)."""
+    one = make_cluster(db_url=postgres_url, public_url="")
+    two = make_cluster(db_url=postgres_url)
+    one.start_host("host-a", "3.6")
+    token = one.account("nina", "user", 100 * MICRO)
+    assert [o["host_id"] for o in one.client(token).request("GET", "/offers")] == ["host-a"]
+    assert two.client(token).request("GET", "/offers") == []
+    with pytest.raises(BrokerError) as refused:
+        two.client(token).request("POST", "/sessions", {})
+    assert refused.value.status == 404
