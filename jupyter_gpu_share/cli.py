@@ -190,15 +190,23 @@ def cmd_offers(args: argparse.Namespace) -> None:
 
 
 def cmd_sessions(args: argparse.Namespace) -> None:
-    sessions = _client(args).request("GET", "/sessions")
+    client = _client(args)
+    sessions = client.request("GET", "/sessions")
     if args.json:
         print(json.dumps(sessions))
         return
+    me = client.request("GET", "/me")["name"]
     rows = [
         {
             **s,
             "amount": _money(
                 s["amount_micro"] if s["state"] == "ended" else s["cost_so_far_micro"]
+            ),
+            # "stopped" is the renter's own stop (the lab's, the CLI's, a notebook server's).
+            "end_reason": (
+                ("stopped by you" if s["renter"] == me else "stopped by the renter")
+                if s["end_reason"] == "stopped"
+                else s["end_reason"]
             ),
         }
         for s in sessions

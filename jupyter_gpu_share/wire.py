@@ -12,6 +12,7 @@ docs/protocol.md.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 from collections.abc import Sequence
@@ -95,3 +96,36 @@ def execution_state(frames: Sequence[Any]) -> str | None:
                 return found.group(1).decode() if found else None
             return None
     return None
+
+
+DELIMITER = b"<IDS|MSG>"
+MAX_ID_BYTES = 256
+
+
+def _part_after_delimiter(frames: Sequence[Any], offset: int) -> bytes | None:
+    """The frame ``offset`` places after a Jupyter message's delimiter (1: its signature,
+    2: its header, 3: its parent header), or None when there is none."""
+    for index, frame in enumerate(frames[:MAX_FRAMES]):
+        if len(frame) == len(DELIMITER) and bytes(frame) == DELIMITER:
+            wanted = index + offset
+            return bytes(frames[wanted]) if wanted < len(frames) else None
+    return None
+
+
+def request_id(frames: Sequence[Any]) -> bytes | None:
+    """The ``msg_id`` of a Jupyter message's header (None: none, or not readable)."""
+    header = _part_after_delimiter(frames, 2)
+    if header is None:
+        return None
+    try:
+        msg_id = json.loads(header).get("msg_id")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_BYTES:
+        return None
+    return msg_id.encode()
+
+
+def parent_header(frames: Sequence[Any]) -> bytes | None:
+    """A Jupyter message's parent header, as the bytes it was sent in."""
+    return _part_after_delimiter(frames, 3)

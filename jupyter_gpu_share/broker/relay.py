@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 USER, HOST = "user", "host"
 OTHER_SIDE = {USER: HOST, HOST: USER}
 
+# The session's host moved to another broker: both ends reconnect (1012, "service
+# restart": not a 4000 code, which tells the ends the session ended).
+CLOSE_MOVED = 1012
 CLOSE_STOPPED = 4000
 CLOSE_HOST_LOST = 4001
 CLOSE_CREDIT_EXHAUSTED = 4002

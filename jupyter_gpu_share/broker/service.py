@@ -56,6 +56,7 @@ from .relay import (
     CLOSE_CREDIT_EXHAUSTED,
     CLOSE_HOST_LOST,
     CLOSE_KERNEL_ENDED,
+    CLOSE_MOVED,
     CLOSE_QUOTA_REACHED,
     CLOSE_START_FAILED,
     CLOSE_STOPPED,
@@ -168,6 +169,7 @@ class LiveSession:
     created_us: int
     ready_us: int | None = None
     class_name: str | None = None
+    last_seen_us: int | None = None  # as the store had it when loaded (a checkpoint)
     quota: Quota | None = None
     used_before: Used | None = None
     keep_alive_s: float | None = None  # with no renter connected (None: the broker's grace)
@@ -188,6 +190,7 @@ class LiveSession:
             created_us=record.created_us,
             ready_us=record.ready_us,
             class_name=record.class_name,
+            last_seen_us=record.last_seen_us,
         )
 
     def quota_stop_us(self) -> int | None:
@@ -451,6 +454,8 @@ class Broker:
         for session_id in moved:
             self.sessions.pop(session_id, None)
             self.pending_stops.pop(session_id, None)
+            # Its renter's relay reconnects, and is sent to the broker that has the host.
+            self.relays.close(session_id, CLOSE_MOVED, "the host is served by another broker")
         log.warning(
             "host %s is served by another broker now; %d session(s) left to it", name, len(moved)
         )
@@ -1459,10 +1464,12 @@ def _profile(link: HostLink, hello: dict[str, Any]) -> dict[str, Any]:
 
 
 def link_last_seen(link: HostLink | None, live: LiveSession) -> int:
-    """The last instant a session's host was known alive."""
+    """The last instant a session's host was known alive: its last heartbeat here, else
+    the last one a broker checkpointed (a host that moved from a dead broker), else the
+    session's start."""
     if link is not None:
         return link.last_heartbeat_us
-    return live.ready_us or live.created_us
+    return max(live.last_seen_us or 0, live.ready_us or 0) or live.created_us
 
 
 __all__ = ["Broker", "BrokerSettings", "NoMatch", "NotFound"]

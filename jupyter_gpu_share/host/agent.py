@@ -14,7 +14,7 @@ import os
 import random
 import signal
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -127,6 +127,9 @@ def _write(conn: ClientEnd, message: str | bytes, binary: bool = False) -> None:
         future.add_done_callback(_consume)
 
 
+DELIVERED_REMEMBERED = 4096  # requests a session remembers it passed to its kernel
+
+
 class HostSession:
     """One rented kernel: its relay websocket, its kernel process and its lifecycle."""
 
@@ -151,6 +154,9 @@ class HostSession:
         self._task: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
         self.warned_close: datetime | None = None  # the window close we warned about
+        # The msg_ids of the requests passed to the kernel: one the bridge sends again
+        # after a reconnect (its answer was lost, not the request) is not run twice.
+        self._delivered: OrderedDict[bytes, None] = OrderedDict()
 
     def launch(self) -> None:
         """Start the session in the background."""
@@ -336,9 +342,24 @@ class HostSession:
         assert self.kernel is not None
         try:
             channel, frames = wire.decode(data)
+            if channel in (wire.SHELL, wire.CONTROL) and self._delivered_before(frames):
+                return  # sent again by the bridge after a reconnect (kernel/resend.py)
             self.kernel.send(channel, frames)
         except (wire.FrameError, ValueError, RuntimeError) as err:
             self.log.warning("session %s: dropped a relay message: %s", self.session_id, err)
+
+    def _delivered_before(self, frames: list[memoryview]) -> bool:
+        """Whether a request with this msg_id already went to the kernel (and note it)."""
+        msg_id = wire.request_id(frames)
+        if msg_id is None:
+            return False
+        if msg_id in self._delivered:
+            self.log.info("session %s: a request sent again was delivered before", self.session_id)
+            return True
+        self._delivered[msg_id] = None
+        if len(self._delivered) > DELIVERED_REMEMBERED:
+            self._delivered.popitem(last=False)
+        return False
 
     def _from_kernel(self, channel: int, frames: list[bytes]) -> None:
         self._to_relay(wire.encode(channel, frames), binary=True)

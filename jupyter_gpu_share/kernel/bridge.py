@@ -24,12 +24,15 @@ from urllib.parse import urljoin, urlsplit
 
 import zmq
 import zmq.asyncio
+from jupyter_client.session import Session
 
 from .. import wire
 from ..transport import tls
 from ..transport.websocket import ClientEnd, ConnectionClosed, HandshakeError, connect
 from ..zmqpump import SocketPump
 from .kernel_info import KernelInfoAnswer
+from .resend import Unanswered
+from .stop_notice import WaitingReplies
 
 log = logging.getLogger("jupyter_gpu_share.bridge")
 
@@ -44,6 +47,9 @@ CLOSE_REASONS = {
     4007: "quota reached",
 }
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
+# Below common proxies' idle timeouts (nginx's proxy_read_timeout: 60 s by default), so
+# a quiet kernel's relay is not cut by one; a relay silent for two of them is dead.
+RELAY_PING_S = 25.0
 
 
 async def _written(future: Any) -> None:
@@ -156,6 +162,15 @@ class KernelBridge:
         # here from the reply the host sent with kernel_ready (see kernel_info.py).
         self.kernel_info = KernelInfoAnswer()
         self._forwarded = False  # a request went to the kernel since this attach
+        # While the relay reconnects, what the user's server sends waits here (a batch a
+        # channel; the channel's socket is not read meanwhile, so the rest waits in ZMQ),
+        # and the requests the kernel has not answered yet are sent again after.
+        self._away = False
+        self._held: list[tuple[int, list[list[Any]]]] = []
+        self.unanswered = Unanswered()
+        # The cells running when the broker ends the session are told why (stop_notice.py).
+        self.waiting = WaitingReplies()
+        self._kernel_identity: dict[str, str] = {}
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
@@ -220,16 +235,56 @@ class KernelBridge:
                 if not batch:
                     return
             self._forwarded = True
+        if self._away:
+            self._hold(channel, batch)
+            return
         try:
             written = ws.write_many([wire.encode_parts(channel, frames) for frames in batch])
-        except ConnectionClosed:
+        except ConnectionClosed:  # it dropped: the pump reconnects, then this goes
+            self._hold(channel, batch)
             return
+        if channel != wire.STDIN:
+            self.unanswered.sent(channel, batch)
+            if channel == wire.SHELL:
+                self.waiting.sent(batch)
         if written is None:
             return  # written at once (under the relay's buffer limit)
         # Back-pressure: read no more from this channel until the relay has drained.
         pump = self.pumps[channel]
         pump.pause_reading(True)
         written.add_done_callback(lambda future: (_consume(future), pump.pause_reading(False)))
+
+    def _hold(self, channel: int, batch: list[list[Any]]) -> None:
+        """Keep what came while the relay is away, and read no more of that channel."""
+        self._held.append((channel, batch))
+        self.pumps[channel].pause_reading(True)
+
+    def _back(self, ws: ClientEnd) -> None:
+        """The relay reconnected: send the unanswered requests again, then what was held,
+        in order, and read the channels again."""
+        parts = [wire.encode_parts(c, frames) for c, frames in self.unanswered.pending()]
+        resent = len(parts)
+        held, self._held = self._held, []
+        for channel, batch in held:
+            parts += [wire.encode_parts(channel, frames) for frames in batch]
+            if channel != wire.STDIN:
+                self.unanswered.sent(channel, batch)
+            if channel == wire.SHELL:
+                self.waiting.sent(batch)
+        if parts:
+            log.info(
+                "relay of session %s: %d unanswered request(s) sent again, %d held sent",
+                self.session_id,
+                resent,
+                len(parts) - resent,
+            )
+            with contextlib.suppress(ConnectionClosed):
+                written = ws.write_many(parts)
+                if written is not None:
+                    written.add_done_callback(_consume)
+        self._away = False
+        for channel in {c for c, _ in held}:
+            self.pumps[channel].pause_reading(False)
 
     def _answer_here(self, channel: int, batch: list[list[Any]]) -> list[list[Any]]:
         """Answer the kernel_info_requests at the head of a batch; the rest is the kernel's."""
@@ -259,6 +314,11 @@ class KernelBridge:
         self.kernel_key = None
         self.kernel_info.disarm()
         self._forwarded = False
+        self._away = False
+        self._held = []
+        self.unanswered.clear()
+        self.waiting.clear()
+        self._kernel_identity = {}
         self._relay_urls = [url] if isinstance(url, str) else list(url)
         self._relay = (
             self._relay_urls[0],
@@ -304,6 +364,7 @@ class KernelBridge:
             headers={"Authorization": f"Bearer {token}"},
             ssl_context=tls.context_for(url),  # the system's CAs and $GPU_SHARE_CA_FILE
             max_message_size=MAX_MESSAGE_SIZE,
+            ping_interval=RELAY_PING_S,
             connect_timeout=20,
             handshake_timeout=60,
         )
@@ -346,12 +407,16 @@ class KernelBridge:
                 code = ws.close_code
                 if code is not None and 4000 <= code < 4100:
                     reason = ws.close_reason or CLOSE_REASONS.get(code, "relay closed")
+                    self._tell_running_cells(reason)
                     self._mark_ended(reason, 0 if code in (4000, 4003) else 1)
                     return
                 log.warning(
                     "relay of session %s dropped (code %s); reconnecting", self.session_id, code
                 )
+                self._away = True
                 ws = self.ws = await self._reconnect()
+                if ws is not None:
+                    self._back(ws)
                 continue
             self._from_relay(message)
 
@@ -365,6 +430,10 @@ class KernelBridge:
         except wire.FrameError as error:
             log.warning("dropping a malformed relay message: %s", error)
             return
+        if len(self.unanswered) and channel != wire.STDIN:
+            self.unanswered.seen(frames)
+        if channel == wire.SHELL and len(self.waiting):
+            self.waiting.replied(frames)
         # Zero-copy only pays for big messages; for small ones it costs more.
         copy = wire.total_size(frames) < wire.ZERO_COPY_ABOVE
         pump = self.pumps.get(channel)
@@ -380,6 +449,13 @@ class KernelBridge:
                     record["key"],
                     str(record.get("signature_scheme", "hmac-sha256")),
                 )
+            identity = {
+                name: record[field]
+                for name, field in (("session", "kernel_session"), ("username", "kernel_username"))
+                if isinstance(record.get(field), str)
+            }
+            if identity:
+                self._kernel_identity = identity
             # The first ready of this attach, with nothing sent to the kernel yet: it is idle
             # (a later one, after a reconnect, may come while a cell runs).
             if not self.ready.is_set() and not self._forwarded and self.kernel_key is not None:
@@ -391,6 +467,7 @@ class KernelBridge:
                 )
             self.ready.set()
         elif kind == "kernel_ended":
+            self._tell_running_cells(str(record.get("reason", "kernel exited")))
             self._mark_ended(
                 str(record.get("reason", "kernel exited")), int(record.get("exit_code") or 0)
             )
@@ -400,6 +477,22 @@ class KernelBridge:
             del self.notices[:-20]
             if self.on_status is not None:
                 self.on_status(message)
+
+    def _tell_running_cells(self, reason: str) -> None:
+        """Answer the execute requests still waiting with why the session ended, before
+        the kernel's heartbeat goes quiet (a client then reads the reason, not a death)."""
+        if not len(self.waiting) or self.kernel_key is None or self.ended.is_set():
+            return
+        key, scheme = self.kernel_key
+        session = Session(key=key.encode(), signature_scheme=scheme, **self._kernel_identity)
+        shell, iopub = self.pumps.get(wire.SHELL), self.pumps.get(wire.IOPUB)
+        if shell is None or iopub is None:
+            return
+        told = self.waiting.answer_all(session, reason, shell.send, iopub.send)
+        if told:
+            log.info(
+                "session %s ended (%s): told %d running cell(s)", self.session_id, reason, told
+            )
 
     def _mark_ended(self, reason: str, exit_code: int) -> None:
         if not self.ended.is_set():

@@ -57,6 +57,7 @@ class BrokersPhase:
 
         kernels, window = self.cfg["brokers_kernels"], self.cfg["brokers_window_s"]
         rates: dict[int, int] = {}
+        cpu_us: dict[int, float] = {}
         for count in (1, 2):
             log(f"brokers: {kernels} echo kernels in each of 2 load processes, {count} broker(s)")
             with fresh_database(server) as db_url:
@@ -95,10 +96,17 @@ class BrokersPhase:
                     for cluster in clusters:
                         cluster.close()
             rates[count] = sum(a["window"]["messages_per_s"] for a in answers)
+            # Each process reads its own broker's CPU: with one broker, both read the same.
+            cpu = sum(a["window"]["broker_cpu_s"] for a in answers[:count])
+            cpu_us[count] = cpu * 1e6 / sum(a["window"]["relayed_messages"] for a in answers)
             self.details[f"brokers_relay_{count}"] = [a["window"] for a in answers]
         self.results["brokers_relay_messages_per_s_1"] = rates[1]
         self.results["brokers_relay_messages_per_s_2"] = rates[2]
         self.results["brokers_relay_scaling"] = rnd(rates[2] / rates[1], 2)
+        # Broker CPU per relayed message, two brokers over one: 1.0 is no cost of having
+        # several (the relay path touches no shared part), so N brokers on N free cores
+        # relay N times as much.
+        self.results["brokers_relay_cpu_per_message_ratio"] = rnd(cpu_us[2] / cpu_us[1], 2)
         self.notes.append(
             f"brokers_relay_scaling: {os.cpu_count()} cores for the brokers, the load "
             "processes and PostgreSQL together; each broker relays on one core, so the "

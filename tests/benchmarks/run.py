@@ -142,6 +142,7 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("brokers_relay_messages_per_s_1", "(same run)", None),
     ("brokers_relay_messages_per_s_2", "(same run)", None),
     ("brokers_relay_scaling", ">= 1.8", lambda v, r: v >= 1.8),
+    ("brokers_relay_cpu_per_message_ratio", "(~1: no cost)", None),
     ("cross_broker_execute_added_ms", "<= 0.3", lambda v, r: v <= 0.3),
     ("failover_resume_s", "<= 5", lambda v, r: v <= 5),
     ("relay_kernels", ">= 500", lambda v, r: v >= 500),

@@ -11,7 +11,7 @@ import nbformat
 import pytest
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
-from nbclient.exceptions import DeadKernelError
+from nbclient.exceptions import CellExecutionError
 
 from jupyter_gpu_share.ledger import MICRO, split_fee
 from jupyter_gpu_share.store import Store
@@ -136,7 +136,8 @@ def test_host_killed_mid_session_ends_as_host_lost(make_cluster, monkeypatch):
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("import time\ntime.sleep(120)")]
     started = time.monotonic()
-    with pytest.raises(DeadKernelError):
+    # The cell is told why (it was a bare DeadKernelError before, issue 18).
+    with pytest.raises(CellExecutionError, match="SessionStopped: the GPU host stopped"):
         NotebookClient(nb, kernel_name="gpu-share", timeout=300, startup_timeout=90).execute()
     killer.join()
     assert time.monotonic() - started < 60  # an error, not a hang on the 120 s cell

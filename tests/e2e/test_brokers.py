@@ -398,3 +398,79 @@ def test_hosts_of_a_broker_without_a_public_url_stay_its_own(make_cluster, postg
     with pytest.raises(BrokerError) as refused:
         two.client(token).request("POST", "/sessions", {})
     assert refused.value.status == 404
+
+
+def _execute_now(client, code: str) -> str:
+    """Send an execute_request at once (no wait for anything first); its msg_id."""
+    return client.execute(code)
+
+
+async def _reply_and_output(client, msg_id: str, timeout: float = 60) -> tuple[dict, list[str]]:
+    printed: list[str] = []
+    reply = None
+    while reply is None:
+        msg = await client.get_shell_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") == msg_id:
+            reply = msg
+    while True:
+        msg = await client.get_iopub_msg(timeout=timeout)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            printed.append(msg["content"]["text"])
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return reply, printed
+
+
+def test_an_execute_sent_as_the_broker_restarts_gets_its_reply(make_cluster, monkeypatch):
+    """The bridge dropped what the user sent while its relay reconnected (bridge.py said
+    so): an execute sent at the moment of a broker restart never ran."""
+    cluster = make_cluster()
+    cluster.start_host("host-a", "3.6")
+    token = cluster.account("nina", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    async def scenario() -> None:
+        async with remote_kernel() as (_km, client):
+            reply = await client.execute_interactive("x = 41", timeout=30)
+            assert reply["content"]["status"] == "ok"
+            cluster.broker.kill()
+            msg_id = _execute_now(client, "x += 1\nprint(x)")
+            cluster.start_broker()
+            reply, printed = await _reply_and_output(client, msg_id)
+            assert reply["content"]["status"] == "ok"
+            assert printed == ["42\n"]  # run once, on the kernel's state
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.postgres
+def test_an_execute_sent_right_after_kill_9_of_the_hosts_broker_runs_once(
+    make_cluster, postgres_url, monkeypatch
+):
+    """The request was written to the dying broker's socket and lost: the bridge sends the
+    requests the kernel has not answered again once its relay is back (the host agent
+    drops one it passed on before), so it runs, once."""
+    one = make_cluster(db_url=postgres_url)
+    two = make_cluster(db_url=postgres_url)
+    both = f"{one.url},{two.url}"
+    one.start_host("host-a", "3.6", broker_url=both)
+    token = one.account("nina", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", both)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+
+    async def scenario() -> None:
+        async with remote_kernel() as (_km, client):
+            reply = await client.execute_interactive("x = 41", timeout=30)
+            assert reply["content"]["status"] == "ok"
+            one.broker.kill()
+            msg_id = _execute_now(client, "x += 1\nprint(x)")
+            reply, printed = await _reply_and_output(client, msg_id)
+            assert reply["content"]["status"] == "ok"
+            assert printed == ["42\n"]
+
+    asyncio.run(scenario())
+    ended = eventually(lambda: two.session_of(token, "ended"), 30, what="the session to settle")
+    lifetime = (ended["ended_us"] - ended["started_us"]) / 1e6
+    assert lifetime - 2 <= ended["billed_seconds"] <= lifetime + 1, ended

@@ -487,3 +487,22 @@ def test_a_backlogged_relay_holds_the_kernels_channel_until_it_drains() -> None:
         server.close()
 
     asyncio.run(main())
+
+
+def test_a_request_sent_again_after_a_reconnect_reaches_the_kernel_once():
+    """The bridge sends again the requests it saw no answer to (kernel/resend.py); one
+    that had arrived (only its answer was lost with a broker) must not run twice."""
+    import json
+    import logging
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from jupyter_gpu_share import wire
+    from jupyter_gpu_share.host.agent import HostSession
+
+    session = SimpleNamespace(_delivered=OrderedDict(), log=logging.getLogger("t"), session_id="s")
+    header = json.dumps({"msg_id": "m-1"}).encode()
+    frames = [memoryview(f) for f in (b"id", wire.DELIMITER, b"sig", header, b"{}", b"{}", b"{}")]
+    assert HostSession._delivered_before(session, frames) is False  # first time: passed on
+    assert HostSession._delivered_before(session, frames) is True  # again: dropped
+    assert HostSession._delivered_before(session, [b"no", b"delimiter"]) is False

@@ -1,0 +1,96 @@
+"""Every stop says why, to every client (issue 18, item 4): a cell running when the broker
+ends the session gets the reason as its error, where nbconvert and nbclient used to
+report only ``DeadKernelError: Kernel died``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+
+from jupyter_gpu_share.ledger import MICRO
+
+from .harness import CLI, clean_env, eventually
+from .test_remote_kernels import notebook
+
+pytestmark = pytest.mark.e2e
+
+LONG_CELL = "import time\nprint('started', flush=True)\ntime.sleep(120)"
+
+
+def test_nbconvert_reads_why_its_cell_was_stopped_when_the_credit_ran_out(make_cluster, tmp_path):
+    cluster = make_cluster(minimum_start_seconds=1)
+    cluster.start_host("host-a", "3.6")  # 1,000 micro-credits a second
+    token = cluster.account("thrifty", "user", 4_000)  # 4 seconds of credit
+    path = tmp_path / "long.ipynb"
+    nbformat.write(notebook(LONG_CELL), path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--ExecutePreprocessor.kernel_name=gpu-share",
+            "--output",
+            "out.ipynb",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
+    )
+    assert result.returncode != 0
+    assert "SessionStopped: your credit ran out" in result.stderr, result.stderr[-3000:]
+    assert "DeadKernelError" not in result.stderr
+    session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the bill")
+    assert session["end_reason"] == "credit exhausted"
+
+
+def test_nbclient_reads_that_its_own_user_stopped_the_session(make_cluster, monkeypatch):
+    cluster = make_cluster()
+    cluster.start_host("host-a", "3.6")
+    token = cluster.account("nina", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+    nb = notebook(LONG_CELL)
+    client = NotebookClient(nb, kernel_name="gpu-share", timeout=120, startup_timeout=90)
+
+    def stop_when_running() -> None:
+        running = eventually(lambda: cluster.session_of(token, "running"), 60, what="a session")
+        eventually(
+            lambda: cluster.client(token).request("GET", f"/sessions/{running['id']}")[
+                "cell_running"
+            ],
+            30,
+            what="the cell to run",
+        )
+        cluster.client(token).request("DELETE", f"/sessions/{running['id']}")
+
+    stopper = threading.Thread(target=stop_when_running, daemon=True)
+    stopper.start()
+    with pytest.raises(CellExecutionError) as stopped:
+        client.execute()
+    stopper.join(30)
+    assert "SessionStopped" in str(stopped.value)
+    assert "stopped by you" in str(stopped.value)
+    outputs = nb.cells[0].outputs
+    assert outputs[0]["text"] == "started\n"
+    assert outputs[-1]["output_type"] == "error" and outputs[-1]["ename"] == "SessionStopped"
+    listed = subprocess.run(
+        [*CLI, "sessions"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "stopped by you" in listed.stdout
