@@ -94,3 +94,39 @@ def test_nbclient_reads_that_its_own_user_stopped_the_session(make_cluster, monk
     )
     assert listed.returncode == 0, listed.stderr
     assert "stopped by you" in listed.stdout
+
+
+def test_papermill_runs_a_parameterised_notebook_on_gpu_share(make_cluster, tmp_path):
+    """papermill (issue 18, item 9): parameters injected, cells run on the host, outputs
+    saved, the session billed (papermill drives nbclient, as nbconvert does)."""
+    cluster = make_cluster()
+    cluster.start_host("host-a", "3.6")
+    token = cluster.account("pam", "user", 100 * MICRO)
+    source = notebook("size = 1", "import os\nprint(size * 7, os.environ['GPU_SHARE_HOST_ID'])")
+    source.cells[0].metadata["tags"] = ["parameters"]
+    path, out = tmp_path / "in.ipynb", tmp_path / "out.ipynb"
+    nbformat.write(source, path)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "papermill",
+            str(path),
+            str(out),
+            "-k",
+            "gpu-share",
+            "-p",
+            "size",
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    executed = nbformat.read(out, as_version=4)
+    printed = [o["text"] for c in executed.cells for o in c.get("outputs", []) if "text" in o]
+    assert printed == ["42 host-a\n"]
+    session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the bill")
+    assert session["billed_seconds"] >= 1
