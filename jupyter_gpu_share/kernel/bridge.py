@@ -171,6 +171,7 @@ class KernelBridge:
         # The cells running when the broker ends the session are told why (stop_notice.py).
         self.waiting = WaitingReplies()
         self._kernel_identity: dict[str, str] = {}
+        self._untold: list[str] = []  # notices that came while no cell ran: for the next
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
@@ -247,6 +248,8 @@ class KernelBridge:
             self.unanswered.sent(channel, batch)
             if channel == wire.SHELL:
                 self.waiting.sent(batch)
+                if self._untold and len(self.waiting):
+                    self._tell_notices()
         if written is None:
             return  # written at once (under the relay's buffer limit)
         # Back-pressure: read no more from this channel until the relay has drained.
@@ -319,6 +322,7 @@ class KernelBridge:
         self.unanswered.clear()
         self.waiting.clear()
         self._kernel_identity = {}
+        self._untold = []
         self._relay_urls = [url] if isinstance(url, str) else list(url)
         self._relay = (
             self._relay_urls[0],
@@ -475,16 +479,35 @@ class KernelBridge:
             message = str(record.get("message", ""))[:500]
             self.notices.append(message)
             del self.notices[:-20]
+            # Shown in the running cell, or else in the next one that runs.
+            self._untold = [*self._untold, message][-5:]
+            if len(self.waiting):
+                self._tell_notices()
             if self.on_status is not None:
                 self.on_status(message)
+
+    def _kernel_session(self) -> Session | None:
+        """A session that signs as the kernel does (None: no key known yet)."""
+        if self.kernel_key is None:
+            return None
+        key, scheme = self.kernel_key
+        return Session(key=key.encode(), signature_scheme=scheme, **self._kernel_identity)
+
+    def _tell_notices(self) -> None:
+        session, iopub = self._kernel_session(), self.pumps.get(wire.IOPUB)
+        if session is None or iopub is None:
+            return
+        running = self.waiting.oldest()  # the kernel runs its cells in order
+        for text in self._untold:
+            self.waiting.tell(session, text, iopub.send, only=running)
+        self._untold = []
 
     def _tell_running_cells(self, reason: str) -> None:
         """Answer the execute requests still waiting with why the session ended, before
         the kernel's heartbeat goes quiet (a client then reads the reason, not a death)."""
-        if not len(self.waiting) or self.kernel_key is None or self.ended.is_set():
+        session = self._kernel_session()
+        if not len(self.waiting) or session is None or self.ended.is_set():
             return
-        key, scheme = self.kernel_key
-        session = Session(key=key.encode(), signature_scheme=scheme, **self._kernel_identity)
         shell, iopub = self.pumps.get(wire.SHELL), self.pumps.get(wire.IOPUB)
         if shell is None or iopub is None:
             return

@@ -1,4 +1,5 @@
-"""Why a remote kernel went, told to the cell it was running (issue 18, item 4).
+"""Why a remote kernel went, told to the cell it was running (issue 18, item 4); and the
+host's notices (its availability window closes soon) shown in the running cell (item 7).
 
 When the broker ends a session (credit exhausted, a quota, the teacher, the host lost...)
 its relay closes with the reason. A client that only saw the kernel stop answering got
@@ -95,6 +96,27 @@ class WaitingReplies:
             publish(_serialize(session, "status", {"execution_state": "idle"}, request))
             answered += 1
         return answered
+
+    def tell(self, session: Session, text: str, publish: Any, only: bytes | None = None) -> int:
+        """Show a notice (the host's window closes soon) as stderr in the waiting cells
+        (``only``: in that one); how many were told."""
+        told = 0
+        for msg_id, frames in list(self._waiting.items()):
+            if only is not None and msg_id != only:
+                continue
+            try:
+                _idents, parts = session.feed_identities(frames)
+                request = session.deserialize(parts, content=False)
+            except (ValueError, TypeError, KeyError, UnicodeError):
+                continue
+            content = {"name": "stderr", "text": f"gpu-share: {text}\n"}
+            publish(_serialize(session, "stream", content, request, [b"kernel.stream.stderr"]))
+            told += 1
+        return told
+
+    def oldest(self) -> bytes | None:
+        """The msg_id of the oldest execute request still waiting: the running cell."""
+        return next(iter(self._waiting), None)
 
     def clear(self) -> None:
         self._waiting.clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from datetime import datetime, timedelta
 
 import nbformat
 import pytest
@@ -130,3 +131,30 @@ def test_papermill_runs_a_parameterised_notebook_on_gpu_share(make_cluster, tmp_
     assert printed == ["42 host-a\n"]
     session = eventually(lambda: cluster.session_of(token, "ended"), 20, what="the bill")
     assert session["billed_seconds"] >= 1
+
+
+def test_the_hosts_window_closing_warning_shows_in_the_running_cell(make_cluster, monkeypatch):
+    """The warning went to the server log only (issue 18, item 7)."""
+    now = datetime.now()
+    closes = now + timedelta(minutes=12)
+    if closes.date() != now.date():
+        pytest.skip("the window would close after midnight")
+    cluster = make_cluster()
+    cluster.start_host(
+        "host-a",
+        "3.6",
+        f"--schedule=mon-sun 00:00-{closes:%H:%M}",
+        "--HostAgent.schedule_warning_minutes=15",
+        "--HostAgent.schedule_poll_interval=0.5",
+    )
+    token = cluster.account("nina", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+    nb = notebook("import time\nfor _ in range(40):\n    time.sleep(0.1)\nprint('done')")
+    NotebookClient(nb, kernel_name="gpu-share", timeout=120, startup_timeout=90).execute()
+    outputs = nb.cells[0].outputs
+    warned = [o["text"] for o in outputs if o.get("name") == "stderr"]
+    assert warned == [
+        f"gpu-share: this host's availability window closes at {closes:%H:%M}; save your work\n"
+    ], outputs
+    assert outputs[-1]["text"] == "done\n"
