@@ -1418,7 +1418,22 @@ class HostAgent(LoggingConfigurable):
                 self.check_schedule()
             except Exception:
                 self.log.exception("availability schedule check failed")
-            await asyncio.sleep(self.schedule_poll_interval)
+            await asyncio.sleep(self.schedule_wait())
+
+    def schedule_wait(self) -> float:
+        """Seconds to the next schedule check: the poll interval, or less to land on the
+        window's close and on its warning (the stop is then at the close, not up to a poll
+        interval after it: billing ends there)."""
+        wait = self.schedule_poll_interval
+        schedule = self.schedule_impl
+        closes = schedule.closes_at(self.now()) if schedule is not None else None
+        if closes is not None:
+            left = (closes - self.now()).total_seconds()
+            warn_in = left - self.schedule_warning_minutes * 60
+            for due in (left, warn_in):
+                if due > 0:
+                    wait = min(wait, due + 0.01)
+        return max(wait, 0.01)
 
     def check_schedule(self) -> None:
         """Follow the availability windows: offers, warnings, and stops at the close."""

@@ -168,3 +168,18 @@ def test_agent_follows_the_windows(tmp_path) -> None:
             await broker.stop()
 
     asyncio.run(main())
+
+
+def test_the_agent_checks_again_at_the_close_and_at_its_warning(tmp_path) -> None:
+    """A stop at the window's end, not up to a poll interval after it (billing ends when
+    the kernel is stopped)."""
+    clock = Clock(at(1, 7, 40))  # Tuesday 07:40, the window closes at 08:00
+    agent = make_agent(
+        FakeBroker(), tmp_path, schedule=SPEC, clock=clock, schedule_poll_interval=900
+    )
+    agent.check_config()
+    assert agent.schedule_wait() == pytest.approx(10 * 60 + 0.01)  # the 07:50 warning
+    clock.now = at(1, 7, 55)
+    assert agent.schedule_wait() == pytest.approx(5 * 60 + 0.01)  # the close itself
+    clock.now = at(1, 12)  # closed: nothing sooner than the poll
+    assert agent.schedule_wait() == 900
