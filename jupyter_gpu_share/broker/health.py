@@ -16,8 +16,6 @@ from typing import Any
 from jupyter_server.auth.decorator import allow_unauthenticated
 from jupyter_server.base.handlers import APIHandler
 
-from ..clock import now_us
-
 STORE_ANSWER_S = 2.0  # a store slower than this to answer a read: the broker is unhealthy
 PROBE_EVERY_S = 1.0
 log = logging.getLogger("jupyter_gpu_share")
@@ -47,7 +45,7 @@ class Health:
                     self._at = time.monotonic()
         if self._store_problem is not None:
             return self._store_problem
-        if broker.shared_store and now_us() - broker.renewed_us > broker.lease_ttl_us:
+        if broker.shared_store and broker.lease_now() - broker.renewed_us > broker.lease_ttl_us:
             return "its host leases lapsed: the store did not take their renewal in time"
         return None
 

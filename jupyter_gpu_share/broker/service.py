@@ -332,7 +332,9 @@ class Broker:
         """Load unfinished sessions from the store and start the background loops."""
         for stop in self.journal.load():
             self.pending_stops.setdefault(stop.session_id, stop)
-        started = now_us()
+        if self.shared_store:
+            await self._measure_clock()
+        started = self.renewed_us = self.lease_now()
         await self.db.register_broker(self.broker_id, self.settings.public_url or None, started)
         leases = {}
         if self.shared_store:
@@ -393,6 +395,21 @@ class Broker:
         heartbeats = await self.db.broker_heartbeats()
         return peers_live(heartbeats, self.broker_id, now, self.lease_ttl_us)
 
+    def lease_now(self) -> int:
+        """Now on the database's clock, by which every broker times leases and its row."""
+        return now_us() + self.store.lease_offset_us
+
+    async def _measure_clock(self) -> None:
+        before = self.store.lease_offset_us
+        offset = await self.db.measure_clock_offset()
+        if abs(offset) > 1_000_000 and abs(offset - before) > 500_000:
+            log.warning(
+                "this machine's clock is %.1f s %s the database's; leases follow the "
+                "database's clock (run NTP on both)",
+                abs(offset) / 1e6,
+                "behind" if offset > 0 else "ahead of",
+            )
+
     @property
     def lease_ttl_us(self) -> int:
         """How long a host lease holds unrenewed: twice the heartbeat timeout (renewed
@@ -402,7 +419,8 @@ class Broker:
     async def renew_leases(self) -> None:
         """Say this broker is alive, renew the leases of its hosts, and let go at once of
         the hosts another broker has taken (they reconnected there)."""
-        now = now_us()
+        await self._measure_clock()
+        now = self.lease_now()
         await self.db.touch_broker(self.broker_id, now)
         peers = await self._read_peers(now)
         if peers != self.peers:
@@ -478,7 +496,7 @@ class Broker:
             log.warning("last checkpoint not written: %s", error or type(error).__name__)
         try:
             await asyncio.wait_for(
-                self.db.stop_broker(self.broker_id, now_us()), self.settings.stop_answer_s
+                self.db.stop_broker(self.broker_id, self.lease_now()), self.settings.stop_answer_s
             )
         except Exception as error:  # its leases lapse by themselves
             log.warning("leases not released: %s", error or type(error).__name__)
@@ -511,7 +529,7 @@ class Broker:
         new_epoch = False
         if self.shared_store:
             lease, _previous = await self.db.take_host_lease(
-                name, self.broker_id, now_us(), self.lease_ttl_us
+                name, self.broker_id, self.lease_now(), self.lease_ttl_us
             )
             new_epoch = self.lease_epochs.get(name) != lease.epoch
             self.lease_epochs[name] = lease.epoch
@@ -666,7 +684,7 @@ class Broker:
             if name not in self.hosts:  # not back already (its hello stored its offers)
                 await self.db.deactivate_offers(name)
                 if self.lease_epochs.pop(name, None) is not None:  # ours no more
-                    await self.db.release_host_lease(name, self.broker_id, now_us())
+                    await self.db.release_host_lease(name, self.broker_id, self.lease_now())
         # Sessions loaded at start-up whose host never came back.
         for live in list(self.sessions.values()):
             # A host whose reconnect backoff outgrew the broker's downtime comes back later
@@ -771,7 +789,7 @@ class Broker:
         now = now_us()
         if now - read_us > max_age_us:
             self._unreachable = {b: t for b, t in self._unreachable.items() if t > now}
-            read = await self.db.hosts_elsewhere(self.broker_id, now)
+            read = await self.db.hosts_elsewhere(self.broker_id, self.lease_now())
             cached = {h.host: h for h in read if h.broker_id not in self._unreachable}
             self._hosts_elsewhere = (now, cached)
         return cached
@@ -816,7 +834,7 @@ class Broker:
         or none: the host is offline or on its way between brokers)."""
         if not self.shared_store:
             return None
-        serving = await self.db.serving_broker(host, now_us())
+        serving = await self.db.serving_broker(host, self.lease_now())
         if serving is None or serving[0] == self.broker_id:
             return None
         return serving

@@ -62,6 +62,7 @@ READS = frozenset(
         "host_leases",
         "hosts_elsewhere",
         "serving_broker",
+        "measure_clock_offset",
     }
 )
 DEFAULT_READERS = 4

@@ -8,9 +8,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, insert, select, update
+from sqlalchemy import Connection, bindparam, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from .. import clock
 from ..broker.ownership import Lease, may_settle, take
 from . import models
 from .records import StoreError
@@ -116,6 +117,26 @@ class BrokerStore:
     _reader: Any
     _account_id: Any
     dialect: str
+    # Leases are timed by the database's clock, which every broker shares (their own
+    # clocks may differ): how far it is ahead of this machine's, as last measured.
+    lease_offset_us = 0
+
+    def lease_now_us(self) -> int:
+        """Now, on the database's clock (this machine's on SQLite: one machine)."""
+        return clock.now_us() + self.lease_offset_us
+
+    def measure_clock_offset(self) -> int:
+        """Measure how far the database's clock is ahead of this machine's (PostgreSQL;
+        0 on SQLite), keep it for lease_now_us and return it."""
+        if self.dialect != "postgresql":
+            return 0
+        query = text("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint")
+        with self._reader.connect() as connection:
+            before = clock.now_us()
+            database = int(connection.execute(query).scalar_one())
+            after = clock.now_us()
+        self.lease_offset_us = database - (before + after) // 2
+        return self.lease_offset_us
 
     # -- brokers ------------------------------------------------------------------------
 

@@ -1008,7 +1008,7 @@ class Store(ClassStore, HostStore, ReceiptStore, BrokerStore):
         if fence is not None:
             live = {sid: row.host_name for sid, row in rows_by_id.items() if row.state != ENDED}
             if live:
-                self.check_fence(connection, live, fence, clock.now_us())
+                self.check_fence(connection, live, fence, self.lease_now_us())
         results: dict[str, SessionRecord] = {}
         session_updates = []
         postings = []

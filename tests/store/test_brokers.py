@@ -117,3 +117,25 @@ def test_a_broker_with_a_configured_id_registers_again_at_each_start(store: Stor
     assert store.broker_heartbeats() == {}
     store.register_broker("broker-1", "https://one.example", now + 2 * SECOND)  # a restart
     assert store.broker_heartbeats() == {"broker-1": now + 2 * SECOND}
+
+
+def test_leases_are_timed_by_the_databases_clock(store: Store, running: str, monkeypatch) -> None:
+    """Brokers on machines whose clocks differ compared expiries each by its own clock:
+    one ahead took the others' live leases for lapsed. The fence reads the database's."""
+    offset = store.measure_clock_offset()
+    if store.dialect != "postgresql":
+        assert offset == 0 and store.lease_now_us() - clock.now_us() <= SECOND
+        return
+    assert abs(offset) < 5 * SECOND  # one machine here: nearly none
+    # This machine's clock runs a minute ahead: measured, the offset undoes it.
+    real = clock.now_us
+    monkeypatch.setattr(clock, "now_us", lambda: real() + 60 * SECOND)
+    assert store.measure_clock_offset() == pytest.approx(offset - 60 * SECOND, abs=SECOND)
+    assert abs(store.lease_now_us() - real()) < 5 * SECOND
+    # A lease another broker took on the database's clock holds for this broker too: by
+    # this machine's clock it lapsed 50 s ago, and a broker holding none may settle.
+    store.take_host_lease("bob", "b-other", real(), TTL)
+    with pytest.raises(LeaseHeld):
+        store.end_session(running, real(), "host lost", 0, fence=("b-mine", {}))
+    store.lease_offset_us = 0  # as before: this machine's clock alone
+    assert store.end_session(running, real(), "host lost", 0, fence=("b-mine", {})).state == ENDED
