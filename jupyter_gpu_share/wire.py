@@ -129,3 +129,15 @@ def request_id(frames: Sequence[Any]) -> bytes | None:
 def parent_header(frames: Sequence[Any]) -> bytes | None:
     """A Jupyter message's parent header, as the bytes it was sent in."""
     return _part_after_delimiter(frames, 3)
+
+
+def parent_id(frames: Sequence[Any]) -> bytes | None:
+    """The ``msg_id`` of a Jupyter message's parent header (exactly: ids share prefixes)."""
+    parent = parent_header(frames)
+    if not parent:
+        return None
+    try:
+        msg_id = json.loads(parent).get("msg_id")
+    except (ValueError, AttributeError):
+        return None
+    return msg_id.encode() if isinstance(msg_id, str) and msg_id else None

@@ -317,8 +317,7 @@ class KernelBridge:
         self.kernel_key = None
         self.kernel_info.disarm()
         self._forwarded = False
-        self._away = False
-        self._held = []
+        self._resume_all()
         self.unanswered.clear()
         self.waiting.clear()
         self._kernel_identity = {}
@@ -516,6 +515,15 @@ class KernelBridge:
             log.info(
                 "session %s ended (%s): told %d running cell(s)", self.session_id, reason, told
             )
+
+    def _resume_all(self) -> None:
+        """Forget what was held while away and read every channel again (a session that
+        ended while away, or a new attach, must not leave a channel unread)."""
+        held, self._held, self._away = self._held, [], False
+        for channel in {c for c, _ in held}:
+            pump = self.pumps.get(channel)
+            if pump is not None:
+                pump.pause_reading(False)
 
     def _mark_ended(self, reason: str, exit_code: int) -> None:
         if not self.ended.is_set():

@@ -43,11 +43,9 @@ class Unanswered:
         """A message from the kernel: the requests it names as parent have arrived."""
         if not self._sent:
             return
-        parent = wire.parent_header(frames)
-        if not parent:
-            return
-        for msg_id in [m for m in self._sent if m in parent]:
-            del self._sent[msg_id]
+        msg_id = wire.parent_id(frames)
+        if msg_id is not None:
+            self._sent.pop(msg_id, None)
 
     def pending(self) -> list[tuple[int, list[Any]]]:
         """What to send again, oldest first."""

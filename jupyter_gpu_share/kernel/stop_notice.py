@@ -67,10 +67,9 @@ class WaitingReplies:
         """A shell message from the kernel: the request it answers is not waiting."""
         if not self._waiting:
             return
-        parent = wire.parent_header(frames)
-        if parent:
-            for msg_id in [m for m in self._waiting if m in parent]:
-                del self._waiting[msg_id]
+        msg_id = wire.parent_id(frames)
+        if msg_id is not None:
+            self._waiting.pop(msg_id, None)
 
     def answer_all(
         self,

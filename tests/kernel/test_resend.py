@@ -50,3 +50,13 @@ def test_request_id_and_parent_header_read_after_the_delimiter():
     assert wire.request_id([b"x", wire.DELIMITER]) is None
     long_id = json.dumps({"msg_id": "x" * 300}).encode()
     assert wire.request_id([wire.DELIMITER, b"sig", long_id]) is None
+
+
+def test_an_id_that_is_a_prefix_of_another_is_not_taken_as_answered():
+    """jupyter_client's ids are SESSION_PID_N: ..._1 is a substring of ..._10's header."""
+    unanswered = Unanswered()
+    unanswered.sent(wire.SHELL, [_message("s_9_1")])
+    unanswered.seen(_message("st", "s_9_10", identity=b"kernel.status"))
+    assert len(unanswered) == 1
+    unanswered.seen(_message("st", "s_9_1", identity=b"kernel.status"))
+    assert len(unanswered) == 0
