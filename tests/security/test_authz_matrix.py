@@ -62,6 +62,8 @@ ACCESS: dict[tuple[str, str], set[str]] = {
     ("get", "/receipts"): {"admin"},
     ("get", "/ledger/check"): {"admin"},
 }
+# Operations that take no token (a load balancer's probe): says only serving or not.
+PUBLIC = {("get", "/health")}
 # Operations whose allowed call would change what the other calls see: only refusals are
 # checked (the allowed calls of these are covered by their own tests).
 DESTRUCTIVE = {
@@ -165,9 +167,13 @@ def _fill(path: str, params: dict[str, str], caller: str) -> str:
 
 def test_the_rules_cover_every_documented_operation(world) -> None:  # type: ignore[no-untyped-def]
     cluster, _, _ = world
-    documented = set(_operations(cluster))
+    documented = set(_operations(cluster)) - PUBLIC
     assert documented - set(ACCESS) == set(), "documented operations without an access rule"
     assert set(ACCESS) - documented == set(), "access rules for operations not documented"
+    for method, path in PUBLIC:  # with no token, or a bad one: the same few words
+        for token in (None, "not-a-token"):
+            status, text = call(cluster.url, method, API + path, token, None)
+            assert status == 200 and set(json.loads(text)) == {"status", "broker_id"}, text
 
 
 def test_every_operation_for_every_caller(world, security_counts) -> None:  # type: ignore[no-untyped-def]
