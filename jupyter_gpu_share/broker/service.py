@@ -1024,7 +1024,7 @@ class Broker:
         here = any(
             s.class_name == class_name and s.renter == student for s in self.sessions.values()
         )
-        if here or await self._class_kernel_elsewhere(class_name, student):
+        if here or await self._class_records_elsewhere(class_name, student):
             raise Refused(
                 409, f"you already have a running kernel in class {class_name}; stop it first"
             )
@@ -1072,21 +1072,17 @@ class Broker:
         self._placed_here(offer)  # the serving broker checks it all again, and launches it
         return await self._launch(student, record.account, offer, record.budget_micro, class_name)
 
-    async def _class_kernel_elsewhere(self, class_name: str, student: str) -> bool:
-        """Whether a student has a live kernel of a class on another broker."""
+    async def _class_records_elsewhere(self, class_name: str, student: str) -> list[Any]:
+        """A student's live sessions of a class that other brokers meter."""
         if not self.shared_store:
-            return False
+            return []
         records = await self.db.list_sessions(renter=student, states=LIVE_STATES, limit=100)
-        return any(r.class_name == class_name and r.id not in self.sessions for r in records)
+        return [r for r in records if r.class_name == class_name and r.id not in self.sessions]
 
     async def class_sessions_elsewhere(self, class_name: str, student: str) -> dict[str, str]:
         """A student's live kernels of a class on other brokers: {broker URL: session id}."""
-        if not self.shared_store:
-            return {}
         found: dict[str, str] = {}
-        for record in await self.db.list_sessions(renter=student, states=LIVE_STATES, limit=100):
-            if record.class_name != class_name or record.id in self.sessions:
-                continue
+        for record in await self._class_records_elsewhere(class_name, student):
             serving = await self.serving_broker(record.host)
             if serving is not None and serving[1]:
                 found.setdefault(serving[1], record.id)

@@ -244,12 +244,9 @@ class KernelBridge:
         except ConnectionClosed:  # it dropped: the pump reconnects, then this goes
             self._hold(channel, batch)
             return
-        if channel != wire.STDIN:
-            self.unanswered.sent(channel, batch)
-            if channel == wire.SHELL:
-                self.waiting.sent(batch)
-                if self._untold and len(self.waiting):
-                    self._tell_notices()
+        self._note_sent(channel, batch)
+        if channel == wire.SHELL and self._untold and len(self.waiting):
+            self._tell_notices()
         if written is None:
             return  # written at once (under the relay's buffer limit)
         # Back-pressure: read no more from this channel until the relay has drained.
@@ -262,18 +259,22 @@ class KernelBridge:
         self._held.append((channel, batch))
         self.pumps[channel].pause_reading(True)
 
+    def _note_sent(self, channel: int, batch: list[list[Any]]) -> None:
+        """Requests written to the relay: kept until the kernel answers (resend.py,
+        stop_notice.py)."""
+        if channel != wire.STDIN:
+            self.unanswered.sent(channel, batch)
+        if channel == wire.SHELL:
+            self.waiting.sent(batch)
+
     def _back(self, ws: ClientEnd) -> None:
         """The relay reconnected: send the unanswered requests again, then what was held,
         in order, and read the channels again."""
         parts = [wire.encode_parts(c, frames) for c, frames in self.unanswered.pending()]
         resent = len(parts)
-        held, self._held = self._held, []
-        for channel, batch in held:
+        for channel, batch in self._held:
             parts += [wire.encode_parts(channel, frames) for frames in batch]
-            if channel != wire.STDIN:
-                self.unanswered.sent(channel, batch)
-            if channel == wire.SHELL:
-                self.waiting.sent(batch)
+            self._note_sent(channel, batch)
         if parts:
             log.info(
                 "relay of session %s: %d unanswered request(s) sent again, %d held sent",
@@ -285,9 +286,7 @@ class KernelBridge:
                 written = ws.write_many(parts)
                 if written is not None:
                     written.add_done_callback(_consume)
-        self._away = False
-        for channel in {c for c, _ in held}:
-            self.pumps[channel].pause_reading(False)
+        self._resume_all()
 
     def _answer_here(self, channel: int, batch: list[list[Any]]) -> list[list[Any]]:
         """Answer the kernel_info_requests at the head of a batch; the rest is the kernel's."""

@@ -407,22 +407,18 @@ async def bounded(coros: list[Any], limit: int) -> list[Any]:
     return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
 
 
-async def measure_relay(
-    renters: list[FakeRenter], payload: bytes, round_trips: int, broker_pid: int
-) -> dict[str, Any]:
-    """Every renter ping-pongs until ``round_trips`` are made in all; broker CPU per message.
-
-    Each reply sends the renter's next ping from the read callback itself, without a task
-    switch, so the load process spends little per message."""
-    remaining = round_trips
-    latencies: list[float] = []
+async def _ping_pong(
+    renters: list[FakeRenter], payload: bytes, more: Any, latencies: list[float]
+) -> None:
+    """Every renter ping-pongs while ``more()`` says so; each round trip's seconds go to
+    ``latencies``. Each reply sends the renter's next ping from the read callback itself,
+    without a task switch, so the load process spends little per message."""
     loop = asyncio.get_running_loop()
     finished: asyncio.Future[None] = loop.create_future()
     in_flight = 0
 
     def fire(renter: FakeRenter) -> None:
-        nonlocal remaining, in_flight
-        remaining -= 1
+        nonlocal in_flight
         in_flight += 1
         started = time.perf_counter()
 
@@ -434,7 +430,7 @@ async def measure_relay(
                     finished.set_exception(error)
                 return
             latencies.append(time.perf_counter() - started)
-            if remaining > 0:
+            if more():
                 fire(renter)
             elif in_flight == 0 and not finished.done():
                 finished.set_result(None)
@@ -442,13 +438,28 @@ async def measure_relay(
         renter.on_reply = reply
         renter.send(payload)
 
-    cpu0, wall0 = cpu_seconds(broker_pid), time.perf_counter()
     for renter in renters:
-        if remaining > 0:
+        if more():
             fire(renter)
     if not in_flight:
         finished.set_result(None)  # nothing to measure
     await finished
+
+
+async def measure_relay(
+    renters: list[FakeRenter], payload: bytes, round_trips: int, broker_pid: int
+) -> dict[str, Any]:
+    """Every renter ping-pongs until ``round_trips`` are made in all; broker CPU per message."""
+    remaining = round_trips
+
+    def more() -> bool:
+        nonlocal remaining
+        remaining -= 1
+        return remaining >= 0
+
+    latencies: list[float] = []
+    cpu0, wall0 = cpu_seconds(broker_pid), time.perf_counter()
+    await _ping_pong(renters, payload, more, latencies)
     cpu1, wall1 = cpu_seconds(broker_pid), time.perf_counter()
     messages = 2 * len(latencies)  # each round trip is relayed twice: user->host, host->user
     latencies.sort()
@@ -469,37 +480,12 @@ async def measure_window(
 ) -> dict[str, Any]:
     """Every renter ping-pongs for ``window`` seconds: relayed messages per second (the
     load processes of a run measure the same window, so their rates add up)."""
-    relayed = 0
-    loop = asyncio.get_running_loop()
-    finished: asyncio.Future[None] = loop.create_future()
     deadline = time.perf_counter() + window
-    in_flight = 0
-
-    def fire(renter: FakeRenter) -> None:
-        nonlocal in_flight
-        in_flight += 1
-
-        def reply(error: BaseException | None) -> None:
-            nonlocal in_flight, relayed
-            in_flight -= 1
-            if error is not None:
-                if not finished.done():
-                    finished.set_exception(error)
-                return
-            relayed += 2  # user -> host, host -> user
-            if time.perf_counter() < deadline:
-                fire(renter)
-            elif in_flight == 0 and not finished.done():
-                finished.set_result(None)
-
-        renter.on_reply = reply
-        renter.send(payload)
-
+    latencies: list[float] = []
     cpu0, wall0 = cpu_seconds(broker_pid), time.perf_counter()
-    for renter in renters:
-        fire(renter)
-    await finished
+    await _ping_pong(renters, payload, lambda: time.perf_counter() < deadline, latencies)
     cpu1, wall1 = cpu_seconds(broker_pid), time.perf_counter()
+    relayed = 2 * len(latencies)
     return {
         "kernels": len(renters),
         "relayed_messages": relayed,

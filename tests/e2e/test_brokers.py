@@ -158,6 +158,18 @@ def test_one_payer_on_two_brokers_cannot_overspend(make_cluster, postgres_url, m
         store.check_ledger()
 
 
+def _failover_pair(make_cluster, postgres_url, monkeypatch):  # type: ignore[no-untyped-def]
+    """Two brokers on one store; host-a and the user given both, the host on the first."""
+    one = make_cluster(db_url=postgres_url)
+    two = make_cluster(db_url=postgres_url)
+    both = f"{one.url},{two.url}"
+    one.start_host("host-a", "3.6", broker_url=both)
+    token = one.account("nina", "user", 100 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", both)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+    return one, two, token
+
+
 def _sessions(cluster, token: str) -> list[dict]:
     return cluster.client(token).request("GET", "/sessions")
 
@@ -170,13 +182,7 @@ def test_kill_9_of_the_hosts_broker_mid_cell_fails_over_and_bills_once(
     cell runs: the host and the relay move to the other broker, which takes the host's
     lease at a higher epoch and the session from the store; the cell's output arrives,
     the kernel keeps its state, and the session is billed once for its whole life."""
-    one = make_cluster(db_url=postgres_url)
-    two = make_cluster(db_url=postgres_url)
-    both = f"{one.url},{two.url}"
-    one.start_host("host-a", "3.6", broker_url=both)
-    token = one.account("nina", "user", 100 * MICRO)
-    monkeypatch.setenv("GPU_SHARE_BROKER_URL", both)
-    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+    one, two, token = _failover_pair(make_cluster, postgres_url, monkeypatch)
 
     async def scenario() -> None:
         async with remote_kernel() as (_km, client):
@@ -400,11 +406,6 @@ def test_hosts_of_a_broker_without_a_public_url_stay_its_own(make_cluster, postg
     assert refused.value.status == 404
 
 
-def _execute_now(client, code: str) -> str:
-    """Send an execute_request at once (no wait for anything first); its msg_id."""
-    return client.execute(code)
-
-
 async def _reply_and_output(client, msg_id: str, timeout: float = 60) -> tuple[dict, list[str]]:
     printed: list[str] = []
     reply = None
@@ -436,7 +437,7 @@ def test_an_execute_sent_as_the_broker_restarts_gets_its_reply(make_cluster, mon
             reply = await client.execute_interactive("x = 41", timeout=30)
             assert reply["content"]["status"] == "ok"
             cluster.broker.kill()
-            msg_id = _execute_now(client, "x += 1\nprint(x)")
+            msg_id = client.execute("x += 1\nprint(x)")  # at once
             cluster.start_broker()
             reply, printed = await _reply_and_output(client, msg_id)
             assert reply["content"]["status"] == "ok"
@@ -452,20 +453,14 @@ def test_an_execute_sent_right_after_kill_9_of_the_hosts_broker_runs_once(
     """The request was written to the dying broker's socket and lost: the bridge sends the
     requests the kernel has not answered again once its relay is back (the host agent
     drops one it passed on before), so it runs, once."""
-    one = make_cluster(db_url=postgres_url)
-    two = make_cluster(db_url=postgres_url)
-    both = f"{one.url},{two.url}"
-    one.start_host("host-a", "3.6", broker_url=both)
-    token = one.account("nina", "user", 100 * MICRO)
-    monkeypatch.setenv("GPU_SHARE_BROKER_URL", both)
-    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+    one, two, token = _failover_pair(make_cluster, postgres_url, monkeypatch)
 
     async def scenario() -> None:
         async with remote_kernel() as (_km, client):
             reply = await client.execute_interactive("x = 41", timeout=30)
             assert reply["content"]["status"] == "ok"
             one.broker.kill()
-            msg_id = _execute_now(client, "x += 1\nprint(x)")
+            msg_id = client.execute("x += 1\nprint(x)")  # at once
             reply, printed = await _reply_and_output(client, msg_id)
             assert reply["content"]["status"] == "ok"
             assert printed == ["42\n"]

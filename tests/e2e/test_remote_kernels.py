@@ -48,6 +48,29 @@ def notebook(*sources: str) -> nbformat.NotebookNode:
     return nb
 
 
+def nbconvert_execute(path, broker_url: str, token: str) -> subprocess.CompletedProcess[str]:
+    """``jupyter nbconvert --execute`` a notebook on gpu-share into out.ipynb beside it."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jupyter",
+            "nbconvert",
+            "--to",
+            "notebook",
+            "--execute",
+            "--ExecutePreprocessor.kernel_name=gpu-share",
+            "--output",
+            "out.ipynb",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=clean_env(GPU_SHARE_BROKER_URL=broker_url, GPU_SHARE_TOKEN=token),
+    )
+
+
 def stream_text(cell: nbformat.NotebookNode) -> str:
     return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream")
 
@@ -232,25 +255,7 @@ def test_nbconvert_execute_on_gpu_share(make_cluster, tmp_path):
     token = cluster.account("nora", "user", 50 * MICRO)
     path = tmp_path / "nb.ipynb"
     nbformat.write(notebook("import os\nprint('ran on', os.environ['GPU_SHARE_HOST_ID'])"), path)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            "--ExecutePreprocessor.kernel_name=gpu-share",
-            "--output",
-            "out.ipynb",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
-    )
+    result = nbconvert_execute(path, cluster.url, token)
     assert result.returncode == 0, result.stderr
     executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
     assert stream_text(executed.cells[0]).strip() == "ran on host-a"

@@ -17,7 +17,7 @@ from nbclient.exceptions import CellExecutionError
 from jupyter_gpu_share.ledger import MICRO
 
 from .harness import CLI, clean_env, eventually
-from .test_remote_kernels import notebook
+from .test_remote_kernels import nbconvert_execute, notebook
 
 pytestmark = pytest.mark.e2e
 
@@ -30,25 +30,7 @@ def test_nbconvert_reads_why_its_cell_was_stopped_when_the_credit_ran_out(make_c
     token = cluster.account("thrifty", "user", 4_000)  # 4 seconds of credit
     path = tmp_path / "long.ipynb"
     nbformat.write(notebook(LONG_CELL), path)
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            "--ExecutePreprocessor.kernel_name=gpu-share",
-            "--output",
-            "out.ipynb",
-            str(path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
-    )
+    result = nbconvert_execute(path, cluster.url, token)
     assert result.returncode != 0
     assert "SessionStopped: your credit ran out" in result.stderr, result.stderr[-3000:]
     assert "DeadKernelError" not in result.stderr
