@@ -274,6 +274,20 @@ def cmd_stop(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_sync(args: argparse.Namespace) -> None:
+    from .kernel.files import describe
+    from .kernel.local_servers import NoServer, bring_back
+
+    try:
+        summary = bring_back(args.session_id, server=args.server)
+    except NoServer as error:
+        raise CommandError(str(error)) from None
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(describe(summary))
+
+
 def _duration(seconds: int | None) -> str | None:
     if seconds is None:
         return None
@@ -736,6 +750,19 @@ def build_parser() -> OneLineParser:
     stop = verbs.add_parser("stop", parents=[common], help="stop one of your sessions now")
     stop.add_argument("session_id")
     stop.set_defaults(run=cmd_stop)
+    sync = verbs.add_parser(
+        "sync",
+        help="bring back what a remote kernel wrote in its working folder, into the "
+        "notebook's folder (through the Jupyter server that started it)",
+    )
+    sync.add_argument("session_id", metavar="SESSION")
+    sync.add_argument(
+        "--server",
+        metavar="URL",
+        help="that server's URL with ?token=... (default: each one running here)",
+    )
+    sync.add_argument("--json", action="store_true", help="print JSON instead of a line")
+    sync.set_defaults(run=cmd_sync)
     receipt = verbs.add_parser(
         "receipt", parents=[common], help="a session's signed receipt, or the broker's public key"
     )

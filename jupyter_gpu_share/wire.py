@@ -21,6 +21,8 @@ from typing import Any
 SHELL, IOPUB, STDIN, CONTROL = 0, 1, 2, 3
 CHANNELS = {"shell": SHELL, "iopub": IOPUB, "stdin": STDIN, "control": CONTROL}
 CHANNEL_NAMES = {number: name for name, number in CHANNELS.items()}
+# Not a kernel channel: the notebook's files between the bridge and the host (files/).
+FILES = 4
 
 _HEAD = struct.Struct("!BI")
 MAX_FRAMES = 4096
@@ -57,7 +59,7 @@ def decode(data: bytes | bytearray | memoryview) -> tuple[int, list[memoryview]]
     if len(view) < _HEAD.size:
         raise FrameError("relay message shorter than its header")
     channel, count = _HEAD.unpack_from(view)
-    if channel not in CHANNEL_NAMES:
+    if channel not in CHANNEL_NAMES and channel != FILES:
         raise FrameError(f"unknown channel {channel}")
     if count > MAX_FRAMES:
         raise FrameError(f"too many frames: {count}")
@@ -141,3 +143,15 @@ def parent_id(frames: Sequence[Any]) -> bytes | None:
     except (ValueError, AttributeError):
         return None
     return msg_id.encode() if isinstance(msg_id, str) and msg_id else None
+
+
+def message_type(frames: Sequence[Any]) -> str | None:
+    """The ``msg_type`` of a Jupyter message's header (None: none, or not readable)."""
+    header = _part_after_delimiter(frames, 2)
+    if header is None:
+        return None
+    try:
+        kind = json.loads(header).get("msg_type")
+    except (ValueError, AttributeError):
+        return None
+    return kind if isinstance(kind, str) else None

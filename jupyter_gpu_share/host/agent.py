@@ -25,10 +25,12 @@ from traitlets import Bool, Dict, Enum, Float, Int, List, TraitError, Unicode, d
 from traitlets.config import LoggingConfigurable
 
 from .. import __version__, wire
+from ..files.transfer import TransferError, drained
 from ..ledger import format_credits, parse_credits, price_per_second_from_hour
 from ..transport import tls
 from ..transport.websocket import ClientEnd, ConnectionClosed, HandshakeError, connect
 from .cgroups import CgroupLimits, cleanup_stale
+from .files import SessionFiles
 from .gateway import GatewayKernel
 from .idle import IdleWorkload
 from .inventory import Inventory
@@ -157,6 +159,16 @@ class HostSession:
         # The msg_ids of the requests passed to the kernel: one the bridge sends again
         # after a reconnect (its answer was lost, not the request) is not run twice.
         self._delivered: OrderedDict[bytes, None] = OrderedDict()
+        self.files = SessionFiles(
+            session_id,
+            work_dir=lambda: getattr(self.kernel, "work_dir", None),
+            owner=lambda: getattr(self.kernel, "owner", None),
+            write=self._write_files,
+            send_record=lambda record: self._to_relay(json.dumps(record)),
+            max_bytes=agent.max_transfer_mib * 1024 * 1024,
+            spool_dir=lambda: getattr(self.kernel, "scratch_root", None),
+            log=agent.log,
+        )
 
     def launch(self) -> None:
         """Start the session in the background."""
@@ -335,13 +347,30 @@ class HostSession:
             if self.kernel is not None and self.kernel.alive:
                 self.log.info("session %s: sending %s to the kernel", self.session_id, signum.name)
                 self.kernel.signal(signum)
+        elif kind in ("files_put", "files_end", "files_get"):
+            if self.state == "ready":
+                self.files.record(record)
         else:
             self.log.debug("session %s: ignored relay record %r", self.session_id, kind)
+
+    async def _write_files(self, message: bytes) -> None:
+        """One chunk of files to the renter, after what the relay holds has drained."""
+        relay = self.relay
+        if relay is None or self._outbox:
+            raise TransferError("the relay to the renter dropped")
+        try:
+            written = relay.write_message(message, binary=True)
+        except ConnectionClosed:
+            raise TransferError("the relay to the renter dropped") from None
+        await drained(relay, written)
 
     def _to_kernel(self, data: bytes) -> None:
         assert self.kernel is not None
         try:
             channel, frames = wire.decode(data)
+            if channel == wire.FILES:
+                self.files.chunk(frames)
+                return
             if channel in (wire.SHELL, wire.CONTROL) and self._delivered_before(frames):
                 return  # sent again by the bridge after a reconnect (kernel/resend.py)
             self.kernel.send(channel, frames)
@@ -485,6 +514,7 @@ class HostSession:
             self.relay.close(1000, record["type"])
         if self._reader is not None and self._reader is not asyncio.current_task():
             self._reader.cancel()
+        self.files.close()
         self.agent.forget(self)
 
 
@@ -697,6 +727,13 @@ class HostAgent(LoggingConfigurable):
 
     max_message_size = Int(
         256 * 1024 * 1024, help="Largest websocket message accepted from the broker, in bytes."
+    ).tag(config=True)
+
+    max_transfer_mib = Int(
+        1024,
+        help="Most MiB of files one transfer brings into a kernel's working folder (the "
+        "notebook's folder, sent at start) or takes back from it (what the kernel wrote); "
+        "the scratch quota applies besides.",
     ).tag(config=True)
 
     ping_interval = Float(

@@ -30,7 +30,7 @@ from ..zmqpump import SocketPump
 from .leftovers import RunDir
 from .procfs import group_pids, uid_pids
 from .quota import ScratchWatchdog
-from .sandbox import LaunchPlan, Sandbox, sandbox_child, spawn
+from .sandbox import WORK_DIR, LaunchPlan, Sandbox, sandbox_child, spawn
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +204,19 @@ class RemoteKernel:
         return self.process.pid if self.process else None
 
     @property
+    def work_dir(self) -> str | None:
+        """The kernel's working folder (None before it starts)."""
+        return os.path.join(self.scratch_dir, WORK_DIR) if self.scratch_dir else None
+
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """The kernel's uid and gid, where it runs as a uid of its own."""
+        plan = self._plan
+        if plan is None or plan.uid is None:
+            return None
+        return (plan.uid, plan.gid if plan.gid is not None else plan.uid)
+
+    @property
     def sandboxed(self) -> bool:
         """Tell whether the kernel runs inside a sandbox."""
         return self.sandbox.kind != "none"
@@ -223,6 +236,9 @@ class RemoteKernel:
             self.runtime_dir = tempfile.mkdtemp(prefix=f"gpu-share-{name}-")  # 0700
         self.scratch_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=self.scratch_root)
         os.chmod(self.scratch_dir, 0o700)
+        # The kernel's working folder: the notebook's files arrive there and what the
+        # kernel writes there goes back (host/files.py); $HOME and /tmp stay around it.
+        os.mkdir(os.path.join(self.scratch_dir, WORK_DIR), 0o755)
         try:
             self.connection_file, info = write_connection_file(
                 os.path.join(self.runtime_dir, "kernel.json"),

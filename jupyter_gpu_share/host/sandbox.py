@@ -60,6 +60,7 @@ from .uids import UidError, UidLease, UidPool
 log = logging.getLogger(__name__)
 
 SANDBOX_HOME = "/home/renter"
+WORK_DIR = "work"  # in the scratch folder: the kernel's working folder
 SANDBOX_RUN = "/run/gpu-share"
 CGROUP_PREFIX = "k-"
 NOBODY = 65534
@@ -166,8 +167,16 @@ class LaunchPlan:
     sandboxed: bool = False
     release: Callable[[], None] | None = None  # gives back what the kernel held (its uid)
     uid: int | None = None  # the kernel's own uid on the host, where it has one
+    gid: int | None = None
     stop_reason: Callable[[], str | None] | None = None  # e.g. "out of memory (limit ...)"
     child_pid_depth: int = 0  # pid namespaces between us and bwrap (1 with pasta)
+
+
+def work_dir(scratch_dir: str) -> str:
+    """The kernel's working folder in its scratch folder (the scratch itself for a
+    command started without one)."""
+    folder = os.path.join(scratch_dir, WORK_DIR)
+    return folder if os.path.isdir(folder) else scratch_dir
 
 
 def kernel_argv(python: str, connection_file: str) -> list[str]:
@@ -267,7 +276,7 @@ class Sandbox:
         return LaunchPlan(
             argv=kernel_argv(python, connection_file),
             env=dict(env),
-            cwd=scratch_dir,
+            cwd=work_dir(scratch_dir),
             preexec=self.limits.preexec(),
         )
 
@@ -564,7 +573,10 @@ class BwrapSandbox(Sandbox):
                 [p for p in (path_first, "/usr/local/bin", "/usr/bin", "/bin") if p]
             ),
         )
-        args += ["--remount-ro", "/", "--chdir", SANDBOX_HOME, "--clearenv"]
+        inner_cwd = SANDBOX_HOME
+        if work_dir(scratch_dir) != scratch_dir:
+            inner_cwd = f"{SANDBOX_HOME}/{WORK_DIR}"
+        args += ["--remount-ro", "/", "--chdir", inner_cwd, "--clearenv"]
         for name, value in sorted(inner_env.items()):
             args += ["--setenv", name, value]
         read_fd, write_fd = os.pipe()
@@ -600,7 +612,7 @@ class BwrapSandbox(Sandbox):
                         "other users cannot pass through: choose a scratch root under /tmp "
                         "or /var/lib"
                     )
-            for path in [*_tree(runtime_dir), scratch_dir]:
+            for path in [*_tree(runtime_dir), scratch_dir, work_dir(scratch_dir)]:
                 os.lchown(path, lease.uid, lease.gid)
         cgroup = self._kernel_cgroup(cgroup_prefix(os.path.dirname(scratch_dir)))
         steps = [cgroup.preexec()] if cgroup is not None and cgroup.paths else []
@@ -630,6 +642,7 @@ class BwrapSandbox(Sandbox):
             sandboxed=True,
             release=release,
             uid=lease.uid if lease is not None else None,
+            gid=lease.gid if lease is not None else None,
             stop_reason=cgroup.oom_reason if cgroup is not None else None,
             child_pid_depth=1 if guard is not None else 0,
         )

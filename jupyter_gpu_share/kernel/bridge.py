@@ -27,9 +27,11 @@ import zmq.asyncio
 from jupyter_client.session import Session
 
 from .. import wire
+from ..files.transfer import TransferError, drained
 from ..transport import tls
 from ..transport.websocket import ClientEnd, ConnectionClosed, HandshakeError, connect
 from ..zmqpump import SocketPump
+from .files import BridgeFiles, describe
 from .kernel_info import KernelInfoAnswer
 from .resend import Unanswered
 from .stop_notice import WaitingReplies
@@ -172,6 +174,11 @@ class KernelBridge:
         self.waiting = WaitingReplies()
         self._kernel_identity: dict[str, str] = {}
         self._untold: list[str] = []  # notices that came while no cell ran: for the next
+        # The notebook's folder on the host and back (files.py); with a folder, what the
+        # kernel wrote comes back before a shutdown_request reaches it.
+        self.files = BridgeFiles(self._write_files, self._send_files_record)
+        self.sync_on_shutdown = True
+        self._shutting_down = False
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
@@ -236,6 +243,8 @@ class KernelBridge:
                 if not batch:
                     return
             self._forwarded = True
+        if channel == wire.CONTROL and self._sync_first(batch):
+            return
         if self._away:
             self._hold(channel, batch)
             return
@@ -253,6 +262,58 @@ class KernelBridge:
         pump = self.pumps[channel]
         pump.pause_reading(True)
         written.add_done_callback(lambda future: (_consume(future), pump.pause_reading(False)))
+
+    def _sync_first(self, batch: list[list[Any]]) -> bool:
+        """A shutdown_request to a kernel whose folder came with it: bring back what the
+        kernel wrote first, then pass the request on (True: it waits for that)."""
+        if (
+            not self.sync_on_shutdown
+            or self.files.root is None
+            or self._shutting_down
+            or not any(wire.message_type(frames) == "shutdown_request" for frames in batch)
+        ):
+            return False
+        self._shutting_down = True
+        pump = self.pumps[wire.CONTROL]
+        pump.pause_reading(True)
+
+        async def sync_then_send() -> None:
+            try:
+                summary = await self.files.get(timeout=120)
+                log.info("session %s: %s", self.session_id, describe(summary))
+            except TransferError as error:
+                log.warning(
+                    "session %s: the kernel's files did not come back: %s", self.session_id, error
+                )
+            finally:
+                pump.pause_reading(False)
+                self._to_relay(wire.CONTROL, batch)
+
+        task = asyncio.ensure_future(sync_then_send())
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        return True
+
+    async def _write_files(self, message: bytes) -> None:
+        """One chunk of files to the host, after the relay has drained what it holds."""
+        ws = self.ws
+        if ws is None or self._away:
+            raise TransferError("the relay is reconnecting")
+        if self.ended.is_set():
+            raise TransferError(f"the session ended ({self.end_reason})")
+        try:
+            written = ws.write_message(message, binary=True)
+        except ConnectionClosed:
+            raise TransferError("the relay dropped") from None
+        await drained(ws, written)
+
+    async def _send_files_record(self, record: dict[str, Any]) -> None:
+        ws = self.ws
+        if ws is None or self._away or self.ended.is_set():
+            raise TransferError("the relay is not connected")
+        try:
+            await _written(ws.write_message(json.dumps(record)))
+        except ConnectionClosed:
+            raise TransferError("the relay dropped") from None
 
     def _hold(self, channel: int, batch: list[list[Any]]) -> None:
         """Keep what came while the relay is away, and read no more of that channel."""
@@ -321,6 +382,7 @@ class KernelBridge:
         self.waiting.clear()
         self._kernel_identity = {}
         self._untold = []
+        self._shutting_down = False
         self._relay_urls = [url] if isinstance(url, str) else list(url)
         self._relay = (
             self._relay_urls[0],
@@ -432,6 +494,9 @@ class KernelBridge:
         except wire.FrameError as error:
             log.warning("dropping a malformed relay message: %s", error)
             return
+        if channel == wire.FILES:
+            self.files.chunk(frames)
+            return
         if len(self.unanswered) and channel != wire.STDIN:
             self.unanswered.seen(frames)
         if channel == wire.SHELL and len(self.waiting):
@@ -473,6 +538,8 @@ class KernelBridge:
             self._mark_ended(
                 str(record.get("reason", "kernel exited")), int(record.get("exit_code") or 0)
             )
+        elif kind in ("files_done", "files_end", "files_error"):
+            self.files.record(record)
         elif kind == "status":
             message = str(record.get("message", ""))[:500]
             self.notices.append(message)
@@ -529,6 +596,7 @@ class KernelBridge:
             self.end_reason = reason
             self.exit_code = exit_code
             self.ended.set()
+            self.files.ended(reason)
 
     async def mark_stopped(self) -> None:
         """Record that the session was stopped on purpose."""

@@ -37,6 +37,8 @@ from traitlets import Unicode, default
 from traitlets.config import LoggingConfigurable
 
 from ..client import BROKER_URL_ENV, TOKEN_ENV, BrokerError, broker_request
+from ..files.transfer import TransferError
+from .files import describe
 from .kernelspecs import install_class_kernelspec
 
 AUTH_RESOURCE = "gpu-share"
@@ -389,6 +391,47 @@ class KernelSessionHandler(APIHandler):
         self.finish(json.dumps(model))
 
 
+class FilesHandler(APIHandler):
+    """``POST {"kernel_id": ...}`` or ``{"session_id": ...}``: bring back what a remote
+    kernel created or changed in its working folder, into the notebook's folder. The
+    answer: ``files``, ``bytes``, ``conflicts`` (a local file changed meanwhile stays; the
+    kernel's copy went beside it), ``message`` (one line)."""
+
+    auth_resource = AUTH_RESOURCE
+
+    def _provisioner(self, body: dict[str, Any]) -> Any:
+        kernel_id, session_id = body.get("kernel_id"), body.get("session_id")
+        if not isinstance(kernel_id, str | None) or not isinstance(session_id, str | None):
+            raise web.HTTPError(400, "kernel_id and session_id are strings")
+        if (kernel_id is None) == (session_id is None):
+            raise web.HTTPError(400, "give kernel_id or session_id")
+        for kid in list(self.kernel_manager.list_kernel_ids()):
+            provisioner = getattr(self.kernel_manager.get_kernel(kid), "provisioner", None)
+            session = getattr(provisioner, "session", None) or {}
+            if kid == kernel_id or (session_id and session.get("id") == session_id):
+                if not hasattr(provisioner, "bring_back"):
+                    raise web.HTTPError(409, "not a remote gpu-share kernel")
+                return provisioner
+        raise web.HTTPError(404, f"no kernel here for {kernel_id or session_id}")
+
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the body is a JSON object")
+        provisioner = self._provisioner(body)
+        try:
+            summary = await provisioner.bring_back()
+        except TransferError as error:
+            raise web.HTTPError(409, f"the files did not come back: {error}") from None
+        summary["message"] = describe(summary)
+        self.finish(json.dumps(summary))
+
+
 class CulledKernels:
     """The kernels this server's idle culler shut down (the newest few hundred), by id.
 
@@ -483,6 +526,7 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
                 KernelSessionHandler,
             ),
             (url_path_join(base_url, r"/gpu-share/user/preference"), PreferenceHandler),
+            (url_path_join(base_url, r"/gpu-share/user/files"), FilesHandler),
             (
                 url_path_join(base_url, rf"/gpu-share/user/classes/({CLASS_NAME})/fetch"),
                 ClassFetchHandler,

@@ -32,6 +32,8 @@ from ..client import (
     broker_urls,
     websocket_url,
 )
+from ..files import rules
+from ..files.transfer import TransferError
 from ..transport.websocket import HandshakeError
 from .bridge import BridgeLoop, InlineLoop, KernelBridge
 from .extension import take_preference, taken_token
@@ -113,9 +115,28 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     start_timeout = Float(
         180.0, config=True, help="Seconds to wait for a remote kernel to become ready."
     )
+    sync_files = Bool(
+        True,
+        config=True,
+        help="""Send the notebook's folder (the kernel's working directory, as JupyterLab,
+        nbclient and nbconvert give it) into the remote kernel's working folder before the
+        first cell runs, and bring back what the kernel creates or changes there: before it
+        shuts down, and on demand (the lab's 'Bring back files', `jupyter gpu-share sync`).
+        Ignored: .git, .ipynb_checkpoints, .venv, node_modules, __pycache__ and the patterns
+        of a .gpushareignore in the folder (git's syntax). A local file changed meanwhile
+        is never overwritten: the kernel's copy goes beside it.""",
+    )
+    sync_max_mib = Int(
+        200,
+        config=True,
+        help="Most MiB of files sent at start (a larger folder is refused before anything "
+        "is rented: ignore its large parts in .gpushareignore, or raise this), and brought "
+        "back at once.",
+    )
 
     session: dict[str, Any] | None = None
     bridge: KernelBridge | None = None
+    _folder: tuple[str, list[rules.Entry]] | None = None
     _preference: dict[str, Any] = {}  # noqa: RUF012 - replaced per launch, never mutated
 
     @property
@@ -181,8 +202,67 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         km.autorestart = False
         notebook_path = (kwargs.get("env") or {}).get("JPY_SESSION_NAME")
         self._preference = take_preference(notebook_path) or {}
+        self._folder = await self._scan_folder(kwargs.get("cwd"))
         kwargs = await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
         return kwargs
+
+    async def _scan_folder(self, cwd: Any) -> tuple[str, list[rules.Entry]] | None:
+        """The files of the kernel's working directory that go to the host, listed before
+        anything is rented (a folder over the limit is refused here, free)."""
+        if not self.sync_files or not isinstance(cwd, str) or not os.path.isdir(cwd):
+            return None
+        limit = self.sync_max_mib * 1024 * 1024
+        try:
+            entries, skipped = await asyncio.to_thread(rules.scan, cwd, max_bytes=limit)
+        except rules.TooLarge as error:
+            raise RuntimeError(
+                f"gpu-share: cannot send the notebook's folder {cwd} to the remote kernel: "
+                f"{error}. Name what the kernel does not need in {cwd}/{rules.IGNORE_FILE} "
+                "(git's patterns), or raise c.GPUShareProvisioner.sync_max_mib, or set "
+                "c.GPUShareProvisioner.sync_files = False"
+            ) from None
+        if skipped:
+            self.log.info(
+                "gpu-share: not sent (links or special files): %s", ", ".join(skipped[:10])
+            )
+        if self.bridge is not None:
+            self.bridge.files.max_bytes = limit
+        return cwd, entries
+
+    async def _send_folder(self) -> None:
+        """Put the notebook's folder in the kernel's working folder before any cell runs."""
+        if self._folder is None or self.bridge is None:
+            return
+        root, entries = self._folder
+        total = sum(entry.size for entry in entries)
+        self.log.info(
+            "gpu-share: sending %d file(s), %s, of %s to the kernel",
+            len(entries),
+            rules.mib(total),
+            root,
+        )
+        shown = [0]
+
+        def progress(sent: int) -> None:
+            if sent - shown[0] >= 16 * 1024 * 1024:  # a line for each 16 MiB sent
+                shown[0] = sent
+                self.log.info("gpu-share: sent %s of %s", rules.mib(sent), rules.mib(total))
+
+        answer = await self._loop().run(
+            self.bridge.files.put(root, entries, timeout=self.start_timeout, progress=progress)
+        )
+        self.log.info(
+            "gpu-share: %s file(s), %s, are in the kernel's folder",
+            answer.get("files"),
+            rules.mib(int(answer.get("bytes") or 0)),
+        )
+
+    async def bring_back(self) -> dict[str, Any]:
+        """Bring back what the kernel created or changed in its working folder (see
+        kernel/files.py); TransferError with the reason when it cannot."""
+        if self.bridge is None or self.session is None:
+            raise TransferError("the kernel is not running")
+        return await self._loop().run(self.bridge.files.get())
 
     def _session_request(self) -> dict[str, Any]:
         request: dict[str, Any] = {}
@@ -240,6 +320,13 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 )
             )
             await self._loop().run(bridge.wait_ready(self.start_timeout))
+            await self._send_folder()
+        except TransferError as error:
+            await self._stop_session()
+            self.session = None
+            raise RuntimeError(
+                f"gpu-share: the notebook's folder did not reach {session['host_id']}: {error}"
+            ) from None
         except (OSError, RuntimeError, TimeoutError, HandshakeError) as error:
             await self._stop_session()
             self.session = None

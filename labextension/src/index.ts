@@ -3,7 +3,7 @@ import {
   JupyterFrontEnd,
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
-import { Notification } from '@jupyterlab/apputils';
+import { ICommandPalette, Notification } from '@jupyterlab/apputils';
 import { IDocumentManager } from '@jupyterlab/docmanager';
 import { ILauncher } from '@jupyterlab/launcher';
 import { INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
@@ -17,6 +17,7 @@ import { DEFAULT_SETTINGS, GPUShareModel } from './model';
 import { INotebookGPUs, NotebookGPUs } from './notebook';
 import { launcherLabel } from './offers';
 import { MarketplacePanel } from './panel';
+import { requestAPI } from './request';
 import { GPUMeter } from './statusbar';
 import {
   GPUShare,
@@ -70,14 +71,55 @@ const notebooks: JupyterFrontEndPlugin<INotebookGPUs> = {
   autoStart: true,
   provides: INotebookGPUs,
   requires: [IGPUShareModel, INotebookTracker],
+  optional: [ICommandPalette],
   activate: (
     app: JupyterFrontEnd,
     model: IGPUShareModel,
-    tracker: INotebookTracker
+    tracker: INotebookTracker,
+    palette: ICommandPalette | null
   ): INotebookGPUs => {
     const gpus = new NotebookGPUs(model);
     tracker.forEach(panel => gpus.add(panel));
     tracker.widgetAdded.connect((_, panel) => gpus.add(panel));
+    const bringBack = 'gpu-share:bring-back-files';
+    app.commands.addCommand(bringBack, {
+      label: 'Bring Back Files from the Shared GPU',
+      caption:
+        "Copy what the remote kernel created or changed in its working folder into the notebook's folder (a file changed here meanwhile is kept, the kernel's copy goes beside it)",
+      isEnabled: () => !!tracker.currentWidget?.sessionContext.session?.kernel,
+      execute: async () => {
+        const kernel = tracker.currentWidget?.sessionContext.session?.kernel;
+        if (!kernel) {
+          return;
+        }
+        const id = Notification.emit('Bringing back files…', 'in-progress', {
+          autoClose: false
+        });
+        try {
+          const answer = await requestAPI<{ message: string }>(
+            'files',
+            { method: 'POST', body: JSON.stringify({ kernel_id: kernel.id }) },
+            app.serviceManager.serverSettings
+          );
+          Notification.update({
+            id,
+            message: answer.message,
+            type: 'success',
+            autoClose: 8000
+          });
+        } catch (error) {
+          Notification.update({
+            id,
+            message: `Files did not come back: ${
+              error instanceof Error ? error.message : String(error)
+            }`,
+            type: 'error',
+            autoClose: false
+          });
+        }
+      }
+    });
+    palette?.addItem({ command: bringBack, category: 'Shared GPU' });
     return gpus;
   }
 };

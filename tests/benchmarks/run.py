@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 from tests.benchmarks import procs  # noqa: E402
 from tests.benchmarks.brokers_phase import BrokersPhase  # noqa: E402
 from tests.benchmarks.e2e_phase import E2EPhase, log  # noqa: E402
+from tests.benchmarks.files_phase import FilesPhase  # noqa: E402
 from tests.benchmarks.profiles import pyspy_path, summarise_profile  # noqa: E402
 from tests.benchmarks.transports import TransportsPhase  # noqa: E402
 from tests.e2e.harness import Cluster  # noqa: E402
@@ -145,6 +146,8 @@ TARGETS: list[tuple[str, str, Any]] = [
     ("brokers_relay_cpu_per_message_ratio", "(~1: no cost)", None),
     ("cross_broker_execute_added_ms", "<= 0.3", lambda v, r: v <= 0.3),
     ("failover_resume_s", "<= 5", lambda v, r: v <= 5),
+    ("sync_up_ratio", ">= 0.8", lambda v, r: v >= 0.8),
+    ("execute_rtt_during_sync_ratio", "<= 3", lambda v, r: v <= 3),
     ("relay_kernels", ">= 500", lambda v, r: v >= 500),
     ("relay_cpu_us_per_message", "<= 50", lambda v, r: v <= 50),
     ("heartbeat_hosts_10k_core_fraction", "<= 0.2", lambda v, r: v <= 0.2),
@@ -540,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", help="write the figures to FILE as JSON")
     parser.add_argument(
         "--only",
-        default="e2e,transports,brokers,settle,relay,heartbeat",
+        default="e2e,transports,brokers,files,settle,relay,heartbeat",
         help="comma list of phases (default: all)",
     )
     parser.add_argument(
@@ -583,8 +586,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for phase in phases:
             try:
-                if phase in ("e2e", "transports", "brokers"):
-                    kind = {"e2e": E2EPhase, "transports": TransportsPhase, "brokers": BrokersPhase}
+                if phase in ("e2e", "transports", "brokers", "files"):
+                    kind = {
+                        "e2e": E2EPhase,
+                        "transports": TransportsPhase,
+                        "brokers": BrokersPhase,
+                        "files": FilesPhase,
+                    }
                     runner = kind[phase](workdir, cfg)
                     try:
                         runner.run()

@@ -106,9 +106,11 @@ def test_kernel_runs_code_interrupts_and_stops(tmp_path, monkeypatch, transport)
             code = (
                 "import os; print(os.environ['GPU_SHARE_HOST_ID'], "
                 "repr(os.environ.get('CUDA_VISIBLE_DEVICES')), "
-                "'GPU_SHARE_TOKEN' in os.environ, os.getcwd() == os.environ['HOME'])"
+                "'GPU_SHARE_TOKEN' in os.environ, "
+                "os.getcwd() == os.path.join(os.environ['HOME'], 'work'))"
             )
             msg_id = client.execute(kernel, code)
+            # it works in a folder of its scratch: what it writes there can go back
             assert await client.output(msg_id) == "host-7 '' False True\n"
 
             msg_id = client.execute(kernel, "import time; time.sleep(60)")

@@ -172,7 +172,7 @@ CRASHING_AGENT = textwrap.dedent(
         )
         msg = session.msg("execute_request", {"code": code, "silent": False})
         kernel.send(wire.SHELL, session.serialize(msg, ident=[b"renter"]))
-        child_file = os.path.join(kernel.scratch_dir, "child.pid")  # the kernel's cwd
+        child_file = os.path.join(kernel.work_dir, "child.pid")  # the kernel's cwd
         for _ in range(600):
             if os.path.exists(child_file):
                 break

@@ -116,9 +116,10 @@ def test_sandboxed_kernels_are_isolated(tmp_path, monkeypatch) -> None:
                 a,
                 ka,
                 "open('mine.txt', 'w').write('a'); import os; "
-                "print(os.getcwd(), os.environ['HOME'], os.path.exists('/tmp/mine.txt'))",
+                "print(os.getcwd(), os.environ['HOME'], os.path.exists('/tmp/work/mine.txt'))",
             )
-            assert out == "/home/renter /home/renter True\n"
+            # it works in work/ of its scratch, which is its $HOME and its /tmp
+            assert out == "/home/renter/work /home/renter True\n"
             probe = f"""
 import os, resource
 def readable(p):
