@@ -407,7 +407,10 @@ export class GPUHeader extends Widget {
         node.appendChild(
           this._button('Restart on another GPU', async () => {
             gpu.setNotice(null);
-            await gpu.panel.sessionContext.changeKernel({ name: KERNEL_NAME });
+            // The same kernel: a class notebook stays on its class's pool (and budget).
+            await gpu.panel.sessionContext.changeKernel({
+              name: gpu.kernelName ?? KERNEL_NAME
+            });
           })
         );
       }
