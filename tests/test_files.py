@@ -93,25 +93,139 @@ def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: s
     return info, data if kind == tarfile.REGTYPE else None
 
 
-def test_a_hostile_archive_writes_nothing_outside(tmp_path):
+def test_names_that_leave_the_folder_are_skipped(tmp_path):
     root = tmp_path / "root"
     root.mkdir()
     archive_bytes = _tar(
-        [
-            _member("../escape.txt", b"x"),
-            _member("/abs.txt", b"x"),
-            _member("link", kind=tarfile.SYMTYPE, link="/etc/passwd"),
-            _member("hard", kind=tarfile.LNKTYPE, link="/etc/passwd"),
-            _member("dev", kind=tarfile.CHRTYPE),
-            _member("fifo", kind=tarfile.FIFOTYPE),
-            _member("ok/fine.txt", b"fine"),
-        ]
+        [_member("../escape.txt", b"x"), _member("/abs.txt", b"x"), _member("ok/fine.txt", b"f")]
     )
     result = archive.unpack(archive_bytes, str(root))
     assert list(result.written) == ["ok/fine.txt"]
     assert sorted(os.listdir(root)) == ["ok"]
     assert not (tmp_path / "escape.txt").exists()
-    assert len(result.skipped) == 6
+    assert len(result.skipped) == 2
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        _member("link", kind=tarfile.SYMTYPE, link="/etc/passwd"),
+        _member("hard", kind=tarfile.LNKTYPE, link="/etc/passwd"),
+        _member("dev", kind=tarfile.CHRTYPE),
+        _member("fifo", kind=tarfile.FIFOTYPE),
+        _member("folder", kind=tarfile.DIRTYPE),
+    ],
+    ids=["symlink", "hardlink", "device", "fifo", "folder"],
+)
+def test_only_files_are_taken(tmp_path, member):
+    with pytest.raises(archive.ArchiveError, match="only files are taken"):
+        archive.unpack(_tar([member, _member("after.txt", b"x")]), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_sparse_file_that_claims_terabytes_is_refused(tmp_path):
+    info, data = _member("bomb.bin", b"")
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "bomb.bin",
+        "GNU.sparse.realsize": str(2**40),
+    }
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    with pytest.raises(archive.ArchiveError, match="sparse"):
+        archive.unpack(buffer, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_huge_pax_header_is_refused_before_it_is_read(tmp_path):
+    info, data = _member("a.txt", b"x")
+    info.pax_headers = {"comment": "y" * (archive.MAX_META_BYTES + 1)}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    with pytest.raises(archive.ArchiveError, match="header of"):
+        archive.unpack(buffer, str(tmp_path))
+
+
+def test_a_truncated_archive_and_odd_times_are_archive_errors_or_fine(tmp_path):
+    whole = _tar([_member("a.bin", os.urandom(5000))]).getvalue()
+    with pytest.raises(archive.ArchiveError):
+        archive.unpack(io.BytesIO(whole[:2000]), str(tmp_path))
+    info, data = _member("t.txt", b"t")
+    info.pax_headers = {"mtime": "nan"}
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(data))
+    buffer.seek(0)
+    try:
+        result = archive.unpack(buffer, str(tmp_path))
+    except archive.ArchiveError:
+        return  # refused, as it may be
+    assert list(result.written) == ["t.txt"]
+
+
+def test_the_total_size_of_an_archive_is_bounded(tmp_path):
+    members = [_member(f"f{i}", b"x" * 600) for i in range(3)]
+    with pytest.raises(archive.ArchiveError, match="more than 1000 bytes"):
+        archive.unpack(_tar(members), str(tmp_path), max_bytes=1000)
+
+
+def test_a_fifo_put_in_a_files_place_is_skipped_not_waited_on(tmp_path):
+    tree(tmp_path, {"a.txt": b"a", "b.txt": b"b"})
+    entries, _ = rules.scan(str(tmp_path), max_bytes=1000)
+    os.remove(tmp_path / "a.txt")
+    os.mkfifo(tmp_path / "a.txt")
+    (tmp_path / ".gpushareignore").unlink(missing_ok=True)
+    os.mkfifo(tmp_path / ".gpushareignore")
+    rules.ignore_spec(str(tmp_path))  # does not wait on the FIFO
+    chunks: list[bytes] = []
+    result = archive.pack(str(tmp_path), entries, chunks.append)
+    assert result.skipped == ["a.txt"] and list(result.sent) == ["b.txt"]
+
+
+def test_a_place_that_changed_meanwhile_gets_the_file_beside_it(tmp_path):
+    (tmp_path / "r.csv").write_text("mine")
+    beside = archive.Place(
+        "r.csv",
+        expect=(999, 1),  # not what is there now
+        conflict=lambda: rules.conflict_name("r.csv", lambda n: archive.taken(str(tmp_path), n)),
+    )
+    result = archive.unpack(_tar([_member("r.csv", b"theirs")]), str(tmp_path), lambda p: beside)
+    assert (tmp_path / "r.csv").read_text() == "mine"
+    assert (tmp_path / "r.gpu-share.csv").read_text() == "theirs"
+    assert result.renamed == {"r.csv": "r.gpu-share.csv"}
+    (tmp_path / "new.txt").write_text("appeared")
+    new = archive.Place("new.txt", expect=None, conflict=lambda: "new.gpu-share.txt")
+    archive.unpack(_tar([_member("new.txt", b"theirs")]), str(tmp_path), lambda p: new)
+    assert (tmp_path / "new.txt").read_text() == "appeared"
+    assert (tmp_path / "new.gpu-share.txt").read_text() == "theirs"
+
+
+def test_what_comes_back_plants_nothing_that_runs(tmp_path):
+    from jupyter_gpu_share.kernel.files import BridgeFiles
+
+    async def nothing(*args) -> None:
+        return None
+
+    files = BridgeFiles(nothing, nothing)
+    files.manifest = {".env.example": (1, 1)}
+    decide = files._decide(str(tmp_path))
+    for name in (
+        ".git/hooks/pre-commit",
+        ".ssh/authorized_keys",
+        ".config/autostart/x",
+        "a/.venv/lib/x.pth",
+        "node_modules/x.js",
+        ".bashrc",
+        "sub/.hidden",
+    ):
+        assert decide(name) is None, name
+    place = decide("run.sh")
+    assert place is not None and place.executable is False and place.expect is None
 
 
 def test_a_file_lands_over_a_link_not_through_it(tmp_path):

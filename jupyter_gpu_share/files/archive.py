@@ -11,10 +11,12 @@ written through), and only regular files and folders are taken from an archive.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import stat
 import tarfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -54,14 +56,20 @@ def open_folder(
         os.close(fd)
 
 
-def open_file(root_fd: int, path: str) -> int:
-    """A regular file under the folder, opened for reading without following a link."""
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_file(root_fd: int, path: str, owner: int | None = None) -> int:
+    """A regular file under the folder, opened for reading without following a link and
+    without waiting (a FIFO put in its place is refused, not waited on); with ``owner``,
+    only a file of that uid (a hard link made meanwhile to someone else's is refused)."""
     *folders, name = path.split("/")
     with open_folder(root_fd, folders) as folder:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=folder)
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or (owner is not None and info.st_uid != owner):
         os.close(fd)
-        raise OSError(f"{path} is not a regular file")
+        raise OSError(f"{path} is not a regular file of the folder's owner")
     return fd
 
 
@@ -121,12 +129,15 @@ class PackResult:
     sent: dict[str, tuple[int, int]] = field(default_factory=dict)
     bytes: int = 0
     skipped: list[str] = field(default_factory=list)
+    short: list[str] = field(default_factory=list)  # shrank while read: padded with zeros
 
 
-def pack(root: str, entries: list[Entry], put: Callable[[bytes], None]) -> PackResult:
+def pack(
+    root: str, entries: list[Entry], put: Callable[[bytes], None], owner: int | None = None
+) -> PackResult:
     """Write ``entries`` of ``root`` as a tar stream, in chunks of at most CHUNK bytes, to
-    ``put`` (blocking: run it in a thread). A file gone or turned into a link meanwhile
-    is skipped."""
+    ``put`` (blocking: run it in a thread). A file gone, turned into a link or a FIFO, or
+    (with ``owner``) no longer that uid's meanwhile is skipped."""
     result = PackResult()
     out = _Chunks(put)
     root_fd = os.open(root, _DIR_FLAGS)
@@ -136,7 +147,7 @@ def pack(root: str, entries: list[Entry], put: Callable[[bytes], None]) -> PackR
         ) as tar:
             for entry in entries:
                 try:
-                    fd = open_file(root_fd, entry.path)
+                    fd = open_file(root_fd, entry.path, owner)
                 except OSError:
                     result.skipped.append(entry.path)
                     continue
@@ -146,7 +157,10 @@ def pack(root: str, entries: list[Entry], put: Callable[[bytes], None]) -> PackR
                     member.size = info.st_size
                     member.mtime = info.st_mtime_ns / 1e9
                     member.mode = 0o755 if info.st_mode & stat.S_IXUSR else 0o644
-                    tar.addfile(member, _Exactly(handle, info.st_size))  # type: ignore[arg-type]
+                    source = _Exactly(handle, info.st_size)
+                    tar.addfile(member, source)  # type: ignore[arg-type]
+                if source.short:
+                    result.short.append(entry.path)
                 result.sent[entry.path] = (info.st_size, info.st_mtime_ns)
                 result.bytes += info.st_size
         out.flush()
@@ -155,7 +169,23 @@ def pack(root: str, entries: list[Entry], put: Callable[[bytes], None]) -> PackR
     return result
 
 
-Decide = Callable[[str], "str | None"]
+ANY = "any"  # Place.expect: replace whatever is there
+
+
+@dataclass(frozen=True)
+class Place:
+    """Where a file of an archive goes. ``expect``: ANY (replace what is there), None
+    (nothing may be there), or a (size, mtime_ns) the file there must still have; checked
+    just before the file is put in place, and when it fails the file goes to
+    ``conflict()`` instead. ``executable``: None keeps the archive's bit."""
+
+    path: str
+    expect: Any = ANY
+    executable: bool | None = None
+    conflict: Callable[[], str] | None = None
+
+
+Decide = Callable[[str], "Place | None"]
 
 
 @dataclass
@@ -174,60 +204,176 @@ def unpack(
     decide: Decide | None = None,
     owner: tuple[int, int] | None = None,
     max_files: int = MAX_FILES,
+    max_bytes: int | None = None,
 ) -> UnpackResult:
     """Write the regular files of a tar archive under ``root``. ``decide(path)`` says
-    where each goes (None: nowhere); by default, to its own path. Links, devices and
-    names that leave the folder are skipped; nothing is written through a link."""
+    where each goes (None: nowhere); by default, to its own path. Only what ``pack``
+    writes is taken: regular files and their pax headers (HeaderGuard); names that leave
+    the folder are skipped; nothing is written through a link. ArchiveError for an
+    archive that is not one, or breaks the limits."""
     result = UnpackResult()
+    guarded = HeaderGuard(archive)
     root_fd = os.open(root, _DIR_FLAGS)
     try:
-        try:
-            tar = tarfile.open(fileobj=archive, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
-        except (tarfile.TarError, EOFError, OSError) as error:
-            raise ArchiveError(f"not a tar archive ({error})") from None
+        tar = tarfile.open(fileobj=guarded, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
         with tar:
             count = 0
-            while True:
-                try:
-                    member = tar.next()
-                except (tarfile.TarError, EOFError, OSError, ValueError) as error:
-                    raise ArchiveError(f"a broken archive ({error})") from None
-                if member is None:
-                    break
+            while (member := tar.next()) is not None:
                 count += 1
                 if count > max_files:
                     raise ArchiveError(f"more than {max_files} files")
+                if max_bytes is not None and result.bytes + member.size > max_bytes:
+                    raise ArchiveError(f"files of more than {max_bytes} bytes")
                 name = check_name(member.name)
-                if member.isdir():
-                    continue  # folders are made for the files in them
                 if name is None or not member.isreg():
                     result.skipped.append(member.name[:200])
                     continue
-                target = decide(name) if decide is not None else name
-                if target is None:
+                place = decide(name) if decide is not None else Place(name)
+                if place is None:
                     result.skipped.append(name)
                     continue
                 source = tar.extractfile(member)
                 assert source is not None
                 try:
-                    state = _write(root_fd, target, source, member, owner)
+                    where, state = _write(root_fd, place, source, member, owner)
                 except OSError:
                     result.skipped.append(name)
                     continue
-                result.written[target] = state
-                if target != name:
-                    result.renamed[name] = target
+                result.written[where] = state
+                if where != name:
+                    result.renamed[name] = where
                 result.bytes += member.size
+    except ArchiveError:
+        raise
+    except (tarfile.TarError, EOFError, ValueError, OverflowError) as error:
+        raise ArchiveError(f"a broken archive ({error})") from None
     finally:
         os.close(root_fd)
     return result
 
 
+_META_TYPES = (tarfile.XHDTYPE,)  # what pack writes besides files: pax headers
+_FILE_TYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
+MAX_META_BYTES = 64 * 1024
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+
+
+class HeaderGuard:
+    """The archive as tarfile reads it, checked header by header before tarfile sees it:
+    only files and pax headers (what ``pack`` writes), pax headers of at most 64 KiB (a
+    huge one would be held in memory three times over), no sparse files (a few bytes
+    that claim terabytes). tarfile then parses what passed."""
+
+    def __init__(self, source: IO[bytes]) -> None:
+        self.source = source
+        self.skip = 0  # data bytes of the current member still to pass
+        self.header = bytearray()
+        self.meta: bytearray | None = None
+        self.meta_left = 0
+        self.meta_pad = 0
+        self.next_size: int | None = None  # a pax "size" for the next member
+        self.ended = False
+
+    def read(self, count: int = -1) -> bytes:
+        data = self.source.read(count)
+        if data:
+            self._check(memoryview(data))
+        return data
+
+    def _check(self, data: memoryview) -> None:
+        at = 0
+        while at < len(data) and not self.ended:
+            left = len(data) - at
+            if self.meta is not None:
+                take = min(self.meta_left, left)
+                self.meta += data[at : at + take]
+                self.meta_left -= take
+                at += take
+                if self.meta_left == 0:
+                    self.next_size = _pax_size(bytes(self.meta))
+                    self.meta, self.skip = None, self.meta_pad
+                continue
+            if self.skip:
+                take = min(self.skip, left)
+                self.skip -= take
+                at += take
+                continue
+            take = min(tarfile.BLOCKSIZE - len(self.header), left)
+            self.header += data[at : at + take]
+            at += take
+            if len(self.header) == tarfile.BLOCKSIZE:
+                block, self.header = bytes(self.header), bytearray()
+                self._block(block)
+
+    def _block(self, block: bytes) -> None:
+        if block == _ZERO_BLOCK:
+            self.ended = True  # the end of the archive: tarfile reads no member after it
+            return
+        kind = block[156:157]
+        try:
+            size = tarfile.nti(block[124:136])
+        except (tarfile.TarError, ValueError):
+            raise ArchiveError("an archive header with a bad size") from None
+        if size < 0:
+            raise ArchiveError("an archive header with a bad size")
+        if kind in _META_TYPES:
+            if size > MAX_META_BYTES:
+                raise ArchiveError(f"an archive header of {size} bytes")
+            self.meta, self.meta_left = bytearray(), size
+            self.meta_pad = (-size) % tarfile.BLOCKSIZE
+            if size == 0:
+                self.meta, self.next_size = None, None
+            return
+        if kind not in _FILE_TYPES:
+            raise ArchiveError(f"an archive member of type {kind!r} (only files are taken)")
+        size = self.next_size if self.next_size is not None else size
+        self.next_size = None
+        self.skip = size + (-size) % tarfile.BLOCKSIZE
+
+
+def _pax_size(records: bytes) -> int | None:
+    """The ``size`` a pax header gives the next member (None: none); ArchiveError for a
+    sparse file or records that do not parse."""
+    size = None
+    at = 0
+    while at < len(records):
+        space = records.find(b" ", at, at + 20)
+        if space < 0:
+            raise ArchiveError("a pax header that does not parse")
+        try:
+            length = int(records[at:space])
+        except ValueError:
+            raise ArchiveError("a pax header that does not parse") from None
+        if length <= space - at or at + length > len(records):
+            raise ArchiveError("a pax header that does not parse")
+        key, _, value = records[space + 1 : at + length - 1].partition(b"=")
+        if key.startswith(b"GNU.sparse"):
+            raise ArchiveError("a sparse file (only plain files are taken)")
+        if key == b"size":
+            try:
+                size = int(value)
+            except ValueError:
+                raise ArchiveError("a pax header with a bad size") from None
+            if size < 0:
+                raise ArchiveError("a pax header with a bad size")
+        at += length
+    return size
+
+
+def _mtime_ns(member: tarfile.TarInfo) -> int:
+    """The member's mtime in ns, within sane bounds (now, for nan or year 3000)."""
+    mtime = member.mtime
+    if not isinstance(mtime, int | float) or not math.isfinite(mtime) or not 0 <= mtime < 2**33:
+        return time.time_ns()
+    return int(mtime * 1e9)
+
+
 def _write(
-    root_fd: int, path: str, source: IO[bytes], member: tarfile.TarInfo, owner: Any
-) -> tuple[int, int]:
-    """One file, written beside its place and renamed over it; its (size, mtime_ns)."""
-    *folders, name = path.split("/")
+    root_fd: int, place: Place, source: IO[bytes], member: tarfile.TarInfo, owner: Any
+) -> tuple[str, tuple[int, int]]:
+    """One file, written beside its place and put there as ``place`` says; where it went
+    and its (size, mtime_ns) there."""
+    *folders, name = place.path.split("/")
     with open_folder(root_fd, folders, create=True, owner=owner) as folder:
         temporary = f".{name[:200]}.{secrets.token_hex(4)}.part"
         fd = os.open(
@@ -242,18 +388,58 @@ def _write(
                     out.write(data)
             if owner is not None:
                 os.fchown(fd, *owner)
-            os.fchmod(fd, 0o755 if member.mode & 0o100 else 0o644)
-            mtime_ns = int(member.mtime * 1e9)
+            executable = place.executable
+            if executable is None:
+                executable = bool(member.mode & 0o100)
+            os.fchmod(fd, 0o755 if executable else 0o644)
+            mtime_ns = _mtime_ns(member)
             os.utime(fd, ns=(mtime_ns, mtime_ns))
             info = os.fstat(fd)
-            os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+            where = _put(folder, temporary, name, place)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temporary, dir_fd=folder)
             raise
         finally:
             os.close(fd)
-    return (info.st_size, info.st_mtime_ns)
+    return "/".join([*folders, where]), (info.st_size, info.st_mtime_ns)
+
+
+def _put(folder: int, temporary: str, name: str, place: Place) -> str:
+    """Move the written file to its name in ``folder`` as ``place`` allows, else beside
+    it; the name it got."""
+    if place.expect == ANY:
+        os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+        return name
+    if place.expect is not None and _state_at(folder, name) == place.expect:
+        os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
+        return name
+    candidates = [name] if place.expect is None else []
+    for _ in range(8):
+        if place.conflict is not None:
+            candidates.append(place.conflict().rsplit("/", 1)[-1])
+    for candidate in candidates:
+        try:  # a new name only: link fails where anything is already there
+            os.link(
+                temporary, candidate, src_dir_fd=folder, dst_dir_fd=folder, follow_symlinks=False
+            )
+        except FileExistsError:
+            continue
+        os.unlink(temporary, dir_fd=folder)
+        return candidate
+    raise FileExistsError(f"no free name for {place.path}")
+
+
+def _state_at(folder: int, name: str) -> tuple[int, int] | None:
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        return (info.st_size, info.st_mtime_ns) if stat.S_ISREG(info.st_mode) else None
+    finally:
+        os.close(fd)
 
 
 def local_state(root: str, path: str) -> tuple[int, int] | None:
@@ -271,6 +457,14 @@ def local_state(root: str, path: str) -> tuple[int, int] | None:
         return (info.st_size, info.st_mtime_ns)
     finally:
         os.close(fd)
+
+
+def local_executable(root: str, path: str) -> bool:
+    """Whether the file at ``path`` under ``root`` is executable by its owner."""
+    try:
+        return bool(os.lstat(os.path.join(root, *path.split("/"))).st_mode & stat.S_IXUSR)
+    except OSError:
+        return False
 
 
 def taken(root: str, path: str) -> bool:

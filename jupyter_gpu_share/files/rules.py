@@ -14,13 +14,33 @@ from dataclasses import dataclass
 
 import pathspec
 
-# Never sent, never brought back: version control, the lab's checkpoints, environments.
+# Never sent, never brought back: version control, the lab's checkpoints, environments,
+# and what holds credentials (a notebook's folder may be a home folder's part).
 DEFAULT_IGNORES = (
     ".git/",
     ".ipynb_checkpoints/",
     ".venv/",
     "node_modules/",
     "__pycache__/",
+    ".ssh/",
+    ".gnupg/",
+    ".aws/",
+    ".azure/",
+    ".config/",
+    ".local/",
+    ".cache/",
+    ".docker/",
+    ".kube/",
+    ".jupyter/",
+    ".env",
+    ".netrc",
+    ".pypirc",
+    ".git-credentials",
+    "*.pem",
+    "*.key",
+    "id_rsa*",
+    "id_ed25519*",
+    ".*_history",
 )
 IGNORE_FILE = ".gpushareignore"
 IGNORE_FILE_MAX_BYTES = 64 * 1024
@@ -53,8 +73,8 @@ class TooLarge(ValueError):
         self.total, self.limit, self.files, self.largest = total, limit, files, largest
         biggest = ", ".join(f"{name} {mib(size)}" for name, size in largest)
         super().__init__(
-            f"the folder holds {mib(total)} in {files} files, over the limit of {mib(limit)}"
-            + (f" (largest: {biggest})" if biggest else "")
+            f"the folder holds at least {mib(total)} in {files} files, over the limit of "
+            f"{mib(limit)}" + (f" (largest so far: {biggest})" if biggest else "")
         )
 
 
@@ -72,13 +92,31 @@ def ignore_spec(root: str | None = None, extra: Iterable[str] = ()) -> pathspec.
     folder's ``.gpushareignore`` (git's syntax; the first 64 KiB)."""
     lines = [*DEFAULT_IGNORES, *extra]
     if root is not None:
-        try:
-            with open(os.path.join(root, IGNORE_FILE), "rb") as handle:
-                text = handle.read(IGNORE_FILE_MAX_BYTES).decode("utf-8", "replace")
-        except OSError:
-            text = ""
-        lines += text.splitlines()
+        lines += _read_small(os.path.join(root, IGNORE_FILE)).splitlines()
     return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def _read_small(path: str) -> str:
+    """A small regular file's text, not through a link and without waiting on a FIFO
+    (a renter's kernel writes the folder a host reads this in); "" when there is none."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return os.read(fd, IGNORE_FILE_MAX_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
+
+
+def hidden(path: str) -> bool:
+    """Whether a part of the path begins with a dot (a dotfile, or in a dot folder)."""
+    return any(part.startswith(".") for part in path.split("/"))
 
 
 def scan(
@@ -92,8 +130,8 @@ def scan(
     """The regular files under ``root`` that are not ignored, and what was passed over
     (links, special files, names that cannot travel). Links are never followed. With
     ``owner``, only files of that uid count (a host reading a renter's folder as root).
-    Raises TooLarge when the files hold more than ``max_bytes`` or number more than
-    ``max_files``."""
+    Raises TooLarge as soon as the files hold more than ``max_bytes`` or number more than
+    ``max_files`` (a home folder is not walked to its end to be refused)."""
     spec = spec if spec is not None else ignore_spec(root)
     entries: list[Entry] = []
     skipped: list[str] = []
@@ -122,8 +160,12 @@ def scan(
                 skipped.append(rel)
                 continue
             if stat.S_ISDIR(info.st_mode):
-                if not spec.match_file(rel + "/") and depth + 1 < MAX_DEPTH:
-                    stack.append((item.path, rel + "/", depth + 1))
+                if spec.match_file(rel + "/"):
+                    continue
+                if depth + 1 >= MAX_DEPTH:
+                    skipped.append(rel + "/")  # too deep to travel
+                    continue
+                stack.append((item.path, rel + "/", depth + 1))
                 continue
             if spec.match_file(rel):
                 continue
@@ -136,9 +178,9 @@ def scan(
             total += info.st_size
             top = rel.split("/", 1)[0] + ("/" if "/" in rel else "")
             tops[top] = tops.get(top, 0) + info.st_size
-    if total > max_bytes or len(entries) > max_files:
-        largest = sorted(tops.items(), key=lambda pair: -pair[1])[:3]
-        raise TooLarge(total, max_bytes, len(entries), largest)
+            if total > max_bytes or len(entries) > max_files:
+                largest = sorted(tops.items(), key=lambda pair: -pair[1])[:3]
+                raise TooLarge(total, max_bytes, len(entries), largest)
     entries.sort(key=lambda entry: entry.path)
     return entries, skipped
 

@@ -17,6 +17,7 @@ after each chunk, so a kernel's messages never queue behind more than a chunk or
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import struct
@@ -29,7 +30,7 @@ from typing import Any
 from .. import wire
 from . import archive
 from .archive import CHUNK, ArchiveError, PackResult, UnpackResult
-from .rules import Entry, mib
+from .rules import MAX_FILES, Entry, mib
 
 _HEAD = struct.Struct("!IB")
 COMPRESSED = 1
@@ -41,6 +42,19 @@ MAX_TRANSFER_ID = 2**31
 
 class TransferError(RuntimeError):
     """A transfer that failed, with a reason for people."""
+
+
+# The threads that pack, unpack and list files: their own, so that transfers (however
+# many sessions run them) never take the loop's default executor from the rest.
+EXECUTOR = concurrent.futures.ThreadPoolExecutor(
+    max_workers=8, thread_name_prefix="gpu-share-files"
+)
+IDLE_S = 60.0  # an incoming transfer with no chunk for this long is dropped
+
+
+async def in_thread(function: Callable[..., Any], *args: Any) -> Any:
+    """Run ``function(*args)`` on the files' threads."""
+    return await asyncio.get_running_loop().run_in_executor(EXECUTOR, lambda: function(*args))
 
 
 def encode_chunk(transfer_id: int, data: bytes, compress: bool = True) -> bytes:
@@ -81,6 +95,7 @@ async def send(
     entries: list[Entry],
     write: Callable[[bytes], Awaitable[None]],
     progress: Callable[[int], None] | None = None,
+    owner: int | None = None,
 ) -> PackResult:
     """Pack ``entries`` in a thread and ``write`` each chunk's message, in order, waiting
     for each write (the relay's drain) before the next. ``progress(bytes)`` after each.
@@ -105,12 +120,12 @@ async def send(
 
     def produce() -> PackResult:
         try:
-            return archive.pack(root, entries, put)
+            return archive.pack(root, entries, put, owner)
         finally:
             with contextlib.suppress(TransferError):
                 hand_over(None)
 
-    producer = loop.run_in_executor(None, produce)
+    producer = loop.run_in_executor(EXECUTOR, produce)
     sent = 0
     waits: list[bool] = []
     try:
@@ -160,7 +175,9 @@ class _Growing:
         receiver = self.receiver
         with receiver.grown:
             while receiver.written <= self.offset and not receiver.ended:
-                receiver.grown.wait()
+                if not receiver.grown.wait(timeout=IDLE_S):
+                    receiver.failed = receiver.failed or f"no data for {IDLE_S:.0f} s"
+                    receiver.ended = True
             if receiver.failed is not None or receiver.spool.closed:
                 return b""
             count = receiver.written - self.offset if count < 0 else count
@@ -194,7 +211,7 @@ class Receiver:
         """Begin unpacking under ``root`` what has come and what comes."""
         reader = _Growing(self)
         self._unpacking = asyncio.ensure_future(
-            asyncio.to_thread(archive.unpack, reader, root, decide, owner)  # type: ignore[arg-type]
+            in_thread(archive.unpack, reader, root, decide, owner, MAX_FILES, self.max_bytes)
         )
 
     def feed(self, data: bytes) -> None:
@@ -206,7 +223,12 @@ class Receiver:
             self.failed = f"more than the limit of {mib(self.max_bytes)}"
             self._end()
             return
-        os.pwrite(self.spool.fileno(), data, self.written)
+        try:
+            os.pwrite(self.spool.fileno(), data, self.written)
+        except (OSError, ValueError) as error:  # a full disk; a closed spool
+            self.failed = f"cannot keep the files: {getattr(error, 'strerror', None) or error}"
+            self._end()
+            return
         with self.grown:
             self.written += len(data)
             self.grown.notify_all()
@@ -228,7 +250,8 @@ class Receiver:
             except ArchiveError as error:
                 raise TransferError(self.failed or str(error)) from None
             except OSError as error:
-                raise TransferError(f"cannot write the files: {error.strerror or error}") from None
+                message = f"cannot write the files: {error.strerror or error}"
+                raise TransferError(self.failed or message) from None
             if self.failed is not None:
                 raise TransferError(self.failed)
             return result

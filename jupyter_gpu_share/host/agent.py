@@ -347,9 +347,13 @@ class HostSession:
             if self.kernel is not None and self.kernel.alive:
                 self.log.info("session %s: sending %s to the kernel", self.session_id, signum.name)
                 self.kernel.signal(signum)
-        elif kind in ("files_put", "files_end", "files_get"):
+        elif isinstance(kind, str) and kind.startswith("files_"):
             if self.state == "ready":
                 self.files.record(record)
+            else:
+                message = "the kernel is not ready for files yet"
+                answer = {"type": "files_error", "id": record.get("id"), "message": message}
+                self._to_relay(json.dumps(answer))
         else:
             self.log.debug("session %s: ignored relay record %r", self.session_id, kind)
 

@@ -54,9 +54,14 @@ class SessionFiles:
         self.manifest: dict[str, tuple[int, int]] = {}
         self._receiving: dict[int, Receiver] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sending: int | None = None  # the files_get in progress (one at a time)
+        self._unconfirmed: dict[int, dict[str, tuple[int, int]]] = {}  # sent, not yet got
+        self._errors = 0
 
     def _error(self, transfer_id: int | None, message: str) -> None:
-        self.log.warning("session %s: files: %s", self.session_id, message)
+        self._errors += 1
+        if self._errors <= 5 or self._errors % 100 == 0:  # a flood is logged, not each
+            self.log.warning("session %s: files: %s", self.session_id, message)
         self._send_record({"type": "files_error", "id": transfer_id, "message": message})
 
     def _spawn(self, coroutine: Awaitable[Any]) -> None:
@@ -79,7 +84,11 @@ class SessionFiles:
             if transfer_id in self._receiving or len(self._receiving) >= MAX_RECEIVING:
                 self._error(transfer_id, "too many transfers at once")
                 return
-            receiver = Receiver(transfer_id, self.max_bytes, spool_dir=self._spool_dir())
+            try:
+                receiver = Receiver(transfer_id, self.max_bytes, spool_dir=self._spool_dir())
+            except OSError as error:
+                self._error(transfer_id, f"no room on the host: {error.strerror or error}")
+                return
             receiver.start(work, owner=self._owner())
             self._receiving[transfer_id] = receiver
         elif kind == "files_end":
@@ -88,8 +97,24 @@ class SessionFiles:
                 self._error(transfer_id, "the end of a transfer that did not begin")
                 return
             self._spawn(self._unpack(receiver))
+        elif kind == "files_abort":
+            receiver = self._receiving.pop(transfer_id, None)
+            if receiver is not None:
+                receiver.close()
         elif kind == "files_get":
-            self._spawn(self._send_back(transfer_id, work))
+            if self._sending is not None:
+                self._error(transfer_id, "files are already going back")
+                return
+            wanted = record.get("max_bytes")
+            limit = self.max_bytes
+            if isinstance(wanted, int) and not isinstance(wanted, bool) and wanted > 0:
+                limit = min(limit, wanted)
+            self._sending = transfer_id
+            self._spawn(self._send_back(transfer_id, work, limit))
+        elif kind == "files_got":
+            self.manifest.update(self._unconfirmed.pop(transfer_id, {}))
+        else:
+            self._error(transfer_id, f"an unknown files record {str(kind)[:40]!r}")
 
     def chunk(self, frames: list[memoryview]) -> None:
         """A chunk of an incoming transfer."""
@@ -110,6 +135,7 @@ class SessionFiles:
             self._error(receiver.transfer_id, f"the files were not written: {error}")
             return
         self.manifest.update(result.written)
+        self._errors = 0
         self.log.info(
             "session %s: %d file(s), %s, written to the kernel's folder",
             self.session_id,
@@ -126,44 +152,49 @@ class SessionFiles:
             }
         )
 
-    async def _send_back(self, transfer_id: int, work: str) -> None:
-        """Send what is new or changed in the working folder since it arrived or last went."""
-        owner = self._owner()
+    async def _send_back(self, transfer_id: int, work: str, limit: int) -> None:
         try:
-            entries, _ = await asyncio.to_thread(
-                rules.scan,
-                work,
-                max_bytes=2**62,
-                max_files=rules.MAX_FILES * 5,
-                owner=owner[0] if owner is not None else None,
+            await self._send_changed(transfer_id, work, limit)
+        finally:
+            self._sending = None
+
+    async def _send_changed(self, transfer_id: int, work: str, limit: int) -> None:
+        """Send what is new or changed in the working folder since it arrived or last went
+        (and the renter confirmed it: ``files_got``)."""
+        owner = self._owner()
+        uid = owner[0] if owner is not None else None
+        try:
+            entries, skipped = await transfer.in_thread(
+                lambda: rules.scan(work, max_bytes=2**62, max_files=rules.MAX_FILES * 5, owner=uid)
             )
         except rules.TooLarge as error:
             self._error(transfer_id, f"the kernel's folder holds too many files ({error.files})")
             return
         changed = [entry for entry in entries if self.manifest.get(entry.path) != entry.state]
         total = sum(entry.size for entry in changed)
-        if total > self.max_bytes:
+        if total > limit:
             largest = sorted(changed, key=lambda entry: -entry.size)[:3]
             self._error(
                 transfer_id,
-                f"the kernel wrote {rules.mib(total)} of new or changed files, over this "
-                f"host's limit of {rules.mib(self.max_bytes)} for one transfer (largest: "
+                f"the kernel wrote {rules.mib(total)} of new or changed files, over the "
+                f"limit of {rules.mib(limit)} for one transfer (largest: "
                 + ", ".join(f"{entry.path} {rules.mib(entry.size)}" for entry in largest)
                 + ")",
             )
             return
         try:
-            result = await transfer.send(transfer_id, work, changed, self._write)
+            result = await transfer.send(transfer_id, work, changed, self._write, owner=uid)
         except (TransferError, OSError) as error:
             self._error(transfer_id, f"the files did not go back: {error}")
             return
-        self.manifest.update(result.sent)
+        self._unconfirmed = {transfer_id: result.sent}
         self._send_record(
             {
                 "type": "files_end",
                 "id": transfer_id,
                 "files": len(result.sent),
                 "bytes": result.bytes,
+                "skipped": [*skipped, *result.skipped][:20],
             }
         )
 

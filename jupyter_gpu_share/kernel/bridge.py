@@ -178,7 +178,9 @@ class KernelBridge:
         # kernel wrote comes back before a shutdown_request reaches it.
         self.files = BridgeFiles(self._write_files, self._send_files_record)
         self.sync_on_shutdown = True
+        self.shutdown_sync_timeout = 300.0
         self._shutting_down = False
+        self._shutdown_sync: asyncio.Future[None] | None = None
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
@@ -279,19 +281,32 @@ class KernelBridge:
 
         async def sync_then_send() -> None:
             try:
-                summary = await self.files.get(timeout=120)
+                summary = await self.files.get(timeout=self.shutdown_sync_timeout)
                 log.info("session %s: %s", self.session_id, describe(summary))
             except TransferError as error:
                 log.warning(
                     "session %s: the kernel's files did not come back: %s", self.session_id, error
                 )
+            except Exception:
+                log.exception("session %s: the kernel's files did not come back", self.session_id)
             finally:
                 pump.pause_reading(False)
                 self._to_relay(wire.CONTROL, batch)
 
-        task = asyncio.ensure_future(sync_then_send())
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+        self._shutdown_sync = asyncio.ensure_future(sync_then_send())
         return True
+
+    async def shutdown_synced(self, start_within: float = 1.0) -> None:
+        """Wait for the files to come back before a shutdown (jupyter_client waits on
+        this before it starts the kernel's shutdown clock): for the hold to begin, since
+        the shutdown_request may still be on its way to the bridge, then for it to end."""
+        if not self.sync_on_shutdown or self.files.root is None or self.ended.is_set():
+            return
+        deadline = asyncio.get_running_loop().time() + start_within
+        while self._shutdown_sync is None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.01)
+        if self._shutdown_sync is not None:
+            await asyncio.wait({self._shutdown_sync}, timeout=self.shutdown_sync_timeout + 5)
 
     async def _write_files(self, message: bytes) -> None:
         """One chunk of files to the host, after the relay has drained what it holds."""
@@ -383,6 +398,7 @@ class KernelBridge:
         self._kernel_identity = {}
         self._untold = []
         self._shutting_down = False
+        self._shutdown_sync = None
         self._relay_urls = [url] if isinstance(url, str) else list(url)
         self._relay = (
             self._relay_urls[0],

@@ -9,6 +9,7 @@ Runs on the bridge's loop; the bridge hands it the ``files_*`` records and chunk
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -60,7 +61,12 @@ class BridgeFiles:
                 await self._send_record(
                     {"type": "files_put", "id": transfer_id, "bytes": total, "files": len(entries)}
                 )
-                sent = await transfer.send(transfer_id, root, entries, self._write, progress)
+                try:
+                    sent = await transfer.send(transfer_id, root, entries, self._write, progress)
+                except BaseException:
+                    with contextlib.suppress(TransferError):  # the host drops what came
+                        await self._send_record({"type": "files_abort", "id": transfer_id})
+                    raise
                 await self._send_record({"type": "files_end", "id": transfer_id})
                 record = await asyncio.wait_for(answer, timeout)
             except asyncio.TimeoutError:
@@ -68,6 +74,10 @@ class BridgeFiles:
             finally:
                 self._waiting.pop(transfer_id, None)
             self.manifest.update(sent.sent)
+            if sent.short:
+                log.warning(
+                    "gpu-share: changed while sent, so sent in part: %s", ", ".join(sent.short[:10])
+                )
             return record
 
     async def get(self, timeout: float = 600.0) -> dict[str, Any]:
@@ -79,11 +89,17 @@ class BridgeFiles:
             raise TransferError("this kernel was started without a folder")
         async with self._lock:
             transfer_id, answer = self._new()
-            receiver = self._receiving[transfer_id] = Receiver(transfer_id, self.max_bytes)
+            try:
+                receiver = Receiver(transfer_id, self.max_bytes)
+            except OSError as error:
+                raise TransferError(f"no room for the files: {error.strerror or error}") from None
+            self._receiving[transfer_id] = receiver
             receiver.start(root, self._decide(root))
             try:
-                await self._send_record({"type": "files_get", "id": transfer_id})
-                await asyncio.wait_for(answer, timeout)
+                await self._send_record(
+                    {"type": "files_get", "id": transfer_id, "max_bytes": self.max_bytes}
+                )
+                end = await asyncio.wait_for(answer, timeout)
                 result = await receiver.finish()
             except asyncio.TimeoutError:
                 raise TransferError(f"the host did not answer within {timeout:.0f} s") from None
@@ -91,14 +107,20 @@ class BridgeFiles:
                 self._waiting.pop(transfer_id, None)
                 self._receiving.pop(transfer_id, None)
                 receiver.close()
+            # The host counts them as back only now (files_got): had this failed, they
+            # would be offered again.
+            with contextlib.suppress(TransferError):
+                await self._send_record({"type": "files_got", "id": transfer_id})
             for path, state in result.written.items():
                 if path not in result.renamed.values():
                     self.manifest[path] = state
+            skipped = [*result.skipped, *(end.get("skipped") or [])]
             summary = {
                 "files": len(result.written),
                 "bytes": result.bytes,
                 "conflicts": dict(result.renamed),
-                "skipped": result.skipped[:20],
+                "skipped": len(skipped),
+                "skipped_names": [str(name)[:200] for name in skipped[:20]],
             }
             for path, beside in result.renamed.items():
                 log.warning(
@@ -108,14 +130,30 @@ class BridgeFiles:
                 )
             return summary
 
-    def _decide(self, root: str) -> Callable[[str], str | None]:
-        def decide(path: str) -> str | None:
+    def _decide(self, root: str) -> archive.Decide:
+        """Where each file from the host goes. Nothing the ignore rules name, and no new
+        dotfile or dot folder (``.git/hooks``, ``.ssh``, ``.config/autostart``): a host
+        must not plant what runs on the user's machine; nothing comes back executable
+        that was not so here. A local file changed since it went or came stays, and the
+        kernel's copy goes beside it; the check is made again just before the file is
+        put in place."""
+        spec = rules.ignore_spec(root)
+
+        def decide(path: str) -> archive.Place | None:
+            known = path in self.manifest
+            if spec.match_file(path) or (rules.hidden(path) and not known):
+                return None
+
+            def beside() -> str:
+                return rules.conflict_name(path, lambda name: archive.taken(root, name))
+
             here = archive.local_state(root, path)
             if here is None and not archive.taken(root, path):
-                return path  # new
+                return archive.Place(path, expect=None, executable=False, conflict=beside)
             if here is not None and self.manifest.get(path) == here:
-                return path  # unchanged here since it went or came: the kernel's is newer
-            return rules.conflict_name(path, lambda name: archive.taken(root, name))
+                executable = archive.local_executable(root, path)
+                return archive.Place(path, expect=here, executable=executable, conflict=beside)
+            return archive.Place(beside(), expect=None, executable=False, conflict=beside)
 
         return decide
 
@@ -154,6 +192,9 @@ class BridgeFiles:
 def describe(summary: dict[str, Any]) -> str:
     """One line about what came back."""
     text = f"{summary['files']} file(s), {rules.mib(summary['bytes'])}, came back"
+    if summary.get("skipped"):
+        names = ", ".join(summary.get("skipped_names") or [])
+        text += f"; {summary['skipped']} left on the host (links, ignored or hidden: {names})"
     conflicts = summary.get("conflicts") or {}
     if conflicts:
         text += "; changed here meanwhile, so kept beside: " + ", ".join(

@@ -32,7 +32,7 @@ from ..client import (
     broker_urls,
     websocket_url,
 )
-from ..files import rules
+from ..files import rules, transfer
 from ..files.transfer import TransferError
 from ..transport.websocket import HandshakeError
 from .bridge import BridgeLoop, InlineLoop, KernelBridge
@@ -211,9 +211,19 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         anything is rented (a folder over the limit is refused here, free)."""
         if not self.sync_files or not isinstance(cwd, str) or not os.path.isdir(cwd):
             return None
+        home = os.path.realpath(os.path.expanduser("~"))
+        folder = os.path.realpath(cwd)
+        if folder == home or home.startswith(folder.rstrip(os.sep) + os.sep):
+            self.log.warning(
+                "gpu-share: the notebook's folder %s is your home folder (or holds it): "
+                "nothing is sent to the remote kernel. Keep the notebook in a project folder "
+                "to have its files there",
+                cwd,
+            )
+            return None
         limit = self.sync_max_mib * 1024 * 1024
         try:
-            entries, skipped = await asyncio.to_thread(rules.scan, cwd, max_bytes=limit)
+            entries, skipped = await transfer.in_thread(lambda: rules.scan(cwd, max_bytes=limit))
         except rules.TooLarge as error:
             raise RuntimeError(
                 f"gpu-share: cannot send the notebook's folder {cwd} to the remote kernel: "
@@ -400,6 +410,14 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._loop().run(self.bridge.close())
             self.bridge = None
         self.session = None
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        """A shutdown_request went to the kernel: the bridge holds it until the kernel's
+        new and changed files are back; wait for that before jupyter_client's shutdown
+        clock starts (it sends SIGTERM, a stop of the session, after a few seconds)."""
+        await super().shutdown_requested(restart=restart)
+        if self.bridge is not None and self.session is not None:
+            await self._loop().run(self.bridge.shutdown_synced())
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         """A remote kernel needs a little longer than a local one to report its exit."""

@@ -127,7 +127,8 @@ def test_a_folder_over_the_limit_is_refused_before_renting(make_cluster, tmp_pat
 
 def test_a_host_never_writes_through_a_link_the_kernel_made(make_cluster, monkeypatch, tmp_path):
     """The kernel runs while its files arrive: a link it puts where a file will land is
-    replaced, not written through (here it points at a file of the test, outside)."""
+    replaced, not written through (here it points at a file of the test, outside), and
+    FIFOs it puts where the host reads make it wait on nothing."""
     cluster = make_cluster()
     cluster.start_host("host-a")
     token = cluster.account("mal", "user", 50 * MICRO)
@@ -153,7 +154,8 @@ async def _links(root, tmp_path, outside) -> None:
         code = (
             "import os\nos.remove('a.txt')\n"
             f"os.symlink({str(outside)!r}, 'a.txt')\n"
-            f"os.symlink({str(tmp_path)!r}, 'sub')\nprint('ok')"
+            f"os.symlink({str(tmp_path)!r}, 'sub')\n"
+            "os.mkfifo('.gpushareignore')\nos.mkfifo('pipe')\nprint('ok')"
         )
         reply = await client.execute_interactive(code, timeout=30)
         assert reply["content"]["status"] == "ok"
@@ -164,8 +166,10 @@ async def _links(root, tmp_path, outside) -> None:
         entries, _ = rules.scan(str(root), max_bytes=1 << 20)
         files = provisioner.bridge.files
         await provisioner._loop().run(files.put(str(root), entries))
-        back = await provisioner._loop().run(files.get())
+        # FIFOs where the host reads (the ignore file, a file) are passed over, not waited on
+        back = await asyncio.wait_for(provisioner._loop().run(files.get()), 30)
         assert back["files"] == 0  # the links the kernel made are not sent back
+        assert back["skipped"] >= 2
     finally:
         client.stop_channels()
         await km.shutdown_kernel(now=False)
