@@ -33,6 +33,7 @@ from ..transport.websocket import ClientEnd, ConnectionClosed, HandshakeError, c
 from ..zmqpump import SocketPump
 from .files import BridgeFiles, describe
 from .kernel_info import KernelInfoAnswer
+from .outputs import OutputLog
 from .resend import Unanswered
 from .stop_notice import WaitingReplies
 
@@ -177,6 +178,8 @@ class KernelBridge:
         # The notebook's folder on the host and back (files.py); with a folder, what the
         # kernel wrote comes back before a shutdown_request reaches it.
         self.files = BridgeFiles(self._write_files, self._send_files_record)
+        # What the lab's cells printed, for a browser that comes back (outputs.py).
+        self.outputs = OutputLog()
         self.sync_on_shutdown = True
         self.shutdown_sync_timeout = 300.0
         self._shutting_down = False
@@ -247,6 +250,9 @@ class KernelBridge:
             self._forwarded = True
         if channel == wire.CONTROL and self._sync_first(batch):
             return
+        if channel == wire.SHELL:
+            for frames in batch:
+                self.outputs.requested(frames)
         if self._away:
             self._hold(channel, batch)
             return
@@ -517,6 +523,8 @@ class KernelBridge:
             self.unanswered.seen(frames)
         if channel == wire.SHELL and len(self.waiting):
             self.waiting.replied(frames)
+        elif channel == wire.IOPUB:
+            self.outputs.published(frames)
         # Zero-copy only pays for big messages; for small ones it costs more.
         copy = wire.total_size(frames) < wire.ZERO_COPY_ABOVE
         pump = self.pumps.get(channel)

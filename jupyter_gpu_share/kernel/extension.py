@@ -432,6 +432,25 @@ class FilesHandler(APIHandler):
         self.finish(json.dumps(summary))
 
 
+class OutputsHandler(APIHandler):
+    """``GET``: what a remote kernel's cells printed lately (their latest runs, kept while
+    no browser may be there), for a notebook opened again (kernel/outputs.py)."""
+
+    auth_resource = AUTH_RESOURCE
+
+    @web.authenticated
+    @authorized
+    def get(self, kernel_id: str) -> None:
+        try:
+            kernel = self.kernel_manager.get_kernel(kernel_id)
+        except KeyError:
+            raise web.HTTPError(404, f"no kernel {kernel_id}") from None
+        bridge = getattr(getattr(kernel, "provisioner", None), "bridge", None)
+        log = getattr(bridge, "outputs", None)
+        executions = log.snapshot() if log is not None else []
+        self.finish(json.dumps({"kernel_id": kernel_id, "executions": executions}))
+
+
 class CulledKernels:
     """The kernels this server's idle culler shut down (the newest few hundred), by id.
 
@@ -527,6 +546,10 @@ def _load_jupyter_server_extension(serverapp: Any) -> None:
             ),
             (url_path_join(base_url, r"/gpu-share/user/preference"), PreferenceHandler),
             (url_path_join(base_url, r"/gpu-share/user/files"), FilesHandler),
+            (
+                url_path_join(base_url, r"/gpu-share/user/kernels/([0-9a-f-]{1,64})/outputs"),
+                OutputsHandler,
+            ),
             (
                 url_path_join(base_url, rf"/gpu-share/user/classes/({CLASS_NAME})/fetch"),
                 ClassFetchHandler,

@@ -126,6 +126,14 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         of a .gpushareignore in the folder (git's syntax). A local file changed meanwhile
         is never overwritten: the kernel's copy goes beside it.""",
     )
+    output_log_mib = Int(
+        16,
+        config=True,
+        help="""MiB of a remote kernel's recent cell outputs this server keeps (the latest
+        run of each of up to 200 lab cells, oldest forgotten first), so that a browser
+        that comes back (a refresh, a closed laptop) finds what the cells printed
+        meanwhile, and a running cell keeps streaming into its cell. 0 keeps nothing.""",
+    )
     sync_max_mib = Int(
         200,
         config=True,
@@ -186,6 +194,7 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._loop(), self.bridge_transport, km.context if in_process else None
             )
             self.bridge.on_status = lambda message: self.log.warning("gpu-share: %s", message)
+            self.bridge.outputs.max_bytes = self.output_log_mib * 1024 * 1024
             ports = await self._loop().run(self.bridge.bind())
             km.transport = self.bridge_transport
             km.ip = self.bridge.ip

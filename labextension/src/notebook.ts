@@ -8,6 +8,7 @@ import { Widget } from '@lumino/widgets';
 import { capLevel, spentToday } from './caps';
 import { endReasonText, meterReading } from './meter';
 import { creditsToMicro, formatCredits } from './money';
+import { OutputRestorer } from './outputs';
 import {
   GPUShare,
   IGPUShareModel,
@@ -39,6 +40,7 @@ export class NotebookGPU implements IDisposable {
   constructor(panel: NotebookPanel, model: IGPUShareModel) {
     this.panel = panel;
     this._model = model;
+    this._outputs = new OutputRestorer(panel);
     const ctx = panel.sessionContext;
     ctx.kernelChanged.connect(this._onKernelChanged, this);
     ctx.statusChanged.connect(this._update, this);
@@ -138,6 +140,7 @@ export class NotebookGPU implements IDisposable {
     this._isDisposed = true;
     window.clearInterval(this._timer);
     this._watch?.dispose();
+    this._outputs.dispose();
     Signal.clearData(this);
   }
 
@@ -159,6 +162,12 @@ export class NotebookGPU implements IDisposable {
           this.setNotice(null); // a new kernel: the old one's cull is history
         }
         this._watch = this._model.watchKernel(this._kernelId);
+        // A kernel that ran cells before this page opened (a refresh): their outputs.
+        void this.panel.context.ready.then(() => {
+          if (!this._isDisposed) {
+            void this._outputs.attach(kernel);
+          }
+        });
       }
     }
     this._update();
@@ -302,6 +311,7 @@ export class NotebookGPU implements IDisposable {
   private _kernelId: string | null = null;
   private _kernelName: string | null = null;
   private _watch: IDisposable | null = null;
+  private _outputs: OutputRestorer;
   private _phase: Phase = 'none';
   private _startingOn: GPUShare.ISession | null = null;
   private _startingSince = 0;

@@ -6,6 +6,7 @@ folders stay behind, and a folder over the limit is refused before anything is r
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -239,3 +240,43 @@ def test_files_come_back_on_demand_through_the_lab_server_and_the_cli(make_clust
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 400
+
+
+def test_the_lab_server_keeps_a_cells_outputs_for_a_browser_that_comes_back(make_cluster):
+    """What a cell printed while no browser was there is kept per cell (kernel/outputs.py),
+    so the notebook opened again can show it (the lab part: tests/ui, refresh.spec.ts)."""
+    from .test_remote_kernels import ServerKernel, _execute_request
+
+    cluster = make_cluster()
+    cluster.start_host("host-a")
+    token = cluster.account("olga", "user", 50 * MICRO)
+    url, server_token = cluster.start_user_server(token)
+    lab = ServerKernel(url, server_token)
+    kernel_id = lab.rest("POST", "/api/kernels", {"name": "gpu-share"})["id"]
+
+    async def run() -> None:
+        await lab.connect(kernel_id)
+        request = _execute_request(
+            "import time\nfor i in range(3): print('line', i, flush=True); time.sleep(0.3)",
+            lab.session,
+        )
+        request["metadata"] = {"cellId": "cell-abc"}
+        await lab.ws.write_message(json.dumps(request))
+        while True:  # the first line printed: then the browser goes away
+            message = json.loads(await lab.ws.read_message())
+            if message["msg_type"] == "stream":
+                break
+        lab.ws.close()
+
+    asyncio.run(run())
+
+    def kept() -> dict:
+        answer = lab.rest("GET", f"/gpu-share/user/kernels/{kernel_id}/outputs")
+        [execution] = answer["executions"]
+        assert execution["done"], execution
+        return execution
+
+    execution = eventually(kept, 30, what="the cell's outputs kept")
+    assert execution["cell_id"] == "cell-abc" and execution["execution_count"] == 1
+    text = "".join(o["content"]["text"] for o in execution["outputs"])
+    assert text == "line 0\nline 1\nline 2\n"

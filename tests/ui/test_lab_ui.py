@@ -198,3 +198,54 @@ def test_culled_banner(tmp_path: Path) -> None:
             print(output)
             print(cluster.logs())
         cluster.close()
+
+
+def test_outputs_survive_a_refresh(tmp_path: Path) -> None:
+    """A refresh in the middle of a printing cell: every line is in the cell afterwards,
+    and the cell keeps streaming into it (issue 18, item 2)."""
+    import nbformat
+
+    runner = _ensure_playwright()
+    (tmp_path / "cluster").mkdir()
+    cluster = Cluster(tmp_path / "cluster")
+    failed = True
+    output = ""
+    try:
+        user_token = cluster.account("rae", "user", 50_000_000)
+        cluster.start_host("host-print", "3.6")
+        lab_url, lab_token = _start_lab(cluster, user_token, tmp_path)
+        nb = nbformat.v4.new_notebook()
+        nb.metadata["kernelspec"] = {"name": "gpu-share", "display_name": "gpu-share"}
+        nb.cells = [
+            nbformat.v4.new_code_cell(
+                "import time\nfor i in range(40):\n    print(f'line {i}', flush=True)\n"
+                "    time.sleep(0.25)\nprint('done')"
+            )
+        ]
+        nbformat.write(nb, tmp_path / "notebooks" / "printer.ipynb")
+        env = {
+            **os.environ,
+            "REFRESH_LAB_URL": lab_url,
+            "REFRESH_LAB_TOKEN": lab_token,
+            "CHROMIUM": CHROMIUM,
+        }
+        for name in ("LAB_URL", "CULL_LAB_URL", "STUDENT_LAB_URL", "TEACHER_LAB_URL"):
+            env.pop(name, None)
+        result = subprocess.run(
+            [str(runner), "test", "refresh.spec.ts"],
+            cwd=UI_TESTS,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, f"the UI test failed:\n{output}"
+        assert "1 passed" in output, output
+        failed = False
+    finally:
+        if failed:
+            print(output)
+            print(cluster.logs())
+        cluster.close()
