@@ -158,6 +158,44 @@ def cmd_balance(args: argparse.Namespace) -> None:
         print(f"available after running sessions: {format_credits(me['available_micro'])} credits")
 
 
+def _cap(text: str) -> int | None:
+    """A cap as given: credits (a decimal) or "none"."""
+    if text.strip().lower() in ("none", "off", ""):
+        return None
+    try:
+        return parse_positive_credits(text)
+    except ValueError as error:
+        raise CommandError(f"a cap is credits above zero, or 'none': {error}") from None
+
+
+def cmd_caps(args: argparse.Namespace) -> None:
+    client = _client(args)
+    caps = client.request("GET", "/me/caps")
+    if args.session is not None or args.day is not None:
+        body = {
+            "session_cap_micro": caps["session_cap_micro"],
+            "day_cap_micro": caps["day_cap_micro"],
+        }
+        if args.session is not None:
+            body["session_cap_micro"] = _cap(args.session)
+        if args.day is not None:
+            body["day_cap_micro"] = _cap(args.day)
+        caps = client.request("PUT", "/me/caps", body)
+    if args.json:
+        print(json.dumps(caps))
+        return
+
+    def shown(micro: int | None) -> str:
+        return "none" if micro is None else f"{format_credits(micro)} credits"
+
+    print(f"per session: {shown(caps['session_cap_micro'])}")
+    print(
+        f"per day:     {shown(caps['day_cap_micro'])} "
+        f"(spent today, UTC: {format_credits(caps['spent_today_micro'])} credits)"
+    )
+    print(f"warned at {caps['warn_percent']} %, stopped at the cap, by the broker")
+
+
 def cmd_offers(args: argparse.Namespace) -> None:
     offers = _client(args).request("GET", "/offers")
     if args.json:
@@ -750,6 +788,16 @@ def build_parser() -> OneLineParser:
     stop = verbs.add_parser("stop", parents=[common], help="stop one of your sessions now")
     stop.add_argument("session_id")
     stop.set_defaults(run=cmd_stop)
+    caps = verbs.add_parser(
+        "caps",
+        parents=[common],
+        help="your spending caps per session and per day (the broker stops your kernels at "
+        "them, and warns at 80 %%)",
+    )
+    caps.add_argument("--session", metavar="CREDITS", help="cap per session, or 'none'")
+    caps.add_argument("--day", metavar="CREDITS", help="cap per day (UTC), or 'none'")
+    caps.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    caps.set_defaults(run=cmd_caps)
     sync = verbs.add_parser(
         "sync",
         help="bring back what a remote kernel wrote in its working folder, into the "

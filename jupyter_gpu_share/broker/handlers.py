@@ -18,6 +18,7 @@ from websockets.exceptions import PayloadTooBig
 
 from ..clock import now_us
 from ..ledger import cost_at, earnings_by_day, price_per_hour, price_per_second_from_hour
+from ..ledger.caps import WARN_PERCENT, day_start_us
 from ..store import (
     Conflict,
     InsufficientFunds,
@@ -25,6 +26,7 @@ from ..store import (
     StoreError,
     unavailable,
 )
+from ..store.caps import Caps
 from ..transport.websocket import (
     ConnectionClosed,
     Message,
@@ -437,6 +439,57 @@ class MeHandler(BrokerAPIHandler):
             model["running_sessions"] = len(running)
             model["available_micro"] = account.balance_micro - self.broker.committed(account.name)
         self.write_json(model)
+
+
+class CapsHandler(BrokerAPIHandler):
+    """``GET``/``PUT /me/caps``: a renter's own spending caps, enforced by every broker."""
+
+    RENTERS = ("user", "student")
+
+    async def _answer(self, caps: Caps) -> None:
+        name = self.account.name
+        now = now_us()
+        day = day_start_us(now)
+        spent = await self.broker.db.spent_since(name, day)
+        spent += sum(
+            cost_at(live.ready_us, now, live.price_per_second_micro)
+            for live in self.broker.sessions.values()
+            if live.payer == name
+            and live.class_name is None
+            and live.created_us >= day
+            and live.ready_us is not None
+        )
+        self.write_json(
+            {
+                "session_cap_micro": caps.session_micro,
+                "day_cap_micro": caps.day_micro,
+                "spent_today_micro": spent,
+                "warn_percent": WARN_PERCENT,
+                "day_started_at": iso_from_us(day),
+            }
+        )
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        self.require_role(*self.RENTERS)
+        await self._answer(await self.broker.db.get_caps(self.account.name))
+
+    @web.authenticated
+    @authorized
+    async def put(self) -> None:
+        self.require_role(*self.RENTERS)
+        body = self.json_body()
+        unknown = set(body) - {"session_cap_micro", "day_cap_micro"}
+        if unknown:
+            raise web.HTTPError(400, f"unknown field {sorted(unknown)[0]!r}")
+        caps = Caps(
+            int_field(body, "session_cap_micro", minimum=0),
+            int_field(body, "day_cap_micro", minimum=0),
+        )
+        await self.broker.db.set_caps(self.account.name, caps)
+        self.broker.caps.changed()
+        await self._answer(caps)
 
 
 class AccountsHandler(BrokerAPIHandler):
@@ -972,6 +1025,7 @@ def default_handlers() -> list[tuple[str, type]]:
         (rf"{API}/openapi.json", OpenAPIHandler),
         (rf"{API}/health", HealthHandler),
         (rf"{API}/me", MeHandler),
+        (rf"{API}/me/caps", CapsHandler),
         (rf"{API}/accounts", AccountsHandler),
         (rf"{API}/accounts/(?P<name>[^/]+)/tokens", TokensHandler),
         (rf"{API}/accounts/(?P<name>[^/]+)/credit", CreditHandler),

@@ -57,6 +57,17 @@ _SCHEMAS: dict[str, Any] = {
             "created_at": {"type": "string", "format": "date-time"},
         },
     },
+    "Caps": {
+        "type": "object",
+        "required": ["session_cap_micro", "day_cap_micro", "spent_today_micro", "warn_percent"],
+        "properties": {
+            "session_cap_micro": {"type": ["integer", "null"]},
+            "day_cap_micro": {"type": ["integer", "null"]},
+            "spent_today_micro": {"type": "integer"},
+            "warn_percent": {"type": "integer"},
+            "day_started_at": {"type": "string", "format": "date-time"},
+        },
+    },
     "Token": {
         "type": "object",
         "required": ["id", "state", "created_at"],
@@ -376,6 +387,30 @@ def _document() -> dict[str, Any]:
                     "summary": "The caller's account",
                     "responses": {"200": _json(_ref("Account"), "account"), **_ERRORS},
                 }
+            },
+            "/gpu-share/api/me/caps": {
+                "get": {
+                    "summary": "Your spending caps, and what your own sessions cost today (UTC)",
+                    "responses": {"200": _json(_ref("Caps"), "the caps"), **_ERRORS},
+                },
+                "put": {
+                    "summary": "Set your spending caps (a missing or null cap: none); "
+                    "the brokers stop your sessions at them and warn at 80 %",
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "properties": {
+                                "session_cap_micro": {
+                                    "type": ["integer", "null"],
+                                    "minimum": 0,
+                                },
+                                "day_cap_micro": {"type": ["integer", "null"], "minimum": 0},
+                            },
+                        },
+                        "the caps",
+                    ),
+                    "responses": {"200": _json(_ref("Caps"), "the caps"), **_ERRORS},
+                },
             },
             "/gpu-share/api/accounts": {
                 "post": {

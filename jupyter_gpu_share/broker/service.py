@@ -38,6 +38,7 @@ from ..ledger import billed_seconds, cost_at, credit_runs_out_us, stop_instant_u
 from ..store import Conflict, LeaseHeld, NotFound, Store, StoreUnavailable, unavailable
 from ..store.aio import AsyncStore
 from ..store.brokers import HostElsewhere
+from .caps import END_CAP_DAY, END_CAP_SESSION, CapWatch, status_message
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
 from .matching import (
     HostLoad,
@@ -52,6 +53,7 @@ from .ownership import peers_live
 from .peers import close_clients
 from .ratelimit import RateLimiter
 from .relay import (
+    CLOSE_CAP_REACHED,
     CLOSE_CLIENT_GONE,
     CLOSE_CREDIT_EXHAUSTED,
     CLOSE_HOST_LOST,
@@ -60,6 +62,7 @@ from .relay import (
     CLOSE_QUOTA_REACHED,
     CLOSE_START_FAILED,
     CLOSE_STOPPED,
+    HOST,
     USER,
     Relays,
 )
@@ -80,6 +83,8 @@ END_TEACHER = "stopped by the teacher"
 END_CLIENT_GONE = "client gone"
 
 CLOSE_CODES = {
+    END_CAP_SESSION: CLOSE_CAP_REACHED,
+    END_CAP_DAY: CLOSE_CAP_REACHED,
     END_STOPPED: CLOSE_STOPPED,
     END_HOST_LOST: CLOSE_HOST_LOST,
     END_CREDIT: CLOSE_CREDIT_EXHAUSTED,
@@ -245,6 +250,7 @@ class Broker:
         self.hosts: dict[str, HostLink] = {}
         self.sessions: dict[str, LiveSession] = {}
         self.relays = Relays(settings.relay_buffer_bytes)
+        self.caps = CapWatch(self.db, now_us)
         self._balances: dict[str, int] = {}
         self.lines: dict[str, WaitingLine] = {}
         self._host_schedules: dict[str, tuple[str | None, int]] = {}
@@ -1247,6 +1253,8 @@ class Broker:
             self._balance_epoch += 1
             self._balances.pop(live.payer, None)
             self._reliability.pop(live.host, None)
+            self.caps.settled()
+            self.caps.forget([live.id])
             if not was_deferred:
                 self._stop_kernel(live, stop.end_reason)
             log.info(
@@ -1330,6 +1338,12 @@ class Broker:
         payers = {live.payer for live in self.sessions.values() if live.ready_us is not None}
         balances = {payer: await self._balance(payer) for payer in payers}
         elsewhere = await self.running_elsewhere(payers)
+        own = {
+            live.payer
+            for live in self.sessions.values()
+            if live.ready_us is not None and live.class_name is None
+        }
+        await self.caps.refresh(own)
         # Decided from one picture, taken after the last await: a session settled while a
         # balance was read is in that balance, not counted again as running.
         now = now_us()
@@ -1356,7 +1370,26 @@ class Broker:
                 continue
             if stop_at is not None and stop_at <= now:
                 ends.append(self.end_session(live.id, END_QUOTA, ended_us=stop_at))
+        # The renters' own spending caps (a class's money has its budget and quotas).
+        mine = {
+            payer: [live for live in running if live.class_name is None]
+            for payer, running in by_payer.items()
+        }
+        cap_stops, warnings = self.caps.check(now, mine, elsewhere, _cost_so_far)
+        ends += [
+            self.end_session(live.id, reason, ended_us=min(now, at))
+            for live, reason, at in cap_stops
+            if not self._settling(live)
+        ]
+        for live, text in warnings:
+            self._notify(live.id, text)
         await asyncio.gather(*ends)
+
+    def _notify(self, session_id: str, text: str) -> None:
+        """A notice for the session's notebook (shown in its running cell, or the next)."""
+        pair = self.relays.pairs.get(session_id)
+        if pair is not None:
+            pair.forward(HOST, [status_message(text)])
 
     async def _balance(self, payer: str) -> int:
         """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
@@ -1426,6 +1459,13 @@ class Broker:
     async def session_record(self, session_id: str) -> Any:
         """The stored session, or NotFound."""
         return await self.db.get_session(session_id)
+
+
+def _cost_so_far(live: LiveSession, now: int) -> int:
+    """What a session has cost until ``now``, as it would be billed."""
+    if live.ready_us is None:
+        return 0
+    return cost_at(live.ready_us, now, live.price_per_second_micro)
 
 
 def _billing(running: list[LiveSession]) -> list[tuple[int, int]]:

@@ -48,6 +48,7 @@ CLOSE_REASONS = {
     4003: "kernel exited",
     4004: "start failed",
     4007: "quota reached",
+    4009: "spending cap reached",
 }
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 # Below common proxies' idle timeouts (nginx's proxy_read_timeout: 60 s by default), so

@@ -98,14 +98,14 @@ class UserProxyHandler(APIHandler):
     def user_side(self) -> GPUShareUser:
         return self.settings["gpu_share_user"]
 
-    async def _forward(self, method: str, path: str) -> None:
+    async def _forward(self, method: str, path: str, body: dict[str, Any] | None = None) -> None:
         if not self.user_side.configured:
             raise web.HTTPError(
                 503, f"no broker configured: set {BROKER_URL_ENV} and {TOKEN_ENV} for this server"
             )
         try:
             answer = await broker_request(
-                self.user_side.broker_url, self.user_side.token, method, path
+                self.user_side.broker_url, self.user_side.token, method, path, body
             )
         except BrokerError as error:
             raise web.HTTPError(
@@ -132,13 +132,28 @@ class UserProxyHandler(APIHandler):
             raise web.HTTPError(405, "only a class student's kernel can be stopped with POST")
         await self._forward("POST", "/" + quote(path, safe="/@"))
 
+    @web.authenticated
+    async def put(self, path: str) -> None:
+        # The lab's Settings write the renter's spending caps, which the broker enforces.
+        if path != "me/caps":
+            raise web.HTTPError(405, "only your spending caps are written with PUT")
+        if len(self.request.body) > 4096:
+            raise web.HTTPError(413, "a caps body is a few bytes")
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise web.HTTPError(400, "the body is a JSON object")
+        await self._forward("PUT", "/me/caps", body)
+
 
 # What the lab reads (and the one thing it stops) through the proxy; the broker checks roles.
 CLASS_NAME = r"[A-Za-z0-9_.-]{1,58}"
 CLASS_STUDENT = r"[A-Za-z0-9_.@-]{1,64}"
 CLASS_STOP = re.compile(rf"classes/{CLASS_NAME}/students/{CLASS_STUDENT}/stop")
 PROXIED = (
-    r"offers|me|sessions(?:/s-[0-9a-f]+)?"
+    r"offers|me|me/caps|sessions(?:/s-[0-9a-f]+)?"
     rf"|classes(?:/{CLASS_NAME}(?:/usage|/notebooks(?:/[^/]{{1,200}}\.ipynb)?"
     rf"|/students/{CLASS_STUDENT}/stop)?)?"
 )

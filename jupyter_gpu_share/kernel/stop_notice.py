@@ -29,6 +29,11 @@ REASONS = {
     "host lost": "the GPU host stopped answering; its kernel and variables are gone",
     "credit exhausted": "your credit ran out; add credit and start the kernel again",
     "quota reached": "your class quota is used up",
+    "session cap reached": "this session reached your spending cap per session; raise it "
+    "(jupyter gpu-share caps) to go on",
+    "daily cap reached": "your sessions reached your spending cap per day; it resets at "
+    "midnight UTC, or raise it (jupyter gpu-share caps)",
+    "spending cap reached": "a spending cap of yours was reached (jupyter gpu-share caps)",
     "stopped by the teacher": "your teacher stopped this kernel",
     "client gone": "no notebook was connected to it for too long",
     "kernel exited": "the kernel process exited on the host",

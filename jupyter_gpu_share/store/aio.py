@@ -63,6 +63,9 @@ READS = frozenset(
         "hosts_elsewhere",
         "serving_broker",
         "measure_clock_offset",
+        "get_caps",
+        "caps_of",
+        "spent_since",
     }
 )
 DEFAULT_READERS = 4

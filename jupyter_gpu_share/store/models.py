@@ -59,6 +59,9 @@ class Account(Base):
     role: Mapped[str] = mapped_column(String(16))
     created_us: Mapped[int] = mapped_column(BigInteger)
     balance_micro: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    # A renter's own spending caps, enforced by the brokers (NULL: none).
+    cap_session_micro: Mapped[int | None] = mapped_column(BigInteger)
+    cap_day_micro: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class Token(Base):

@@ -44,6 +44,7 @@ from jupyter_gpu_share.ledger import settlement_entries as make_settlement_entri
 
 from . import models
 from .brokers import BrokerStore
+from .caps import CapStore
 from .checkpoint import WalCheckpointer
 from .classes import ClassStore
 from .engine import DEFAULT_BUSY_TIMEOUT_MS, make_engines
@@ -369,7 +370,7 @@ def _post_entries(
     )
 
 
-class Store(ClassStore, HostStore, ReceiptStore, BrokerStore):
+class Store(ClassStore, HostStore, ReceiptStore, BrokerStore, CapStore):
     """Durable state of the broker on SQLite or PostgreSQL."""
 
     def __init__(

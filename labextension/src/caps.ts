@@ -18,15 +18,15 @@ export function capLevel(
   return spentMicro * 100 >= capMicro * warnAtPercent ? 'warn' : 'ok';
 }
 
-/** Local midnight of the day of `nowMs`, in ms. */
+/** Midnight UTC of the day of `nowMs`, in ms: the broker's day for the daily cap. */
 export function startOfDay(nowMs: number): number {
   const day = new Date(nowMs);
-  day.setHours(0, 0, 0, 0);
+  day.setUTCHours(0, 0, 0, 0);
   return day.getTime();
 }
 
 /**
- * What the user's sessions have cost today (local day) at `nowMs`, running ones ticking.
+ * What the user's sessions have cost today (UTC) at `nowMs`, running ones ticking.
  * A session counts on the day it started.
  */
 export function spentToday(

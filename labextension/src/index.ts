@@ -15,6 +15,7 @@ import { ClassesPanel } from './classesPanel';
 import { classIcon, gpuIcon } from './icons';
 import { DEFAULT_SETTINGS, GPUShareModel } from './model';
 import { INotebookGPUs, NotebookGPUs } from './notebook';
+import { creditsToMicro } from './money';
 import { launcherLabel } from './offers';
 import { MarketplacePanel } from './panel';
 import { requestAPI } from './request';
@@ -52,7 +53,33 @@ const core: JupyterFrontEndPlugin<IGPUShareModel> = {
               ...(settings.composite as Partial<GPUShare.ISettings>)
             };
           };
-          settings.changed.connect(apply);
+          // The caps are the broker's (it stops kernels at them for every client, the
+          // CLI's `caps` too): a change here is written there.
+          const writeCaps = () => {
+            const cap = (credits: number) =>
+              credits > 0 ? creditsToMicro(credits) : null;
+            void requestAPI(
+              'me/caps',
+              {
+                method: 'PUT',
+                body: JSON.stringify({
+                  session_cap_micro: cap(model.settings.sessionCapCredits),
+                  day_cap_micro: cap(model.settings.dailyCapCredits)
+                })
+              },
+              app.serviceManager.serverSettings
+            ).catch(reason =>
+              Notification.error(
+                `Your spending caps were not saved at the broker: ${
+                  reason instanceof Error ? reason.message : String(reason)
+                }`
+              )
+            );
+          };
+          settings.changed.connect(() => {
+            apply();
+            writeCaps();
+          });
           apply();
         })
         .catch(reason =>

@@ -34,6 +34,8 @@ API = "/gpu-share/api"
 ANYONE = {"admin", "user", "host", "teacher", "student"}
 ACCESS: dict[tuple[str, str], set[str]] = {
     ("get", "/me"): ANYONE,
+    ("get", "/me/caps"): {"user", "student"},
+    ("put", "/me/caps"): {"user", "student"},
     ("post", "/accounts"): {"admin"},
     ("get", "/accounts/{name}/tokens"): {"admin"},
     ("post", "/accounts/{name}/tokens"): {"admin"},

@@ -66,7 +66,7 @@ def test_migrations_create_the_models_schema(store: Store, database: Engine) -> 
             connection, opts={"version_table": VERSION_TABLE, "compare_type": True}
         )
         assert compare_metadata(context, Base.metadata) == []
-        assert context.get_current_heads() == ("0007",)
+        assert context.get_current_heads() == ("0008",)
 
 
 def test_upgrade_from_0001_keeps_data_and_adds_classes(store_url: str, store: Store) -> None:

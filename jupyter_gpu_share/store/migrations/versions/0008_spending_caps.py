@@ -1,0 +1,31 @@
+"""Spending caps of a renter, kept by the broker (issue 18): per session and per day.
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-12-08
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    """Add accounts.cap_session_micro and accounts.cap_day_micro (NULL: no cap).
+
+    Plain ALTER TABLE, not a batch: SQLite would copy ``accounts``, which every other
+    table refers to, and its foreign keys refuse the copy's DROP TABLE."""
+    op.add_column("accounts", sa.Column("cap_session_micro", sa.BigInteger(), nullable=True))
+    op.add_column("accounts", sa.Column("cap_day_micro", sa.BigInteger(), nullable=True))
+
+
+def downgrade() -> None:
+    """Drop the caps (ALTER TABLE ... DROP COLUMN: PostgreSQL, SQLite 3.35 and later)."""
+    op.execute("ALTER TABLE accounts DROP COLUMN cap_day_micro")
+    op.execute("ALTER TABLE accounts DROP COLUMN cap_session_micro")
