@@ -168,18 +168,36 @@ def _cap(text: str) -> int | None:
         raise CommandError(f"a cap is credits above zero, or 'none': {error}") from None
 
 
+def _idle(text: str) -> int | None:
+    """An idle limit as given: a duration (30m, 2h), "never", or "default"."""
+    word = text.strip().lower()
+    if word == "default":
+        return None
+    if word in ("never", "0"):
+        return 0
+    try:
+        return parse_duration(word)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        raise CommandError(
+            f"an idle limit is a duration (30m, 2h), 'never' or 'default': {error}"
+        ) from None
+
+
 def cmd_caps(args: argparse.Namespace) -> None:
     client = _client(args)
     caps = client.request("GET", "/me/caps")
-    if args.session is not None or args.day is not None:
+    if args.session is not None or args.day is not None or args.idle is not None:
         body = {
             "session_cap_micro": caps["session_cap_micro"],
             "day_cap_micro": caps["day_cap_micro"],
+            "idle_limit_s": caps.get("idle_limit_s"),
         }
         if args.session is not None:
             body["session_cap_micro"] = _cap(args.session)
         if args.day is not None:
             body["day_cap_micro"] = _cap(args.day)
+        if args.idle is not None:
+            body["idle_limit_s"] = _idle(args.idle)
         caps = client.request("PUT", "/me/caps", body)
     if args.json:
         print(json.dumps(caps))
@@ -194,6 +212,12 @@ def cmd_caps(args: argparse.Namespace) -> None:
         f"(spent today, UTC: {format_credits(caps['spent_today_micro'])} credits)"
     )
     print(f"warned at {caps['warn_percent']} %, stopped at the cap, by the broker")
+    idle = caps.get("idle_limit_s")
+    if idle is None:
+        idle_text = f"the broker's ({format_duration(int(caps.get('idle_default_s') or 0))})"
+    else:
+        idle_text = "never stopped" if idle == 0 else format_duration(idle)
+    print(f"idle limit:  {idle_text} (no cell running, GPUs unused)")
 
 
 def cmd_offers(args: argparse.Namespace) -> None:
@@ -796,6 +820,11 @@ def build_parser() -> OneLineParser:
     )
     caps.add_argument("--session", metavar="CREDITS", help="cap per session, or 'none'")
     caps.add_argument("--day", metavar="CREDITS", help="cap per day (UTC), or 'none'")
+    caps.add_argument(
+        "--idle",
+        metavar="DURATION",
+        help="stop your kernels idle this long (30m, 2h; 'never'; 'default': the broker's)",
+    )
     caps.add_argument("--json", action="store_true", help="print JSON instead of lines")
     caps.set_defaults(run=cmd_caps)
     sync = verbs.add_parser(

@@ -191,6 +191,22 @@ class BrokerApp(ExtensionApp):
         hour).""",
     )
 
+    idle_timeout_s = Float(
+        1800.0,
+        config=True,
+        help="""Seconds a running kernel may be idle (no cell running and its GPUs unused,
+        by its host's reports) before it is stopped as "idle", billed to the instant the
+        limit was reached; 0 never stops one. Renters set their own (PUT /me/caps
+        idle_limit_s, `jupyter gpu-share caps --idle`, or per session).""",
+    )
+
+    idle_warning_s = Float(
+        300.0,
+        config=True,
+        help="""Seconds before an idle stop that the notebook is warned (a line in its
+        running cell and a banner in the lab), and its files are brought back.""",
+    )
+
     orphan_grace_s = Float(
         600.0,
         config=True,
@@ -401,6 +417,8 @@ class BrokerApp(ExtensionApp):
             resume_grace_s=self.resume_grace_s,
             orphan_grace_s=self.orphan_grace_s,
             orphan_max_keep_alive_s=self.orphan_max_keep_alive_s,
+            idle_timeout_s=self.idle_timeout_s,
+            idle_warning_s=self.idle_warning_s,
             max_classes_per_teacher=self.max_classes_per_teacher,
             max_students_per_teacher=self.max_students_per_teacher,
             requests_per_minute=self.requests_per_minute,

@@ -126,6 +126,10 @@ def _billing(sessions: list[Any]) -> list[tuple[int, int]]:
     return [(s.ready_us, s.price_per_second_micro) for s in sessions if s.ready_us is not None]
 
 
-def status_message(text: str) -> tuple[int, bytes]:
-    """A relay text message (opcode 1) the user side shows as a notice in the cell."""
-    return (1, json.dumps({"type": "status", "message": text}).encode())
+def status_message(text: str, sync: bool = False) -> tuple[int, bytes]:
+    """A relay text message (opcode 1) the user side shows as a notice in the cell
+    (``sync``: and then brings back the kernel's files)."""
+    record: dict[str, Any] = {"type": "status", "message": text}
+    if sync:
+        record["sync"] = True
+    return (1, json.dumps(record).encode())

@@ -398,6 +398,8 @@ async def session_model(broker: Broker, record: Any) -> dict[str, Any]:
         "host_telemetry": _telemetry_of(broker, record) if live else None,
         # When the broker will stop it (quota or credit), so the lab can save the notebook first.
         "stops_at_us": (await broker.stops_at_us(record.id)) if live else None,
+        # When it will be stopped for being idle, once it was warned (None: not warned).
+        "idle_stop_at": iso_from_us(broker.idle_stop_us(record.id)) if live else None,
         "cell_running": broker.cell_running(record.id) if live else None,
     }
 
@@ -441,6 +443,9 @@ class MeHandler(BrokerAPIHandler):
         self.write_json(model)
 
 
+MAX_IDLE_LIMIT_S = 7 * 86_400
+
+
 class CapsHandler(BrokerAPIHandler):
     """``GET``/``PUT /me/caps``: a renter's own spending caps, enforced by every broker."""
 
@@ -463,6 +468,8 @@ class CapsHandler(BrokerAPIHandler):
             {
                 "session_cap_micro": caps.session_micro,
                 "day_cap_micro": caps.day_micro,
+                "idle_limit_s": caps.idle_limit_s,
+                "idle_default_s": int(self.broker.settings.idle_timeout_s),
                 "spent_today_micro": spent,
                 "warn_percent": WARN_PERCENT,
                 "day_started_at": iso_from_us(day),
@@ -480,12 +487,13 @@ class CapsHandler(BrokerAPIHandler):
     async def put(self) -> None:
         self.require_role(*self.RENTERS)
         body = self.json_body()
-        unknown = set(body) - {"session_cap_micro", "day_cap_micro"}
+        unknown = set(body) - {"session_cap_micro", "day_cap_micro", "idle_limit_s"}
         if unknown:
             raise web.HTTPError(400, f"unknown field {sorted(unknown)[0]!r}")
         caps = Caps(
             int_field(body, "session_cap_micro", minimum=0),
             int_field(body, "day_cap_micro", minimum=0),
+            int_field(body, "idle_limit_s", minimum=0, maximum=MAX_IDLE_LIMIT_S),
         )
         await self.broker.db.set_caps(self.account.name, caps)
         self.broker.caps.changed()
@@ -640,11 +648,13 @@ class SessionsHandler(BrokerAPIHandler):
             minimum=1,
             maximum=int(self.broker.settings.orphan_max_keep_alive_s),
         )
+        # How long it may be idle before it is stopped (0: never).
+        idle_limit = int_field(body, "idle_limit_s", minimum=0, maximum=MAX_IDLE_LIMIT_S)
         forwarded = bool(self.request.headers.get(FORWARDED_BY))
         for attempt in range(2):
             try:
                 record = await self.broker.start_session(
-                    self.account.name, request, class_name, keep_alive
+                    self.account.name, request, class_name, keep_alive, idle_limit
                 )
             except Placed as placed:  # on a host another broker serves: that broker starts it
                 pinned = {**body, "offer_id": placed.offer_id}

@@ -63,6 +63,8 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "session_cap_micro": {"type": ["integer", "null"]},
             "day_cap_micro": {"type": ["integer", "null"]},
+            "idle_limit_s": {"type": ["integer", "null"]},
+            "idle_default_s": {"type": "integer"},
             "spent_today_micro": {"type": "integer"},
             "warn_percent": {"type": "integer"},
             "day_started_at": {"type": "string", "format": "date-time"},
@@ -188,6 +190,13 @@ _SCHEMAS: dict[str, Any] = {
             "max_price_per_hour_micro": {"type": "integer", "minimum": 0},
             "min_reliability": {"type": "number", "minimum": 0, "maximum": 1},
             "class": {"type": "string", "description": "run on this class's pool, charged to it"},
+            "idle_limit_s": {
+                "type": "integer",
+                "minimum": 0,
+                "maximum": 7 * 86_400,
+                "description": "seconds it may be idle (no cell running, its GPUs unused) "
+                "before it is stopped as 'idle' (0: never; default: yours, else the broker's)",
+            },
             "keep_alive_s": {
                 "type": "integer",
                 "minimum": 1,
@@ -241,6 +250,11 @@ _SCHEMAS: dict[str, Any] = {
             "stops_at_us": {
                 "type": ["integer", "null"],
                 "description": "when the broker will stop it (quota or credit) if nothing changes",
+            },
+            "idle_stop_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when it will be stopped for being idle, once warned",
             },
             "cell_running": {
                 "type": ["boolean", "null"],
@@ -405,6 +419,11 @@ def _document() -> dict[str, Any]:
                                     "minimum": 0,
                                 },
                                 "day_cap_micro": {"type": ["integer", "null"], "minimum": 0},
+                                "idle_limit_s": {
+                                    "type": ["integer", "null"],
+                                    "minimum": 0,
+                                    "maximum": 7 * 86_400,
+                                },
                             },
                         },
                         "the caps",

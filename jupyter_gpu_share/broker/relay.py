@@ -28,6 +28,7 @@ CLOSE_BUFFER_FULL = 4006
 CLOSE_QUOTA_REACHED = 4007
 CLOSE_CLIENT_GONE = 4008
 CLOSE_CAP_REACHED = 4009
+CLOSE_IDLE = 4010
 
 
 Message = tuple[int, bytes]  # (websocket opcode: 1 text, 2 binary; payload)

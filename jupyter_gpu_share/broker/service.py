@@ -40,6 +40,8 @@ from ..store.aio import AsyncStore
 from ..store.brokers import HostElsewhere
 from .caps import END_CAP_DAY, END_CAP_SESSION, CapWatch, status_message
 from .host_messages import HEARTBEAT_MAX_BYTES, HELLO_MAX_BYTES
+from .idle import GPU_BUSY_PCT, gpus_in_use, idle_state
+from .idle import warning_text as idle_warning_text
 from .matching import (
     HostLoad,
     NoMatch,
@@ -57,6 +59,7 @@ from .relay import (
     CLOSE_CLIENT_GONE,
     CLOSE_CREDIT_EXHAUSTED,
     CLOSE_HOST_LOST,
+    CLOSE_IDLE,
     CLOSE_KERNEL_ENDED,
     CLOSE_MOVED,
     CLOSE_QUOTA_REACHED,
@@ -81,6 +84,7 @@ END_START_FAILED = "start failed"
 END_QUOTA = "quota reached"
 END_TEACHER = "stopped by the teacher"
 END_CLIENT_GONE = "client gone"
+END_IDLE = "idle"
 
 CLOSE_CODES = {
     END_CAP_SESSION: CLOSE_CAP_REACHED,
@@ -93,6 +97,7 @@ CLOSE_CODES = {
     END_QUOTA: CLOSE_QUOTA_REACHED,
     END_TEACHER: CLOSE_STOPPED,
     END_CLIENT_GONE: CLOSE_CLIENT_GONE,
+    END_IDLE: CLOSE_IDLE,
 }
 RETRY_AFTER_SECONDS = 5
 PRESENCE_INTERVAL_S = 60
@@ -181,6 +186,12 @@ class LiveSession:
     # When this broker began to know the session (monotonic): the renter's absence counts
     # from here until its first connection to the relay.
     known_since: float = field(default_factory=time.monotonic)
+    gpu_indices: tuple[int, ...] = ()
+    # Idle culling (idle.py): the seconds it may be idle (None: the renter's or the
+    # broker's default), when it was last seen active, and the stop it was warned of.
+    idle_limit_s: float | None = None
+    active_us: int | None = None
+    idle_stop_us: int | None = None
 
     @classmethod
     def from_record(cls, record: Any) -> LiveSession:
@@ -196,6 +207,7 @@ class LiveSession:
             ready_us=record.ready_us,
             class_name=record.class_name,
             last_seen_us=record.last_seen_us,
+            gpu_indices=tuple(int(i) for i in record.gpu_indices),
         )
 
     def quota_stop_us(self) -> int | None:
@@ -230,6 +242,9 @@ class BrokerSettings:
     resume_grace_s: float = 60.0  # at start, how long hosts of unfinished sessions may take
     orphan_grace_s: float = 600.0  # a session with no renter connected this long is stopped
     orphan_max_keep_alive_s: float = 3600.0  # the longest keep-alive a renter may ask
+    idle_timeout_s: float = 1800.0  # a kernel idle this long is stopped (0: never)
+    idle_warning_s: float = 300.0  # and is warned this long before
+    gpu_busy_pct: int = GPU_BUSY_PCT  # a GPU used above this is activity
     max_classes_per_teacher: int = 100
     max_students_per_teacher: int = 5000
     requests_per_minute: int = 1200  # per account (0: no limit)
@@ -707,6 +722,7 @@ class Broker:
                 ended = record.last_seen_us or live.ready_us or live.created_us
                 await self.end_session(live.id, END_HOST_LOST, ended_us=ended)
         await self.reap_orphans()
+        await self.cull_idle()
         # Kernels that never became ready.
         start_timeout_us = int(self.settings.start_timeout * 1_000_000)
         late = [
@@ -742,6 +758,44 @@ class Broker:
                 log.info("session %s: no renter connected for %.0f s; stopping", live.id, gone)
                 ends.append(
                     self.end_session(live.id, END_CLIENT_GONE, message=f"no client for {limit:g} s")
+                )
+        await asyncio.gather(*ends)
+
+    async def cull_idle(self) -> None:
+        """Stop the running sessions idle for their limit (no cell running, their GPUs
+        unused: idle.py), billed to the instant the limit was reached; warn first, and
+        have their files brought back then."""
+        now = now_us()
+        ends = []
+        for live in list(self.sessions.values()):
+            if live.ready_us is None or self._settling(live):
+                continue
+            link = self.hosts.get(live.host)
+            if link is not None and (
+                live.id in link.busy_sessions
+                or gpus_in_use(
+                    (link.telemetry or {}).get("gpus") or [],
+                    live.gpu_indices,
+                    self.settings.gpu_busy_pct,
+                )
+            ):
+                live.active_us = link.last_heartbeat_us
+                if live.idle_stop_us is not None:
+                    live.idle_stop_us = None  # active again: a new warning next time
+            limit = live.idle_limit_s
+            if limit is None:
+                limit = self.settings.idle_timeout_s
+            active = max(live.active_us or 0, live.ready_us)
+            state, stop_us = idle_state(now, active, limit, self.settings.idle_warning_s)
+            if state == "warn" and live.idle_stop_us is None:
+                live.idle_stop_us = stop_us
+                text = idle_warning_text(limit, (stop_us - now) / 1e6)
+                self._notify(live.id, text, sync=True)
+            elif state == "stop":
+                log.info("session %s: idle for %.0f s; stopping", live.id, limit)
+                message = f"idle for {limit:g} s (no cell running, its GPUs unused)"
+                ends.append(
+                    self.end_session(live.id, END_IDLE, ended_us=min(now, stop_us), message=message)
                 )
         await asyncio.gather(*ends)
 
@@ -882,11 +936,14 @@ class Broker:
         request: SessionRequest,
         class_name: str | None = None,
         keep_alive_s: float | None = None,
+        idle_limit_s: float | None = None,
     ) -> Any:
         """Match an offer, check funds, record the session and ask its host to start a kernel.
 
         ``keep_alive_s``: how long the session may run with no renter connected (a long cell
         with the laptop closed); at most orphan_max_keep_alive_s, else orphan_grace_s.
+        ``idle_limit_s``: how long it may be idle before it is stopped (0: never; None: the
+        renter's own limit, else the broker's idle_timeout_s).
         """
         await self.ready.wait()
         async with self._start_lock:  # what is free and what is funded holds until recorded
@@ -894,6 +951,11 @@ class Broker:
         live = self.sessions.get(record.id)
         if live is not None and keep_alive_s is not None:
             live.keep_alive_s = min(float(keep_alive_s), self.settings.orphan_max_keep_alive_s)
+        if live is not None:
+            if idle_limit_s is None:
+                with contextlib.suppress(NotFound):
+                    idle_limit_s = (await self.db.get_caps(renter)).idle_limit_s
+            live.idle_limit_s = None if idle_limit_s is None else float(idle_limit_s)
         return record
 
     async def _start(self, renter: str, request: SessionRequest, class_name: str | None) -> Any:
@@ -1385,11 +1447,12 @@ class Broker:
             self._notify(live.id, text)
         await asyncio.gather(*ends)
 
-    def _notify(self, session_id: str, text: str) -> None:
-        """A notice for the session's notebook (shown in its running cell, or the next)."""
+    def _notify(self, session_id: str, text: str, sync: bool = False) -> None:
+        """A notice for the session's notebook (shown in its running cell, or the next);
+        ``sync``: the notebook's side brings back the kernel's files."""
         pair = self.relays.pairs.get(session_id)
         if pair is not None:
-            pair.forward(HOST, [status_message(text)])
+            pair.forward(HOST, [status_message(text, sync)])
 
     async def _balance(self, payer: str) -> int:
         """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
@@ -1444,6 +1507,11 @@ class Broker:
         deadlines = [live.quota_stop_us(), credit_runs_out_us(balance, _billing(running))]
         known = [d for d in deadlines if d is not None]
         return min(known) if known else None
+
+    def idle_stop_us(self, session_id: str) -> int | None:
+        """When a session warned of being idle will be stopped (None: not warned)."""
+        live = self.sessions.get(session_id)
+        return live.idle_stop_us if live is not None else None
 
     def cell_running(self, session_id: str) -> bool:
         """Whether the session's host last said its kernel is running a cell."""

@@ -1197,12 +1197,18 @@ class HostAgent(LoggingConfigurable):
         while True:
             telemetry = self.inventory.telemetry()
             telemetry["kernels"] = sum(1 for s in self.sessions.values() if s.state == "ready")
-            # Sessions running a cell: the broker keeps them longer with no renter connected.
+            # Sessions running a cell, or that ran one since the last heartbeat: the broker
+            # keeps them longer with no renter connected, and counts them as not idle.
             busy = [
                 s.session_id
                 for s in self.sessions.values()
-                if s.state == "ready" and s.kernel is not None and s.kernel.busy
+                if s.state == "ready"
+                and s.kernel is not None
+                and (s.kernel.busy or getattr(s.kernel, "was_busy", False))
             ]
+            for s in self.sessions.values():
+                if s.kernel is not None:
+                    s.kernel.was_busy = False
             beat = {"type": "heartbeat", "telemetry": telemetry, "busy_sessions": busy}
             try:
                 _write(conn, json.dumps(beat))

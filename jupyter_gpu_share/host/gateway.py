@@ -173,6 +173,7 @@ class GatewayKernel:
         self.max_message_size = max_message_size
         self.on_kernel_message = on_kernel_message
         self.busy = False  # the kernel said "busy" last (a cell is running), not "idle"
+        self.was_busy = False  # it said "busy" since the last heartbeat (a short cell)
         self.on_exit = on_exit
         self.log = logger or log
         # Signs and checks with the renter's key: the gateway's own key never reaches us.
@@ -511,6 +512,7 @@ class GatewayKernel:
             state = self._execution_state(parts[3])
             if parent_id:
                 self.busy = state == "busy"  # a cell is running, until its idle
+                self.was_busy = self.was_busy or self.busy
             elif state in ("restarting", "dead") and self.ready:
                 # The gateway's kernel died (and was perhaps restarted, state lost): the
                 # renter's kernel ended, as a local one would.

@@ -163,6 +163,7 @@ class RemoteKernel:
         self.on_kernel_message = on_kernel_message
         self._iopub_flowing = asyncio.Event()
         self.busy = False  # the kernel said "busy" last (a cell is running), not "idle"
+        self.was_busy = False  # it said "busy" since the last heartbeat (a short cell)
         # The content of the kernel_info_reply to the start-up probe: the renter's bridge
         # answers its clients' first kernel_info_requests with it (kernel/kernel_info.py).
         self.kernel_info: dict[str, Any] | None = None
@@ -459,6 +460,7 @@ class RemoteKernel:
                 state = wire.execution_state(frames)
                 if state is not None:
                     self.busy = state == "busy"
+                    self.was_busy = self.was_busy or self.busy
         if self.on_kernel_batch is not None:
             self.on_kernel_batch(channel, batch)
             return

@@ -49,6 +49,7 @@ CLOSE_REASONS = {
     4004: "start failed",
     4007: "quota reached",
     4009: "spending cap reached",
+    4010: "idle",
 }
 MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 # Below common proxies' idle timeouts (nginx's proxy_read_timeout: 60 s by default), so
@@ -185,6 +186,7 @@ class KernelBridge:
         self.shutdown_sync_timeout = 300.0
         self._shutting_down = False
         self._shutdown_sync: asyncio.Future[None] | None = None
+        self._sync_task: asyncio.Future[None] | None = None
 
     # -- runs on the bridge loop ------------------------------------------------------------
 
@@ -302,6 +304,17 @@ class KernelBridge:
 
         self._shutdown_sync = asyncio.ensure_future(sync_then_send())
         return True
+
+    async def _bring_back_before_stop(self) -> None:
+        try:
+            summary = await self.files.get(timeout=self.shutdown_sync_timeout)
+            log.info("session %s: before its stop, %s", self.session_id, describe(summary))
+        except TransferError as error:
+            log.warning(
+                "session %s: the kernel's files did not come back: %s", self.session_id, error
+            )
+        except Exception:
+            log.exception("session %s: the kernel's files did not come back", self.session_id)
 
     async def shutdown_synced(self, start_within: float = 1.0) -> None:
         """Wait for the files to come back before a shutdown (jupyter_client waits on
@@ -575,6 +588,9 @@ class KernelBridge:
                 self._tell_notices()
             if self.on_status is not None:
                 self.on_status(message)
+            if record.get("sync") is True and self.files.root is not None:
+                # The broker is about to stop the kernel (idle): its files come back now.
+                self._sync_task = asyncio.ensure_future(self._bring_back_before_stop())
 
     def _kernel_session(self) -> Session | None:
         """A session that signs as the kernel does (None: no key known yet)."""

@@ -88,6 +88,14 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         config=True,
         help="Never rent above this price per hour, in micro-credits; -1 for no cap.",
     )
+    idle_limit_s = Int(
+        -1,
+        config=True,
+        help="""Seconds the remote kernel may be idle (no cell running, its GPUs unused)
+        before the broker stops it, warned 5 minutes before (its files then come back);
+        0 never; -1 your account's limit (jupyter gpu-share caps --idle), else the
+        broker's (30 min by default).""",
+    )
     class_name = Unicode(
         "",
         config=True,
@@ -295,6 +303,8 @@ class GPUShareProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             request["max_price_per_hour_micro"] = self.max_price_per_hour_micro
         if self.class_name:
             request["class"] = self.class_name
+        if self.idle_limit_s >= 0:
+            request["idle_limit_s"] = self.idle_limit_s
         return request
 
     async def _request_session(self) -> dict[str, Any]:

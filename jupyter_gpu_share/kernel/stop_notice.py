@@ -34,6 +34,8 @@ REASONS = {
     "daily cap reached": "your sessions reached your spending cap per day; it resets at "
     "midnight UTC, or raise it (jupyter gpu-share caps)",
     "spending cap reached": "a spending cap of yours was reached (jupyter gpu-share caps)",
+    "idle": "the kernel was idle past your idle limit and was stopped (its files came back "
+    "first); start it again (jupyter gpu-share caps --idle to change the limit)",
     "stopped by the teacher": "your teacher stopped this kernel",
     "client gone": "no notebook was connected to it for too long",
     "kernel exited": "the kernel process exited on the host",

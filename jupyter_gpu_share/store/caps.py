@@ -16,10 +16,12 @@ sessions = models.Session.__table__
 
 @dataclass(frozen=True)
 class Caps:
-    """Spending caps in micro-credits (None: no cap)."""
+    """A renter's limits: spending caps in micro-credits (None: no cap), and seconds a
+    kernel may be idle (None: the broker's default; 0: never stopped for it)."""
 
     session_micro: int | None = None
     day_micro: int | None = None
+    idle_limit_s: int | None = None
 
     @property
     def any(self) -> bool:
@@ -36,13 +38,13 @@ class CapStore:
         """An account's caps."""
         with self._reader.connect() as connection:
             row = connection.execute(
-                select(accounts.c.cap_session_micro, accounts.c.cap_day_micro).where(
-                    accounts.c.name == account_name
-                )
+                select(
+                    accounts.c.cap_session_micro, accounts.c.cap_day_micro, accounts.c.idle_limit_s
+                ).where(accounts.c.name == account_name)
             ).first()
         if row is None:
             raise NotFound(f"no account named {account_name!r}")
-        return Caps(row.cap_session_micro, row.cap_day_micro)
+        return Caps(row.cap_session_micro, row.cap_day_micro, row.idle_limit_s)
 
     def caps_of(self, names: list[str]) -> dict[str, Caps]:
         """The caps of several accounts, those that have any."""
@@ -65,7 +67,11 @@ class CapStore:
             done = connection.execute(
                 update(accounts)
                 .where(accounts.c.name == account_name)
-                .values(cap_session_micro=caps.session_micro, cap_day_micro=caps.day_micro)
+                .values(
+                    cap_session_micro=caps.session_micro,
+                    cap_day_micro=caps.day_micro,
+                    idle_limit_s=caps.idle_limit_s,
+                )
             )
         if done.rowcount == 0:
             raise NotFound(f"no account named {account_name!r}")

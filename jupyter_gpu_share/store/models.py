@@ -62,6 +62,7 @@ class Account(Base):
     # A renter's own spending caps, enforced by the brokers (NULL: none).
     cap_session_micro: Mapped[int | None] = mapped_column(BigInteger)
     cap_day_micro: Mapped[int | None] = mapped_column(BigInteger)
+    idle_limit_s: Mapped[int | None] = mapped_column(Integer)  # 0: never; NULL: the broker's
 
 
 class Token(Base):

@@ -76,6 +76,12 @@ export function endReasonText(reason: string | null): string {
       return 'the kernel exited';
     case 'start failed':
       return 'the kernel failed to start';
+    case 'idle':
+      return 'stopped after being idle past your idle limit (its files came back first)';
+    case 'session cap reached':
+      return 'stopped at your spending cap per session';
+    case 'daily cap reached':
+      return 'stopped at your spending cap per day';
     default:
       return reason ?? 'ended';
   }

@@ -24,7 +24,7 @@ export type Phase = 'none' | 'finding' | 'starting' | 'ready';
 /** A notice on a notebook about how its session ended. */
 export interface INotice {
   sessionId: string;
-  kind: 'host-lost' | 'credit' | 'cap' | 'failed' | 'culled' | 'ended';
+  kind: 'host-lost' | 'credit' | 'cap' | 'failed' | 'culled' | 'ended' | 'idle';
   text: string;
 }
 
@@ -221,6 +221,21 @@ export class NotebookGPU implements IDisposable {
       this._startingSince = 0;
       this._readySince = 0;
     }
+    // The broker's warning that it will stop an idle kernel (gone once a cell runs).
+    const idleAt = session?.state === 'running' ? session.idle_stop_at : null;
+    if (idleAt && this._notice?.kind !== 'idle' && session) {
+      const at = new Date(idleAt).toLocaleTimeString([], {
+        hour: '2-digit',
+        minute: '2-digit'
+      });
+      this.setNotice({
+        sessionId: session.id,
+        kind: 'idle',
+        text: `This kernel is idle and will be stopped at ${at} (your idle limit); run a cell to keep it. Its files are being brought back.`
+      });
+    } else if (!idleAt && this._notice?.kind === 'idle') {
+      this.setNotice(null);
+    }
     // Notices for sessions seen live that ended for a reason worth telling.
     if (this._kernelId) {
       for (const s of this._model.sessionsOfKernel(this._kernelId)) {
@@ -277,6 +292,9 @@ export class NotebookGPU implements IDisposable {
     ) {
       this._showCulled(session); // now with the bill
       return;
+    }
+    if (this._notice?.kind === 'idle') {
+      this._notice = null; // the warning is history: say how it ended
     }
     const reason = session.end_reason;
     const bill = `Billed ${session.billed_seconds ?? 0} s: ${formatCredits(session.amount_micro ?? 0)} credits.`;

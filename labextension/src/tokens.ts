@@ -91,6 +91,8 @@ export namespace GPUShare {
     host_telemetry?: ITelemetry | null;
     /** When the broker will stop this session (quota or credit) if nothing changes. */
     stops_at_us?: number | null;
+    /** When the broker stops it for being idle, once it warned (ISO time). */
+    idle_stop_at?: string | null;
   }
 
   /** A class the user teaches or is a student of (GET /classes). */

@@ -1,4 +1,5 @@
-"""Spending caps of a renter, kept by the broker (issue 18): per session and per day.
+"""A renter's limits, kept by the broker (issue 18): spending caps per session and per
+day, and how long a kernel may sit idle.
 
 Revision ID: 0008
 Revises: 0007
@@ -17,15 +18,18 @@ depends_on = None
 
 
 def upgrade() -> None:
-    """Add accounts.cap_session_micro and accounts.cap_day_micro (NULL: no cap).
+    """Add accounts.cap_session_micro, cap_day_micro (NULL: no cap) and idle_limit_s
+    (NULL: the broker's default; 0: never stopped for being idle).
 
     Plain ALTER TABLE, not a batch: SQLite would copy ``accounts``, which every other
     table refers to, and its foreign keys refuse the copy's DROP TABLE."""
     op.add_column("accounts", sa.Column("cap_session_micro", sa.BigInteger(), nullable=True))
     op.add_column("accounts", sa.Column("cap_day_micro", sa.BigInteger(), nullable=True))
+    op.add_column("accounts", sa.Column("idle_limit_s", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
-    """Drop the caps (ALTER TABLE ... DROP COLUMN: PostgreSQL, SQLite 3.35 and later)."""
+    """Drop them (ALTER TABLE ... DROP COLUMN: PostgreSQL, SQLite 3.35 and later)."""
+    op.execute("ALTER TABLE accounts DROP COLUMN idle_limit_s")
     op.execute("ALTER TABLE accounts DROP COLUMN cap_day_micro")
     op.execute("ALTER TABLE accounts DROP COLUMN cap_session_micro")
