@@ -187,11 +187,7 @@ def cmd_caps(args: argparse.Namespace) -> None:
     client = _client(args)
     caps = client.request("GET", "/me/caps")
     if args.session is not None or args.day is not None or args.idle is not None:
-        body = {
-            "session_cap_micro": caps["session_cap_micro"],
-            "day_cap_micro": caps["day_cap_micro"],
-            "idle_limit_s": caps.get("idle_limit_s"),
-        }
+        body: dict[str, int | None] = {}  # what is left out keeps its value
         if args.session is not None:
             body["session_cap_micro"] = _cap(args.session)
         if args.day is not None:

@@ -155,3 +155,10 @@ def message_type(frames: Sequence[Any]) -> str | None:
     except (ValueError, AttributeError):
         return None
     return kind if isinstance(kind, str) else None
+
+
+def answers_execute(frames: Sequence[Any]) -> bool:
+    """Whether a kernel message's parent is an execute_request (a cell's run), read from
+    the parent header's bytes without parsing them."""
+    parent = parent_header(frames)
+    return parent is not None and b'"execute_request"' in parent[:2048]

@@ -41,3 +41,15 @@ def test_any_status_with_any_parent_and_buffers(state: str, text: str, buffer: b
     assert wire.execution_state(frames) == state
     views = [memoryview(f) for f in frames]  # as the relay's zero-copy frames come
     assert wire.execution_state(views) == state
+
+
+def test_answers_execute_reads_the_parent_header():
+    from jupyter_client.session import Session
+
+    from jupyter_gpu_share import wire
+
+    session = Session(key=b"k")
+    for parent_type, expected in (("execute_request", True), ("usage_request", False)):
+        parent = session.msg(parent_type, {})
+        status = session.msg("status", {"execution_state": "busy"}, parent=parent)
+        assert wire.answers_execute(session.serialize(status, ident=[b"t"])) is expected

@@ -1,9 +1,15 @@
 """Renters' spending caps, enforced by the broker for every client (headless included).
 
 The rules are ``ledger/caps.py``; this keeps what they need at hand for the budget loop
-(four times a second): the caps of the payers with running sessions and what their
-sessions that started today cost, read from the store at most every two seconds (and at
-once after a change of caps through this broker); and which sessions were warned.
+(four times a second): the caps of the payers with running sessions, read from the store
+at most every two seconds (at once after a change through this broker), with the instant
+this broker first saw each value; what their sessions cost since the day began, kept up
+to date in memory as sessions settle; and which warnings were given.
+
+Money rules a stranger's review set: a cap is never applied before this broker knew it
+(lowering a cap must not cancel what already ran: a stop is billed at the later of the
+cap's instant and the moment the cap was seen); the daily cap counts what each session
+cost since midnight (UTC), however long before it started.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..ledger import format_credits
+from ..ledger import cost_at, format_credits
 from ..ledger.caps import cap_stop_us, day_start_us, warn_due
 from ..store.caps import Caps
 
@@ -31,26 +37,32 @@ def warning_text(kind: str, cost_micro: int, cap_micro: int) -> str:
     )
 
 
+def since_day(billing: Iterable[tuple[int, int]], day_us: int) -> list[tuple[int, int]]:
+    """Running sessions' ``(ready_us, price)`` as they bill from the day's start on."""
+    return [(max(ready, day_us), price) for ready, price in billing]
+
+
 class CapWatch:
     """The caps side of one broker's budget loop."""
 
     def __init__(self, store: Any, clock: Callable[[], int]) -> None:
         self.store = store
         self.clock = clock
-        self._caps: dict[str, Caps] = {}
-        self._spent: dict[str, int] = {}
+        self._caps: dict[str, tuple[Caps, int]] = {}  # payer -> (caps, first seen here)
+        self._spent: dict[str, int] = {}  # payer -> ended sessions' cost since the day began
         self._day = 0
         self._read_us = 0
         self._asked: set[str] = set()
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, str, int]] = set()  # (kind, session, cap)
 
     def changed(self) -> None:
         """Caps changed through this broker: read them again at the next check."""
         self._read_us = 0
 
-    def settled(self) -> None:
-        """A session settled: what was spent today is read again at the next check."""
-        self._read_us = 0
+    def settled(self, payer: str, ready_us: int | None, ended_us: int, price: int) -> None:
+        """A session of the payer settled: what it cost today moves to the spent count."""
+        if payer in self._spent and ready_us is not None and ended_us >= self._day:
+            self._spent[payer] += cost_at(max(ready_us, self._day), ended_us, price)
 
     async def refresh(self, payers: set[str]) -> None:
         """Read the payers' caps and today's spending, when the last read is stale."""
@@ -60,70 +72,81 @@ class CapWatch:
         if fresh and payers <= self._asked:
             return
         self._read_us, self._day, self._asked = now, day, set(payers)
-        self._caps = await self.store.caps_of(sorted(payers)) if payers else {}
-        self._spent = {
-            payer: await self.store.spent_since(payer, day)
-            for payer, caps in self._caps.items()
-            if caps.day_micro is not None
-        }
+        read = await self.store.caps_of(sorted(payers)) if payers else {}
+        previous = self._caps
+        self._caps = {}
+        for payer, caps in read.items():
+            known = previous.get(payer)
+            # A value is applied from when this broker first saw it, never before.
+            self._caps[payer] = (caps, known[1] if known and known[0] == caps else now)
+        daily = sorted(p for p, (caps, _) in self._caps.items() if caps.day_micro is not None)
+        self._spent = await self.store.spent_since_many(daily, day) if daily else {}
+
+    def limits(self, payer: str) -> Caps | None:
+        """The payer's limits as last read."""
+        known = self._caps.get(payer)
+        return known[0] if known is not None else None
 
     def check(
         self,
         now: int,
         running: dict[str, list[Any]],
         elsewhere: dict[str, list[tuple[int, int]]],
-        cost: Callable[[Any, int], int],
-    ) -> tuple[list[tuple[Any, str, int]], list[tuple[Any, str]]]:
-        """For each payer's own running sessions (``running``: live sessions with
-        ``ready_us``, ``price_per_second_micro``, ``created_us``, ``id``): the stops due
-        ``(session, reason, at_us)`` and the warnings due ``(session, text)``."""
+    ) -> tuple[list[tuple[Any, str, int]], list[tuple[Any, str, tuple[str, str, int]]]]:
+        """For each payer's own running sessions (live sessions with ``id``, ``ready_us``
+        and ``price_per_second_micro``): the stops due ``(session, reason, bill_at_us)``
+        and the warnings due ``(session, text, key)`` (``warned(key)`` once given)."""
         stops: list[tuple[Any, str, int]] = []
-        warnings: list[tuple[Any, str]] = []
+        warnings: list[tuple[Any, str, tuple[str, str, int]]] = []
+        day = day_start_us(now)
         for payer, sessions in running.items():
-            caps = self._caps.get(payer)
-            if caps is None or not caps.any:
+            known = self._caps.get(payer)
+            if known is None:
                 continue
+            caps, seen_us = known
             stopped: set[str] = set()
-            for live in sessions:
-                at = cap_stop_us(caps.session_micro, 0, _billing([live]))
-                if at is not None and at <= now:
-                    stops.append((live, END_CAP_SESSION, at))
-                    stopped.add(live.id)
-                elif self._first("session", live.id) and warn_due(
-                    cost(live, now), caps.session_micro
-                ):
-                    assert caps.session_micro is not None
-                    text = warning_text("session", cost(live, now), caps.session_micro)
-                    warnings.append((live, text))
-                    self._warned.add(("session", live.id))
+            billing = [(s.ready_us, s.price_per_second_micro) for s in sessions if s.ready_us]
+            if caps.session_micro is not None:
+                for live, one in zip([s for s in sessions if s.ready_us], billing, strict=True):
+                    at = cap_stop_us(caps.session_micro, 0, [one])
+                    cost = cost_at(live.ready_us, now, live.price_per_second_micro)
+                    if at is not None and at <= now:
+                        stops.append((live, END_CAP_SESSION, max(at, seen_us)))
+                        stopped.add(live.id)
+                    elif warn_due(cost, caps.session_micro):
+                        key = ("session", live.id, caps.session_micro)
+                        if key not in self._warned:
+                            text = warning_text("session", cost, caps.session_micro)
+                            warnings.append((live, text, key))
             if caps.day_micro is None:
                 continue
-            day = day_start_us(now)
-            today = [live for live in sessions if live.created_us >= day]
             spent = self._spent.get(payer, 0)
-            billing = _billing(today) + elsewhere.get(payer, [])
-            at = cap_stop_us(caps.day_micro, spent, billing)
+            today = since_day(billing + elsewhere.get(payer, []), day)
+            at = cap_stop_us(caps.day_micro, spent, today)
             if at is not None and at <= now:
-                stops += [(live, END_CAP_DAY, at) for live in today if live.id not in stopped]
+                bill_at = max(at, seen_us, day)
+                stops += [
+                    (live, END_CAP_DAY, bill_at)
+                    for live in sessions
+                    if live.ready_us and live.id not in stopped
+                ]
                 continue
-            total = spent + sum(cost(live, now) for live in today)
-            for live in today:
-                if self._first("day", live.id) and warn_due(total, caps.day_micro):
-                    warnings.append((live, warning_text("day", total, caps.day_micro)))
-                    self._warned.add(("day", live.id))
+            total = spent + sum(cost_at(ready, now, price) for ready, price in today)
+            if warn_due(total, caps.day_micro):
+                for live in sessions:
+                    key = ("day", live.id, caps.day_micro)
+                    if live.ready_us and key not in self._warned:
+                        warnings.append((live, warning_text("day", total, caps.day_micro), key))
         return stops, warnings
 
-    def _first(self, kind: str, session_id: str) -> bool:
-        return (kind, session_id) not in self._warned
+    def warned(self, key: tuple[str, str, int]) -> None:
+        """A warning reached its notebook's relay."""
+        self._warned.add(key)
 
     def forget(self, session_ids: Iterable[str]) -> None:
         """Sessions that ended: no more warnings to remember."""
         gone = set(session_ids)
-        self._warned = {(kind, sid) for kind, sid in self._warned if sid not in gone}
-
-
-def _billing(sessions: list[Any]) -> list[tuple[int, int]]:
-    return [(s.ready_us, s.price_per_second_micro) for s in sessions if s.ready_us is not None]
+        self._warned = {key for key in self._warned if key[1] not in gone}
 
 
 def status_message(text: str, sync: bool = False) -> tuple[int, bytes]:

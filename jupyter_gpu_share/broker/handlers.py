@@ -490,10 +490,18 @@ class CapsHandler(BrokerAPIHandler):
         unknown = set(body) - {"session_cap_micro", "day_cap_micro", "idle_limit_s"}
         if unknown:
             raise web.HTTPError(400, f"unknown field {sorted(unknown)[0]!r}")
+        # A field left out keeps its value; null removes the cap (or the idle limit).
+        caps = await self.broker.db.get_caps(self.account.name)
         caps = Caps(
-            int_field(body, "session_cap_micro", minimum=0),
-            int_field(body, "day_cap_micro", minimum=0),
-            int_field(body, "idle_limit_s", minimum=0, maximum=MAX_IDLE_LIMIT_S),
+            int_field(body, "session_cap_micro", minimum=0)
+            if "session_cap_micro" in body
+            else caps.session_micro,
+            int_field(body, "day_cap_micro", minimum=0)
+            if "day_cap_micro" in body
+            else caps.day_micro,
+            int_field(body, "idle_limit_s", minimum=0, maximum=MAX_IDLE_LIMIT_S)
+            if "idle_limit_s" in body
+            else caps.idle_limit_s,
         )
         await self.broker.db.set_caps(self.account.name, caps)
         self.broker.caps.changed()

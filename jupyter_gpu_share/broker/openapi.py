@@ -408,8 +408,9 @@ def _document() -> dict[str, Any]:
                     "responses": {"200": _json(_ref("Caps"), "the caps"), **_ERRORS},
                 },
                 "put": {
-                    "summary": "Set your spending caps (a missing or null cap: none); "
-                    "the brokers stop your sessions at them and warn at 80 %",
+                    "summary": "Set your spending caps and idle limit (a field left out "
+                    "keeps its value; null: none); the brokers stop your sessions at them, "
+                    "warn at 80 %, and apply a change to running sessions within seconds",
                     "requestBody": _body(
                         {
                             "type": "object",

@@ -34,7 +34,8 @@ from ..classes import (
     week_start_us,
 )
 from ..clock import now_us
-from ..ledger import billed_seconds, cost_at, credit_runs_out_us, stop_instant_us
+from ..ledger import billed_seconds, cost_at, credit_runs_out_us, format_credits, stop_instant_us
+from ..ledger.caps import day_start_us
 from ..store import Conflict, LeaseHeld, NotFound, Store, StoreUnavailable, unavailable
 from ..store.aio import AsyncStore
 from ..store.brokers import HostElsewhere
@@ -208,6 +209,9 @@ class LiveSession:
             class_name=record.class_name,
             last_seen_us=record.last_seen_us,
             gpu_indices=tuple(int(i) for i in record.gpu_indices),
+            # Idle from now at the earliest: a broker that (re)loads a session has not
+            # seen its host's reports before (idle.py).
+            active_us=now_us(),
         )
 
     def quota_stop_us(self) -> int | None:
@@ -764,40 +768,47 @@ class Broker:
     async def cull_idle(self) -> None:
         """Stop the running sessions idle for their limit (no cell running, their GPUs
         unused: idle.py), billed to the instant the limit was reached; warn first, and
-        have their files brought back then."""
+        have their files brought back then. Decided only from a host's report made after
+        the limit was reached (a cell begun just before it is in that report), never for
+        a session whose host is not connected here."""
         now = now_us()
         ends = []
         for live in list(self.sessions.values()):
-            if live.ready_us is None or self._settling(live):
-                continue
             link = self.hosts.get(live.host)
-            if link is not None and (
-                live.id in link.busy_sessions
-                or gpus_in_use(
-                    (link.telemetry or {}).get("gpus") or [],
-                    live.gpu_indices,
-                    self.settings.gpu_busy_pct,
-                )
+            if live.ready_us is None or self._settling(live) or link is None:
+                continue
+            if live.id in link.busy_sessions or gpus_in_use(
+                (link.telemetry or {}).get("gpus") or [],
+                live.gpu_indices,
+                self.settings.gpu_busy_pct,
             ):
-                live.active_us = link.last_heartbeat_us
-                if live.idle_stop_us is not None:
-                    live.idle_stop_us = None  # active again: a new warning next time
-            limit = live.idle_limit_s
-            if limit is None:
-                limit = self.settings.idle_timeout_s
+                live.active_us = max(live.active_us or 0, link.last_heartbeat_us)
+                live.idle_stop_us = None  # active: a new warning when idle again
+                continue
+            limit = self.idle_limit_s(live)
+            if limit <= 0:
+                continue
+            warning = min(self.settings.idle_warning_s, limit / 2)
             active = max(live.active_us or 0, live.ready_us)
-            state, stop_us = idle_state(now, active, limit, self.settings.idle_warning_s)
+            state, stop_us = idle_state(now, active, limit, warning)
             if state == "warn" and live.idle_stop_us is None:
-                live.idle_stop_us = stop_us
                 text = idle_warning_text(limit, (stop_us - now) / 1e6)
-                self._notify(live.id, text, sync=True)
-            elif state == "stop":
+                if self._notify(live.id, text, sync=True):
+                    live.idle_stop_us = stop_us
+            elif state == "stop" and link.last_heartbeat_us >= stop_us:
                 log.info("session %s: idle for %.0f s; stopping", live.id, limit)
                 message = f"idle for {limit:g} s (no cell running, its GPUs unused)"
-                ends.append(
-                    self.end_session(live.id, END_IDLE, ended_us=min(now, stop_us), message=message)
-                )
+                ends.append(self.end_session(live.id, END_IDLE, ended_us=stop_us, message=message))
         await asyncio.gather(*ends)
+
+    def idle_limit_s(self, live: LiveSession) -> float:
+        """A session's idle limit: its own, else its renter's, else the broker's."""
+        if live.idle_limit_s is not None:
+            return live.idle_limit_s
+        limits = self.caps.limits(live.renter)
+        if limits is not None and limits.idle_limit_s is not None:
+            return float(limits.idle_limit_s)
+        return self.settings.idle_timeout_s
 
     # -- sessions ---------------------------------------------------------------------------
 
@@ -946,17 +957,40 @@ class Broker:
         renter's own limit, else the broker's idle_timeout_s).
         """
         await self.ready.wait()
+        if class_name is None:
+            await self._check_caps(renter)
         async with self._start_lock:  # what is free and what is funded holds until recorded
             record = await self._start(renter, request, class_name)
         live = self.sessions.get(record.id)
         if live is not None and keep_alive_s is not None:
             live.keep_alive_s = min(float(keep_alive_s), self.settings.orphan_max_keep_alive_s)
-        if live is not None:
-            if idle_limit_s is None:
-                with contextlib.suppress(NotFound):
-                    idle_limit_s = (await self.db.get_caps(renter)).idle_limit_s
-            live.idle_limit_s = None if idle_limit_s is None else float(idle_limit_s)
+        if live is not None and idle_limit_s is not None:
+            live.idle_limit_s = float(idle_limit_s)
         return record
+
+    async def _check_caps(self, renter: str) -> None:
+        """Refuse a start that a cap of the renter's would stop at once."""
+        try:
+            caps = await self.db.get_caps(renter)
+        except NotFound:
+            return
+        if caps.session_micro == 0:
+            raise Refused(402, "your spending cap per session is 0 (jupyter gpu-share caps)")
+        if caps.day_micro is None:
+            return
+        now = now_us()
+        day = day_start_us(now)
+        spent = await self.db.spent_since(renter, day) + sum(
+            cost_at(max(live.ready_us, day), now, live.price_per_second_micro)
+            for live in self.sessions.values()
+            if live.payer == renter and live.class_name is None and live.ready_us is not None
+        )
+        if spent >= caps.day_micro:
+            raise Refused(
+                402,
+                f"your spending cap per day ({format_credits(caps.day_micro)} credits) is "
+                "reached; it resets at midnight UTC, or raise it (jupyter gpu-share caps)",
+            )
 
     async def _start(self, renter: str, request: SessionRequest, class_name: str | None) -> Any:
         if class_name is not None:
@@ -1315,7 +1349,7 @@ class Broker:
             self._balance_epoch += 1
             self._balances.pop(live.payer, None)
             self._reliability.pop(live.host, None)
-            self.caps.settled()
+            self.caps.settled(live.payer, live.ready_us, stop.ended_us, live.price_per_second_micro)
             self.caps.forget([live.id])
             if not was_deferred:
                 self._stop_kernel(live, stop.end_reason)
@@ -1400,12 +1434,10 @@ class Broker:
         payers = {live.payer for live in self.sessions.values() if live.ready_us is not None}
         balances = {payer: await self._balance(payer) for payer in payers}
         elsewhere = await self.running_elsewhere(payers)
-        own = {
-            live.payer
-            for live in self.sessions.values()
-            if live.ready_us is not None and live.class_name is None
-        }
-        await self.caps.refresh(own)
+        # The renters' limits: caps of the payers of their own sessions, idle limits of
+        # every renter (cull_idle reads them from here).
+        limited = {live.renter for live in self.sessions.values()}
+        await self.caps.refresh(limited)
         # Decided from one picture, taken after the last await: a session settled while a
         # balance was read is in that balance, not counted again as running.
         now = now_us()
@@ -1437,22 +1469,25 @@ class Broker:
             payer: [live for live in running if live.class_name is None]
             for payer, running in by_payer.items()
         }
-        cap_stops, warnings = self.caps.check(now, mine, elsewhere, _cost_so_far)
+        cap_stops, warnings = self.caps.check(now, mine, elsewhere)
         ends += [
             self.end_session(live.id, reason, ended_us=min(now, at))
             for live, reason, at in cap_stops
             if not self._settling(live)
         ]
-        for live, text in warnings:
-            self._notify(live.id, text)
+        for live, text, key in warnings:
+            if self._notify(live.id, text):
+                self.caps.warned(key)
         await asyncio.gather(*ends)
 
-    def _notify(self, session_id: str, text: str, sync: bool = False) -> None:
+    def _notify(self, session_id: str, text: str, sync: bool = False) -> bool:
         """A notice for the session's notebook (shown in its running cell, or the next);
-        ``sync``: the notebook's side brings back the kernel's files."""
+        ``sync``: the notebook's side brings back the kernel's files. False: it has no
+        relay here yet (a broker that just started), so nothing could be said."""
         pair = self.relays.pairs.get(session_id)
-        if pair is not None:
-            pair.forward(HOST, [status_message(text, sync)])
+        if pair is None:
+            return False
+        return pair.forward(HOST, [status_message(text, sync)])
 
     async def _balance(self, payer: str) -> int:
         """A payer's balance, cached between checkpoints (budget checks run 4 times a second)."""
@@ -1527,13 +1562,6 @@ class Broker:
     async def session_record(self, session_id: str) -> Any:
         """The stored session, or NotFound."""
         return await self.db.get_session(session_id)
-
-
-def _cost_so_far(live: LiveSession, now: int) -> int:
-    """What a session has cost until ``now``, as it would be billed."""
-    if live.ready_us is None:
-        return 0
-    return cost_at(live.ready_us, now, live.price_per_second_micro)
 
 
 def _billing(running: list[LiveSession]) -> list[tuple[int, int]]:

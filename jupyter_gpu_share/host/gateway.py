@@ -511,13 +511,19 @@ class GatewayKernel:
         if channel == wire.IOPUB and msg_type == "status":
             state = self._execution_state(parts[3])
             if parent_id:
-                self.busy = state == "busy"  # a cell is running, until its idle
-                self.was_busy = self.was_busy or self.busy
+                if self._parent_is_execute(parts):  # a cell is running, until its idle
+                    self.busy = state == "busy"
+                    self.was_busy = self.was_busy or self.busy
             elif state in ("restarting", "dead") and self.ready:
                 # The gateway's kernel died (and was perhaps restarted, state lost): the
                 # renter's kernel ended, as a local one would.
                 self.log.warning("session %s: gateway kernel %s", self.session_id, state)
                 self._spawn(self._died(None))
+
+    @staticmethod
+    def _parent_is_execute(parts: list[Any]) -> bool:
+        """Whether a message answers an execute_request (its parent header says so)."""
+        return b'"execute_request"' in bytes(parts[1][:2048]) if len(parts) > 1 else False
 
     @staticmethod
     def _execution_state(content: bytes) -> str:

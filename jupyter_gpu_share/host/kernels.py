@@ -456,9 +456,9 @@ class RemoteKernel:
         """Forward everything the kernel emits on one socket, unchanged and in order."""
         if channel == wire.IOPUB:
             self._iopub_flowing.set()
-            for frames in batch:  # busy from a request until its idle: a cell is running
-                state = wire.execution_state(frames)
-                if state is not None:
+            for frames in batch:  # busy from an execute_request until its idle: a cell
+                state = wire.execution_state(frames)  # (a control request's status, a
+                if state is not None and wire.answers_execute(frames):  # usage poll: not)
                     self.busy = state == "busy"
                     self.was_busy = self.was_busy or self.busy
         if self.on_kernel_batch is not None:

@@ -588,7 +588,8 @@ class KernelBridge:
                 self._tell_notices()
             if self.on_status is not None:
                 self.on_status(message)
-            if record.get("sync") is True and self.files.root is not None:
+            running = self._sync_task is not None and not self._sync_task.done()
+            if record.get("sync") is True and self.files.root is not None and not running:
                 # The broker is about to stop the kernel (idle): its files come back now.
                 self._sync_task = asyncio.ensure_future(self._bring_back_before_stop())
 

@@ -114,18 +114,21 @@ class UserProxyHandler(APIHandler):
         self.finish(json.dumps(answer))
 
     @web.authenticated
+    @authorized
     async def get(self, path: str) -> None:
         if CLASS_STOP.fullmatch(path):
             raise web.HTTPError(405, "a student's kernel is stopped with POST")
         await self._forward("GET", "/" + quote(path, safe="/@"))
 
     @web.authenticated
+    @authorized
     async def delete(self, path: str) -> None:
         if not path.startswith("sessions/"):
             raise web.HTTPError(405, "only sessions can be stopped")
         await self._forward("DELETE", "/" + path)
 
     @web.authenticated
+    @authorized
     async def post(self, path: str) -> None:
         # The one write a teacher makes from the lab: stop a student's running kernel.
         if not CLASS_STOP.fullmatch(path):
@@ -133,6 +136,7 @@ class UserProxyHandler(APIHandler):
         await self._forward("POST", "/" + quote(path, safe="/@"))
 
     @web.authenticated
+    @authorized
     async def put(self, path: str) -> None:
         # The lab's Settings write the renter's spending caps, which the broker enforces.
         if path != "me/caps":
@@ -141,8 +145,8 @@ class UserProxyHandler(APIHandler):
             raise web.HTTPError(413, "a caps body is a few bytes")
         try:
             body = json.loads(self.request.body or b"{}")
-        except ValueError:
-            raise web.HTTPError(400, "the body is not JSON") from None
+        except (ValueError, RecursionError):
+            raise web.HTTPError(400, "the body is not JSON (or nested too deep)") from None
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the body is a JSON object")
         await self._forward("PUT", "/me/caps", body)
@@ -432,10 +436,12 @@ class FilesHandler(APIHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
+        if len(self.request.body) > 4096:
+            raise web.HTTPError(413, "a files request is a few bytes")
         try:
             body = json.loads(self.request.body or b"{}")
-        except ValueError:
-            raise web.HTTPError(400, "the body is not JSON") from None
+        except (ValueError, RecursionError):
+            raise web.HTTPError(400, "the body is not JSON (or nested too deep)") from None
         if not isinstance(body, dict):
             raise web.HTTPError(400, "the body is a JSON object")
         provisioner = self._provisioner(body)
@@ -455,14 +461,20 @@ class OutputsHandler(APIHandler):
 
     @web.authenticated
     @authorized
-    def get(self, kernel_id: str) -> None:
+    async def get(self, kernel_id: str) -> None:
         try:
             kernel = self.kernel_manager.get_kernel(kernel_id)
         except KeyError:
             raise web.HTTPError(404, f"no kernel {kernel_id}") from None
-        bridge = getattr(getattr(kernel, "provisioner", None), "bridge", None)
-        log = getattr(bridge, "outputs", None)
-        executions = log.snapshot() if log is not None else []
+        provisioner = getattr(kernel, "provisioner", None)
+        log = getattr(getattr(provisioner, "bridge", None), "outputs", None)
+        executions: list[dict[str, Any]] = []
+        if log is not None:
+
+            async def snapshot() -> list[dict[str, Any]]:
+                return log.snapshot()  # on the bridge's loop, where the log is written
+
+            executions = await provisioner._loop().run(snapshot())
         self.finish(json.dumps({"kernel_id": kernel_id, "executions": executions}))
 
 

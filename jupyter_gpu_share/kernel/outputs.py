@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +25,11 @@ from .. import wire
 
 MAX_EXECUTIONS = 200
 MAX_CELL_ID = 128
-KEPT = frozenset(
-    {"stream", "display_data", "execute_result", "error", "clear_output", "update_display_data"}
-)
+# What a cell shows; update_display_data is not kept (a progress bar updating 20,000
+# times would push every other run out: the page shows the display as last published).
+KEPT = frozenset({"stream", "display_data", "execute_result", "error", "clear_output"})
+ENTRY_BYTES = 128  # what keeping one message costs besides its content (counted)
+_COUNT = re.compile(rb'"execution_count"\s*:\s*(\d{1,12})')
 
 
 @dataclass
@@ -37,7 +39,7 @@ class Execution:
     msg_id: str
     cell_id: str
     started: float
-    outputs: list[tuple[str, str, bytes]] = field(default_factory=list)  # msg_id, type, content
+    outputs: deque[tuple[str, str, bytes]] = field(default_factory=deque)  # msg_id, type, content
     size: int = 0
     done: bool = False
     execution_count: int | None = None
@@ -69,7 +71,7 @@ def _json(data: bytes | None) -> dict[str, Any]:
         return {}
     try:
         value = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # a hostile host's nesting too
         return {}
     return value if isinstance(value, dict) else {}
 
@@ -101,9 +103,17 @@ class OutputLog:
             self._forget_oldest()
 
     def published(self, frames: Sequence[Any]) -> None:
-        """An iopub message from the kernel: kept when it answers a known execution."""
+        """An iopub message from the kernel: kept when it answers a known execution.
+        Never raises: what the kernel sent goes on to the clients whatever this makes
+        of it."""
         if not self.executions:
             return
+        try:
+            self._published(frames)
+        except Exception:  # a message this cannot read is not kept, and that is all
+            return
+
+    def _published(self, frames: Sequence[Any]) -> None:
         at = _delimiter(frames)
         if at is None or len(frames) < at + 6:
             return
@@ -120,18 +130,19 @@ class OutputLog:
             return
         content = bytes(frames[at + 5])
         if kind == "execute_input" or kind == "execute_result":
-            count = _json(content).get("execution_count")
-            if isinstance(count, int) and not isinstance(count, bool):
-                execution.execution_count = count
+            count = _COUNT.search(content[:4096] if kind == "execute_input" else content[-4096:])
+            if count:
+                execution.execution_count = int(count.group(1))
             if kind == "execute_input":
                 return
-        if kind not in KEPT:
+        if kind not in KEPT or not content:
             return
         found = _PARENT_ID.search(header)  # the header's own msg_id, the same way
         msg_id = found.group(1).decode() if found else ""
         execution.outputs.append((msg_id, kind, content))
-        execution.size += len(content)
-        self.size += len(content)
+        cost = len(content) + ENTRY_BYTES
+        execution.size += cost
+        self.size += cost
         self._bound(execution)
 
     def _bound(self, current: Execution) -> None:
@@ -143,9 +154,10 @@ class OutputLog:
                 break
             self._forget_oldest()
         while self.size > self.max_bytes and current.outputs:
-            _, _, content = current.outputs.pop(0)
-            current.size -= len(content)
-            self.size -= len(content)
+            _, _, content = current.outputs.popleft()
+            cost = len(content) + ENTRY_BYTES
+            current.size -= cost
+            self.size -= cost
             current.dropped += 1
 
     def _forget_oldest(self) -> None:

@@ -66,6 +66,7 @@ READS = frozenset(
         "get_caps",
         "caps_of",
         "spent_since",
+        "spent_since_many",
     }
 )
 DEFAULT_READERS = 4

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
+from ..ledger import cost_at
 from . import models
 from .records import NotFound
 
@@ -47,19 +48,24 @@ class CapStore:
         return Caps(row.cap_session_micro, row.cap_day_micro, row.idle_limit_s)
 
     def caps_of(self, names: list[str]) -> dict[str, Caps]:
-        """The caps of several accounts, those that have any."""
+        """The limits of several accounts, those that set any."""
         if not names:
             return {}
+        c = accounts.c
         with self._reader.connect() as connection:
             rows = connection.execute(
-                select(accounts.c.name, accounts.c.cap_session_micro, accounts.c.cap_day_micro)
-                .where(accounts.c.name.in_(names))
+                select(c.name, c.cap_session_micro, c.cap_day_micro, c.idle_limit_s)
+                .where(c.name.in_(names))
                 .where(
-                    (accounts.c.cap_session_micro.is_not(None))
-                    | (accounts.c.cap_day_micro.is_not(None))
+                    c.cap_session_micro.is_not(None)
+                    | c.cap_day_micro.is_not(None)
+                    | c.idle_limit_s.is_not(None)
                 )
             ).all()
-        return {row.name: Caps(row.cap_session_micro, row.cap_day_micro) for row in rows}
+        return {
+            row.name: Caps(row.cap_session_micro, row.cap_day_micro, row.idle_limit_s)
+            for row in rows
+        }
 
     def set_caps(self, account_name: str, caps: Caps) -> Caps:
         """Set an account's caps; return them."""
@@ -77,15 +83,33 @@ class CapStore:
             raise NotFound(f"no account named {account_name!r}")
         return caps
 
-    def spent_since(self, payer_name: str, since_us: int) -> int:
-        """What the payer's ended sessions that started at or after ``since_us`` cost."""
+    def spent_since_many(self, payer_names: list[str], since_us: int) -> dict[str, int]:
+        """What each payer's ended sessions cost from ``since_us`` on (a day's start): the
+        whole bill of one that started since, the part after it of one that started
+        before (billed per second from its start)."""
+        if not payer_names:
+            return {}
+        s = sessions.c
         with self._reader.connect() as connection:
-            payer = select(accounts.c.id).where(accounts.c.name == payer_name).scalar_subquery()
-            total = connection.execute(
-                select(func.coalesce(func.sum(sessions.c.amount_micro), 0)).where(
-                    sessions.c.payer_account_id == payer,
-                    sessions.c.state == "ended",
-                    sessions.c.created_us >= since_us,
+            rows = connection.execute(
+                select(accounts.c.name, s.ready_us, s.ended_us, s.price_per_second_micro,
+                       s.amount_micro)
+                .select_from(sessions.join(accounts, accounts.c.id == s.payer_account_id))
+                .where(
+                    accounts.c.name.in_(payer_names),
+                    s.state == "ended",
+                    s.ended_us >= since_us,
+                    s.amount_micro > 0,
                 )
-            ).scalar()
-        return int(total or 0)
+            ).all()  # fmt: skip
+        spent = dict.fromkeys(payer_names, 0)
+        for name, ready_us, ended_us, price, amount in rows:
+            if ready_us is None or ready_us >= since_us:
+                spent[name] += amount
+            else:
+                spent[name] += min(amount, cost_at(since_us, ended_us, price))
+        return spent
+
+    def spent_since(self, payer_name: str, since_us: int) -> int:
+        """``spent_since_many`` of one payer."""
+        return self.spent_since_many([payer_name], since_us)[payer_name]

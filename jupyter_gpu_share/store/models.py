@@ -110,6 +110,7 @@ class Session(Base):
         CheckConstraint(_in_list("state", SESSION_STATES), name="state"),
         Index("ix_sessions_renter_account_id_created_us", "renter_account_id", "created_us"),
         Index("ix_sessions_host_account_id_created_us", "host_account_id", "created_us"),
+        Index("ix_sessions_payer_account_id_ended_us", "payer_account_id", "ended_us"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)

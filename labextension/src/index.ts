@@ -54,19 +54,24 @@ const core: JupyterFrontEndPlugin<IGPUShareModel> = {
             };
           };
           // The caps are the broker's (it stops kernels at them for every client, the
-          // CLI's `caps` too): a change here is written there.
-          const writeCaps = () => {
+          // CLI's `caps` too): a cap changed here is written there, and only that one
+          // (what the CLI set otherwise stays).
+          const writeCaps = (before: GPUShare.ISettings) => {
             const cap = (credits: number) =>
               credits > 0 ? creditsToMicro(credits) : null;
+            const changed: Record<string, number | null> = {};
+            if (before.sessionCapCredits !== model.settings.sessionCapCredits) {
+              changed.session_cap_micro = cap(model.settings.sessionCapCredits);
+            }
+            if (before.dailyCapCredits !== model.settings.dailyCapCredits) {
+              changed.day_cap_micro = cap(model.settings.dailyCapCredits);
+            }
+            if (Object.keys(changed).length === 0) {
+              return;
+            }
             void requestAPI(
               'me/caps',
-              {
-                method: 'PUT',
-                body: JSON.stringify({
-                  session_cap_micro: cap(model.settings.sessionCapCredits),
-                  day_cap_micro: cap(model.settings.dailyCapCredits)
-                })
-              },
+              { method: 'PUT', body: JSON.stringify(changed) },
               app.serviceManager.serverSettings
             ).catch(reason =>
               Notification.error(
@@ -77,8 +82,9 @@ const core: JupyterFrontEndPlugin<IGPUShareModel> = {
             );
           };
           settings.changed.connect(() => {
+            const before = model.settings;
             apply();
-            writeCaps();
+            writeCaps(before);
           });
           apply();
         })

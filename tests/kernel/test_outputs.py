@@ -83,3 +83,28 @@ def test_hostile_frames_are_ignored():
     log.published([b"<IDS|MSG>", b"", b"{", b'{"msg_id": 3}', b"{}", b"{}"])
     log.published(published(msg_id, "stream", {"name": "stdout", "text": "ok"}))
     assert log.snapshot()[0]["outputs"][0]["content"]["text"] == "ok"
+
+
+def test_hostile_nesting_and_empty_messages_neither_raise_nor_escape_the_bound():
+    log = OutputLog(max_bytes=64 * 1024)
+    msg_id, frames = request("c")
+    log.requested(frames)
+    nested = published(msg_id, "display_data", {"data": {}})
+    at = nested.index(b"<IDS|MSG>")
+    nested[at + 5] = b"[" * 100_000 + b"]" * 100_000  # json.loads: RecursionError
+    log.published(nested)  # kept as bytes, and must not raise
+    log.snapshot()  # nor here
+    empty = published(msg_id, "stream", {})
+    empty[empty.index(b"<IDS|MSG>") + 5] = b""
+    for _ in range(10_000):
+        log.published(empty)
+    assert log.size <= 64 * 1024
+
+
+def test_update_display_data_is_not_kept():
+    log = OutputLog()
+    msg_id, frames = request("c")
+    log.requested(frames)
+    for _ in range(100):
+        log.published(published(msg_id, "update_display_data", {"data": {}, "transient": {}}))
+    assert log.snapshot()[0]["outputs"] == []

@@ -766,3 +766,22 @@ def test_check_ledger_finds_an_empty_transaction(store: Store, database: Engine)
         )
     with pytest.raises(StoreError, match="has no entries"):
         store.check_ledger()
+
+
+def test_caps_and_what_was_spent_since_a_day_began(store: Store, offer_id: int) -> None:
+    from jupyter_gpu_share.store.caps import Caps
+
+    assert store.get_caps("alice") == Caps()
+    store.set_caps("alice", Caps(5_000_000, 20_000_000, 600))
+    assert store.get_caps("alice") == Caps(5_000_000, 20_000_000, 600)
+    assert store.caps_of(["alice", "bob"]) == {"alice": Caps(5_000_000, 20_000_000, 600)}
+    with pytest.raises(NotFound):
+        store.set_caps("nobody", Caps())
+    session = store.create_session("alice", "alice", offer_id, T0)
+    store.mark_ready(session.id, T0)
+    ended = store.end_session(session.id, T0 + 10 * SECOND, "stopped", fee_bps=500)
+    assert store.spent_since("alice", T0) == ended.amount_micro > 0
+    # begun before a day's start: what it cost from then on (5 of its 10 s)
+    assert store.spent_since("alice", T0 + 5 * SECOND) == 5 * PRICE
+    assert store.spent_since("alice", T0 + 11 * SECOND) == 0  # ended before
+    assert store.spent_since_many(["alice", "bob"], T0) == {"alice": ended.amount_micro, "bob": 0}

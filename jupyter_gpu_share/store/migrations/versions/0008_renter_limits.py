@@ -26,10 +26,15 @@ def upgrade() -> None:
     op.add_column("accounts", sa.Column("cap_session_micro", sa.BigInteger(), nullable=True))
     op.add_column("accounts", sa.Column("cap_day_micro", sa.BigInteger(), nullable=True))
     op.add_column("accounts", sa.Column("idle_limit_s", sa.Integer(), nullable=True))
+    # What a payer spent since a day began (the daily cap) is read by when sessions ended.
+    op.create_index(
+        "ix_sessions_payer_account_id_ended_us", "sessions", ["payer_account_id", "ended_us"]
+    )
 
 
 def downgrade() -> None:
     """Drop them (ALTER TABLE ... DROP COLUMN: PostgreSQL, SQLite 3.35 and later)."""
+    op.drop_index("ix_sessions_payer_account_id_ended_us", table_name="sessions")
     op.execute("ALTER TABLE accounts DROP COLUMN idle_limit_s")
     op.execute("ALTER TABLE accounts DROP COLUMN cap_day_micro")
     op.execute("ALTER TABLE accounts DROP COLUMN cap_session_micro")
