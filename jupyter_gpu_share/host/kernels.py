@@ -27,6 +27,7 @@ from jupyter_client.connect import write_connection_file
 
 from .. import wire
 from ..zmqpump import SocketPump
+from . import kernel_startup
 from .leftovers import RunDir
 from .procfs import group_pids, uid_pids
 from .quota import ScratchWatchdog
@@ -63,6 +64,14 @@ def safe_name(text: str, limit: int = 64) -> str:
 def default_scratch_root() -> str:
     """Return the default root for per-session scratch directories."""
     return os.path.join(tempfile.gettempdir(), f"jupyter-gpu-share-{os.getuid()}")
+
+
+def install_startup(home: str) -> None:
+    """Put the ``%gpu_share`` magic in the kernel's IPython startup folder (its $HOME is
+    the scratch folder, fresh and the agent's until the kernel starts)."""
+    folder = os.path.join(home, ".ipython", "profile_default", "startup")
+    os.makedirs(folder, mode=0o755)
+    shutil.copyfile(kernel_startup.__file__, os.path.join(folder, "00-gpu-share.py"))
 
 
 def kernel_environment(
@@ -240,6 +249,7 @@ class RemoteKernel:
         # The kernel's working folder: the notebook's files arrive there and what the
         # kernel writes there goes back (host/files.py); $HOME and /tmp stay around it.
         os.mkdir(os.path.join(self.scratch_dir, WORK_DIR), 0o755)
+        install_startup(self.scratch_dir)
         try:
             self.connection_file, info = write_connection_file(
                 os.path.join(self.runtime_dir, "kernel.json"),

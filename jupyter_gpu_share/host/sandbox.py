@@ -612,7 +612,9 @@ class BwrapSandbox(Sandbox):
                         "other users cannot pass through: choose a scratch root under /tmp "
                         "or /var/lib"
                     )
-            for path in [*_tree(runtime_dir), scratch_dir, work_dir(scratch_dir)]:
+            ipython = os.path.join(scratch_dir, ".ipython")  # the startup magic's folders
+            extra = _tree(ipython) if os.path.isdir(ipython) else []
+            for path in [*_tree(runtime_dir), scratch_dir, work_dir(scratch_dir), *extra]:
                 os.lchown(path, lease.uid, lease.gid)
         cgroup = self._kernel_cgroup(cgroup_prefix(os.path.dirname(scratch_dir)))
         steps = [cgroup.preexec()] if cgroup is not None and cgroup.paths else []

@@ -305,6 +305,27 @@ class KernelBridge:
         self._shutdown_sync = asyncio.ensure_future(sync_then_send())
         return True
 
+    def _bring_back_on_demand(self) -> None:
+        """``%gpu_share sync`` in the kernel: bring its files back, and say so in the next
+        cell (the one that asked has ended by then)."""
+        if self._sync_task is not None and not self._sync_task.done():
+            return
+
+        async def bring_back() -> None:
+            try:
+                text = f"gpu-share: {describe(await self.files.get())}"
+            except TransferError as error:
+                text = f"gpu-share: the kernel's files did not come back: {error}"
+            except Exception:
+                log.exception("session %s: %%gpu_share sync", self.session_id)
+                return
+            log.info("session %s: %s", self.session_id, text)
+            self._untold = [*self._untold, text][-5:]
+            if len(self.waiting):
+                self._tell_notices()
+
+        self._sync_task = asyncio.ensure_future(bring_back())
+
     async def _bring_back_before_stop(self) -> None:
         try:
             summary = await self.files.get(timeout=self.shutdown_sync_timeout)
@@ -539,6 +560,8 @@ class KernelBridge:
             self.waiting.replied(frames)
         elif channel == wire.IOPUB:
             self.outputs.published(frames)
+            if self.files.root is not None and _asks_sync(frames):
+                self._bring_back_on_demand()
         # Zero-copy only pays for big messages; for small ones it costs more.
         copy = wire.total_size(frames) < wire.ZERO_COPY_ABOVE
         pump = self.pumps.get(channel)
@@ -687,6 +710,28 @@ class KernelBridge:
         self.hb = None
         if self._ipc_dir is not None:
             shutil.rmtree(self._ipc_dir, ignore_errors=True)
+
+
+_SYNC_TARGET = b'"gpu_share.sync"'
+
+
+def _asks_sync(frames: list[memoryview]) -> bool:
+    """Whether an iopub message is the kernel's ``%gpu_share sync``: a comm_open with the
+    target ``gpu_share.sync`` (host/kernel_startup.py). Cheap on every other message."""
+    # ipykernel publishes a comm's messages on the topic "comm-<id>" (6.x) or on none (7.x,
+    # an empty ident): only those are read, every other iopub message has its topic.
+    if not frames:
+        return False
+    topic = bytes(frames[0][:9])
+    if topic != b"" and not topic.startswith(b"comm-") and topic != wire.DELIMITER:
+        return False
+    if wire.message_type(frames) != "comm_open":
+        return False
+    for index, frame in enumerate(frames[: wire.MAX_FRAMES]):
+        if len(frame) == len(wire.DELIMITER) and bytes(frame) == wire.DELIMITER:
+            content = bytes(frames[index + 5][:4096]) if len(frames) > index + 5 else b""
+            return _SYNC_TARGET in content
+    return False
 
 
 def relay_redirect(url: str, error: HandshakeError) -> str | None:

@@ -280,3 +280,26 @@ def test_the_lab_server_keeps_a_cells_outputs_for_a_browser_that_comes_back(make
     assert execution["cell_id"] == "cell-abc" and execution["execution_count"] == 1
     text = "".join(o["content"]["text"] for o in execution["outputs"])
     assert text == "line 0\nline 1\nline 2\n"
+
+
+def test_the_gpu_share_magic_brings_files_back_from_the_kernel(make_cluster, monkeypatch, tmp_path):
+    """%gpu_share sync in a cell: the kernel's files come back, and the next cell says so."""
+    cluster = make_cluster()
+    cluster.start_host("host-a")
+    token = cluster.account("mia", "user", 50 * MICRO)
+    monkeypatch.setenv("GPU_SHARE_BROKER_URL", cluster.url)
+    monkeypatch.setenv("GPU_SHARE_TOKEN", token)
+    root = tmp_path / "m"
+    root.mkdir()
+    nb = notebook(
+        "open('made.txt', 'w').write('by the kernel')\n%gpu_share sync",
+        "import time; time.sleep(3)",
+        "print('after')",
+    )
+    client = NotebookClient(nb, kernel_name="gpu-share", timeout=60, startup_timeout=90)
+    client.resources = {"metadata": {"path": str(root)}}
+    client.execute()
+    assert "bringing back this kernel's files" in stream_text(nb.cells[0])
+    assert (root / "made.txt").read_text() == "by the kernel"
+    told = stream_text(nb.cells[1]) + stream_text(nb.cells[2])
+    assert "1 file(s)" in told and "came back" in told, told
