@@ -595,10 +595,14 @@ class KernelBridge:
                 )
             self.ready.set()
         elif kind == "kernel_ended":
-            self._tell_running_cells(str(record.get("reason", "kernel exited")))
-            self._mark_ended(
-                str(record.get("reason", "kernel exited")), int(record.get("exit_code") or 0)
-            )
+            reason = str(record.get("reason", "kernel exited"))[:200]
+            message = record.get("message")
+            # The host's own words say more than its reason ("stopped by the host: out of
+            # memory (limit 1024 MiB)" over "host_limit").
+            told = f"{reason}: {str(message)[:300]}" if isinstance(message, str) else reason
+            if reason != "exited":  # a kernel that ended as its shutdown_request asked
+                self._tell_running_cells(told)
+            self._mark_ended(reason, int(record.get("exit_code") or 0))
         elif kind in ("files_done", "files_end", "files_error"):
             self.files.record(record)
         elif kind == "status":

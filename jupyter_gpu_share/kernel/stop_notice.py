@@ -39,6 +39,10 @@ REASONS = {
     "stopped by the teacher": "your teacher stopped this kernel",
     "client gone": "no notebook was connected to it for too long",
     "kernel exited": "the kernel process exited on the host",
+    "exited": "the kernel process exited on the host",
+    "died": "the kernel process died on the host (a crash, or it was killed); its "
+    "variables are gone",
+    "host_limit": "the host stopped the kernel at one of its limits",
 }
 
 
