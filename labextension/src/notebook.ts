@@ -102,6 +102,9 @@ export class NotebookGPU implements IDisposable {
 
   /** Show a notice (e.g. a spending cap stop). */
   setNotice(notice: INotice | null): void {
+    if (notice === null && this._notice?.kind === 'idle') {
+      this._dismissedIdle = this._shownIdle; // not shown again for the same warning
+    }
     this._notice = notice;
     this._lastKey = '';
     this._changed.emit();
@@ -223,7 +226,13 @@ export class NotebookGPU implements IDisposable {
     }
     // The broker's warning that it will stop an idle kernel (gone once a cell runs).
     const idleAt = session?.state === 'running' ? session.idle_stop_at : null;
-    if (idleAt && this._notice?.kind !== 'idle' && session) {
+    if (
+      idleAt &&
+      this._notice?.kind !== 'idle' &&
+      session &&
+      this._dismissedIdle !== idleAt
+    ) {
+      this._shownIdle = idleAt;
       const at = new Date(idleAt).toLocaleTimeString([], {
         hour: '2-digit',
         minute: '2-digit'
@@ -235,6 +244,9 @@ export class NotebookGPU implements IDisposable {
       });
     } else if (!idleAt && this._notice?.kind === 'idle') {
       this.setNotice(null);
+    }
+    if (!idleAt) {
+      this._dismissedIdle = null;
     }
     // Notices for sessions seen live that ended for a reason worth telling.
     if (this._kernelId) {
@@ -330,6 +342,8 @@ export class NotebookGPU implements IDisposable {
   private _kernelName: string | null = null;
   private _watch: IDisposable | null = null;
   private _outputs: OutputRestorer;
+  private _shownIdle: string | null = null;
+  private _dismissedIdle: string | null = null;
   private _phase: Phase = 'none';
   private _startingOn: GPUShare.ISession | null = null;
   private _startingSince = 0;

@@ -56,6 +56,10 @@ export function toOutput(
   return null;
 }
 
+/** Cells whose running output a restorer feeds: one restorer each, however many views
+ * of the notebook are open (they share its cell models). */
+const FED = new WeakSet<ICodeCellModel>();
+
 interface IRoute {
   model: ICodeCellModel;
   widget: CodeCell | null;
@@ -97,6 +101,9 @@ export class OutputRestorer implements IDisposable {
     kernel.iopubMessage.connect(onIOPub);
     this._detach = () => {
       kernel.iopubMessage.disconnect(onIOPub);
+      for (const route of this._routes.values()) {
+        this._end(route); // no prompt left at [*] by a kernel that went mid-cell
+      }
       this._routes.clear();
     };
     let executions: IKeptExecution[] = [];
@@ -136,8 +143,8 @@ export class OutputRestorer implements IDisposable {
           cell => cell.id === execution.cell_id && cell.type === 'code'
         )
       : undefined;
-    if (!model) {
-      return false;
+    if (!model || FED.has(model as ICodeCellModel)) {
+      return false; // another view of this notebook has it
     }
     const widget =
       (notebook.widgets.find(cell => cell.model.id === execution.cell_id) as
@@ -165,6 +172,7 @@ export class OutputRestorer implements IDisposable {
       route.model.executionCount = execution.execution_count;
     } else {
       widget?.setPrompt('*');
+      FED.add(route.model);
       this._routes.set(execution.msg_id, route);
     }
     return true;
@@ -181,7 +189,7 @@ export class OutputRestorer implements IDisposable {
     if (type === 'status') {
       if (content.execution_state === 'idle') {
         this._routes.delete(parent!);
-        route.model.executionCount = route.count;
+        this._end(route);
       }
       return;
     }
@@ -190,6 +198,11 @@ export class OutputRestorer implements IDisposable {
       return;
     }
     this._apply(route, type, content);
+  }
+
+  private _end(route: IRoute): void {
+    FED.delete(route.model);
+    route.model.executionCount = route.count;
   }
 
   private _apply(route: IRoute, type: string, content: any): void {
