@@ -114,15 +114,20 @@ def _part_after_delimiter(frames: Sequence[Any], offset: int) -> bytes | None:
     return None
 
 
-def request_id(frames: Sequence[Any]) -> bytes | None:
-    """The ``msg_id`` of a Jupyter message's header (None: none, or not readable)."""
+def _header_field(frames: Sequence[Any], name: str) -> Any:
+    """A field of a Jupyter message's header (None: no header, or not readable)."""
     header = _part_after_delimiter(frames, 2)
     if header is None:
         return None
     try:
-        msg_id = json.loads(header).get("msg_id")
-    except (ValueError, AttributeError):
+        return json.loads(header).get(name)
+    except (ValueError, AttributeError, RecursionError):
         return None
+
+
+def request_id(frames: Sequence[Any]) -> bytes | None:
+    """The ``msg_id`` of a Jupyter message's header (None: none, or not readable)."""
+    msg_id = _header_field(frames, "msg_id")
     if not isinstance(msg_id, str) or not 0 < len(msg_id) <= MAX_ID_BYTES:
         return None
     return msg_id.encode()
@@ -147,13 +152,7 @@ def parent_id(frames: Sequence[Any]) -> bytes | None:
 
 def message_type(frames: Sequence[Any]) -> str | None:
     """The ``msg_type`` of a Jupyter message's header (None: none, or not readable)."""
-    header = _part_after_delimiter(frames, 2)
-    if header is None:
-        return None
-    try:
-        kind = json.loads(header).get("msg_type")
-    except (ValueError, AttributeError):
-        return None
+    kind = _header_field(frames, "msg_type")
     return kind if isinstance(kind, str) else None
 
 

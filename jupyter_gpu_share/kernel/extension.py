@@ -89,6 +89,20 @@ class GPUShareUser(LoggingConfigurable):
         return bool(self.broker_url and self.token)
 
 
+def small_json_body(handler: APIHandler, limit: int = 4096) -> dict[str, Any]:
+    """A request's small JSON object body (a few fields), or a 4xx that says why."""
+    body = handler.request.body or b"{}"
+    if len(body) > limit:
+        raise web.HTTPError(413, f"this request's body is at most {limit} bytes")
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        raise web.HTTPError(400, "the body is not JSON (or nested too deep)") from None
+    if not isinstance(value, dict):
+        raise web.HTTPError(400, "the body is a JSON object")
+    return value
+
+
 class UserProxyHandler(APIHandler):
     """Forward a read or a stop to the broker with the user's own token."""
 
@@ -141,15 +155,7 @@ class UserProxyHandler(APIHandler):
         # The lab's Settings write the renter's spending caps, which the broker enforces.
         if path != "me/caps":
             raise web.HTTPError(405, "only your spending caps are written with PUT")
-        if len(self.request.body) > 4096:
-            raise web.HTTPError(413, "a caps body is a few bytes")
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except (ValueError, RecursionError):
-            raise web.HTTPError(400, "the body is not JSON (or nested too deep)") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the body is a JSON object")
-        await self._forward("PUT", "/me/caps", body)
+        await self._forward("PUT", "/me/caps", small_json_body(self))
 
 
 # What the lab reads (and the one thing it stops) through the proxy; the broker checks roles.
@@ -436,15 +442,7 @@ class FilesHandler(APIHandler):
     @web.authenticated
     @authorized
     async def post(self) -> None:
-        if len(self.request.body) > 4096:
-            raise web.HTTPError(413, "a files request is a few bytes")
-        try:
-            body = json.loads(self.request.body or b"{}")
-        except (ValueError, RecursionError):
-            raise web.HTTPError(400, "the body is not JSON (or nested too deep)") from None
-        if not isinstance(body, dict):
-            raise web.HTTPError(400, "the body is a JSON object")
-        provisioner = self._provisioner(body)
+        provisioner = self._provisioner(small_json_body(self))
         try:
             summary = await provisioner.bring_back()
         except TransferError as error:

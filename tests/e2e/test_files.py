@@ -23,6 +23,7 @@ from jupyter_gpu_share.files import rules
 from jupyter_gpu_share.ledger import MICRO
 
 from .harness import clean_env, eventually
+from .test_remote_kernels import nbconvert_execute
 
 pytestmark = pytest.mark.e2e
 
@@ -101,23 +102,8 @@ def test_a_folder_over_the_limit_is_refused_before_renting(make_cluster, tmp_pat
     (root / "dataset.bin").write_bytes(os.urandom(3 * 1024 * 1024))
     nbformat.write(notebook("print(1)"), root / "nb.ipynb")
 
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "jupyter",
-            "nbconvert",
-            "--to",
-            "notebook",
-            "--execute",
-            "--ExecutePreprocessor.kernel_name=gpu-share",
-            "--GPUShareProvisioner.sync_max_mib=1",
-            str(root / "nb.ipynb"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        env=clean_env(GPU_SHARE_BROKER_URL=cluster.url, GPU_SHARE_TOKEN=token),
+    done = nbconvert_execute(
+        root / "nb.ipynb", cluster.url, token, "--GPUShareProvisioner.sync_max_mib=1"
     )
     assert done.returncode != 0
     assert "over the limit of 1.0 MiB" in done.stderr

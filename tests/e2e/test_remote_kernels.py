@@ -48,8 +48,11 @@ def notebook(*sources: str) -> nbformat.NotebookNode:
     return nb
 
 
-def nbconvert_execute(path, broker_url: str, token: str) -> subprocess.CompletedProcess[str]:
-    """``jupyter nbconvert --execute`` a notebook on gpu-share into out.ipynb beside it."""
+def nbconvert_execute(
+    path, broker_url: str, token: str, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``jupyter nbconvert --execute`` a notebook on gpu-share into out.ipynb beside it
+    (``extra``: more of nbconvert's options)."""
     return subprocess.run(
         [
             sys.executable,
@@ -62,6 +65,7 @@ def nbconvert_execute(path, broker_url: str, token: str) -> subprocess.Completed
             "--ExecutePreprocessor.kernel_name=gpu-share",
             "--output",
             "out.ipynb",
+            *extra,
             str(path),
         ],
         capture_output=True,

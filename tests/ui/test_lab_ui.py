@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -153,35 +154,29 @@ def test_marketplace_meter_stop_bill_filter_host_lost(tmp_path: Path) -> None:
         cluster.close()
 
 
-def test_culled_banner(tmp_path: Path) -> None:
-    """A lab that culls idle kernels (connected ones too): the notebook shows the cull banner."""
+SPEC_VARIABLES = (
+    "LAB_URL",
+    "CULL_LAB_URL",
+    "REFRESH_LAB_URL",
+    "STUDENT_LAB_URL",
+    "TEACHER_LAB_URL",
+)
+
+
+def _run_spec(tmp_path: Path, spec: str, prepare: Callable[[Cluster], dict[str, str]]) -> None:
+    """Start a broker, let ``prepare`` start hosts and JupyterLab and return what the spec
+    reads from its environment, run that one Playwright spec in Chromium; the logs when
+    it fails."""
     runner = _ensure_playwright()
     (tmp_path / "cluster").mkdir()
     cluster = Cluster(tmp_path / "cluster")
     failed = True
     output = ""
     try:
-        user_token = cluster.account("ada", "user", 50_000_000)
-        cluster.start_host("host-idle", "3.6")
-        lab_url, lab_token = _start_lab(
-            cluster,
-            user_token,
-            tmp_path,
-            "--MappingKernelManager.cull_idle_timeout=6",
-            "--MappingKernelManager.cull_interval=1",
-            "--MappingKernelManager.cull_connected=True",
-        )
-        env = {
-            **os.environ,
-            "CULL_LAB_URL": lab_url,
-            "CULL_LAB_TOKEN": lab_token,
-            "CULL_HOST": "host-idle",
-            "CHROMIUM": CHROMIUM,
-        }
-        for name in ("LAB_URL", "STUDENT_LAB_URL", "TEACHER_LAB_URL"):
-            env.pop(name, None)
+        env = {k: v for k, v in os.environ.items() if k not in SPEC_VARIABLES}
+        env.update(prepare(cluster), CHROMIUM=CHROMIUM)
         result = subprocess.run(
-            [str(runner), "test", "culled.spec.ts"],
+            [str(runner), "test", spec],
             cwd=UI_TESTS,
             env=env,
             capture_output=True,
@@ -200,17 +195,31 @@ def test_culled_banner(tmp_path: Path) -> None:
         cluster.close()
 
 
+def test_culled_banner(tmp_path: Path) -> None:
+    """A lab that culls idle kernels (connected ones too): the notebook shows the cull banner."""
+
+    def prepare(cluster: Cluster) -> dict[str, str]:
+        user_token = cluster.account("ada", "user", 50_000_000)
+        cluster.start_host("host-idle", "3.6")
+        lab_url, lab_token = _start_lab(
+            cluster,
+            user_token,
+            tmp_path,
+            "--MappingKernelManager.cull_idle_timeout=6",
+            "--MappingKernelManager.cull_interval=1",
+            "--MappingKernelManager.cull_connected=True",
+        )
+        return {"CULL_LAB_URL": lab_url, "CULL_LAB_TOKEN": lab_token, "CULL_HOST": "host-idle"}
+
+    _run_spec(tmp_path, "culled.spec.ts", prepare)
+
+
 def test_outputs_survive_a_refresh(tmp_path: Path) -> None:
     """A refresh in the middle of a printing cell: every line is in the cell afterwards,
     and the cell keeps streaming into it (issue 18, item 2)."""
     import nbformat
 
-    runner = _ensure_playwright()
-    (tmp_path / "cluster").mkdir()
-    cluster = Cluster(tmp_path / "cluster")
-    failed = True
-    output = ""
-    try:
+    def prepare(cluster: Cluster) -> dict[str, str]:
         user_token = cluster.account("rae", "user", 50_000_000)
         cluster.start_host("host-print", "3.6")
         lab_url, lab_token = _start_lab(cluster, user_token, tmp_path)
@@ -223,29 +232,6 @@ def test_outputs_survive_a_refresh(tmp_path: Path) -> None:
             )
         ]
         nbformat.write(nb, tmp_path / "notebooks" / "printer.ipynb")
-        env = {
-            **os.environ,
-            "REFRESH_LAB_URL": lab_url,
-            "REFRESH_LAB_TOKEN": lab_token,
-            "CHROMIUM": CHROMIUM,
-        }
-        for name in ("LAB_URL", "CULL_LAB_URL", "STUDENT_LAB_URL", "TEACHER_LAB_URL"):
-            env.pop(name, None)
-        result = subprocess.run(
-            [str(runner), "test", "refresh.spec.ts"],
-            cwd=UI_TESTS,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-        )
-        output = result.stdout + result.stderr
-        assert result.returncode == 0, f"the UI test failed:\n{output}"
-        assert "1 passed" in output, output
-        failed = False
-    finally:
-        if failed:
-            print(output)
-            print(cluster.logs())
-        cluster.close()
+        return {"REFRESH_LAB_URL": lab_url, "REFRESH_LAB_TOKEN": lab_token}
+
+    _run_spec(tmp_path, "refresh.spec.ts", prepare)
