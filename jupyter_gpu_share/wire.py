@@ -104,19 +104,26 @@ DELIMITER = b"<IDS|MSG>"
 MAX_ID_BYTES = 256
 
 
-def _part_after_delimiter(frames: Sequence[Any], offset: int) -> bytes | None:
-    """The frame ``offset`` places after a Jupyter message's delimiter (1: its signature,
-    2: its header, 3: its parent header), or None when there is none."""
+def delimiter_at(frames: Sequence[Any]) -> int | None:
+    """Where a Jupyter message's delimiter frame is (None: nowhere)."""
     for index, frame in enumerate(frames[:MAX_FRAMES]):
         if len(frame) == len(DELIMITER) and bytes(frame) == DELIMITER:
-            wanted = index + offset
-            return bytes(frames[wanted]) if wanted < len(frames) else None
+            return index
     return None
+
+
+def part_after_delimiter(frames: Sequence[Any], offset: int) -> bytes | None:
+    """The frame ``offset`` places after a Jupyter message's delimiter (1: its signature,
+    2: its header, 3: its parent header, 4: metadata, 5: content), or None."""
+    index = delimiter_at(frames)
+    if index is None or index + offset >= len(frames):
+        return None
+    return bytes(frames[index + offset])
 
 
 def _header_field(frames: Sequence[Any], name: str) -> Any:
     """A field of a Jupyter message's header (None: no header, or not readable)."""
-    header = _part_after_delimiter(frames, 2)
+    header = part_after_delimiter(frames, 2)
     if header is None:
         return None
     try:
@@ -135,7 +142,7 @@ def request_id(frames: Sequence[Any]) -> bytes | None:
 
 def parent_header(frames: Sequence[Any]) -> bytes | None:
     """A Jupyter message's parent header, as the bytes it was sent in."""
-    return _part_after_delimiter(frames, 3)
+    return part_after_delimiter(frames, 3)
 
 
 def parent_id(frames: Sequence[Any]) -> bytes | None:

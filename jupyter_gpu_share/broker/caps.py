@@ -107,8 +107,12 @@ class CapWatch:
             stopped: set[str] = set()
             billing = [(s.ready_us, s.price_per_second_micro) for s in sessions if s.ready_us]
             if caps.session_micro is not None:
-                for live, one in zip([s for s in sessions if s.ready_us], billing, strict=True):
-                    at = cap_stop_us(caps.session_micro, 0, [one])
+                for live in sessions:
+                    if not live.ready_us:
+                        continue
+                    at = cap_stop_us(
+                        caps.session_micro, 0, [(live.ready_us, live.price_per_second_micro)]
+                    )
                     cost = cost_at(live.ready_us, now, live.price_per_second_micro)
                     if at is not None and at <= now:
                         stops.append((live, END_CAP_SESSION, max(at, seen_us)))

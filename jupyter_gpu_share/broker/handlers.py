@@ -452,18 +452,8 @@ class CapsHandler(BrokerAPIHandler):
     RENTERS = ("user", "student")
 
     async def _answer(self, caps: Caps) -> None:
-        name = self.account.name
         now = now_us()
-        day = day_start_us(now)
-        spent = await self.broker.db.spent_since(name, day)
-        spent += sum(
-            cost_at(live.ready_us, now, live.price_per_second_micro)
-            for live in self.broker.sessions.values()
-            if live.payer == name
-            and live.class_name is None
-            and live.created_us >= day
-            and live.ready_us is not None
-        )
+        spent = await self.broker.spent_today(self.account.name, now)
         self.write_json(
             {
                 "session_cap_micro": caps.session_micro,
@@ -472,7 +462,7 @@ class CapsHandler(BrokerAPIHandler):
                 "idle_default_s": int(self.broker.settings.idle_timeout_s),
                 "spent_today_micro": spent,
                 "warn_percent": WARN_PERCENT,
-                "day_started_at": iso_from_us(day),
+                "day_started_at": iso_from_us(day_start_us(now)),
             }
         )
 

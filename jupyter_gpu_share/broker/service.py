@@ -968,6 +968,16 @@ class Broker:
             live.idle_limit_s = float(idle_limit_s)
         return record
 
+    async def spent_today(self, payer: str, now: int) -> int:
+        """What the payer's own sessions cost since midnight UTC (the daily cap's count):
+        the ended ones from the store, the running ones here from midnight on."""
+        day = day_start_us(now)
+        return await self.db.spent_since(payer, day) + sum(
+            cost_at(max(live.ready_us, day), now, live.price_per_second_micro)
+            for live in self.sessions.values()
+            if live.payer == payer and live.class_name is None and live.ready_us is not None
+        )
+
     async def _check_caps(self, renter: str) -> None:
         """Refuse a start that a cap of the renter's would stop at once."""
         try:
@@ -978,14 +988,7 @@ class Broker:
             raise Refused(402, "your spending cap per session is 0 (jupyter gpu-share caps)")
         if caps.day_micro is None:
             return
-        now = now_us()
-        day = day_start_us(now)
-        spent = await self.db.spent_since(renter, day) + sum(
-            cost_at(max(live.ready_us, day), now, live.price_per_second_micro)
-            for live in self.sessions.values()
-            if live.payer == renter and live.class_name is None and live.ready_us is not None
-        )
-        if spent >= caps.day_micro:
+        if await self.spent_today(renter, now_us()) >= caps.day_micro:
             raise Refused(
                 402,
                 f"your spending cap per day ({format_credits(caps.day_micro)} credits) is "

@@ -24,6 +24,7 @@ import struct
 import tempfile
 import threading
 import zlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -127,16 +128,16 @@ async def send(
 
     producer = loop.run_in_executor(EXECUTOR, produce)
     sent = 0
-    waits: list[bool] = []
+    waits: deque[bool] = deque(maxlen=8)  # whether each of the last writes had to wait
     try:
         while (message := await chunks.get()) is not None:
             room.release()
             started = loop.time()
             await write(message)
-            waits = [*waits[-7:], loop.time() - started > 0.002]
+            waits.append(loop.time() - started > 0.002)
             if sum(waits) >= 4:
                 slow_link.set()
-            elif not any(waits[-4:]):
+            elif not any(list(waits)[-4:]):
                 slow_link.clear()
             sent += len(message)
             if progress is not None:

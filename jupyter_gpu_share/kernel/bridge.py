@@ -290,14 +290,7 @@ class KernelBridge:
 
         async def sync_then_send() -> None:
             try:
-                summary = await self.files.get(timeout=self.shutdown_sync_timeout)
-                log.info("session %s: %s", self.session_id, describe(summary))
-            except TransferError as error:
-                log.warning(
-                    "session %s: the kernel's files did not come back: %s", self.session_id, error
-                )
-            except Exception:
-                log.exception("session %s: the kernel's files did not come back", self.session_id)
+                await self._bring_back("before its shutdown")
             finally:
                 pump.pause_reading(False)
                 self._to_relay(wire.CONTROL, batch)
@@ -312,30 +305,26 @@ class KernelBridge:
             return
 
         async def bring_back() -> None:
-            try:
-                text = f"gpu-share: {describe(await self.files.get())}"
-            except TransferError as error:
-                text = f"gpu-share: the kernel's files did not come back: {error}"
-            except Exception:
-                log.exception("session %s: %%gpu_share sync", self.session_id)
-                return
-            log.info("session %s: %s", self.session_id, text)
-            self._untold = [*self._untold, text][-5:]
-            if len(self.waiting):
-                self._tell_notices()
+            text = await self._bring_back("on demand")
+            if text is not None:
+                self._untold = [*self._untold, f"gpu-share: {text}"][-5:]
+                if len(self.waiting):
+                    self._tell_notices()
 
         self._sync_task = asyncio.ensure_future(bring_back())
 
-    async def _bring_back_before_stop(self) -> None:
+    async def _bring_back(self, when: str) -> str | None:
+        """Bring the kernel's files back; the line that says how it went (logged), None
+        after an error that is not the transfer's (logged with its traceback)."""
         try:
-            summary = await self.files.get(timeout=self.shutdown_sync_timeout)
-            log.info("session %s: before its stop, %s", self.session_id, describe(summary))
+            text = describe(await self.files.get(timeout=self.shutdown_sync_timeout))
         except TransferError as error:
-            log.warning(
-                "session %s: the kernel's files did not come back: %s", self.session_id, error
-            )
+            text = f"the kernel's files did not come back: {error}"
         except Exception:
-            log.exception("session %s: the kernel's files did not come back", self.session_id)
+            log.exception("session %s: bringing files back %s", self.session_id, when)
+            return None
+        log.info("session %s: %s, %s", self.session_id, when, text)
+        return text
 
     async def shutdown_synced(self, start_within: float = 1.0) -> None:
         """Wait for the files to come back before a shutdown (jupyter_client waits on
@@ -618,7 +607,7 @@ class KernelBridge:
             running = self._sync_task is not None and not self._sync_task.done()
             if record.get("sync") is True and self.files.root is not None and not running:
                 # The broker is about to stop the kernel (idle): its files come back now.
-                self._sync_task = asyncio.ensure_future(self._bring_back_before_stop())
+                self._sync_task = asyncio.ensure_future(self._bring_back("before its stop"))
 
     def _kernel_session(self) -> Session | None:
         """A session that signs as the kernel does (None: no key known yet)."""
@@ -731,11 +720,8 @@ def _asks_sync(frames: list[memoryview]) -> bool:
         return False
     if wire.message_type(frames) != "comm_open":
         return False
-    for index, frame in enumerate(frames[: wire.MAX_FRAMES]):
-        if len(frame) == len(wire.DELIMITER) and bytes(frame) == wire.DELIMITER:
-            content = bytes(frames[index + 5][:4096]) if len(frames) > index + 5 else b""
-            return _SYNC_TARGET in content
-    return False
+    content = wire.part_after_delimiter(frames, 5) or b""
+    return _SYNC_TARGET in content[:4096]
 
 
 def relay_redirect(url: str, error: HandshakeError) -> str | None:

@@ -52,20 +52,6 @@ _PARENT_ID = re.compile(rb'"msg_id"\s*:\s*"([^"\\]{1,256})"')
 _MSG_TYPE = re.compile(rb'"msg_type"\s*:\s*"([a-z_]{1,40})"')
 
 
-def _delimiter(frames: Sequence[Any]) -> int | None:
-    for index, frame in enumerate(frames[: wire.MAX_FRAMES]):
-        if len(frame) == len(wire.DELIMITER) and bytes(frame) == wire.DELIMITER:
-            return index
-    return None
-
-
-def _frame(frames: Sequence[Any], offset: int) -> bytes | None:
-    at = _delimiter(frames)
-    if at is None or at + offset >= len(frames):
-        return None
-    return bytes(frames[at + offset])
-
-
 def _json(data: bytes | None) -> dict[str, Any]:
     if not data:
         return {}
@@ -87,16 +73,22 @@ class OutputLog:
     def requested(self, frames: Sequence[Any]) -> None:
         """A shell message on its way to the kernel: an execute_request of a cell opens
         an execution."""
-        header = _json(_frame(frames, 2))
+        if self.max_bytes <= 0:
+            return
+        at = wire.delimiter_at(frames)
+        if at is None or len(frames) < at + 5:
+            return
+        raw = bytes(frames[at + 2])
+        if b'"execute_request"' not in raw:  # completions, inspections...: not parsed
+            return
+        header = _json(raw)
         if header.get("msg_type") != "execute_request":
             return
         msg_id = header.get("msg_id")
-        cell_id = _json(_frame(frames, 4)).get("cellId")
+        cell_id = _json(bytes(frames[at + 4])).get("cellId")
         if not isinstance(msg_id, str) or not isinstance(cell_id, str):
             return
         if not 0 < len(cell_id) <= MAX_CELL_ID or len(msg_id) > wire.MAX_ID_BYTES:
-            return
-        if self.max_bytes <= 0:
             return
         self.executions[msg_id] = Execution(msg_id, cell_id, time.time())
         while len(self.executions) > MAX_EXECUTIONS:
@@ -114,7 +106,7 @@ class OutputLog:
             return
 
     def _published(self, frames: Sequence[Any]) -> None:
-        at = _delimiter(frames)
+        at = wire.delimiter_at(frames)
         if at is None or len(frames) < at + 6:
             return
         parent = _PARENT_ID.search(bytes(frames[at + 3][:512]))
